@@ -1,0 +1,31 @@
+"""The seam between the daemon and each CRM: what a connector must offer."""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from connectors.types import FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult, Watermark
+
+
+@runtime_checkable
+class CrmConnector(Protocol):
+    """A CRM client. Whole-call failures (auth, transport after short retries) raise
+    a ``connectors.errors.ConnectorError``; per-record failures come back in
+    ``UpdateResult.error``. Batching to the CRM's own limits happens inside."""
+
+    name: str
+
+    def update(self, updates: list[RecordUpdate]) -> list[UpdateResult]:
+        """Write every update; one result per update, same order."""
+        ...
+
+    def find_by_phone(self, e164: str) -> list[RecordRef]:
+        """Every supported record (leads, contacts) carrying this phone number."""
+        ...
+
+    def changed_since(self, mark: Watermark, fields: list[str], limit: int = 200) -> Page:
+        """Records modified after ``mark`` with the values of ``fields``, oldest first."""
+        ...
+
+    def fields(self, obj: str) -> dict[str, FieldInfo]:
+        """The CRM's own field metadata for one object (authenticates as a side effect)."""
+        ...
