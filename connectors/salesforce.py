@@ -1,0 +1,580 @@
+"""Salesforce connector on simple-salesforce.
+
+simple-salesforce does the REST calls; this module adds what a daemon needs
+around them: OAuth against any login URL (simple-salesforce's own login only
+knows ``*.salesforce.com``), one re-authentication on an expired session,
+pinned TLS trust, short retries, batching into sObject Collections, and the
+mapping of Salesforce errors onto :mod:`connectors.errors`.
+
+Ids and phone numbers are validated before they reach a URL or a query.
+Mapped errors carry Salesforce's own errorCode (``code``) and message only
+(``str(exc)`` reads ``[400 INVALID_FIELD] No such column ...``): never the
+access token, never a URL with its query string. They are raised ``from
+None`` because simple-salesforce's exceptions embed the full URL (and with it
+SOQL/SOSL text holding phone numbers).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar, cast
+
+import jwt
+import requests
+from simple_salesforce import Salesforce, SFType
+from simple_salesforce.exceptions import SalesforceError
+
+from connectors.errors import AuthFailed, ConnectorError, NotFound, Permanent, RateLimited, Transient
+from connectors.http import error_for_status, make_session, parse_retry_after, short_retry, \
+    wrap_transport_error
+from connectors.types import ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult, \
+    Watermark
+
+T = TypeVar("T")
+
+# \Z, not $: in Python "$" also matches before a trailing newline, and "id\n" must
+# never pass into a URL or a query.
+SF_ID = re.compile(r"^[a-zA-Z0-9]{15}([a-zA-Z0-9]{3})?\Z")
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+E164 = re.compile(r"^\+[1-9][0-9]{3,14}\Z")
+KEY_PREFIXES = {"00Q": "Lead", "003": "Contact"}
+OBJECTS = ("Lead", "Contact")
+BATCH_SIZE = 200  # sObject Collections limit
+JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+FLOWS = {
+    "client_credentials": ("client_id", "client_secret"),
+    "password": ("client_id", "client_secret", "username", "password"),
+    "jwt": ("client_id", "username"),
+    "access_token": ("access_token",),
+}
+_SUFFIX = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
+_SF_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})\Z")
+_NOT_FOUND_CODES = {"ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY", "NOT_FOUND"}
+_TRANSIENT_CODES = {"UNABLE_TO_LOCK_ROW", "ALL_OR_NONE_OPERATION_ROLLED_BACK", "SERVER_UNAVAILABLE",
+                    "REQUEST_RUNNING_TOO_LONG", "QUERY_TIMEOUT"}
+_MAX_MESSAGE = 500
+
+
+# --- ids ---------------------------------------------------------------------------
+
+def to_18(record_id: str) -> str:
+    """The 18-char form of a 15- or 18-char id, with the suffix recomputed.
+
+    The suffix makes ids safe for case-insensitive systems: each 5-char chunk
+    of the 15-char id contributes a 5-bit mask of which positions are
+    upper-case letters, indexed into A-Z0-5.
+    """
+    if not SF_ID.match(record_id):
+        raise Permanent("not a Salesforce record id", code="MALFORMED_ID")
+    base = record_id[:15]
+    suffix = ""
+    for start in (0, 5, 10):
+        chunk = base[start:start + 5]
+        suffix += _SUFFIX[sum(1 << i for i, ch in enumerate(chunk) if "A" <= ch <= "Z")]
+    return base + suffix
+
+
+def object_for_id(record_id: str) -> str | None:
+    """``Lead`` or ``Contact`` from the key prefix; None for other or invalid ids."""
+    if not SF_ID.match(record_id):
+        return None
+    return KEY_PREFIXES.get(record_id[:3])
+
+
+def validate_id(record_id: Any, obj: str | None = None) -> str:
+    """The 18-char id, or Permanent (before any I/O) for anything else.
+
+    With ``obj``, a known key prefix must also agree with it (a Lead id sent
+    as a Contact would fail remotely with a less helpful message).
+    """
+    if not isinstance(record_id, str) or not SF_ID.match(record_id):
+        raise Permanent("not a Salesforce record id", code="MALFORMED_ID")
+    long_id = to_18(record_id)
+    if len(record_id) == 18 and record_id[15:].upper() != long_id[15:]:
+        raise Permanent("Salesforce record id has a wrong checksum suffix", code="MALFORMED_ID")
+    known = KEY_PREFIXES.get(record_id[:3])
+    if obj is not None and known is not None and known != obj:
+        raise Permanent(f"id has the key prefix of {known}, not {obj}", code="MALFORMED_ID")
+    return long_id
+
+
+def soql_quote(value: str) -> str:
+    """A SOQL string literal (backslash and quote escaped)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _validate_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not FIELD_NAME.match(name):
+        raise Permanent(f"invalid {what} name", code="INVALID_FIELD")
+    return name
+
+
+def _supported(obj: Any) -> str:
+    if obj not in OBJECTS:
+        raise Permanent(f"object must be one of {', '.join(OBJECTS)}", code="INVALID_TYPE")
+    return str(obj)
+
+
+def _parse_sf_datetime(text: str) -> dt.datetime:
+    m = _SF_DATETIME.match(text)
+    if not m:
+        raise Permanent("invalid watermark timestamp", code="INVALID_WATERMARK")
+    zone = m.group(2)
+    zone = "+00:00" if zone == "Z" else (zone if ":" in zone else f"{zone[:3]}:{zone[3:]}")
+    base = text[:19]
+    frac = (m.group(1) or ".0")[1:7].ljust(6, "0")
+    return dt.datetime.fromisoformat(f"{base}.{frac}{zone}").astimezone(dt.timezone.utc)
+
+
+def _sf_format(value: dt.datetime) -> str:
+    """Salesforce's own rendering, as SystemModstamp comes back in JSON."""
+    value = value.astimezone(dt.timezone.utc)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}+0000"
+
+
+def _soql_datetime(value: dt.datetime) -> str:
+    # Salesforce stores datetimes to the second; a SOQL literal has no quotes.
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- the connector -------------------------------------------------------------------
+
+class SalesforceConnector:
+    """CrmConnector for Salesforce Leads and Contacts.
+
+    ``auth`` keys: ``flow`` (client_credentials | jwt | password | access_token),
+    ``login_url`` (defaults to ``instance_url``), ``client_id``, ``client_secret``,
+    ``username``, ``password`` (plus optional ``security_token``), ``private_key``
+    or ``private_key_file`` (PEM, for jwt; optional ``audience``, defaulting to
+    ``login_url``), ``access_token``.
+
+    Nothing is fetched at construction: the first call authenticates.
+    ``settle_seconds`` keeps :meth:`changed_since` from reading records modified
+    in the last few seconds of Salesforce's own clock (see there).
+    """
+
+    name = "salesforce"
+
+    def __init__(self, instance_url: str, api_version: str, auth: dict[str, Any],
+                 ca_bundle: str | None = None, timeout: float = 30.0, *,
+                 settle_seconds: float = 5.0, retry_attempts: int = 3,
+                 retry_initial: float = 0.5) -> None:
+        self.instance_url = instance_url.rstrip("/")
+        self.api_version = str(api_version).lstrip("v")
+        if not re.fullmatch(r"\d+\.\d", self.api_version):
+            raise ValueError("api_version must look like '62.0'")
+        self.flow = str(auth.get("flow", "client_credentials"))
+        if self.flow not in FLOWS:
+            raise AuthFailed(f"unknown auth flow {self.flow!r}; use one of {', '.join(FLOWS)}")
+        missing = [k for k in FLOWS[self.flow] if not auth.get(k)]
+        if self.flow == "jwt" and not (auth.get("private_key") or auth.get("private_key_file")):
+            missing.append("private_key or private_key_file")
+        if missing:
+            raise AuthFailed(f"auth flow {self.flow!r} needs: {', '.join(missing)}")
+        self._auth = dict(auth)
+        self.login_url = str(auth.get("login_url") or self.instance_url).rstrip("/")
+        self.settle_seconds = settle_seconds
+        self._retry = short_retry(attempts=retry_attempts, initial=retry_initial)
+        self._session = make_session(ca_bundle, timeout)
+        self._session.hooks["response"].append(self._remember_response)
+        self._last = threading.local()
+        self._lock = threading.Lock()
+        self._sf: Salesforce | None = None
+        self._token: str | None = None
+        self._generation = 0
+        self._fields: dict[str, dict[str, FieldInfo]] = {}
+
+    # --- auth ---------------------------------------------------------------------
+    def _authenticate(self) -> None:
+        """Fetch a token (or take the configured one) and build a fresh client."""
+        if self.flow == "access_token":
+            token, instance = str(self._auth["access_token"]), self.instance_url
+        else:
+            token, instance = self._token_request()
+        self._sf = Salesforce(instance_url=instance, session_id=token, version=self.api_version,
+                              session=self._session)
+        self._token = token
+        self._generation += 1
+
+    def _token_request(self) -> tuple[str, str]:
+        a = self._auth
+        if self.flow == "client_credentials":
+            data = {"grant_type": "client_credentials", "client_id": a["client_id"],
+                    "client_secret": a["client_secret"]}
+        elif self.flow == "password":
+            data = {"grant_type": "password", "client_id": a["client_id"],
+                    "client_secret": a["client_secret"], "username": a["username"],
+                    "password": str(a["password"]) + str(a.get("security_token") or "")}
+        else:
+            data = {"grant_type": JWT_GRANT, "assertion": self._jwt_assertion()}
+        try:
+            resp = self._session.post(f"{self.login_url}/services/oauth2/token", data=data,
+                                      headers={"Accept": "application/json"})
+        except requests.RequestException as exc:
+            raise wrap_transport_error(exc) from None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        if resp.status_code != 200:
+            code = str(body.get("error") or f"HTTP {resp.status_code}")
+            message = self._clean(str(body.get("error_description") or "token request refused"))
+            if resp.status_code in (400, 401, 403):
+                raise AuthFailed(message, code=code, status=resp.status_code)
+            raise error_for_status(resp, message, code)
+        token, instance = body.get("access_token"), body.get("instance_url")
+        if not isinstance(token, str) or not token or not isinstance(instance, str) \
+                or not instance.startswith("https://"):
+            raise AuthFailed("token response has no access_token or https instance_url")
+        return token, instance
+
+    def _jwt_assertion(self) -> str:
+        a = self._auth
+        key = a.get("private_key")
+        if not key:
+            try:
+                key = Path(str(a["private_key_file"])).read_text()
+            except OSError:
+                raise AuthFailed("jwt private_key_file cannot be read") from None
+        claims = {"iss": a["client_id"], "sub": a["username"],
+                  "aud": str(a.get("audience") or self.login_url),
+                  "exp": int(time.time()) + 180}
+        try:
+            return jwt.encode(claims, key, algorithm="RS256")
+        except (ValueError, TypeError, jwt.PyJWTError):
+            raise AuthFailed("jwt private key is not a usable RSA PEM key") from None
+
+    def _client(self) -> tuple[Salesforce, int]:
+        with self._lock:
+            if self._sf is None:
+                self._authenticate()
+            assert self._sf is not None
+            return self._sf, self._generation
+
+    def _reauthenticate(self, failed_generation: int) -> tuple[Salesforce, int]:
+        """Re-auth unless another thread already replaced the failed session."""
+        with self._lock:
+            if self._sf is None or self._generation == failed_generation:
+                self._authenticate()
+            assert self._sf is not None
+            return self._sf, self._generation
+
+    # --- calling ------------------------------------------------------------------
+    def _remember_response(self, resp: requests.Response, *args: Any, **kwargs: Any) -> None:
+        """requests hook: keep the headers simple-salesforce's exceptions drop."""
+        self._last.status = resp.status_code
+        self._last.headers = {k: resp.headers.get(k) for k in ("Retry-After", "Date")}
+
+    def _last_header(self, name: str, status: int | None = None) -> str | None:
+        if status is not None and getattr(self._last, "status", None) != status:
+            return None
+        return (getattr(self._last, "headers", None) or {}).get(name)
+
+    def _call(self, op: Callable[[Salesforce], T]) -> T:
+        """Run one remote operation: short retries for Transient errors, and on an
+        expired session exactly one re-authentication and one repeat."""
+        def attempt() -> T:
+            sf, generation = self._client()
+            try:
+                return self._mapped(op, sf)
+            except AuthFailed as exc:
+                if exc.code != "INVALID_SESSION_ID" or self.flow == "access_token":
+                    raise
+            sf, _ = self._reauthenticate(generation)
+            return self._mapped(op, sf)
+        return self._retry(attempt)()
+
+    def _mapped(self, op: Callable[[Salesforce], T], sf: Salesforce) -> T:
+        try:
+            return op(sf)
+        except SalesforceError as exc:
+            raise self._map_error(exc) from None
+        except requests.RequestException as exc:
+            raise wrap_transport_error(exc) from None
+
+    def _map_error(self, exc: SalesforceError) -> ConnectorError:
+        status = int(exc.status or 0)
+        code, text = self._error_parts(exc.content)
+        message = self._clean(text)
+        retry_after = parse_retry_after(self._last_header("Retry-After", status))
+        if code == "REQUEST_LIMIT_EXCEEDED":
+            return RateLimited(message, retry_after=3600, code=code, status=status)
+        if status == 429 or (status >= 500 and retry_after is not None):
+            return RateLimited(message, retry_after=retry_after, code=code, status=status)
+        if code in _TRANSIENT_CODES:
+            return Transient(message, code=code, status=status)
+        if status == 401:
+            return AuthFailed(message, code=code or "INVALID_SESSION_ID", status=status)
+        if status == 403:
+            return AuthFailed(message, code=code, status=status)
+        if status == 404 or code in _NOT_FOUND_CODES:
+            return NotFound(message, code=code, status=status)
+        if status == 408 or status >= 500:
+            return Transient(message, code=code, status=status)
+        return Permanent(message, code=code, status=status)
+
+    @staticmethod
+    def _error_parts(content: Any) -> tuple[str | None, str]:
+        """Salesforce's errorCode and message from an error body (list, dict or text)."""
+        if isinstance(content, (bytes, bytearray)):
+            content = content.decode("utf-8", "replace")
+        if isinstance(content, str):
+            try:
+                content = json.loads(content)
+            except ValueError:
+                return None, "unexpected non-JSON error response"
+        if isinstance(content, list) and content and isinstance(content[0], dict):
+            content = content[0]
+        if isinstance(content, dict):
+            code = content.get("errorCode") or content.get("error")
+            text = content.get("message") or content.get("error_description") or "no message"
+            return (str(code) if code else None), str(text)
+        return None, "unexpected error response"
+
+    def _clean(self, message: str) -> str:
+        if self._token:
+            message = message.replace(self._token, "***")
+        return message[:_MAX_MESSAGE]
+
+    # --- CrmConnector ---------------------------------------------------------------
+    def fields(self, obj: str) -> dict[str, FieldInfo]:
+        """Field metadata from describe, cached for the connector's lifetime."""
+        _validate_name(obj, "object")
+        cached = self._fields.get(obj)
+        if cached is not None:
+            return cached
+        described = self._call(lambda sf: SFType(obj, sf.session_id, sf.sf_instance, self.api_version,
+                                                 session=self._session, salesforce=sf).describe())
+        result = {str(f["name"]): FieldInfo(name=str(f["name"]), type=str(f.get("type", "")),
+                                           updateable=bool(f.get("updateable")),
+                                           label=str(f.get("label") or ""))
+                  for f in (described or {}).get("fields", []) if isinstance(f, dict) and f.get("name")}
+        self._fields[obj] = result
+        return result
+
+    def get(self, ref: RecordRef, fields: list[str]) -> dict[str, Any]:
+        """One record's values (for checks and tests). Bad ids raise Permanent before I/O."""
+        _supported(ref.obj)
+        record_id = validate_id(ref.record_id, ref.obj)
+        names = [_validate_name(f, "field") for f in fields]
+        body = self._call(lambda sf: sf.restful(f"sobjects/{ref.obj}/{record_id}",
+                                                params={"fields": ",".join(names)} if names else None))
+        return {k: v for k, v in (body or {}).items() if k != "attributes"}
+
+    def update(self, updates: list[RecordUpdate]) -> list[UpdateResult]:
+        """Write updates through sObject Collections (``allOrNone: false``), 200 a call.
+
+        Invalid refs and field names fail alone, before any I/O. Updates are
+        sorted by object (so a call has at most two type chunks) and an id never
+        appears twice in one call; results come back in input order.
+        """
+        results: list[UpdateResult | None] = [None] * len(updates)
+        pending: list[tuple[int, dict[str, Any]]] = []
+        for index, upd in enumerate(updates):
+            try:
+                record = self._collection_record(upd)
+            except Permanent as exc:
+                results[index] = UpdateResult(upd.ref, exc)
+                continue
+            if len(record) == 2:  # attributes + id: nothing to write
+                results[index] = UpdateResult(upd.ref)
+            else:
+                pending.append((index, record))
+        pending.sort(key=lambda item: item[1]["attributes"]["type"])
+        for batch in self._batches(pending):
+            answers = self._call(lambda sf, b=batch: sf.restful(
+                "composite/sobjects", method="PATCH",
+                json={"allOrNone": False, "records": [rec for _, rec in b]}))
+            if not isinstance(answers, list) or len(answers) != len(batch):
+                raise Transient("unexpected sObject Collections response")
+            for (index, _), answer in zip(batch, answers):
+                results[index] = UpdateResult(updates[index].ref, self._save_error(answer))
+        return cast("list[UpdateResult]", results)  # every slot is filled above
+
+    @staticmethod
+    def _collection_record(upd: RecordUpdate) -> dict[str, Any]:
+        obj = _supported(upd.ref.obj)
+        record: dict[str, Any] = {"attributes": {"type": obj}, "id": validate_id(upd.ref.record_id, obj)}
+        for name, value in upd.fields.items():
+            if _validate_name(name, "field").lower() in ("id", "attributes"):
+                raise Permanent("the record id cannot be updated", code="INVALID_FIELD")
+            record[name] = value
+        # Salesforce has no separate unsubscribe API: email consent is the field itself.
+        if upd.email_unsubscribe is not None and "HasOptedOutOfEmail" not in record:
+            record["HasOptedOutOfEmail"] = bool(upd.email_unsubscribe)
+        return record
+
+    @staticmethod
+    def _batches(pending: list[tuple[int, dict[str, Any]]]) -> Iterable[list[tuple[int, dict]]]:
+        batch: list[tuple[int, dict[str, Any]]] = []
+        ids: set[str] = set()
+        for item in pending:
+            if len(batch) == BATCH_SIZE or item[1]["id"] in ids:
+                yield batch
+                batch, ids = [], set()
+            batch.append(item)
+            ids.add(item[1]["id"])
+        if batch:
+            yield batch
+
+    def _save_error(self, answer: Any) -> ConnectorError | None:
+        """None for a successful SaveResult, else its first error mapped."""
+        if isinstance(answer, dict) and answer.get("success") is True:
+            return None
+        errors = answer.get("errors") if isinstance(answer, dict) else None
+        first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+        code = str(first.get("statusCode") or "UNKNOWN_EXCEPTION")
+        message = self._clean(str(first.get("message") or "record not saved"))
+        if code in _TRANSIENT_CODES:
+            return Transient(message, code=code)
+        if code in _NOT_FOUND_CODES:
+            return NotFound(message, code=code)
+        return Permanent(message, code=code)
+
+    def find_by_phone(self, e164: str) -> list[RecordRef]:
+        """Leads and Contacts with this number in any phone field (SOSL phone search,
+        which matches national formats such as ``(330) 555-1234`` too)."""
+        if not isinstance(e164, str) or not E164.match(e164):
+            raise Permanent("phone number is not in E.164 form", code="INVALID_PHONE")
+        digits = e164[1:]
+        sosl = f"FIND {{{digits}}} IN PHONE FIELDS RETURNING {', '.join(f'{o}(Id)' for o in OBJECTS)}"
+        body = self._call(lambda sf: sf.search(sosl))
+        refs: list[RecordRef] = []
+        for row in (body or {}).get("searchRecords", []) or []:
+            obj = (row.get("attributes") or {}).get("type")
+            record_id = row.get("Id")
+            if obj in OBJECTS and isinstance(record_id, str) and SF_ID.match(record_id):
+                ref = RecordRef(crm=self.name, obj=obj, record_id=to_18(record_id))
+                if ref not in refs:
+                    refs.append(ref)
+        return refs
+
+    def changed_since(self, mark: Watermark, fields: list[str], limit: int = 200) -> Page:
+        """Leads and Contacts modified after ``mark``, oldest first, with ``fields``.
+
+        Watermark format: ``ts`` is JSON ``{"Contact": [stamp, id], "Lead": [stamp, id]}``,
+        one position per object, because each object is read with its own
+        ``SystemModstamp > t OR (SystemModstamp = t AND Id > 'id')`` keyset query
+        and ids only order reliably within one object. ``last_id`` is not used in
+        returned marks. A plain Salesforce datetime in ``ts`` (with ``last_id`` as
+        tie-breaker when it is that object's id, otherwise ``>=``) starts both
+        objects there; ``ts=None`` reads from the beginning.
+
+        Records stamped within ``settle_seconds`` of Salesforce's clock (the
+        response's Date header) are left for a later poll: a transaction still
+        committing can carry an older stamp than rows already read, and
+        stamps have one-second resolution.
+        """
+        if limit < 1:
+            raise ValueError("limit must be positive")
+        wanted = [_validate_name(f, "field") for f in fields]
+        positions = self._positions(mark)
+        per_object: list[tuple[str, list[tuple[dt.datetime, dict[str, Any]]], bool]] = []
+        for obj in OBJECTS:
+            rows, full, server_now = self._changed_rows(obj, positions.get(obj), wanted, limit)
+            cutoff = server_now - dt.timedelta(seconds=self.settle_seconds)
+            settled = [(stamp, row) for stamp, row in rows if stamp <= cutoff]
+            per_object.append((obj, settled, full and len(settled) == len(rows)))
+        # Oldest first across objects; within one object Salesforce's own order is kept.
+        merged = sorted(((stamp, OBJECTS.index(obj), n, obj, row) for obj, rows, _ in per_object
+                         for n, (stamp, row) in enumerate(rows)), key=lambda t: t[:3])
+        taken = merged[:limit]
+        more = len(merged) > limit or any(full for _, _, full in per_object)
+        new_positions = {obj: [_sf_format(pos[0]), pos[1]] for obj, pos in positions.items()
+                         if pos is not None}
+        records: list[ChangedRecord] = []
+        for stamp, _, _, obj, row in taken:
+            record_id = to_18(row["Id"])
+            new_positions[obj] = [_sf_format(stamp), record_id]
+            values = {name: row.get(name) for name in row if name not in ("attributes", "Id")}
+            records.append(ChangedRecord(ref=RecordRef(self.name, obj, record_id),
+                                         values=self._requested(values, wanted),
+                                         modified=str(row["SystemModstamp"])))
+        ts = json.dumps(new_positions, sort_keys=True, separators=(",", ":")) if new_positions else mark.ts
+        next_mark = Watermark(ts=ts, last_id=None if new_positions else mark.last_id)
+        return Page(records=records, next_mark=next_mark, more=more)
+
+    @staticmethod
+    def _requested(values: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
+        """Values keyed by the caller's names (Salesforce names are case-insensitive)."""
+        lowered = {k.lower(): v for k, v in values.items()}
+        return {name: lowered[name.lower()] for name in wanted if name.lower() in lowered}
+
+    @staticmethod
+    def _positions(mark: Watermark) -> dict[str, tuple[dt.datetime, str | None] | None]:
+        """Per-object (stamp, last id) from a watermark; see :meth:`changed_since`."""
+        if not mark.ts:
+            return {obj: None for obj in OBJECTS}
+        if mark.ts.lstrip().startswith("{"):
+            try:
+                raw = json.loads(mark.ts)
+                out: dict[str, tuple[dt.datetime, str | None] | None] = {}
+                for obj in OBJECTS:
+                    item = raw.get(obj)
+                    out[obj] = None if item is None else (
+                        _parse_sf_datetime(str(item[0])),
+                        None if item[1] is None else validate_id(item[1], obj))
+                return out
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                raise Permanent("invalid watermark", code="INVALID_WATERMARK") from None
+        stamp = _parse_sf_datetime(mark.ts)
+        last = mark.last_id if mark.last_id and SF_ID.match(mark.last_id) else None
+        return {obj: (stamp, validate_id(last) if last and object_for_id(last) == obj else None)
+                for obj in OBJECTS}
+
+    def _changed_rows(self, obj: str, position: tuple[dt.datetime, str | None] | None,
+                      wanted: list[str], limit: int
+                      ) -> tuple[list[tuple[dt.datetime, dict[str, Any]]], bool, dt.datetime]:
+        """Up to ``limit`` rows of one object past ``position``, whether the limit
+        was reached, and Salesforce's clock at answer time."""
+        existing = {name.lower(): name for name in self.fields(obj)}
+        select = ["Id", "SystemModstamp"]
+        for name in wanted:
+            canonical = existing.get(name.lower())
+            if canonical and canonical not in select:
+                select.append(canonical)
+        soql = f"SELECT {', '.join(select)} FROM {obj}"
+        if position is not None:
+            stamp, last_id = position
+            literal = _soql_datetime(stamp)
+            if last_id:
+                soql += (f" WHERE SystemModstamp > {literal} OR (SystemModstamp = {literal}"
+                         f" AND Id > {soql_quote(last_id)})")
+            else:
+                soql += f" WHERE SystemModstamp >= {literal}"
+        soql += f" ORDER BY SystemModstamp, Id LIMIT {int(limit)}"
+
+        def run(sf: Salesforce) -> tuple[list[dict[str, Any]], dt.datetime]:
+            page = sf.query(soql)
+            server_now = self._server_time()
+            rows = list(page.get("records", []))
+            while not page.get("done", True) and page.get("nextRecordsUrl") and len(rows) < limit:
+                page = sf.query_more(page["nextRecordsUrl"], identifier_is_url=True)
+                rows.extend(page.get("records", []))
+            return rows, server_now
+
+        rows, server_now = self._call(run)
+        out: list[tuple[dt.datetime, dict[str, Any]]] = []
+        for row in rows[:limit]:
+            record_id, stamp = row.get("Id"), row.get("SystemModstamp")
+            if isinstance(record_id, str) and SF_ID.match(record_id) and isinstance(stamp, str) \
+                    and _SF_DATETIME.match(stamp):
+                out.append((_parse_sf_datetime(stamp), dict(row)))
+        return out, len(rows) >= limit, server_now
+
+    def _server_time(self) -> dt.datetime:
+        """Salesforce's clock from the last response's Date header (ours if absent)."""
+        header = self._last_header("Date")
+        if header:
+            try:
+                return email.utils.parsedate_to_datetime(header).astimezone(dt.timezone.utc)
+            except (TypeError, ValueError):
+                pass
+        return dt.datetime.now(dt.timezone.utc)

@@ -1,0 +1,472 @@
+"""SalesforceConnector against the HTTPS Salesforce sandbox, through simple-salesforce."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import string
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import certifi
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from connectors.base import CrmConnector
+from connectors.errors import AuthFailed, NotFound, Permanent, RateLimited, Transient
+from connectors.salesforce import SF_ID, SalesforceConnector, object_for_id, to_18, validate_id
+from connectors.sandbox.salesforce import SalesforceSandbox, sf_id18
+from connectors.sandbox.tls import SandboxTLS
+from connectors.types import RecordRef, RecordUpdate, Watermark
+
+TOKEN_PATH = r"/services/oauth2/token$"
+COMPOSITE = r"/composite/sobjects$"
+UNUSED_INSTANCE = "https://127.0.0.1:9"  # must never be called: the token response names the instance
+HYPOTHESIS = settings(max_examples=150, deadline=None, database=None,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def sf_tls(tmp_path_factory: pytest.TempPathFactory) -> SandboxTLS:
+    return SandboxTLS.create(tmp_path_factory.mktemp("sf-ca"))
+
+
+@pytest.fixture(scope="module")
+def sf_server(sf_tls: SandboxTLS):
+    sb = SalesforceSandbox()
+    sb.start(tls=sf_tls)
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture
+def sandbox(sf_server: SalesforceSandbox) -> SalesforceSandbox:
+    sf_server.reset()
+    return sf_server
+
+
+@pytest.fixture
+def connect(sandbox: SalesforceSandbox):
+    def make(flow: str = "client_credentials", auth: dict | None = None,
+             **kwargs) -> SalesforceConnector:
+        settings_ = {"flow": flow, "login_url": sandbox.login_url, "client_id": sandbox.client_id,
+                     "client_secret": sandbox.client_secret, "username": sandbox.username,
+                     "password": sandbox.password, "private_key": sandbox.jwt_private_key_pem}
+        settings_.update(auth or {})
+        kwargs.setdefault("ca_bundle", sandbox.tls.ca_bundle)
+        kwargs.setdefault("retry_initial", 0.05)
+        kwargs.setdefault("timeout", 10.0)
+        return SalesforceConnector(kwargs.pop("instance_url", UNUSED_INSTANCE), "62.0", settings_,
+                                   **kwargs)
+    return make
+
+
+@pytest.fixture
+def sf(connect) -> SalesforceConnector:
+    return connect()
+
+
+def contact_update(record_id: str, **fields) -> RecordUpdate:
+    return RecordUpdate(ref=RecordRef("salesforce", "Contact", record_id), fields=fields)
+
+
+# --- ids -------------------------------------------------------------------------
+
+def test_to_18_known_value():
+    assert to_18("003XX000004DHPY") == "003XX000004DHPYYA4"
+    assert to_18("003XX000004DHPYYA4") == "003XX000004DHPYYA4"
+    assert object_for_id("00QXX000004DHPY") == "Lead"
+    assert object_for_id("003XX000004DHPYYA4") == "Contact"
+    assert object_for_id("001XX000004DHPY") is None
+    assert object_for_id("003/../x") is None
+    assert validate_id("003XX000004DHPYya4") == "003XX000004DHPYYA4"  # the suffix is case-insensitive
+    assert validate_id("003XX000004DHPY", "Contact") == "003XX000004DHPYYA4"
+
+
+@HYPOTHESIS
+@given(st.text(alphabet=string.ascii_letters + string.digits, min_size=15, max_size=15))
+def test_to_18_property(id15: str):
+    long_id = to_18(id15)
+    assert len(long_id) == 18 and long_id[:15] == id15 and SF_ID.match(long_id)
+    assert long_id == sf_id18(id15)  # agrees with the sandbox's independent implementation
+    flipped = id15.swapcase()
+    if flipped != id15:  # case-safe: ids differing only in case differ in the suffix too
+        assert to_18(flipped).lower() != long_id.lower()
+
+
+@HYPOTHESIS
+@given(st.one_of(st.text(), st.from_regex(r"[0-9A-Za-z/.'%?#\\ \n-]{12,20}", fullmatch=True),
+                 st.from_regex(r"[0-9A-Za-z]{15}([0-9A-Za-z]{3})?\n", fullmatch=True)))
+def test_invalid_ids_never_reach_the_wire(sandbox: SalesforceSandbox, sf: SalesforceConnector,
+                                          raw: str):
+    assume(not re.fullmatch(r"[a-zA-Z0-9]{15}([a-zA-Z0-9]{3})?", raw))  # an oracle independent of SF_ID
+    with pytest.raises(Permanent):
+        validate_id(raw)
+    with pytest.raises(Permanent):
+        sf.get(RecordRef("salesforce", "Contact", raw), ["DoNotCall"])
+    [result] = sf.update([contact_update(raw, DoNotCall=True)])
+    assert isinstance(result.error, Permanent)
+    assert sandbox.requests == []
+
+
+@pytest.mark.parametrize("raw", ["//evil.example/x", "003XX000004DHPY/../x", "a'b",
+                                 "003XX000004DHPY?x=1", "003XX000004DHP", "00QXX000004DHPY",
+                                 "003XX000004DHPYAAA", "003XX000004DHPY\n"])
+def test_bad_ids_raise_permanent_without_io(sandbox, sf, raw):
+    with pytest.raises(Permanent):
+        sf.get(RecordRef("salesforce", "Contact", raw), ["DoNotCall"])
+    [result] = sf.update([contact_update(raw, DoNotCall=True)])
+    assert isinstance(result.error, Permanent) and not result.ok
+    assert sandbox.requests == []
+
+
+def test_bad_field_names_and_phones_fail_before_io(sandbox, sf):
+    contact = "003XX000004DHPYYA4"
+    for name in ("DoNotCall = true, Id", "DoNotCall\n"):
+        [result] = sf.update([contact_update(contact, **{name: True})])
+        assert isinstance(result.error, Permanent)
+    with pytest.raises(Permanent):
+        sf.changed_since(Watermark(), ["DoNotCall FROM Lead --"])
+    for phone in ("13305551234", "+1 330 555 1234", "+1330}555", "+1' OR ''='", "", "+13305551234\n"):
+        with pytest.raises(Permanent):
+            sf.find_by_phone(phone)
+    with pytest.raises(Permanent):
+        sf.changed_since(Watermark(ts="2024-01-01 OR Id != null"), ["DoNotCall"])
+    assert sandbox.requests == []
+
+
+# --- auth ------------------------------------------------------------------------
+
+def _private_key_file(tmp_path, sandbox) -> str:
+    path = tmp_path / "server.key"
+    path.write_text(sandbox.jwt_private_key_pem)
+    return str(path)
+
+
+@pytest.mark.parametrize("flow", ["client_credentials", "password", "jwt", "jwt_file", "access_token"])
+def test_auth_flows(sandbox, connect, tmp_path, flow):
+    auth: dict = {}
+    if flow == "jwt_file":
+        flow, auth = "jwt", {"private_key": None, "private_key_file": _private_key_file(tmp_path, sandbox)}
+    if flow == "access_token":
+        auth = {"access_token": sandbox.issue_token()}
+    sf = connect(flow, auth=auth,
+                 instance_url=sandbox.instance_url if flow == "access_token" else UNUSED_INSTANCE)
+    assert isinstance(sf, CrmConnector)
+    fields = sf.fields("Contact")
+    assert fields["HasOptedOutOfEmail"].type == "boolean"
+    grants = [r.body.decode() for r in sandbox.requests_to(TOKEN_PATH)]
+    if flow == "access_token":
+        assert grants == []
+    else:
+        assert len(grants) == 1
+        expected = {"client_credentials": "grant_type=client_credentials",
+                    "password": "grant_type=password",
+                    "jwt": "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"}[flow]
+        assert expected in grants[0]
+    [api_call] = sandbox.requests_to(r"/services/data/")
+    assert api_call.headers["Authorization"].startswith("Bearer 00D")
+
+
+@pytest.mark.parametrize("flow,auth,code", [
+    ("client_credentials", {"client_secret": "wrong-secret"}, "invalid_client"),
+    ("password", {"password": "wrong-password"}, "invalid_grant"),
+    ("jwt", {"username": "someone-else@example.com"}, "invalid_grant"),
+    ("jwt", {"audience": "https://login.salesforce.com"}, "invalid_grant"),
+])
+def test_bad_credentials_raise_auth_failed(sandbox, connect, flow, auth, code):
+    sf = connect(flow, auth=auth)
+    with pytest.raises(AuthFailed) as info:
+        sf.fields("Contact")
+    assert info.value.code == code and info.value.status == 400
+    assert "wrong-" not in str(info.value)
+    assert len(sandbox.requests_to(TOKEN_PATH)) == 1  # AuthFailed is not retried
+    assert sandbox.requests_to(r"/services/data/") == []
+
+
+def test_jwt_signed_with_another_key_is_refused(sandbox, connect):
+    other = SalesforceSandbox()  # a different key pair
+    sf = connect("jwt", auth={"private_key": other.jwt_private_key_pem})
+    with pytest.raises(AuthFailed) as info:
+        sf.fields("Contact")
+    assert str(info.value) == "[400 invalid_grant] invalid assertion"
+
+
+def test_incomplete_auth_config_is_rejected_up_front():
+    with pytest.raises(AuthFailed, match="client_secret"):
+        SalesforceConnector("https://127.0.0.1:9", "62.0", {"flow": "client_credentials", "client_id": "x"})
+    with pytest.raises(AuthFailed, match="unknown auth flow"):
+        SalesforceConnector("https://127.0.0.1:9", "62.0", {"flow": "magic"})
+
+
+def test_expired_session_reauthenticates_once(sandbox, sf):
+    contact = sandbox.add_record("Contact", LastName="Ng", Phone="+13305550000")
+    assert sf.fields("Lead")
+    sandbox.expire_tokens()
+    assert [r.record_id for r in sf.find_by_phone("+13305550000")] == [contact]
+    assert len(sandbox.requests_to(TOKEN_PATH)) == 2
+    searches = sandbox.requests_to(r"/search/?$")
+    assert len(searches) == 2  # the refused call and its one repeat
+    assert searches[0].headers["Authorization"] != searches[1].headers["Authorization"]
+
+
+def test_concurrent_expiry_reauthenticates_once(sandbox, sf):
+    sf.fields("Contact")
+    sandbox.expire_tokens()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = list(pool.map(sf.find_by_phone, ["+13305550000"] * 8))
+    assert found == [[]] * 8
+    assert len(sandbox.requests_to(TOKEN_PATH)) == 2
+
+
+def test_refresh_refused_does_not_loop(sandbox, sf):
+    sf.fields("Contact")
+    sandbox.expire_tokens()
+    sandbox.client_secret = "rotated-by-an-admin"
+    with pytest.raises(AuthFailed) as info:
+        sf.fields("Lead")
+    assert info.value.code == "invalid_client"
+    assert len(sandbox.requests_to(TOKEN_PATH)) == 2
+
+
+def test_session_rejected_after_fresh_token_does_not_loop(sandbox, sf):
+    sf.fields("Contact")
+    sandbox.clear_log()
+    body = [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]
+    sandbox.add_fault("*", r"^/services/data/", 401, body, times=50)
+    with pytest.raises(AuthFailed) as info:
+        sf.find_by_phone("+13305551234")
+    assert info.value.code == "INVALID_SESSION_ID"
+    assert len(sandbox.requests_to(TOKEN_PATH)) == 1
+    assert len(sandbox.requests_to(r"^/services/data/")) == 2
+    for token in {r.headers.get("Authorization", "") for r in sandbox.requests}:
+        if token.startswith("Bearer "):
+            assert token[7:] not in str(info.value)
+
+
+def test_access_token_flow_cannot_refresh(sandbox, connect):
+    sf = connect("access_token", auth={"access_token": sandbox.issue_token()},
+                 instance_url=sandbox.instance_url)
+    sf.fields("Contact")
+    sandbox.expire_tokens()
+    with pytest.raises(AuthFailed):
+        sf.fields("Lead")
+    assert sandbox.requests_to(TOKEN_PATH) == []
+
+
+# --- TLS trust -------------------------------------------------------------------
+
+def test_ca_bundle_wins_over_environment(sandbox, connect, monkeypatch):
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.setenv(var, certifi.where())  # a bundle without the sandbox CA
+    assert "Id" in connect().fields("Contact")
+    untrusting = connect(ca_bundle=None, retry_attempts=1)
+    with pytest.raises(Transient) as info:
+        untrusting.fields("Contact")
+    assert "SSLError" in str(info.value)
+    assert not isinstance(info.value, RateLimited)
+
+
+# --- update ----------------------------------------------------------------------
+
+def test_fifty_updates_are_one_call(sandbox, sf):
+    ids = [sandbox.add_record("Contact", LastName=f"C{i}") for i in range(50)]
+    results = sf.update([contact_update(i, DoNotCall=True, SMS_Opt_Out__c=True) for i in ids])
+    assert [r.ref.record_id for r in results] == ids and all(r.ok for r in results)
+    [call] = sandbox.requests_to(COMPOSITE, "PATCH")
+    body = call.json()
+    assert body["allOrNone"] is False and len(body["records"]) == 50
+    assert body["records"][0]["attributes"] == {"type": "Contact"}
+    assert all(sandbox.get_record("Contact", i)["DoNotCall"] is True for i in ids)
+    assert all(sandbox.get_record("Contact", i)["HasOptedOutOfEmail"] is False for i in ids)
+
+
+def test_450_updates_are_three_calls(sandbox, sf):
+    contacts = [sandbox.add_record("Contact", LastName=f"C{i}") for i in range(300)]
+    leads = [sandbox.add_record("Lead", LastName=f"L{i}", Company="Acme") for i in range(150)]
+    updates = []
+    for i in range(150):  # interleaved objects, as the pusher may hand them over
+        updates += [contact_update(contacts[2 * i], DoNotCall=True),
+                    RecordUpdate(RecordRef("salesforce", "Lead", leads[i][:15]), {"DoNotCall": True}),
+                    contact_update(contacts[2 * i + 1][:15], DoNotCall=True)]
+    results = sf.update(updates)
+    assert [r.ref for r in results] == [u.ref for u in updates] and all(r.ok for r in results)
+    calls = sandbox.requests_to(COMPOSITE, "PATCH")
+    assert len(calls) == 3 and all(len(c.json()["records"]) <= 200 for c in calls)
+    sent = [rec["id"] for c in calls for rec in c.json()["records"]]
+    assert all(len(i) == 18 for i in sent) and len(set(sent)) == 450
+    assert all(sandbox.get_record("Lead", i)["DoNotCall"] for i in leads)
+    assert all(sandbox.get_record("Contact", i)["DoNotCall"] for i in contacts)
+
+
+def test_mixed_batch_reports_each_record(sandbox, sf):
+    ok1, rejected, locked, deleted, ok2 = (sandbox.add_record("Contact", LastName=n) for n in "abcde")
+    sandbox.reject_record(rejected, "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+                          "Opt-outs need a consent source")
+    sandbox.reject_record(locked, "UNABLE_TO_LOCK_ROW", "unable to obtain exclusive access to this record")
+    sandbox.delete_record("Contact", deleted)
+    updates = [contact_update(i, DoNotCall=True) for i in (ok1, rejected, locked, deleted, ok2)]
+    updates.append(contact_update(ok2, No_Such_Field__c=True))
+    results = sf.update(updates)
+    assert [r.ok for r in results] == [True, False, False, False, True, False]
+    assert str(results[1].error) == "[FIELD_CUSTOM_VALIDATION_EXCEPTION] Opt-outs need a consent source"
+    assert type(results[1].error) is Permanent
+    assert isinstance(results[2].error, Transient) and results[2].error.retryable
+    assert results[2].error.code == "UNABLE_TO_LOCK_ROW"
+    assert isinstance(results[3].error, NotFound) and results[3].error.code == "ENTITY_IS_DELETED"
+    assert type(results[5].error) is Permanent and results[5].error.code == "INVALID_FIELD"
+    assert sandbox.get_record("Contact", ok1)["DoNotCall"] is True
+    assert sandbox.get_record("Contact", ok2)["DoNotCall"] is True
+    assert sandbox.get_record("Contact", rejected)["DoNotCall"] is False
+    # the duplicate id went into a second call rather than one Salesforce would refuse
+    assert len(sandbox.requests_to(COMPOSITE, "PATCH")) == 2
+
+
+def test_email_unsubscribe_writes_the_consent_field(sandbox, sf):
+    contact = sandbox.add_record("Contact", LastName="Ek")
+    [result] = sf.update([RecordUpdate(RecordRef("salesforce", "Contact", contact),
+                                       email="ek@example.com", email_unsubscribe=True)])
+    assert result.ok and sandbox.get_record("Contact", contact)["HasOptedOutOfEmail"] is True
+    assert sf.get(RecordRef("salesforce", "Contact", contact), ["HasOptedOutOfEmail"]) == {
+        "HasOptedOutOfEmail": True}
+
+
+def test_503_with_retry_after_is_retried(sandbox, sf):
+    contact = sandbox.add_record("Contact", LastName="Ro")
+    sf.fields("Contact")  # authenticate first so the timing below is the retry alone
+    sandbox.add_fault("PATCH", COMPOSITE, 503,
+                      [{"errorCode": "SERVER_UNAVAILABLE", "message": "Server unavailable"}],
+                      headers={"Retry-After": "1"})
+    started = time.monotonic()
+    [result] = sf.update([contact_update(contact, DoNotCall=True)])
+    assert result.ok and time.monotonic() - started >= 0.9
+    assert len(sandbox.requests_to(COMPOSITE, "PATCH")) == 2
+    assert sandbox.get_record("Contact", contact)["DoNotCall"] is True
+
+
+def test_whole_call_errors_raise_mapped(sandbox, connect):
+    sf = connect(retry_attempts=2)
+    contact = sandbox.add_record("Contact", LastName="Ro")
+    sandbox.add_fault("PATCH", COMPOSITE, 500, [{"errorCode": "UNKNOWN_EXCEPTION",
+                                                 "message": "An unexpected error occurred"}], times=2)
+    with pytest.raises(Transient) as info:
+        sf.update([contact_update(contact, DoNotCall=True)])
+    assert str(info.value) == "[500 UNKNOWN_EXCEPTION] An unexpected error occurred"
+    assert len(sandbox.requests_to(COMPOSITE, "PATCH")) == 2
+
+
+def test_request_limit_exceeded_is_rate_limited(sandbox, sf):
+    contact = sandbox.add_record("Contact", LastName="Q")
+    sf.fields("Contact")
+    sandbox.exhaust_quota()
+    sandbox.clear_log()
+    with pytest.raises(RateLimited) as info:
+        sf.update([contact_update(contact, DoNotCall=True)])
+    assert info.value.retry_after == 3600 and info.value.status == 403
+    assert info.value.code == "REQUEST_LIMIT_EXCEEDED"
+    assert len(sandbox.requests) == 1  # an hour-long pause is the journal's job, not a retry loop
+
+
+def test_errors_carry_no_url_or_query(sandbox, sf):
+    sandbox.add_fault("GET", r"/query/?$", 400,
+                      [{"errorCode": "MALFORMED_QUERY", "message": "unexpected token: 'FROM'"}])
+    with pytest.raises(Permanent) as info:
+        sf.changed_since(Watermark(), ["DoNotCall"])
+    exc = info.value
+    assert str(exc) == "[400 MALFORMED_QUERY] unexpected token: 'FROM'"
+    assert exc.__cause__ is None and exc.__suppress_context__
+    with pytest.raises(NotFound):
+        sf.fields("Opportunity")
+
+
+# --- lookups ---------------------------------------------------------------------
+
+def test_find_by_phone(sandbox, sf):
+    lead = sandbox.add_record("Lead", LastName="Lo", Company="X", MobilePhone="+4911113333444")
+    contact = sandbox.add_record("Contact", LastName="Co", Phone="(330) 555-1234")
+    sandbox.add_record("Contact", LastName="Other", Phone="(330) 555-9999")
+    assert sf.find_by_phone("+4911113333444") == [RecordRef("salesforce", "Lead", lead)]
+    assert sf.find_by_phone("+13305551234") == [RecordRef("salesforce", "Contact", contact)]
+    assert sf.find_by_phone("+14155550000") == []
+    [search] = sandbox.requests_to(r"/search/?$")[:1]
+    assert search.query["q"] == ["FIND {4911113333444} IN PHONE FIELDS RETURNING Lead(Id), Contact(Id)"]
+
+
+def test_fields_describe(sandbox, connect):
+    sandbox.add_field("Contact", "Consent_Source__c", "string")
+    sf = connect()
+    fields = sf.fields("Contact")
+    info = fields["HasOptedOutOfEmail"]
+    assert (info.type, info.updateable) == ("boolean", True) and info.label
+    assert fields["SystemModstamp"].updateable is False
+    assert fields["Consent_Source__c"].type == "string"
+    assert {"SMS_Opt_Out__c", "WhatsApp_Opt_Out__c", "DoNotCall"} <= set(fields)
+    sf.fields("Contact")
+    assert len(sandbox.requests_to(r"/sobjects/Contact/describe$")) == 1
+
+
+# --- changed_since -------------------------------------------------------------------
+
+def _drain(sf: SalesforceConnector, mark: Watermark, limit: int) -> tuple[list, Watermark]:
+    seen = []
+    for _ in range(50):
+        page = sf.changed_since(mark, ["DoNotCall", "sms_opt_out__c", "Company"], limit=limit)
+        seen += page.records
+        mark = page.next_mark
+        if not page.more:
+            return seen, mark
+    raise AssertionError("changed_since never finished")
+
+
+def test_changed_since_pages_without_gaps_or_repeats(sandbox, sf):
+    sandbox.page_size = 1  # also exercises nextRecordsUrl paging inside one poll
+    contacts = [sandbox.add_record("Contact", LastName=f"C{i}") for i in range(4)]
+    leads = [sandbox.add_record("Lead", LastName=f"L{i}", Company="Acme") for i in range(4)]
+    sandbox.advance(10)
+    initial, mark = _drain(sf, Watermark(), limit=3)
+    assert sorted(r.ref.record_id for r in initial) == sorted(contacts + leads)
+
+    changed = [contacts[0], contacts[2], contacts[3], leads[1], leads[3]]
+    for record_id in changed:
+        sandbox.set_field(object_for_id(record_id), record_id, "DoNotCall", True)
+    sandbox.advance(10)
+    pages = []
+    while True:
+        page = sf.changed_since(mark, ["DoNotCall", "sms_opt_out__c", "Company"], limit=2)
+        assert len(page.records) <= 2
+        pages.append(page.records)
+        mark = page.next_mark
+        if not page.more:
+            break
+    got = [r for p in pages for r in p]
+    assert sorted(r.ref.record_id for r in got) == sorted(changed)  # none missing, none twice
+    assert all(r.values["DoNotCall"] is True and r.values["sms_opt_out__c"] is False for r in got)
+    assert [r.values.get("Company") for r in got if r.ref.obj == "Lead"] == ["Acme", "Acme"]
+    assert all("Company" not in r.values for r in got if r.ref.obj == "Contact")
+    stamps = [r.modified for r in got]
+    assert stamps == sorted(stamps)
+
+    sandbox.advance(10)
+    quiet = sf.changed_since(mark, ["DoNotCall"], limit=2)
+    assert quiet.records == [] and quiet.more is False and quiet.next_mark == mark
+
+
+def test_changed_since_waits_for_the_settle_window(sandbox, sf):
+    contact = sandbox.add_record("Contact", LastName="Late")
+    page = sf.changed_since(Watermark(), ["DoNotCall"])
+    assert page.records == [] and page.more is False and page.next_mark == Watermark()
+    sandbox.advance(sf.settle_seconds + 1)
+    page = sf.changed_since(page.next_mark, ["DoNotCall"])
+    assert [r.ref.record_id for r in page.records] == [contact]
+
+
+def test_changed_since_from_a_plain_timestamp(sandbox, sf):
+    old = sandbox.add_record("Contact", LastName="Old")
+    sandbox.set_modstamp("Contact", old, dt.datetime(2023, 6, 1, tzinfo=dt.timezone.utc))
+    new = sandbox.add_record("Lead", LastName="New", Company="X")
+    sandbox.advance(10)
+    page = sf.changed_since(Watermark(ts="2024-01-01T00:00:00.000+0000"), ["DoNotCall"])
+    assert [r.ref.record_id for r in page.records] == [new]
+    with pytest.raises(Permanent):
+        sf.changed_since(Watermark(ts='{"Lead": ["2024-01-01T00:00:00Z", "x\' OR Id != \'"]}'),
+                         ["DoNotCall"])
