@@ -1,0 +1,512 @@
+"""HubSpot connector: contact properties through hubspot-api-client (CRM v3) and
+email consent through the v3 communication-preferences API.
+
+``hs_email_optout`` is read-only in HubSpot, so an email opt-out is an
+unsubscribe from the configured subscription type, never a property write. The
+client's own urllib3 retries are switched off: retries belong to
+``connectors.http.short_retry`` (which honours HubSpot's rate-limit window) and,
+beyond that, to the journal's schedule.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from datetime import date, datetime, timezone
+from importlib import metadata
+from typing import Any, Callable, Iterator
+
+import certifi
+import phonenumbers
+import urllib3
+from hubspot import communication_preferences as hs_comm
+from hubspot.crm import contacts as hs_contacts
+from hubspot.crm import properties as hs_properties
+
+from connectors.errors import (AuthFailed, ConnectorError, NotFound, Permanent, RateLimited,
+                               Transient)
+from connectors.http import USER_AGENT, parse_retry_after, short_retry
+from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate,
+                              UpdateResult, Watermark)
+
+HUBSPOT_ID = re.compile(r"^[0-9]+$")
+BATCH_SIZE = 100          # batch/update accepts at most 100 inputs
+SEARCH_PAGE = 200         # search accepts limit <= 200
+SEARCH_CAP = 10_000       # search cannot page past 10,000 results of one query
+LEGAL_BASES = ("LEGITIMATE_INTEREST_PQL", "LEGITIMATE_INTEREST_CLIENT", "PERFORMANCE_OF_CONTRACT",
+               "CONSENT_WITH_NOTICE", "NON_GDPR", "PROCESS_AND_STORE", "LEGITIMATE_INTEREST_OTHER")
+DEFAULT_EXPLANATION = "Opt-out received through a messaging channel and synced by syncd."
+_OBJECTS = ("contact", "contacts")
+_API_ERRORS = (hs_contacts.ApiException, hs_properties.ApiException, hs_comm.ApiException)
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_PHONE = re.compile(r"\+\d[\d\s().-]{5,20}\d")
+
+
+def scrub(text: str) -> str:
+    """HubSpot echoes email addresses (and sometimes phones) in its errors; mask them."""
+    return _PHONE.sub("<phone>", _EMAIL.sub("<email>", text))
+
+
+def readable(message: str) -> str:
+    """HubSpot nests property validation details as a JSON list inside ``message``;
+    keep the per-property sentences, which are what an admin needs to read."""
+    prefix = "Property values were not valid: "
+    if message.startswith(prefix):
+        try:
+            details = json.loads(message[len(prefix):])
+            parts = [d["message"] for d in details if isinstance(d, dict) and d.get("message")]
+        except (ValueError, TypeError, KeyError):
+            parts = []
+        if parts:
+            message = prefix + "; ".join(parts)
+    return scrub(message)
+
+
+def to_hubspot_value(value: Any) -> str:
+    """HubSpot property values are strings: booleans as "true"/"false", datetimes
+    as ISO 8601 UTC, and an empty string clears the property."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+        return value.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+def epoch_ms(value: str | None) -> int | None:
+    """A HubSpot datetime (ISO 8601 as the v3 API returns it, or epoch ms) as epoch ms."""
+    if not value:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    when = when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when
+    return int(round(when.timestamp() * 1000))
+
+
+def _retry_after(headers: Any, policy: str | None) -> float:
+    """How long HubSpot wants us to stay away: ``Retry-After`` when sent, else the
+    window of the policy that tripped (the rolling window's length from
+    ``X-HubSpot-RateLimit-Interval-Milliseconds``, 10 s when absent)."""
+    headers = headers or {}
+    explicit = parse_retry_after(headers.get("Retry-After"))
+    if explicit is not None:
+        return explicit
+    if policy == "DAILY":
+        return 3600.0  # resets at midnight in the account's time zone, which we do not know
+    if policy == "SECONDLY":
+        return 1.0
+    try:
+        return max(0.0, float(headers.get("X-HubSpot-RateLimit-Interval-Milliseconds")) / 1000)
+    except (TypeError, ValueError):
+        return 10.0
+
+
+def error_from_api(exc: Any) -> ConnectorError:
+    """An ApiException from any hubspot-api-client package, as the shared taxonomy.
+    The text is HubSpot's own ``message`` and category (PII masked), never headers."""
+    status = int(exc.status or 0)
+    try:
+        body = json.loads(exc.body or b"{}")
+    except (TypeError, ValueError):
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    category = body.get("category") or body.get("errorType")
+    text = readable(str(body.get("message") or exc.reason or "no error message"))
+    message = f"{text} ({category})" if category else text
+    if status == 0:  # the client reports TLS failures this way
+        return Transient("TLS or transport error talking to HubSpot")
+    if status == 429:
+        policy = body.get("policyName")
+        return RateLimited(message, retry_after=_retry_after(exc.headers, policy),
+                           code=policy or category, status=status)
+    if status in (401, 403):
+        return AuthFailed(message, code=category, status=status)
+    if status in (404, 410):
+        return NotFound(message, code=category, status=status)
+    if status in (408, 423) or status >= 500:
+        return Transient(message, code=category, status=status)
+    return Permanent(message, code=category, status=status)
+
+
+def _record_error(err: Any) -> ConnectorError:
+    """One entry of a 207 answer's ``errors`` as the error of the records it names."""
+    category = err.category or "ERROR"
+    message = f"{readable(err.message or 'no error message')} ({category})"
+    if category == "OBJECT_NOT_FOUND":
+        return NotFound(message, code=category)
+    if category == "RATE_LIMIT":
+        return RateLimited(message, retry_after=10.0, code=category, status=None)
+    return Permanent(message, code=category)
+
+
+def _offset(after: str) -> int:
+    """HubSpot's search cursor is a result offset in a string; 0 if it is ever not."""
+    return int(after) if str(after).isdigit() else 0
+
+
+def _flt(name: str, operator: str, value: str) -> dict[str, str]:
+    return {"propertyName": name, "operator": operator, "value": value}
+
+
+def _eq(name: str, value: str) -> dict[str, Any]:
+    return {"filters": [_flt(name, "EQ", value)]}
+
+
+_BY_STAMP = {"propertyName": "lastmodifieddate", "direction": "ASCENDING"}
+_BY_ID = {"propertyName": "hs_object_id", "direction": "ASCENDING"}
+
+
+class HubSpotConnector:
+    """``CrmConnector`` for HubSpot contacts. API objects are built once and shared;
+    every remote call passes ``_request_timeout`` and runs under ``short_retry``."""
+
+    name = "hubspot"
+    search_result_cap = SEARCH_CAP
+
+    def __init__(self, base_url: str, access_token: str, ca_bundle: str | None = None,
+                 timeout: float = 30.0, email_subscription_id: str | None = None,
+                 legal_basis: str | None = "LEGITIMATE_INTEREST_CLIENT",
+                 legal_basis_explanation: str = DEFAULT_EXPLANATION,
+                 poll_lag_seconds: float = 0.0):
+        if legal_basis is not None and legal_basis not in LEGAL_BASES:
+            raise ValueError(f"legal_basis must be one of {', '.join(LEGAL_BASES)}")
+        self.timeout = timeout
+        self.email_subscription_id = str(email_subscription_id) if email_subscription_id else None
+        self.legal_basis = legal_basis
+        self.legal_basis_explanation = legal_basis_explanation
+        # HubSpot's search index trails writes by seconds; a lag > 0 keeps the poll
+        # watermark behind records that may not be searchable yet.
+        self.poll_lag_seconds = poll_lag_seconds
+        # Same trust as the requests-based connectors: the configured bundle, else
+        # REQUESTS_CA_BUNDLE, else certifi (urllib3 alone would use the OS store).
+        trust = (ca_bundle or os.environ.get("REQUESTS_CA_BUNDLE")
+                 or os.environ.get("CURL_CA_BUNDLE") or certifi.where())
+        contacts = self._client(hs_contacts, base_url, access_token, trust)
+        props = self._client(hs_properties, base_url, access_token, trust)
+        comm = self._client(hs_comm, base_url, access_token, trust)
+        self._cfg = contacts.configuration
+        self._comm_cfg = comm.configuration
+        self._batch_api = hs_contacts.BatchApi(contacts)
+        self._search_api = hs_contacts.SearchApi(contacts)
+        self._properties_api = hs_properties.CoreApi(props)
+        self._status_api = hs_comm.StatusApi(comm)
+        self._types: dict[str, str] | None = None
+
+    @staticmethod
+    def _client(package: Any, base_url: str, token: str, trust: str) -> Any:
+        cfg = package.Configuration(host=base_url.rstrip("/"), ssl_ca_cert=trust)
+        cfg.access_token = token
+        cfg.retries = False
+        client = package.ApiClient(configuration=cfg)
+        client.user_agent = f"{USER_AGENT} hubspot-api-client-python/{metadata.version('hubspot-api-client')}"
+        return client
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, _request_timeout=self.timeout, **kwargs)
+        except _API_ERRORS as exc:
+            raise error_from_api(exc) from None
+        except AttributeError as exc:
+            # hubspot-api-client 12 turns TLS failures into ApiException(status=0)
+            # and then trips over that exception's missing body while decoding it.
+            if isinstance(exc.__context__, _API_ERRORS):
+                raise error_from_api(exc.__context__) from None
+            raise
+        except urllib3.exceptions.HTTPError as exc:
+            raise Transient(f"{type(exc).__name__} talking to HubSpot") from None
+
+    # --- remote calls (one HTTP request each) ----------------------------------------
+    @short_retry()
+    def _batch_update(self, inputs: list[tuple[str, dict[str, str]]]) -> Any:
+        body = hs_contacts.BatchInputSimplePublicObjectBatchInput(
+            inputs=[hs_contacts.SimplePublicObjectBatchInput(id=i, properties=p,
+                                                             local_vars_configuration=self._cfg)
+                    for i, p in inputs], local_vars_configuration=self._cfg)
+        return self._call(self._batch_api.update, batch_input_simple_public_object_batch_input=body)
+
+    @short_retry()
+    def _search(self, filter_groups: list[dict[str, Any]], properties: list[str],
+                sort: dict[str, str], limit: int, after: str | None) -> Any:
+        body = hs_contacts.PublicObjectSearchRequest(
+            filter_groups=filter_groups, properties=properties, sorts=[sort], limit=limit,
+            after=after, local_vars_configuration=self._cfg)
+        return self._call(self._search_api.do_search, public_object_search_request=body)
+
+    @short_retry()
+    def _set_subscription(self, email: str, unsubscribe: bool) -> Any:
+        body = hs_comm.PublicUpdateSubscriptionStatusRequest(
+            email_address=email, subscription_id=self.email_subscription_id,
+            legal_basis=self.legal_basis, legal_basis_explanation=self.legal_basis_explanation,
+            local_vars_configuration=self._comm_cfg)
+        call = self._status_api.unsubscribe if unsubscribe else self._status_api.subscribe
+        return self._call(call, public_update_subscription_status_request=body)
+
+    @short_retry()
+    def _subscription_status(self, email: str) -> str | None:
+        answer = self._call(self._status_api.get_email_status, email_address=email)
+        return next((s.status for s in answer.subscription_statuses or []
+                     if str(s.id) == self.email_subscription_id), None)
+
+    @short_retry()
+    def _properties(self) -> Any:
+        return self._call(self._properties_api.get_all, object_type="contacts", archived=False)
+
+    # --- CrmConnector ----------------------------------------------------------------
+    def update(self, updates: list[RecordUpdate]) -> list[UpdateResult]:
+        """Field writes go out in batch/update chunks of <= 100 (several updates of one
+        record are merged, HubSpot refuses duplicate ids in a batch), then email
+        consent goes through communication preferences. A chunk that fails as a
+        whole gives its error to each of its records; after a retryable failure the
+        remaining calls are not made (they would meet the same limit or outage).
+        AuthFailed is raised: no call can succeed until the token changes."""
+        errors: list[ConnectorError | None] = [None] * len(updates)
+        invalid: set[int] = set()
+        writes: dict[str, dict[str, str]] = {}
+        owners: dict[str, list[int]] = {}
+        for i, upd in enumerate(updates):
+            problem = self._check_ref(upd.ref)
+            if problem is not None:
+                errors[i] = problem
+                invalid.add(i)
+            elif upd.fields:
+                props = writes.setdefault(upd.ref.record_id, {})
+                props.update({k: to_hubspot_value(v) for k, v in upd.fields.items()})
+                owners.setdefault(upd.ref.record_id, []).append(i)
+
+        blocked: ConnectorError | None = None
+        ids = list(writes)
+        for start in range(0, len(ids), BATCH_SIZE):
+            chunk = ids[start:start + BATCH_SIZE]
+            if blocked is not None:
+                outcome: dict[str, ConnectorError | None] = dict.fromkeys(chunk, blocked)
+            else:
+                try:
+                    outcome = self._write_chunk(chunk, writes)
+                except AuthFailed:
+                    raise
+                except ConnectorError as exc:
+                    outcome = dict.fromkeys(chunk, exc)
+                    blocked = exc if exc.retryable else None
+            for rid, err in outcome.items():
+                for i in owners[rid]:
+                    errors[i] = errors[i] or err
+
+        for i, upd in enumerate(updates):
+            if i in invalid or upd.email_unsubscribe is None:
+                continue
+            if blocked is not None:
+                errors[i] = errors[i] or blocked
+                continue
+            try:
+                self._email_consent(upd.email, upd.email_unsubscribe)
+            except AuthFailed:
+                raise
+            except ConnectorError as exc:
+                errors[i] = errors[i] or exc
+                blocked = exc if exc.retryable else None
+        return [UpdateResult(ref=u.ref, error=e) for u, e in zip(updates, errors)]
+
+    def find_by_phone(self, e164: str) -> list[RecordRef]:
+        """Contacts whose phone or mobile phone is this number. HubSpot keeps numbers as
+        typed, so besides exact matches the search also asks HubSpot's calculated
+        searchable numbers (national digits) and keeps only hits whose stored number
+        parses to the same E.164 (the national digits alone can collide across countries)."""
+        e164 = (e164 or "").strip()
+        if not e164:
+            return []
+        groups = [_eq("phone", e164), _eq("mobilephone", e164)]
+        region = None
+        try:
+            number = phonenumbers.parse(e164, None)
+            region = phonenumbers.region_code_for_number(number)
+            national = str(number.national_number)
+            groups += [_eq("hs_searchable_calculated_phone_number", national),
+                       _eq("hs_searchable_calculated_mobile_number", national)]
+        except phonenumbers.NumberParseException:
+            pass
+        refs: dict[str, RecordRef] = {}
+        for obj in self._search_all(groups, ["phone", "mobilephone"]):
+            props = obj.properties or {}
+            if any(self._same_number(props.get(n), e164, region) for n in ("phone", "mobilephone")):
+                refs.setdefault(obj.id, RecordRef(crm=self.name, obj="contact", record_id=obj.id))
+        return list(refs.values())
+
+    def changed_since(self, mark: Watermark, fields: list[str], limit: int = 100) -> Page:
+        """Contacts with ``lastmodifieddate`` after ``mark.ts`` (epoch ms), oldest first.
+
+        A page never ends inside a run of equal stamps: HubSpot's order among ties
+        is not defined, so the next poll can filter with a strict GT and lose
+        nothing. Paging must not cross the 10,000-result cap, so before it would,
+        the search restarts from the newest stamp seen: first the rest of that
+        stamp's records by ``hs_object_id`` (no offset involved), then GT it.
+        Values come back as HubSpot strings, except bool properties (True/False)
+        and empty values (None)."""
+        limit = max(1, limit)
+        page_size = min(SEARCH_PAGE, limit + 1)
+        names = list(dict.fromkeys([*fields, "lastmodifieddate"]))
+        types = self._field_types()
+        ceiling = (str(int((time.time() - self.poll_lag_seconds) * 1000))
+                   if self.poll_lag_seconds > 0 else None)
+        records: list[ChangedRecord] = []
+        seen: set[str] = set()
+        last: tuple[int, str] | None = None
+
+        def take(obj: Any, stamp: int) -> None:
+            nonlocal last
+            props = obj.properties or {}
+            seen.add(obj.id)
+            last = (stamp, obj.id)
+            records.append(ChangedRecord(
+                ref=RecordRef(crm=self.name, obj="contact", record_id=obj.id),
+                values={f: self._from_hubspot(props.get(f), types.get(f)) for f in fields},
+                modified=props.get("lastmodifieddate") or ""))
+
+        def page(more: bool) -> Page:
+            nxt = Watermark(ts=str(last[0]), last_id=last[1]) if last else mark
+            return Page(records=records, next_mark=nxt, more=more)
+
+        floor, after = mark.ts, None
+        while True:
+            filters = [_flt("lastmodifieddate", "GT", floor)] if floor is not None else []
+            if ceiling is not None:
+                filters.append(_flt("lastmodifieddate", "LTE", ceiling))
+            answer = self._search([{"filters": filters}] if filters else [], names,
+                                  _BY_STAMP, page_size, after)
+            for obj in answer.results or []:
+                stamp = epoch_ms((obj.properties or {}).get("lastmodifieddate"))
+                if obj.id in seen or stamp is None:
+                    continue
+                if len(records) >= limit and last is not None and stamp != last[0]:
+                    return page(more=True)
+                take(obj, stamp)
+            nxt = answer.paging.next.after if answer.paging and answer.paging.next else None
+            if nxt is None:
+                return page(more=False)
+            if _offset(nxt) + page_size <= self.search_result_cap or last is None:
+                after = nxt
+                continue
+            stamp, cursor = last[0], None
+            while True:  # the rest of the newest stamp's records, in id order
+                tie = [_flt("lastmodifieddate", "EQ", str(stamp))]
+                if cursor is not None:
+                    tie.append(_flt("hs_object_id", "GT", cursor))
+                answer = self._search([{"filters": tie}], names, _BY_ID, SEARCH_PAGE, None)
+                for obj in answer.results or []:
+                    cursor = obj.id
+                    if obj.id not in seen:
+                        take(obj, stamp)
+                if not answer.results or not (answer.paging and answer.paging.next):
+                    break
+            floor, after = str(stamp), None
+    def fields(self, obj: str) -> dict[str, FieldInfo]:
+        """Contact property metadata; ``updateable`` is False where HubSpot marks the
+        value read-only (``hs_email_optout`` among them)."""
+        if obj.lower() not in _OBJECTS:
+            raise Permanent(f"the HubSpot connector handles contacts, not {obj!r}")
+        out = {}
+        for prop in self._properties().results or []:
+            meta = prop.modification_metadata
+            out[prop.name] = FieldInfo(name=prop.name, type=prop.type or "string",
+                                       updateable=not (meta and meta.read_only_value),
+                                       label=prop.label or "")
+        self._types = {name: info.type for name, info in out.items()}
+        return out
+
+    # --- helpers ---------------------------------------------------------------------
+    def _check_ref(self, ref: RecordRef) -> ConnectorError | None:
+        """Ids that are not HubSpot's never reach a URL or a request body."""
+        if ref.obj.lower() not in _OBJECTS:
+            return Permanent(f"the HubSpot connector updates contacts, not {ref.obj!r}")
+        if not isinstance(ref.record_id, str) or not HUBSPOT_ID.fullmatch(ref.record_id):
+            return Permanent("record id is not a HubSpot contact id (digits only)")
+        return None
+
+    def _write_chunk(self, chunk: list[str],
+                     writes: dict[str, dict[str, str]]) -> dict[str, ConnectorError | None]:
+        """One batch/update; a 207 names failed ids in ``errors[].context.ids``. An id
+        that is neither confirmed nor named takes an error that names no ids, if any
+        (HubSpot drops merged records from ``results`` without an error)."""
+        answer = self._batch_update([(rid, writes[rid]) for rid in chunk])
+        outcome: dict[str, ConnectorError | None] = {}
+        unnamed: ConnectorError | None = None
+        for err in getattr(answer, "errors", None) or []:
+            mapped = _record_error(err)
+            ids = (err.context or {}).get("ids") or []
+            for rid in ids:
+                outcome.setdefault(str(rid), mapped)
+            if not ids and unnamed is None:
+                unnamed = mapped
+        confirmed = {r.id for r in answer.results or []}
+        for rid in chunk:
+            if rid in confirmed:
+                outcome[rid] = None
+            elif rid not in outcome:
+                outcome[rid] = unnamed
+        return {rid: outcome[rid] for rid in chunk}
+
+    def _email_consent(self, email: str | None, unsubscribe: bool) -> None:
+        """Unsubscribe (or subscribe) one address; an address already in the wanted
+        state is success, so replays and retries change nothing."""
+        if not email:
+            raise Permanent("email consent change without an email address")
+        if not self.email_subscription_id:
+            raise Permanent("hubspot email_subscription_id is not configured")
+        try:
+            self._set_subscription(email, unsubscribe)
+        except Permanent as exc:
+            already = "already unsubscribed" if unsubscribe else "already subscribed"
+            if exc.status == 400 and already in exc.message.lower():
+                return
+            want = "NOT_SUBSCRIBED" if unsubscribe else "SUBSCRIBED"
+            try:
+                if exc.status == 400 and self._subscription_status(email) == want:
+                    return
+            except ConnectorError:
+                pass
+            raise
+
+    def _search_all(self, groups: list[dict[str, Any]], names: list[str]) -> Iterator[Any]:
+        after = None
+        while True:
+            answer = self._search(groups, names, _BY_ID, SEARCH_PAGE, after)
+            yield from answer.results or []
+            after = answer.paging.next.after if answer.paging and answer.paging.next else None
+            if after is None or _offset(after) + SEARCH_PAGE > self.search_result_cap:
+                return
+
+    @staticmethod
+    def _same_number(stored: str | None, e164: str, region: str | None) -> bool:
+        if not stored:
+            return False
+        if stored.strip() == e164:
+            return True
+        try:
+            parsed = phonenumbers.parse(stored, region)
+        except phonenumbers.NumberParseException:
+            return False
+        return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) == e164
+
+    def _field_types(self) -> dict[str, str]:
+        if self._types is None:
+            self.fields("contact")
+        return self._types or {}
+
+    @staticmethod
+    def _from_hubspot(value: str | None, kind: str | None) -> Any:
+        if value is None or value == "":
+            return None
+        if kind == "bool":
+            return value.strip().lower() == "true"
+        return value
+
+
+__all__ = ["HUBSPOT_ID", "HubSpotConnector", "error_from_api", "to_hubspot_value", "scrub"]

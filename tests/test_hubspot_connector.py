@@ -1,0 +1,393 @@
+"""HubSpotConnector over real HTTP against the HubSpot sandbox, through the real
+hubspot-api-client code paths (no mocks between the connector and the wire)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from connectors.base import CrmConnector
+from connectors.errors import AuthFailed, NotFound, Permanent, RateLimited, Transient
+from connectors.hubspot import HubSpotConnector
+from connectors.sandbox.hubspot import HubSpotSandbox, iso_ms, to_ms
+from connectors.sandbox.tls import SandboxTLS
+from connectors.types import RecordRef, RecordUpdate, Watermark
+
+TOKEN = "pat-na1-5f2e-test-token"
+SUBSCRIPTION = "1001"
+EMAIL = "ann.example@example.com"
+BATCH = r"/crm/v3/objects/contacts/batch/update$"
+SEARCH = r"/crm/v3/objects/contacts/search$"
+UNSUBSCRIBE = r"/communication-preferences/v3/unsubscribe$"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[HubSpotSandbox]:
+    sandbox = HubSpotSandbox(token=TOKEN).start()
+    yield sandbox
+    sandbox.stop()
+
+
+@pytest.fixture
+def sandbox(server: HubSpotSandbox) -> HubSpotSandbox:
+    server.reset()
+    return server
+
+
+@pytest.fixture
+def hub(sandbox: HubSpotSandbox) -> HubSpotConnector:
+    return HubSpotConnector(sandbox.url, TOKEN, timeout=5.0, email_subscription_id=SUBSCRIPTION)
+
+
+def ref(record_id: str) -> RecordRef:
+    return RecordRef(crm="hubspot", obj="contact", record_id=record_id)
+
+
+def sms_out(record_id: str) -> RecordUpdate:
+    return RecordUpdate(ref=ref(record_id), fields={"sms_opt_out": True})
+
+
+# --- update -----------------------------------------------------------------------------
+def test_is_a_crm_connector(hub: HubSpotConnector) -> None:
+    assert isinstance(hub, CrmConnector) and hub.name == "hubspot"
+
+
+def test_update_sets_sms_opt_out(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
+    sandbox.add_contact("51", email=EMAIL, sms_opt_out="false")
+    before = to_ms(sandbox.get_contact("51")["lastmodifieddate"])
+
+    [result] = hub.update([sms_out("51")])
+
+    assert result.ok and result.ref == ref("51")
+    contact = sandbox.get_contact("51")
+    assert contact["sms_opt_out"] == "true"
+    assert to_ms(contact["lastmodifieddate"]) > before
+    [call] = sandbox.requests_to(BATCH, "POST")
+    assert call.json() == {"inputs": [{"id": "51", "properties": {"sms_opt_out": "true"}}]}
+    assert call.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_150_updates_go_out_as_two_batches(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
+    ids = [str(n) for n in range(1, 151)]
+    for rid in ids:
+        sandbox.add_contact(rid)
+
+    results = hub.update([sms_out(rid) for rid in ids])
+
+    assert [r.ref.record_id for r in results] == ids and all(r.ok for r in results)
+    calls = sandbox.requests_to(BATCH, "POST")
+    assert [len(c.json()["inputs"]) for c in calls] == [100, 50]
+    assert all(sandbox.get_contact(rid)["sms_opt_out"] == "true" for rid in ids)
+
+
+def test_updates_of_one_record_are_merged_into_one_input(sandbox: HubSpotSandbox,
+                                                         hub: HubSpotConnector) -> None:
+    sandbox.add_contact("51")
+    results = hub.update([sms_out("51"),
+                          RecordUpdate(ref=ref("51"), fields={"call_opt_out": True})])
+    assert all(r.ok for r in results)
+    [call] = sandbox.requests_to(BATCH)
+    assert call.json()["inputs"] == [{"id": "51", "properties": {"sms_opt_out": "true",
+                                                                 "call_opt_out": "true"}}]
+
+
+def test_partial_207_maps_errors_to_their_records(sandbox: HubSpotSandbox,
+                                                   hub: HubSpotConnector) -> None:
+    sandbox.add_contact("51")
+    sandbox.add_contact("52")
+
+    ok1, missing, ok2 = hub.update([sms_out("51"), sms_out("999"), sms_out("52")])
+
+    assert ok1.ok and ok2.ok
+    assert isinstance(missing.error, NotFound)
+    assert "Could not get some CONTACT objects" in missing.error.message
+    assert missing.error.code == "OBJECT_NOT_FOUND"
+    assert sandbox.get_contact("51")["sms_opt_out"] == "true"
+    assert sandbox.get_contact("52")["sms_opt_out"] == "true"
+
+
+def test_validation_errors_are_permanent_per_record(sandbox: HubSpotSandbox,
+                                                    hub: HubSpotConnector) -> None:
+    for rid in ("51", "52", "53"):
+        sandbox.add_contact(rid)
+    unknown, read_only, fine = hub.update([
+        RecordUpdate(ref=ref("51"), fields={"nope": True}),
+        RecordUpdate(ref=ref("52"), fields={"hs_email_optout": True}),
+        sms_out("53"),
+    ])
+    assert type(unknown.error) is Permanent and 'Property "nope" does not exist' in unknown.error.message
+    assert type(read_only.error) is Permanent and "VALIDATION_ERROR" in read_only.error.message
+    assert fine.ok
+    assert "hs_email_optout" not in sandbox.get_contact("52")
+
+
+def test_transient_5xx_is_retried_and_lands(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
+    sandbox.add_contact("51")
+    sandbox.add_fault("POST", BATCH, 503, {"status": "error", "message": "Service unavailable",
+                                           "category": "INTERNAL_ERROR"})
+    [result] = hub.update([sms_out("51")])
+    assert result.ok and len(sandbox.requests_to(BATCH)) == 2
+
+
+# --- email consent ----------------------------------------------------------------------
+def test_email_unsubscribe_uses_communication_preferences(sandbox: HubSpotSandbox,
+                                                          hub: HubSpotConnector) -> None:
+    sandbox.add_contact("51", email=EMAIL)
+
+    [result] = hub.update([RecordUpdate(ref=ref("51"), email=EMAIL, email_unsubscribe=True)])
+
+    assert result.ok
+    [call] = sandbox.requests_to(UNSUBSCRIBE, "POST")
+    body = call.json()
+    assert body["emailAddress"] == EMAIL and body["subscriptionId"] == SUBSCRIPTION
+    assert body["legalBasis"] == "LEGITIMATE_INTEREST_CLIENT" and body["legalBasisExplanation"]
+    assert sandbox.email_status(EMAIL, SUBSCRIPTION) == "NOT_SUBSCRIBED"
+    assert [u["subscriptionId"] for u in sandbox.unsubscribes] == [SUBSCRIPTION]
+    assert sandbox.get_contact("51")["hs_email_optout"] == "true"
+    assert sandbox.requests_to(BATCH) == []  # no property write for an email-only change
+
+
+def test_already_unsubscribed_is_success(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
+    sandbox.add_contact("51", email=EMAIL)
+    update = RecordUpdate(ref=ref("51"), email=EMAIL, email_unsubscribe=True)
+    assert hub.update([update])[0].ok
+    assert hub.update([update])[0].ok  # HubSpot answers 400 "already unsubscribed"
+    assert len(sandbox.requests_to(UNSUBSCRIBE)) == 2 and len(sandbox.unsubscribes) == 1
+
+
+def test_refused_resubscribe_is_permanent_without_the_address(sandbox: HubSpotSandbox,
+                                                              hub: HubSpotConnector) -> None:
+    sandbox.set_email_status(EMAIL, SUBSCRIPTION, "NOT_SUBSCRIBED")
+    [result] = hub.update([RecordUpdate(ref=ref("51"), email=EMAIL, email_unsubscribe=False)])
+    assert type(result.error) is Permanent and result.error.status == 400
+    assert EMAIL not in str(result.error) and "<email>" in result.error.message
+
+
+def test_email_change_without_subscription_id_is_permanent(sandbox: HubSpotSandbox) -> None:
+    hub = HubSpotConnector(sandbox.url, TOKEN)
+    [result] = hub.update([RecordUpdate(ref=ref("51"), email=EMAIL, email_unsubscribe=True)])
+    assert isinstance(result.error, Permanent) and sandbox.requests == []
+
+
+# --- rate limits and auth ---------------------------------------------------------------
+def test_429_is_retried_after_the_window_and_lands(sandbox: HubSpotSandbox,
+                                                   hub: HubSpotConnector) -> None:
+    sandbox.add_contact("51")
+    sandbox.set_rate_limit(1, interval_ms=1000)
+    spent = requests.get(f"{sandbox.url}/crm/v3/properties/contacts",
+                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+    assert spent.headers["X-HubSpot-RateLimit-Remaining"] == "0"
+
+    [result] = hub.update([sms_out("51")])
+
+    assert result.ok and sandbox.get_contact("51")["sms_opt_out"] == "true"
+    refused, landed = sandbox.requests_to(BATCH)
+    assert landed.at - refused.at >= 1.0 - 0.01  # waited out the 1 s window, no hammering
+
+
+def test_long_retry_after_is_left_to_the_journal(sandbox: HubSpotSandbox,
+                                                 hub: HubSpotConnector) -> None:
+    sandbox.add_contact("51")
+    sandbox.add_contact("52")
+    sandbox.add_fault("POST", BATCH, 429, {"status": "error", "errorType": "RATE_LIMIT",
+                                           "message": "You have reached your daily limit.",
+                                           "policyName": "DAILY", "correlationId": "x"},
+                      headers={"Retry-After": "60"}, times=5)
+    results = hub.update([sms_out("51"), RecordUpdate(ref=ref("52"), email=EMAIL,
+                                                      email_unsubscribe=True)])
+    assert all(isinstance(r.error, RateLimited) and r.error.retry_after == 60 for r in results)
+    assert len(sandbox.requests) == 1  # one refusal, nothing after it
+
+
+def test_401_is_auth_failed_without_the_token(sandbox: HubSpotSandbox) -> None:
+    sandbox.add_contact("51")
+    wrong = "pat-na1-wrong-secret-7c1d"
+    hub = HubSpotConnector(sandbox.url, wrong)
+    with pytest.raises(AuthFailed) as caught:
+        hub.update([sms_out("51")])
+    err = caught.value
+    assert err.status == 401 and err.code == "INVALID_AUTHENTICATION"
+    assert "Authentication credentials not found" in err.message
+    assert wrong not in str(err) and wrong not in repr(err) and TOKEN not in str(err)
+    with pytest.raises(AuthFailed):
+        hub.fields("contact")
+
+
+ID_REFUSED = "record id is not a HubSpot contact id (digits only)"
+_NOT_AN_ID = st.one_of(
+    st.text(max_size=30),
+    st.from_regex(r"[0-9]{1,6}[\n ]", fullmatch=True),
+    st.sampled_from(["", " 51", "51 ", "5 1", "-51", "51.0", "\u0665\u0661", "00Q5e000001AbCdEAF",
+                     "lead_abc", "51/../52", "51?archived=true", "%35%31"]),
+).filter(lambda s: not (s and all(c in "0123456789" for c in s)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(record_id=_NOT_AN_ID)
+def test_invalid_ids_never_produce_a_request(sandbox: HubSpotSandbox, record_id: str) -> None:
+    hub = HubSpotConnector(sandbox.url, TOKEN, email_subscription_id=SUBSCRIPTION)
+    results = hub.update([sms_out(record_id),
+                          RecordUpdate(ref=ref(record_id), email=EMAIL, email_unsubscribe=True)])
+    assert all(type(r.error) is Permanent for r in results)
+    assert {r.error.message for r in results} == {ID_REFUSED}  # the id is never echoed
+    assert sandbox.requests == []
+
+
+# --- lookups and polling ----------------------------------------------------------------
+def test_find_by_phone(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
+    sandbox.add_contact("1", phone="+14155550123")
+    sandbox.add_contact("2", mobilephone="+14155550123", phone="+14155550100")
+    sandbox.add_contact("3", phone="(415) 555-0123")       # typed without country code
+    sandbox.add_contact("4", phone="+49 4155550123")       # same digits, another country
+    sandbox.add_contact("5", phone="+14155550199")
+
+    refs = hub.find_by_phone("+14155550123")
+
+    assert sorted(r.record_id for r in refs) == ["1", "2", "3"]
+    assert all(r.crm == "hubspot" and r.obj == "contact" for r in refs)
+    [call] = sandbox.requests_to(SEARCH, "POST")
+    body = call.json()
+    assert body["limit"] <= 200 and len(body["filterGroups"]) <= 5
+    assert {"propertyName": "phone", "operator": "EQ", "value": "+14155550123"} in \
+        [f for g in body["filterGroups"] for f in g["filters"]]
+    assert hub.find_by_phone("+15005550000") == []
+
+
+def _drain(hub: HubSpotConnector, mark: Watermark, limit: int) -> tuple[list[list[str]], Watermark]:
+    pages: list[list[str]] = []
+    while True:
+        page = hub.changed_since(mark, ["sms_opt_out"], limit=limit)
+        pages.append([r.ref.record_id for r in page.records])
+        mark = page.next_mark
+        if not page.more:
+            return pages, mark
+
+
+def test_changed_since_pages_without_misses_or_repeats(sandbox: HubSpotSandbox,
+                                                       hub: HubSpotConnector) -> None:
+    for rid in ("11", "12", "13", "14", "15"):
+        sandbox.add_contact(rid, sms_opt_out="false")
+    _, mark = _drain(hub, Watermark(), limit=2)
+
+    order = ["13", "11", "15", "12", "14"]
+    for rid in order:
+        sandbox.set_property(rid, "sms_opt_out", "true")
+    pages, mark = _drain(hub, mark, limit=2)
+
+    assert pages == [["13", "11"], ["15", "12"], ["14"]]
+    assert mark.last_id == "14" and int(mark.ts) == to_ms(sandbox.get_contact("14")["lastmodifieddate"])
+    page = hub.changed_since(mark, ["sms_opt_out"], limit=2)
+    assert page.records == [] and page.next_mark == mark and not page.more
+
+    sandbox.set_property("12", "sms_opt_out", "false")
+    [again] = hub.changed_since(mark, ["sms_opt_out"], limit=2).records
+    assert again.ref.record_id == "12" and again.values == {"sms_opt_out": False}
+    assert again.modified == sandbox.get_contact("12")["lastmodifieddate"]
+    search = sandbox.requests_to(SEARCH)[-1].json()
+    assert search["sorts"] == [{"propertyName": "lastmodifieddate", "direction": "ASCENDING"}]
+    assert search["filterGroups"][0]["filters"][0]["operator"] == "GT"
+
+
+def test_changed_since_never_splits_equal_stamps(sandbox: HubSpotSandbox,
+                                                 hub: HubSpotConnector) -> None:
+    sandbox.unique_stamps = False
+    sandbox.clock = lambda: 1_700_000_000.0
+    for rid in ("21", "22", "23"):
+        sandbox.add_contact(rid)
+    sandbox.clock = lambda: 1_700_000_001.0
+    sandbox.add_contact("24")
+
+    first = hub.changed_since(Watermark(), ["sms_opt_out"], limit=2)
+    assert [r.ref.record_id for r in first.records] == ["21", "22", "23"] and first.more
+    assert first.next_mark.ts == str(1_700_000_000_000)
+    second = hub.changed_since(first.next_mark, ["sms_opt_out"], limit=2)
+    assert [r.ref.record_id for r in second.records] == ["24"] and not second.more
+
+
+def test_changed_since_restarts_before_the_search_cap(sandbox: HubSpotSandbox,
+                                                      hub: HubSpotConnector) -> None:
+    sandbox.search_cap = hub.search_result_cap = 4  # stands in for HubSpot's 10,000
+    sandbox.unique_stamps = False
+    sandbox.clock = lambda: 1_700_000_000.0
+    for rid in ("31", "32", "33", "34", "35"):
+        sandbox.add_contact(rid)
+    sandbox.clock = lambda: 1_700_000_002.0
+    sandbox.add_contact("36")
+
+    pages, mark = _drain(hub, Watermark(), limit=3)
+
+    assert pages == [["31", "32", "33", "34", "35"], ["36"]]
+    assert mark == Watermark(ts=str(1_700_000_002_000), last_id="36")
+    searches = [r.json() for r in sandbox.requests_to(SEARCH)]
+    assert all(int(s.get("after") or 0) < 4 for s in searches)
+    ties = searches[1]  # the rest of the stamp, by id instead of by offset
+    assert ties.get("after") is None and ties["sorts"][0]["propertyName"] == "hs_object_id"
+    assert ties["filterGroups"][0]["filters"] == [
+        {"propertyName": "lastmodifieddate", "operator": "EQ", "value": str(1_700_000_000_000)}]
+
+
+def test_poll_lag_keeps_fresh_changes_for_a_later_poll(sandbox: HubSpotSandbox) -> None:
+    sandbox.add_contact("41")
+    lagging = HubSpotConnector(sandbox.url, TOKEN, poll_lag_seconds=3600)
+    page = lagging.changed_since(Watermark(), ["sms_opt_out"])
+    assert page.records == [] and page.next_mark == Watermark() and not page.more
+
+
+# --- transport --------------------------------------------------------------------------
+def test_configured_ca_bundle_wins_and_tls_failures_are_transient(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import certifi
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())  # does not trust the sandbox CA
+    tls = SandboxTLS.create()
+    with HubSpotSandbox(token=TOKEN).start(tls=tls) as secure:
+        assert secure.url.startswith("https://127.0.0.1:")
+        trusted = HubSpotConnector(secure.url, TOKEN, ca_bundle=tls.ca_bundle, timeout=5.0)
+        assert trusted.fields("contact")["sms_opt_out"].updateable
+        untrusted = HubSpotConnector(secure.url, TOKEN, timeout=5.0)
+        with pytest.raises(Transient) as caught:
+            untrusted.fields("contact")
+        assert TOKEN not in str(caught.value)
+
+
+# --- metadata ---------------------------------------------------------------------------
+def test_fields_reports_read_only_email_optout(hub: HubSpotConnector) -> None:
+    fields = hub.fields("contact")
+    assert fields["hs_email_optout"].updateable is False
+    assert fields["sms_opt_out"].updateable is True and fields["sms_opt_out"].type == "bool"
+    assert {"call_opt_out", "whatsapp_opt_out", "phone", "mobilephone"} <= set(fields)
+    with pytest.raises(Permanent):
+        hub.fields("deal")
+
+
+def test_sandbox_speaks_hubspot_shapes(sandbox: HubSpotSandbox) -> None:
+    """Spot checks of the raw wire format other tests rely on."""
+    sandbox.add_contact("51", email=EMAIL)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    got = requests.get(f"{sandbox.url}/crm/v3/objects/contacts/404", headers=auth, timeout=5)
+    assert got.status_code == 404 and got.json()["category"] == "OBJECT_NOT_FOUND"
+    assert got.headers["X-HubSpot-RateLimit-Interval-Milliseconds"] == "10000"
+    patched = requests.patch(f"{sandbox.url}/crm/v3/objects/contacts/51", headers=auth,
+                             json={"properties": {"call_opt_out": "true"}}, timeout=5)
+    assert patched.status_code == 200 and patched.json()["properties"]["call_opt_out"] == "true"
+    too_many = requests.post(f"{sandbox.url}/crm/v3/objects/contacts/batch/update", headers=auth,
+                             json={"inputs": [{"id": str(n), "properties": {}} for n in range(101)]},
+                             timeout=5)
+    assert too_many.status_code == 400 and too_many.json()["category"] == "VALIDATION_ERROR"
+    deep = requests.post(f"{sandbox.url}/crm/v3/objects/contacts/search", headers=auth,
+                         json={"after": "10000", "limit": 10}, timeout=5)
+    assert deep.status_code == 400
+    wide = requests.post(f"{sandbox.url}/crm/v3/objects/contacts/search", headers=auth,
+                         json={"limit": 201}, timeout=5)
+    assert wide.status_code == 400
+    status = requests.get(f"{sandbox.url}/communication-preferences/v3/status/email/{EMAIL}",
+                          headers=auth, timeout=5).json()
+    assert status["recipient"] == EMAIL and status["subscriptionStatuses"][0]["id"] == SUBSCRIPTION
+    defs = requests.get(f"{sandbox.url}/communication-preferences/v3/definitions", headers=auth,
+                        timeout=5).json()["subscriptionDefinitions"]
+    assert SUBSCRIPTION in {d["id"] for d in defs}
+    assert iso_ms(1_700_000_000_123) == "2023-11-14T22:13:20.123Z"
+    bad = requests.get(f"{sandbox.url}/crm/v3/properties/contacts", timeout=5)
+    assert bad.status_code == 401 and bad.json()["category"] == "INVALID_AUTHENTICATION"
