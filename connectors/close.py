@@ -1,0 +1,550 @@
+"""Close (close.com) connector: a small typed client on requests + tenacity.
+
+Close has no batch update, so ``update`` sends one ``PUT /lead|contact/{id}/`` per
+record. Close takes custom fields only as ``custom.<field id>``; mappings may name a
+field by its id (``cf_...``) or by its name, and names are resolved through the custom
+field metadata, fetched once per object and cached. Email opt-outs go through Close's
+organisation-wide unsubscribe list rather than a field.
+
+Rate limits: Close reports ``RateLimit: limit=.., remaining=.., reset=<seconds>`` on
+responses. A small pacer waits out ``reset`` once ``remaining`` reaches 0 so a busy
+pusher does not earn 429s; a 429 itself is honoured through ``Retry-After`` (else the
+body's ``error.rate_reset``). Pauses too long to block a worker thread surface as
+``RateLimited(retry_after)`` for the journal to schedule.
+
+Lookups use the Advanced Filtering API (``POST /data/search/``, cursor paging): the
+``?query=`` parameter of ``GET /lead/`` is deprecated by Close.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterator
+from urllib.parse import quote
+
+import requests
+
+from connectors.errors import (ConnectorError, NotFound, Permanent, RateLimited, Transient)
+from connectors.http import (error_for_status, make_session, parse_retry_after, short_retry,
+                             wrap_transport_error)
+from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate,
+                              UpdateResult, Watermark)
+
+log = logging.getLogger(__name__)
+
+CLOSE_LEAD = re.compile(r"^lead_[A-Za-z0-9]+$")
+CLOSE_CONTACT = re.compile(r"^cont_[A-Za-z0-9]+$")
+OBJECTS = ("lead", "contact")
+
+_CUSTOM_ID = re.compile(r"^[a-z]{0,2}cf_[A-Za-z0-9]+$")
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+# Conservative on purpose: the address ends up in a URL path for DELETE.
+_EMAIL = re.compile(r"^[^\s@/\\?#%\x00-\x1f\x7f]+@[^\s@/\\?#%\x00-\x1f\x7f]+\.[^\s@/\\?#%\x00-\x1f\x7f]+$")
+_MASK_EMAIL = re.compile(r"[^\s@\"',;:<>()]+@[^\s@\"',;:<>()]+\.[A-Za-z]{2,}")
+_MASK_PHONE = re.compile(r"(?<![A-Za-z0-9])\+?\(?\d(?:[\s().-]{0,2}\d){6,18}(?![A-Za-z0-9])")
+_RATE_PAIR = re.compile(r"([A-Za-z-]+)\s*=\s*([0-9]+(?:\.[0-9]+)?)")
+_TRUE_WORDS = {"yes", "true", "1", "y", "on", "opted out", "opt out", "opted-out", "checked"}
+_FALSE_WORDS = {"no", "false", "0", "n", "off"}
+
+MAX_PAGE = 200          # Close's largest _limit for lists and searches
+METADATA_TTL = 30.0     # a missed field name refetches metadata at most this often
+
+_RO, _RW = False, True
+BUILTIN_FIELDS: dict[str, dict[str, FieldInfo]] = {
+    "lead": {n: FieldInfo(n, t, u, label) for n, t, u, label in (
+        ("name", "text", _RW, "Company name"), ("description", "text", _RW, "Description"),
+        ("url", "text", _RW, "URL"), ("status_id", "text", _RW, "Status"),
+        ("status_label", "text", _RO, "Status label"), ("contacts", "list", _RO, "Contacts"),
+        ("phones", "list", _RO, "Phones of the lead's contacts (E.164)"),
+        ("date_created", "datetime", _RO, "Created"), ("date_updated", "datetime", _RO, "Updated"))},
+    "contact": {n: FieldInfo(n, t, u, label) for n, t, u, label in (
+        ("name", "text", _RW, "Name"), ("title", "text", _RW, "Title"),
+        ("phones", "list", _RW, "Phones"), ("emails", "list", _RW, "Emails"),
+        ("lead_id", "text", _RO, "Lead"), ("date_created", "datetime", _RO, "Created"),
+        ("date_updated", "datetime", _RO, "Updated"))},
+}
+
+
+def record_object(record_id: object) -> str:
+    """``"lead"`` or ``"contact"`` for a valid Close id, else Permanent.
+
+    ``fullmatch``, not ``match``: ``$`` also matches before a trailing newline, and an
+    id is put into a URL path, so nothing but the exact pattern may pass.
+    """
+    if isinstance(record_id, str):
+        if CLOSE_LEAD.fullmatch(record_id):
+            return "lead"
+        if CLOSE_CONTACT.fullmatch(record_id):
+            return "contact"
+    raise Permanent("record id is not a Close lead_/cont_ id")
+
+
+def _usable_email(email: object) -> bool:
+    return isinstance(email, str) and len(email) <= 254 and _EMAIL.fullmatch(email) is not None
+
+
+def _parse_ts(value: str) -> datetime:
+    dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+class _Pacer:
+    """Client-side pause: after Close says the window is spent, wait ``reset`` seconds
+    before the next call instead of spending a request on a 429. Shared by threads."""
+
+    def __init__(self, max_wait: float):
+        self.max_wait = max_wait
+        self._lock = threading.Lock()
+        self._not_before = 0.0
+
+    def wait(self) -> None:
+        with self._lock:
+            delay = self._not_before - time.monotonic()
+        if delay <= 0:
+            return
+        if delay > self.max_wait:
+            raise RateLimited("Close rate limit window is spent", retry_after=delay, status=None)
+        log.info("close: rate limit window spent, pausing %.2fs", delay)
+        time.sleep(delay)
+
+    def block(self, seconds: float) -> None:
+        with self._lock:
+            self._not_before = max(self._not_before, time.monotonic() + seconds)
+
+    def observe(self, headers: Any) -> None:
+        remaining, reset = _rate_state(headers)
+        if remaining is not None and remaining <= 0 and reset is not None and reset > 0:
+            self.block(reset)
+
+
+def _rate_state(headers: Any) -> tuple[float | None, float | None]:
+    """(remaining, reset seconds) from ``RateLimit: limit=, remaining=, reset=`` or the
+    older split headers Close sent before adopting the IETF draft."""
+    pairs: dict[str, float] = {}
+    combined = headers.get("RateLimit")
+    if combined:
+        for key, value in _RATE_PAIR.findall(combined):
+            pairs.setdefault(key.lower(), float(value))
+    for prefix in ("RateLimit-", "X-RateLimit-", "X-Rate-Limit-"):
+        for part in ("remaining", "reset"):
+            raw = headers.get(prefix + part)
+            if raw and part not in pairs:
+                try:
+                    pairs[part] = float(raw)
+                except ValueError:
+                    pass
+    reset = pairs.get("reset")
+    if reset is not None and reset > 86400:  # an epoch stamp, not a delta
+        reset = max(0.0, reset - time.time())
+    return pairs.get("remaining"), reset
+
+
+def _scrub(text: str, secret: str) -> str:
+    """Close echoes submitted values in some messages; keep emails, phones and the key out."""
+    if secret and secret in text:
+        text = text.replace(secret, "***")
+    text = _MASK_EMAIL.sub("***@***", text)
+    return _MASK_PHONE.sub("***", text)
+
+
+def _close_message(resp: requests.Response) -> str:
+    """Close's own error text from ``{"error": ...}`` or ``{"errors", "field-errors"}``."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    parts: list[str] = []
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, str):
+            parts.append(error)
+        elif isinstance(error, dict) and error.get("message"):
+            parts.append(str(error["message"]))
+        errors = body.get("errors")
+        if isinstance(errors, list):
+            parts.extend(str(e) for e in errors if e)
+        field_errors = body.get("field-errors")
+        if isinstance(field_errors, dict):
+            parts.extend(f"{k}: {v}" for k, v in field_errors.items())
+    if not parts:
+        text = (resp.text or "").strip()[:200]
+        parts.append(text or f"HTTP {resp.status_code} {resp.reason or ''}".strip())
+    return "; ".join(parts)[:1000]
+
+
+class CloseConnector:
+    """``CrmConnector`` for Close. Objects are ``lead`` and ``contact``.
+
+    ``max_pace_wait`` bounds how long one call may block on rate limits (client pacing
+    or ``Retry-After``) before raising RateLimited for the caller to schedule.
+    ``phone_lookup`` picks what ``find_by_phone`` returns: the leads, the contacts, or both.
+    """
+
+    name = "close"
+
+    def __init__(self, base_url: str, api_key: str, ca_bundle: str | None = None,
+                 timeout: float = 30.0, *, max_pace_wait: float = 15.0, retry_attempts: int = 3,
+                 phone_lookup: tuple[str, ...] = ("lead", "contact")):
+        if not re.match(r"^https?://[^/?#]+", base_url or ""):
+            raise ValueError("Close base_url must be an http(s) URL")
+        if not api_key:
+            raise ValueError("Close api_key is empty")
+        if not set(phone_lookup) <= set(OBJECTS):
+            raise ValueError("phone_lookup may only contain 'lead' and 'contact'")
+        self.base_url = base_url.rstrip("/")
+        self.phone_lookup = tuple(phone_lookup)
+        self._key = api_key
+        self._session = make_session(ca_bundle=ca_bundle, timeout=timeout)
+        self._session.auth = (api_key, "")  # Close: API key as username, empty password
+        self._session.headers["Accept"] = "application/json"
+        self._pacer = _Pacer(max_pace_wait)
+        self._meta_lock = threading.Lock()
+        self._meta: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
+        self._call = short_retry(attempts=retry_attempts, max_retry_after=max_pace_wait)(self._call_once)
+
+    def __repr__(self) -> str:
+        return f"CloseConnector(base_url={self.base_url!r})"
+
+    # --- transport --------------------------------------------------------------------
+    def _call_once(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                   json: Any = None) -> Any:
+        self._pacer.wait()
+        try:
+            resp = self._session.request(method, self.base_url + path, params=params, json=json)
+        except requests.RequestException as exc:
+            # ``from None``: the original text carries the URL, which may hold an email.
+            raise wrap_transport_error(exc) from None
+        self._pacer.observe(resp.headers)
+        if resp.status_code >= 400:
+            raise self._error(resp)
+        if resp.status_code == 204 or not resp.content:
+            return {}
+        try:
+            return resp.json()
+        except ValueError:
+            raise Transient("Close answered with a body that is not JSON", status=resp.status_code) from None
+
+    def _error(self, resp: requests.Response) -> ConnectorError:
+        message = _scrub(_close_message(resp), self._key)
+        if resp.status_code != 429:
+            return error_for_status(resp, message)
+        wait = parse_retry_after(resp.headers.get("Retry-After"))
+        if wait is None:
+            try:
+                wait = float(resp.json()["error"]["rate_reset"])
+            except (ValueError, KeyError, TypeError):
+                wait = _rate_state(resp.headers)[1]
+        if wait is not None:
+            self._pacer.block(wait)
+        return RateLimited(message, retry_after=wait, status=429)
+
+    def _search(self, body: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+        """Pages of ``POST /data/search/``, following Close's opaque cursor."""
+        cursor: str | None = None
+        seen: set[str] = set()
+        while True:
+            page = self._call("POST", "/data/search/", json={**body, "cursor": cursor})
+            data = page.get("data") if isinstance(page, dict) else None
+            yield [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+            cursor = page.get("cursor") if isinstance(page, dict) else None
+            if not cursor:
+                return
+            if cursor in seen:
+                raise Transient("Close search returned the same cursor twice")
+            seen.add(cursor)
+
+    # --- custom field metadata --------------------------------------------------------
+    def _custom_fields(self, obj: str, *, refresh: bool = False) -> dict[str, dict[str, Any]]:
+        """{field id: metadata} for ``obj``; fetched once, refreshed on request."""
+        with self._meta_lock:
+            cached = self._meta.get(obj)
+        if cached is not None and not refresh:
+            return cached[1]
+        fields: dict[str, dict[str, Any]] = {}
+        skip = 0
+        while True:
+            page = self._call("GET", f"/custom_field/{obj}/", params={"_skip": skip, "_limit": MAX_PAGE})
+            data = page.get("data") if isinstance(page, dict) else None
+            for meta in data if isinstance(data, list) else []:
+                if (isinstance(meta, dict) and isinstance(meta.get("id"), str)
+                        and isinstance(meta.get("name"), str)):
+                    fields[meta["id"]] = meta
+            if not (isinstance(page, dict) and page.get("has_more")) or not data:
+                break
+            skip += len(data)
+        with self._meta_lock:
+            self._meta[obj] = (time.monotonic(), fields)
+        return fields
+
+    def _lookup(self, obj: str, key: str) -> dict[str, Any] | None:
+        """Custom field metadata by id or exact name; one refresh if the name is new."""
+        name = key.removeprefix("custom.")
+        for attempt in (0, 1):
+            fields = self._custom_fields(obj)
+            if name in fields:
+                return fields[name]
+            for meta in fields.values():
+                if meta["name"] == name:
+                    return meta
+            with self._meta_lock:
+                age = time.monotonic() - self._meta[obj][0]
+            if attempt or age < METADATA_TTL:
+                return None
+            self._custom_fields(obj, refresh=True)
+        return None
+
+    @staticmethod
+    def _to_close(meta: dict[str, Any], value: Any) -> Any:
+        """Our bool -> Close's representation: a one-choice "choices" field holds its
+        choice for True and is cleared for False; "checkbox" takes the bool itself."""
+        if not isinstance(value, bool):
+            return value
+        kind = meta.get("type")
+        many = bool(meta.get("accepts_multiple_values"))
+        if kind == "choices":
+            choices = [c for c in meta.get("choices") or [] if isinstance(c, str)]
+            words = _TRUE_WORDS if value else _FALSE_WORDS
+            pick = next((c for c in choices if c.strip().lower() in words), None)
+            if pick is None and value and len(choices) == 1:
+                pick = choices[0]
+            if pick is None:
+                return value if value else None  # True with no fitting choice: Close says why
+            return [pick] if many else pick
+        if kind in ("text", "textarea"):
+            return "true" if value else "false"
+        return value
+
+    @staticmethod
+    def _from_close(meta: dict[str, Any] | None, value: Any) -> Any:
+        """Inverse of ``_to_close`` for flag-like fields; other values pass through."""
+        if meta is None:
+            return value
+        kind = meta.get("type")
+        if kind == "checkbox":
+            return bool(value)
+        if kind == "choices":
+            choices = meta.get("choices") or []
+            values = value if isinstance(value, list) else ([] if value is None else [value])
+            if len(choices) == 1:
+                return bool(values)
+            lowered = {str(v).strip().lower() for v in values}
+            if lowered and lowered <= _TRUE_WORDS:
+                return True
+            if not values or lowered <= _FALSE_WORDS:
+                return False
+        return value
+
+    def _body(self, obj: str, fields: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        for key, value in fields.items():
+            builtin = BUILTIN_FIELDS[obj].get(key)
+            if builtin is not None and builtin.updateable:
+                body[key] = value
+                continue
+            meta = self._lookup(obj, key)
+            if meta is None:
+                # Unknown to the metadata: send it and let Close name the problem.
+                body[f"custom.{key.removeprefix('custom.')}"] = value
+            else:
+                body[f"custom.{meta['id']}"] = self._to_close(meta, value)
+        return body
+
+    # --- CrmConnector -----------------------------------------------------------------
+    def update(self, updates: list[RecordUpdate]) -> list[UpdateResult]:
+        """One PUT per record (Close has no batch endpoint), then the email list call.
+
+        Per-record failures land in ``UpdateResult.error``. A Transient/RateLimited
+        failure (after short retries) is given to that record and to every record not
+        yet attempted, so an outage costs one call, not one per record. AuthFailed raises.
+        """
+        results: list[UpdateResult] = []
+        outage: Transient | None = None
+        for upd in updates:
+            if outage is not None:
+                results.append(UpdateResult(upd.ref, outage))
+                continue
+            try:
+                self._update_one(upd)
+                results.append(UpdateResult(upd.ref))
+            except Transient as exc:
+                outage = exc
+                results.append(UpdateResult(upd.ref, exc))
+            except Permanent as exc:
+                results.append(UpdateResult(upd.ref, exc))
+        return results
+
+    def _update_one(self, upd: RecordUpdate) -> None:
+        obj = record_object(upd.ref.record_id)
+        if str(upd.ref.obj).lower() != obj:
+            raise Permanent(f"record id is a Close {obj} id but the ref says {str(upd.ref.obj)[:20]!r}")
+        if upd.email_unsubscribe is not None and not _usable_email(upd.email):
+            raise Permanent("email unsubscribe requested without a usable email address")
+        if upd.fields:
+            body = self._body(obj, upd.fields)
+            self._call("PUT", f"/{obj}/{upd.ref.record_id}/", json=body)
+        if upd.email_unsubscribe is True:
+            self._unsubscribe(str(upd.email))
+        elif upd.email_unsubscribe is False:
+            self._resubscribe(str(upd.email))
+
+    def _unsubscribe(self, email: str) -> None:
+        try:
+            self._call("POST", "/unsubscribe/email/", json={"email": email})
+        except Permanent as exc:
+            if exc.status in (400, 409) and "already" in exc.message.lower():
+                return  # the state we want
+            raise
+
+    def _resubscribe(self, email: str) -> None:
+        try:
+            self._call("DELETE", f"/unsubscribe/email/{quote(email, safe='@')}/")
+        except NotFound:
+            return  # never unsubscribed: already the state we want
+
+    def find_by_phone(self, e164: str) -> list[RecordRef]:
+        """Leads (first) and contacts with a contact phone equal to ``e164``."""
+        if not isinstance(e164, str) or not _E164.fullmatch(e164):
+            raise Permanent("phone number is not in E.164 form")
+        body = {
+            "query": {"type": "and", "queries": [
+                {"type": "object_type", "object_type": "contact"},
+                {"type": "has_related", "this_object_type": "contact",
+                 "related_object_type": "contact_phone",
+                 "related_query": {
+                     "type": "field_condition",
+                     "field": {"type": "regular_field", "object_type": "contact_phone",
+                               "field_name": "phone"},
+                     "condition": {"type": "text", "mode": "exact_value", "value": e164}}},
+            ]},
+            "_fields": {"contact": ["id", "lead_id"]},
+            "_limit": MAX_PAGE,
+        }
+        leads: dict[str, None] = {}
+        contacts: dict[str, None] = {}
+        for page in self._search(body):
+            for contact in page:
+                # Ids from the wire are checked too: they go into URLs later.
+                if isinstance(contact.get("id"), str) and CLOSE_CONTACT.fullmatch(contact["id"]):
+                    contacts.setdefault(contact["id"])
+                if isinstance(contact.get("lead_id"), str) and CLOSE_LEAD.fullmatch(contact["lead_id"]):
+                    leads.setdefault(contact["lead_id"])
+        refs: list[RecordRef] = []
+        if "lead" in self.phone_lookup:
+            refs += [RecordRef(self.name, "lead", i) for i in leads]
+        if "contact" in self.phone_lookup:
+            refs += [RecordRef(self.name, "contact", i) for i in contacts]
+        return refs
+
+    def changed_since(self, mark: Watermark, fields: list[str], limit: int = 100) -> Page:
+        """Leads whose ``date_updated`` is after ``mark``, oldest first, at most ``limit``.
+
+        ``values`` holds each requested field under the name it was asked by (flag-like
+        custom fields as bools) and ``phones``: the E.164 numbers of the lead's contacts.
+        Order is (date_updated, id) and ``mark.last_id`` breaks ties. Close sorts by
+        date only, so a tie group is never cut at a page boundary on the wire: reading
+        continues until the timestamp after the cut is seen, then sorts by id locally.
+        """
+        limit = max(1, min(int(limit), 1000))
+        since: datetime | None = None
+        if mark.ts:
+            try:
+                since = _parse_ts(mark.ts)
+            except ValueError:
+                raise Permanent("watermark is not an ISO timestamp") from None
+        wanted: dict[str, str | None] = {}  # requested name -> custom field id (None: built-in)
+        metas: dict[str, dict[str, Any]] = {}
+        for name in fields:
+            if name in BUILTIN_FIELDS["lead"]:
+                wanted[name] = None
+                continue
+            meta = self._lookup("lead", name)
+            if meta is None:
+                raise Permanent(f"unknown Close lead field: {name}")
+            wanted[name], metas[name] = meta["id"], meta
+        queries: list[dict[str, Any]] = [{"type": "object_type", "object_type": "lead"}]
+        if since is not None:
+            queries.append({
+                "type": "field_condition",
+                "field": {"type": "regular_field", "object_type": "lead", "field_name": "date_updated"},
+                "condition": {"type": "moment_range",
+                              "on_or_after": {"type": "fixed_utc", "value": since.isoformat()}}})
+        lead_fields = ["id", "date_updated", "contacts"]
+        lead_fields += [n for n, cf in wanted.items()
+                        if cf is None and n not in lead_fields and n != "phones"]
+        lead_fields += [f"custom.{cf}" for cf in wanted.values() if cf]
+        body = {
+            "query": {"type": "and", "queries": queries},
+            "sort": [{"direction": "asc", "field": {"type": "regular_field", "object_type": "lead",
+                                                    "field_name": "date_updated"}}],
+            "_fields": {"lead": lead_fields},
+            "_limit": min(MAX_PAGE, limit + 1),
+        }
+        after = (since, mark.last_id or "") if since is not None else None
+        rows: list[tuple[datetime, str, dict[str, Any]]] = []
+        exhausted = True
+        for page in self._search(body):
+            newest: datetime | None = None
+            for lead in page:
+                lead_id, stamp = lead.get("id"), lead.get("date_updated")
+                if not (isinstance(lead_id, str) and CLOSE_LEAD.fullmatch(lead_id)
+                        and isinstance(stamp, str)):
+                    continue
+                try:
+                    when = _parse_ts(stamp)
+                except ValueError:
+                    continue
+                newest = when if newest is None or when > newest else newest
+                if after is None or (when, lead_id) > after:
+                    rows.append((when, lead_id, lead))
+            if len(rows) > limit and newest is not None:
+                rows.sort(key=lambda r: (r[0], r[1]))
+                if newest > rows[limit - 1][0]:
+                    exhausted = False  # the tie group at the cut is complete
+                    break
+        rows.sort(key=lambda r: (r[0], r[1]))
+        more = not exhausted or len(rows) > limit
+        records = [self._changed(lead, wanted, metas) for _, _, lead in rows[:limit]]
+        if records:
+            last = records[-1]
+            next_mark = Watermark(ts=last.modified, last_id=last.ref.record_id)
+        else:
+            next_mark = Watermark(ts=mark.ts, last_id=mark.last_id)
+        return Page(records=records, next_mark=next_mark, more=more)
+
+    def _changed(self, lead: dict[str, Any], wanted: dict[str, str | None],
+                 metas: dict[str, dict[str, Any]]) -> ChangedRecord:
+        phones: list[str] = []
+        for contact in lead.get("contacts") or []:
+            for entry in (contact.get("phones") or []) if isinstance(contact, dict) else []:
+                phone = entry.get("phone") if isinstance(entry, dict) else None
+                if isinstance(phone, str) and phone not in phones:
+                    phones.append(phone)
+        values: dict[str, Any] = {}
+        for name, field_id in wanted.items():
+            if field_id is None:
+                values[name] = phones if name == "phones" else lead.get(name)
+            else:
+                values[name] = self._from_close(metas.get(name), lead.get(f"custom.{field_id}"))
+        values["phones"] = phones
+        return ChangedRecord(ref=RecordRef(self.name, "lead", lead["id"]), values=values,
+                             modified=str(lead["date_updated"]))
+
+    def fields(self, obj: str) -> dict[str, FieldInfo]:
+        """Built-in fields plus every custom field under both its name and its id.
+
+        Custom fields count as updateable: role restrictions (``editable_with_roles``)
+        depend on the key's user, which the metadata does not say.
+        """
+        obj = str(obj).lower()
+        if obj not in OBJECTS:
+            raise Permanent("Close objects are 'lead' and 'contact'")
+        out: dict[str, FieldInfo] = {}
+        for meta in self._custom_fields(obj, refresh=True).values():
+            kind = str(meta.get("type") or "")
+            out[meta["name"]] = FieldInfo(meta["name"], kind, True, label=meta["name"])
+            out[meta["id"]] = FieldInfo(meta["id"], kind, True, label=meta["name"])
+        out.update(BUILTIN_FIELDS[obj])  # a built-in name always means the built-in
+        return out

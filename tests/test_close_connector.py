@@ -1,0 +1,345 @@
+"""CloseConnector against the Close sandbox over real HTTP on 127.0.0.1."""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connectors.base import CrmConnector
+from connectors.close import CLOSE_CONTACT, CLOSE_LEAD, CloseConnector
+from connectors.errors import AuthFailed, NotFound, Permanent, RateLimited
+from connectors.sandbox.close import DEFAULT_API_KEY, CloseSandbox
+from connectors.types import RecordRef, RecordUpdate, Watermark
+
+SMS_LEAD = "cf_smsOptOutLead01"
+WA_LEAD = "cf_waOptOutLead01"
+RATE_BODY = {"error": {"rate_reset": 1.0, "rate_limit": 10, "rate_window": 1, "rate_limit_type": "key",
+                       "message": "API call count exceeded for this 1 second window"}}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[CloseSandbox]:
+    with CloseSandbox() as sb:
+        yield sb
+
+
+@pytest.fixture
+def sandbox(server: CloseSandbox) -> CloseSandbox:
+    """One server for the module, a fresh organisation per test."""
+    server.reset()
+    server.add_lead("lead_abc123", "Acme")
+    server.add_contact("cont_abc1", "lead_abc123", phones=["+15551230001"], emails=["ann@example.com"])
+    server.add_lead("lead_other9", "Other Co")
+    server.add_contact("cont_oth1", "lead_other9", phones=["+15551230001", "+15551230009"])
+    server.clear_log()
+    return server
+
+
+@pytest.fixture
+def close(sandbox: CloseSandbox) -> CloseConnector:
+    return CloseConnector(sandbox.url + "/api/v1", DEFAULT_API_KEY, timeout=5.0)
+
+
+def lead_ref(record_id: str = "lead_abc123") -> RecordRef:
+    return RecordRef("close", "lead", record_id)
+
+
+def test_satisfies_protocol(close: CloseConnector) -> None:
+    assert isinstance(close, CrmConnector)
+    assert close.name == "close"
+
+
+def test_update_sets_mapped_custom_field_by_name(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    before = sandbox.lead("lead_abc123")["date_updated"]
+    [result] = close.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True, "WhatsApp Opt Out": True})])
+    assert result.ok, result.error
+    assert sandbox.custom_value("lead_abc123", "SMS Opt Out") == "Yes"   # one-choice field
+    assert sandbox.custom_value("lead_abc123", "WhatsApp Opt Out") is True  # checkbox
+    assert sandbox.lead("lead_abc123")["date_updated"] > before
+    [put] = sandbox.requests_to(r"/lead/lead_abc123/$", "PUT")
+    assert put.json() == {f"custom.{SMS_LEAD}": "Yes", f"custom.{WA_LEAD}": True}
+    assert put.headers["Authorization"].startswith("Basic ")
+
+
+def test_update_by_field_id_and_false_clears(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    sandbox.set_custom("lead_abc123", "SMS Opt Out", "Yes")
+    [result] = close.update([RecordUpdate(lead_ref(), {SMS_LEAD: False})])
+    assert result.ok, result.error
+    assert sandbox.custom_value("lead_abc123", SMS_LEAD) is None
+    assert sandbox.requests_to("/lead/lead_abc123/$", "PUT")[0].json() == {f"custom.{SMS_LEAD}": None}
+
+
+def test_metadata_fetched_once_and_contact_fields_resolved(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    results = close.update([
+        RecordUpdate(lead_ref(), {"SMS Opt Out": True}),
+        RecordUpdate(lead_ref("lead_other9"), {"SMS Opt Out": True}),
+        RecordUpdate(RecordRef("close", "contact", "cont_abc1"), {"SMS Opt Out": True}),
+    ])
+    assert all(r.ok for r in results), results
+    assert len(sandbox.requests_to("/custom_field/lead/$")) == 1
+    assert len(sandbox.requests_to("/custom_field/contact/$")) == 1
+    assert sandbox.custom_value("cont_abc1", "SMS Opt Out") == "Yes"
+    assert sandbox.requests_to("/contact/cont_abc1/$", "PUT")[0].json() == {"custom.cf_smsOptOutCont01": "Yes"}
+
+
+def test_email_unsubscribe_and_resubscribe(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    unsub = RecordUpdate(lead_ref(), email="ann@example.com", email_unsubscribe=True)
+    assert close.update([unsub])[0].ok
+    assert "ann@example.com" in sandbox.unsubscribed
+    assert sandbox.contact("cont_abc1")["emails"][0]["is_unsubscribed"] is True
+    assert close.update([unsub])[0].ok  # Close says "already unsubscribed": that is success
+    assert len(sandbox.requests_to("/unsubscribe/email/$", "POST")) == 2
+    assert not sandbox.requests_to("/lead/", "PUT")  # no fields: no PUT
+
+    resub = RecordUpdate(lead_ref(), email="ann@example.com", email_unsubscribe=False)
+    assert close.update([resub])[0].ok
+    assert sandbox.unsubscribed == {}
+    assert close.update([resub])[0].ok  # 404: never unsubscribed is the wanted state
+    assert [r.path for r in sandbox.requests_to("/unsubscribe/email/.+/$", "DELETE")] == \
+        ["/api/v1/unsubscribe/email/ann@example.com/"] * 2
+
+
+def test_unsubscribe_without_usable_email_is_permanent_without_io(close: CloseConnector,
+                                                                  sandbox: CloseSandbox) -> None:
+    sandbox.clear_log()
+    for email in (None, "", "no-at-sign", "a/b@x.com", "a@b.com/../x", "a@b.com?x=1"):
+        [result] = close.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True}, email=email,
+                                              email_unsubscribe=True)])
+        assert isinstance(result.error, Permanent)
+    assert sandbox.requests == []
+
+
+def test_429_is_retried_no_earlier_than_retry_after(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    close.fields("lead")
+    sandbox.add_fault("PUT", r"/lead/lead_abc123/$", 429, RATE_BODY,
+                      headers={"Retry-After": "1", "RateLimit": "limit=10, remaining=0, reset=1"})
+    [result] = close.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True})])
+    assert result.ok, result.error
+    first, second = sandbox.requests_to(r"/lead/lead_abc123/$", "PUT")
+    assert second.at - first.at >= 1.0
+    assert sandbox.custom_value("lead_abc123", SMS_LEAD) == "Yes"
+
+
+def test_429_without_retry_after_uses_body_rate_reset(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    close.fields("lead")
+    body = {"error": {**RATE_BODY["error"], "rate_reset": 0.4}}
+    sandbox.add_fault("PUT", r"/lead/lead_abc123/$", 429, body)
+    [result] = close.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True})])
+    assert result.ok, result.error
+    first, second = sandbox.requests_to(r"/lead/lead_abc123/$", "PUT")
+    assert second.at - first.at >= 0.4
+
+
+def test_long_retry_after_becomes_rate_limited(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    close.fields("lead")
+    sandbox.add_fault("PUT", r"/lead/", 429, RATE_BODY, headers={"Retry-After": "120"})
+    results = close.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True}),
+                            RecordUpdate(lead_ref("lead_other9"), {"SMS Opt Out": True})])
+    assert all(isinstance(r.error, RateLimited) for r in results)
+    assert results[0].error.retry_after == 120
+    assert len(sandbox.requests_to("/lead/", "PUT")) == 1  # the outage cost one call
+    # The pacer now holds further calls back without spending a request.
+    sandbox.clear_log()
+    with pytest.raises(RateLimited):
+        close.fields("lead")
+    assert sandbox.requests == []
+
+
+def test_ratelimit_remaining_zero_paces_the_next_call(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    close.fields("lead")
+    sandbox.set_rate_limit(2, window=1.0)
+    start = time.monotonic()
+    results = close.update([RecordUpdate(lead_ref(i), {"SMS Opt Out": True})
+                            for i in ("lead_abc123", "lead_other9", "lead_abc123")])
+    assert all(r.ok for r in results), results
+    assert sandbox.throttled == 0  # paced, never refused
+    puts = sandbox.requests_to("/lead/", "PUT")
+    assert len(puts) == 3
+    assert puts[2].at - puts[0].at >= 0.9
+    assert time.monotonic() - start < 5
+
+
+def test_401_is_auth_failed_without_the_key(sandbox: CloseSandbox) -> None:
+    wrong_key = "api_wrongKey123.verySecretValue"
+    bad = CloseConnector(sandbox.url + "/api/v1", wrong_key)
+    with pytest.raises(AuthFailed) as info:
+        bad.fields("lead")
+    text = f"{info.value} {info.value!r} {info.value.message}"
+    assert wrong_key not in text and "verySecretValue" not in text
+    assert info.value.status == 401 and "API key" in info.value.message
+    with pytest.raises(AuthFailed):  # an auth failure stops the whole batch
+        bad.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True})])
+    assert wrong_key not in repr(bad)
+
+
+def test_404_is_not_found_with_close_text(close: CloseConnector) -> None:
+    [result] = close.update([RecordUpdate(lead_ref("lead_missing1"), {"SMS Opt Out": True})])
+    assert isinstance(result.error, NotFound)
+    assert result.error.status == 404
+    assert "Lead matching query does not exist" in result.error.message
+
+
+def test_unknown_custom_field_is_permanent_with_close_field_error(close: CloseConnector,
+                                                                 sandbox: CloseSandbox) -> None:
+    results = close.update([
+        RecordUpdate(lead_ref(), {"No Such Field": True}),
+        RecordUpdate(lead_ref(), {"cf_nope123": True}),
+        RecordUpdate(lead_ref("lead_other9"), {"SMS Opt Out": True}),  # later records still go
+    ])
+    for result, key in zip(results, ("custom.No Such Field", "custom.cf_nope123")):
+        assert type(result.error) is Permanent and result.error.status == 400
+        assert result.error.message == f"{key}: Unknown custom field."
+    assert results[2].ok
+    assert sandbox.custom_value("lead_abc123", SMS_LEAD) is None
+
+
+def test_close_error_text_is_scrubbed_of_personal_data(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    sandbox.add_fault("PUT", "/lead/", 400, {"errors": ["bob@example.com is invalid"],
+                                             "field-errors": {"phones": "+15551234567 is taken"}})
+    [result] = close.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True})])
+    assert isinstance(result.error, Permanent)
+    assert "bob@example.com" not in result.error.message and "5551234567" not in result.error.message
+    assert "is invalid" in result.error.message and "phones:" in result.error.message
+
+
+def test_server_error_is_retried(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    close.fields("lead")
+    sandbox.add_fault("PUT", "/lead/", 503, {"error": "Service unavailable"})
+    [result] = close.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True})])
+    assert result.ok, result.error
+    assert len(sandbox.requests_to("/lead/", "PUT")) == 2
+
+
+BAD_IDS = ["lead_../x", "//evil", "lead_abc/../../x", "lead_abc?x=1", "lead_abc#f", "lead_abc\n",
+           "lead_", "LEAD_abc", " lead_abc", "lead_abc%2F..", "http://127.0.0.2/lead_x", "lead_ab c",
+           "cont_a/b", "lead_ａｂｃ", "", "00Q000000000001"]
+
+
+@pytest.mark.parametrize("record_id", BAD_IDS)
+def test_invalid_ids_never_produce_a_request(close: CloseConnector, sandbox: CloseSandbox,
+                                             record_id: str) -> None:
+    sandbox.clear_log()
+    [result] = close.update([RecordUpdate(RecordRef("close", "lead", record_id), {"SMS Opt Out": True},
+                                          email="ann@example.com", email_unsubscribe=True)])
+    assert type(result.error) is Permanent
+    assert sandbox.requests == []
+
+
+def test_ref_object_must_match_id(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    sandbox.clear_log()
+    [result] = close.update([RecordUpdate(RecordRef("close", "lead", "cont_abc1"), {"SMS Opt Out": True})])
+    assert type(result.error) is Permanent
+    assert sandbox.requests == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(record_id=st.text(max_size=40) | st.from_regex(r"(lead|cont)_[^A-Za-z0-9]{1,5}.*", fullmatch=True),
+       obj=st.sampled_from(["lead", "contact"]))
+def test_generated_invalid_ids_never_produce_a_request(server: CloseSandbox, record_id: str,
+                                                       obj: str) -> None:
+    if CLOSE_LEAD.fullmatch(record_id) or CLOSE_CONTACT.fullmatch(record_id):
+        return
+    server.clear_log()
+    close = CloseConnector(server.url + "/api/v1", DEFAULT_API_KEY)
+    [result] = close.update([RecordUpdate(RecordRef("close", obj, record_id), {"SMS Opt Out": True})])
+    assert type(result.error) is Permanent
+    assert server.requests == []
+
+
+def test_find_by_phone_returns_leads_then_contacts(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    refs = close.find_by_phone("+15551230001")
+    assert refs == [lead_ref("lead_abc123"), lead_ref("lead_other9"),
+                    RecordRef("close", "contact", "cont_abc1"), RecordRef("close", "contact", "cont_oth1")]
+    assert close.find_by_phone("+15551230009") == [lead_ref("lead_other9"),
+                                                   RecordRef("close", "contact", "cont_oth1")]
+    assert close.find_by_phone("+15559999999") == []
+    leads_only = CloseConnector(sandbox.url + "/api/v1", DEFAULT_API_KEY, phone_lookup=("lead",))
+    assert leads_only.find_by_phone("+15551230001") == [lead_ref("lead_abc123"), lead_ref("lead_other9")]
+
+
+def test_find_by_phone_pages_through_the_cursor(sandbox: CloseSandbox, close: CloseConnector) -> None:
+    for n in range(250):
+        sandbox.add_lead(f"lead_many{n}")
+        sandbox.add_contact(f"cont_many{n}", f"lead_many{n}", phones=["+15557770000"])
+    refs = close.find_by_phone("+15557770000")
+    assert len(refs) == 500 and len(set(refs)) == 500
+    assert len(sandbox.requests_to("/data/search/$", "POST")) == 2
+
+
+def test_find_by_phone_rejects_non_e164_without_io(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    sandbox.clear_log()
+    for phone in ("5551230001", "+1 555 123", "+15551230001\n", "", "+0123456789"):
+        with pytest.raises(Permanent):
+            close.find_by_phone(phone)
+    assert sandbox.requests == []
+
+
+def test_changed_since_pages_without_misses_or_repeats(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    base = "2020-01-01T00:00:%02d.000000+00:00"
+    # Leads that tie on date_updated are inserted out of id order on purpose.
+    plan = [("lead_p1", 1), ("lead_t3", 2), ("lead_t1", 2), ("lead_t2", 2), ("lead_p5", 3),
+            ("lead_p6", 4), ("lead_p7", 5)]
+    for lead_id, second in plan:
+        sandbox.add_lead(lead_id, custom={"SMS Opt Out": "Yes"} if lead_id == "lead_t1" else None)
+        sandbox.set_date_updated(lead_id, base % second)
+    sandbox.add_contact("cont_t1", "lead_t1", phones=["+15551110001"])
+    sandbox.set_date_updated("lead_t1", base % 2)
+    for old in ("lead_abc123", "lead_other9"):  # the fixture's leads predate the mark
+        sandbox.set_date_updated(old, "2019-06-01T00:00:00.000000+00:00")
+
+    mark = Watermark(ts="2019-12-31T23:59:59Z")
+    seen: list[str] = []
+    pages = 0
+    while True:
+        page = close.changed_since(mark, ["SMS Opt Out", "WhatsApp Opt Out"], limit=2)
+        pages += 1
+        seen += [r.ref.record_id for r in page.records]
+        for rec in page.records:
+            assert set(rec.values) == {"SMS Opt Out", "WhatsApp Opt Out", "phones"}
+        mark = page.next_mark
+        if not page.more:
+            break
+        assert pages < 10
+    assert seen == ["lead_p1", "lead_t1", "lead_t2", "lead_t3", "lead_p5", "lead_p6", "lead_p7"]
+    assert mark == Watermark(ts=base % 5, last_id="lead_p7")
+
+    again = close.changed_since(mark, ["SMS Opt Out"])
+    assert again.records == [] and again.next_mark == mark and not again.more
+
+    sandbox.set_custom("lead_t1", "SMS Opt Out", None)  # an admin edit after the mark
+    later = close.changed_since(mark, ["SMS Opt Out", "cf_waOptOutLead01"])
+    [rec] = later.records
+    assert rec.ref == lead_ref("lead_t1")
+    assert rec.values == {"SMS Opt Out": False, "cf_waOptOutLead01": False, "phones": ["+15551110001"]}
+    assert later.next_mark.last_id == "lead_t1"
+
+
+def test_changed_since_values_and_errors(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    sandbox.set_custom("lead_abc123", "SMS Opt Out", "Yes")
+    sandbox.set_custom("lead_abc123", "WhatsApp Opt Out", True)
+    page = close.changed_since(Watermark(), ["SMS Opt Out", "WhatsApp Opt Out"], limit=100)
+    by_id = {r.ref.record_id: r for r in page.records}
+    assert by_id["lead_abc123"].values == {"SMS Opt Out": True, "WhatsApp Opt Out": True,
+                                           "phones": ["+15551230001"]}
+    assert by_id["lead_other9"].values["phones"] == ["+15551230001", "+15551230009"]
+    assert [r.ref.record_id for r in page.records] == ["lead_other9", "lead_abc123"]  # oldest first
+    with pytest.raises(Permanent):
+        close.changed_since(Watermark(), ["No Such Field"])
+    with pytest.raises(Permanent):
+        close.changed_since(Watermark(ts="yesterday"), ["SMS Opt Out"])
+
+
+def test_fields_lists_names_and_ids(close: CloseConnector) -> None:
+    lead = close.fields("lead")
+    assert lead["SMS Opt Out"].type == "choices" and lead["SMS Opt Out"].updateable
+    assert lead[SMS_LEAD].label == "SMS Opt Out" and lead[SMS_LEAD].name == SMS_LEAD
+    assert lead["WhatsApp Opt Out"].type == "checkbox"
+    assert lead["name"].updateable and not lead["date_updated"].updateable
+    assert not lead["phones"].updateable  # what changed_since reports in values["phones"]
+    contact = close.fields("contact")
+    assert "cf_smsOptOutCont01" in contact and "Opt Out Reason" not in contact
+    with pytest.raises(Permanent):
+        close.fields("opportunity")
