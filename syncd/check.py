@@ -1,0 +1,84 @@
+"""``syncd check``: config, mappings and each CRM's own field metadata agree."""
+from __future__ import annotations
+
+from connectors.errors import ConnectorError
+from syncd.config import Config, ConfigError
+from syncd.mapping import UNSUBSCRIBE, Mapping
+from syncd.masking import mask_text, register_secrets
+from syncd.runtime import build_connectors, load_mappings
+
+# Close models a flag as a one-choice "choices" field; its connector converts booleans.
+BOOLEAN_TYPES = {"boolean", "bool", "checkbox", "booleancheckbox", "choices"}
+
+
+def run_check(cfg: Config) -> list[str]:
+    """One line per problem; an empty list means all is well."""
+    register_secrets(cfg.secrets())
+    problems: list[str] = []
+    if not cfg.crm.enabled():
+        problems.append("config: crm: no CRM is enabled (add a crm.salesforce, crm.hubspot or crm.close block)")
+    if not any((cfg.sources.apten, cfg.sources.lox24, cfg.sources.sinch)):
+        problems.append("config: sources: no webhook source is enabled")
+    try:
+        mappings = load_mappings(cfg)
+    except ConfigError as exc:
+        return problems + str(exc).splitlines()
+    connectors = build_connectors(cfg, mappings)
+    for crm, mapping in mappings.items():
+        problems += _check_mapping(crm, mapping, connectors[crm])
+    if cfg.sinch is not None:
+        problems += _check_sinch(cfg)
+    return problems
+
+
+def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
+    problems: list[str] = []
+    for obj, om in mapping.objects.items():
+        try:
+            meta = connector.fields(obj)
+        except ConnectorError as exc:
+            problems.append(f"{mapping.path}: {obj}: cannot read field metadata from {crm}: {mask_text(str(exc))}")
+            continue
+        booleans = isinstance(om.values.opt_out, bool) and isinstance(om.values.opt_in, bool)
+        for channel, names in om.channels.items():
+            for name in names:
+                if name == UNSUBSCRIBE:
+                    if crm == "salesforce":
+                        problems.append(f"{mapping.path}: {obj}.{channel}: {UNSUBSCRIBE} is not supported "
+                                        "for Salesforce; map a field such as HasOptedOutOfEmail")
+                    continue
+                problems += _check_field(mapping.path, crm, obj, name, meta, booleans)
+        for name in om.audit_fields():
+            problems += _check_field(mapping.path, crm, obj, name, meta, False)
+        for name in [*mapping.reflect.fields, *mapping.reflect.phone_fields]:
+            if name not in meta:
+                problems.append(f"{mapping.path}: reflect: {obj}.{name}: no such field in {crm}")
+    return problems
+
+
+def _check_field(path: str, crm: str, obj: str, name: str, meta: dict, booleans: bool) -> list[str]:
+    info = meta.get(name)
+    if info is None:
+        return [f"{path}: {obj}.{name}: no such field in {crm}"]
+    out = []
+    if not info.updateable:
+        out.append(f"{path}: {obj}.{name}: field is read-only in {crm}")
+    if booleans and info.type.lower() not in BOOLEAN_TYPES:
+        out.append(f"{path}: {obj}.{name}: field type is {info.type}, expected a checkbox/boolean")
+    return out
+
+
+def _check_sinch(cfg: Config) -> list[str]:
+    try:
+        from connectors.sinch import SinchConnector
+    except ImportError:  # pragma: no cover
+        return []
+    s = cfg.sinch
+    assert s is not None
+    try:
+        SinchConnector(base_url=s.base_url, auth_url=s.auth_url, project_id=s.project_id, app_id=s.app_id,
+                       key_id=s.key_id, key_secret=s.key_secret, channels=tuple(s.channels),
+                       ca_bundle=cfg.http.ca_bundle, timeout=cfg.http.timeout_seconds).check()
+    except (ConnectorError, ValueError) as exc:
+        return [f"config: sinch: {mask_text(str(exc))}"]
+    return []

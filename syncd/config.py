@@ -1,0 +1,292 @@
+"""Load and validate ``config.yaml``.
+
+``${VAR}`` and ``${VAR:-default}`` are read from the environment before
+validation. Every problem becomes one :class:`ConfigError` line naming the key,
+so ``syncd`` can exit with a clear message instead of a traceback.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JournalConfig(_Strict):
+    url: str = "sqlite:///syncd.db"
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not (v.startswith("sqlite:///") or v.startswith(("postgresql://", "postgres://"))):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return v
+
+
+class ReceiverConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1024 * 1024)
+    threads: int = Field(8, ge=1, le=256)
+    status_token: str | None = None
+
+
+class HttpConfig(_Strict):
+    timeout_seconds: float = Field(30.0, gt=0, le=600)
+    ca_bundle: str | None = None
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        if v and not Path(v).is_file():
+            raise ValueError(f"file not found: {v}")
+        return v or None
+
+
+class PhoneConfig(_Strict):
+    default_region: str = "US"
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        import phonenumbers
+
+        if v.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown region code {v!r}")
+        return v.upper()
+
+
+class AptenSource(_Strict):
+    secret: str = Field(min_length=8)
+
+
+class Lox24Source(_Strict):
+    token: str = Field(min_length=8)
+
+
+class SinchSource(_Strict):
+    secret: str = Field(min_length=8)
+    max_skew_seconds: int = Field(300, ge=1, le=3600)
+
+
+class SourcesConfig(_Strict):
+    apten: AptenSource | None = None
+    lox24: Lox24Source | None = None
+    sinch: SinchSource | None = None
+
+
+class SalesforceAuth(_Strict):
+    flow: Literal["client_credentials", "jwt", "password", "access_token"]
+    login_url: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    username: str | None = None
+    password: str | None = None
+    private_key_file: str | None = None
+    access_token: str | None = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> "SalesforceAuth":
+        needs = {
+            "client_credentials": ("login_url", "client_id", "client_secret"),
+            "jwt": ("login_url", "client_id", "username", "private_key_file"),
+            "password": ("login_url", "client_id", "client_secret", "username", "password"),
+            "access_token": ("access_token",),
+        }[self.flow]
+        missing = [k for k in needs if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"flow {self.flow} needs {', '.join(missing)}")
+        return self
+
+
+class SalesforceConfig(_Strict):
+    instance_url: str
+    api_version: str = "62.0"
+    auth: SalesforceAuth
+    mapping: str = "mappings/salesforce.yaml"
+
+    @field_validator("api_version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not re.fullmatch(r"\d{2,3}\.0", v):
+            raise ValueError("must look like \"62.0\"")
+        return v
+
+
+class HubSpotConfig(_Strict):
+    base_url: str = "https://api.hubapi.com"
+    access_token: str
+    mapping: str = "mappings/hubspot.yaml"
+
+
+class CloseConfig(_Strict):
+    base_url: str = "https://api.close.com/api/v1"
+    api_key: str
+    mapping: str = "mappings/close.yaml"
+
+
+class CrmConfig(_Strict):
+    salesforce: SalesforceConfig | None = None
+    hubspot: HubSpotConfig | None = None
+    close: CloseConfig | None = None
+
+    def enabled(self) -> list[str]:
+        return [name for name in ("salesforce", "hubspot", "close") if getattr(self, name) is not None]
+
+
+class SinchConfig(_Strict):
+    base_url: str = "https://us.conversation.api.sinch.com"
+    auth_url: str = "https://auth.sinch.com/oauth2/token"
+    project_id: str
+    app_id: str
+    key_id: str
+    key_secret: str
+    channels: list[str] = ["WHATSAPP"]
+    reflect_opt_in: bool = False
+
+
+class ScheduleConfig(_Strict):
+    push_interval_seconds: float = Field(2.0, gt=0, le=3600)
+    poll_interval_seconds: float = Field(60.0, gt=0, le=86400)
+    batch_size: int = Field(1000, ge=1, le=10000)
+    lease_seconds: float = Field(120.0, ge=5, le=3600)
+
+
+class RetryConfig(_Strict):
+    max_attempts: int = Field(15, ge=1, le=1000)
+    max_age_hours: float = Field(72.0, gt=0)
+    initial_backoff_seconds: float = Field(5.0, gt=0)
+    max_backoff_seconds: float = Field(3600.0, gt=0)
+
+
+class RoutingRule(_Strict):
+    pattern: str
+    crm: Literal["salesforce", "hubspot", "close"]
+    object: str | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return v
+
+
+class RoutingConfig(_Strict):
+    rules: list[RoutingRule] = []
+
+
+class LoggingConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+class Config(_Strict):
+    journal: JournalConfig = JournalConfig()
+    receiver: ReceiverConfig = ReceiverConfig()
+    http: HttpConfig = HttpConfig()
+    phone: PhoneConfig = PhoneConfig()
+    sources: SourcesConfig = SourcesConfig()
+    crm: CrmConfig = CrmConfig()
+    sinch: SinchConfig | None = None
+    schedule: ScheduleConfig = ScheduleConfig()
+    retry: RetryConfig = RetryConfig()
+    routing: RoutingConfig = RoutingConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    # Where the file lives: relative mapping and journal paths resolve against it.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def secrets(self) -> list[str]:
+        """Every configured secret value, for log masking."""
+        found: list[str] = []
+
+        def walk(obj: Any, key: str = "") -> None:
+            if isinstance(obj, BaseModel):
+                for name in type(obj).model_fields:
+                    walk(getattr(obj, name), name)
+            elif isinstance(obj, str) and any(w in key for w in ("secret", "token", "password", "api_key")):
+                found.append(obj)
+
+        walk(self)
+        return [s for s in found if s]
+
+
+def _interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable {name} is not set")
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_config(data: Any, base_dir: Path | str = ".", env: dict[str, str] | None = None) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping of keys")
+    data = _interpolate(data, "", dict(os.environ) if env is None else env)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_format_error(e) for e in exc.errors())) from None
+    cfg.base_dir = Path(base_dir)
+    return cfg
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    return parse_config(data, base_dir=path.parent.resolve(), env=env)

@@ -1,0 +1,103 @@
+"""Journal data types and the interface every engine implements."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterator, Literal, Protocol
+
+from connectors.types import RecordRef
+from syncd.events import ConsentEvent
+
+
+class JournalBusy(Exception):
+    """Another process holds the journal (a second ``serve`` on one SQLite file)."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    event_id: int
+    created: bool       # False: a duplicate of an event already journaled
+
+    def __bool__(self) -> bool:
+        return self.created
+
+
+@dataclass
+class StoredEvent:
+    id: int
+    source: str
+    source_event_id: str
+    event_type: str
+    kind: str | None
+    channel: str | None
+    external_lead_id: str | None
+    phone: str | None
+    phone_raw: str | None
+    email: str | None
+    reason: str | None
+    occurred_at: str
+    received_at: str
+    status: str
+    status_reason: str | None
+    route_attempts: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Delivery:
+    """One event's change for one CRM record, as claimed by a pusher."""
+
+    id: int
+    event_id: int
+    ref: RecordRef
+    attempts: int          # including this claim
+    created_at: str
+    kind: str
+    channel: str
+    occurred_at: str       # ISO UTC, fixed width: sorts as text
+    source: str
+    email: str | None
+    reason: str | None
+    received_at: str
+
+
+@dataclass
+class Outcome:
+    """How one claimed delivery ended. ``applied`` maps field -> value for the
+    field clocks; ``applied_at`` is the occurred_at those values carry."""
+
+    delivery_id: int
+    state: Literal["done", "retry", "dead"]
+    error: str | None = None
+    retry_at: float | None = None       # epoch seconds, for "retry"
+    note: str | None = None             # "applied", "superseded", ...
+    ref: RecordRef | None = None
+    applied: dict[str, Any] = field(default_factory=dict)
+    applied_at: str | None = None
+    applied_event_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Clock:
+    occurred_at: str
+    value: Any
+
+
+class Journal(Protocol):
+    def record(self, event: ConsentEvent) -> Recorded: ...
+    def events_to_route(self, limit: int) -> list[StoredEvent]: ...
+    def add_targets(self, event_id: int, targets: list[RecordRef]) -> None: ...
+    def quarantine(self, event_id: int, reason: str) -> None: ...
+    def defer_routing(self, event_id: int, error: str, retry_at: float) -> None: ...
+    def claim(self, limit: int, lease_seconds: float) -> list[Delivery]: ...
+    def settle(self, outcomes: list[Outcome]) -> None: ...
+    def clocks(self, refs: list[RecordRef]) -> dict[RecordRef, dict[str, Clock]]: ...
+    def release_leases(self) -> int: ...
+    def counts(self) -> dict[str, Any]: ...
+    def dead_letters(self) -> list[dict[str, Any]]: ...
+    def replay(self, ids: list[str] | None) -> int: ...
+    def export_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]: ...
+    def get_watermark(self, name: str) -> tuple[str | None, str | None]: ...
+    def set_watermark(self, name: str, ts: str | None, last_id: str | None) -> None: ...
+    def healthcheck(self) -> None: ...
+    def close(self) -> None: ...

@@ -1,0 +1,344 @@
+"""The journal logic shared by the SQL engines.
+
+Queries are written once with ``?`` placeholders; an engine converts them
+(``_sql``) and supplies transactions (``_write`` / ``_read``) and the claim
+statement, which is where engines differ (SKIP LOCKED vs. SQLite's single writer).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from contextlib import AbstractContextManager
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from connectors.types import RecordRef
+from syncd.events import ConsentEvent, iso, utcnow
+from syncd.journal.base import Clock, Delivery, Outcome, Recorded, StoredEvent
+
+SCHEMA_VERSION = 1
+
+EVENT_COLUMNS = ("id, source, source_event_id, event_type, kind, channel, external_lead_id, phone, "
+                 "phone_raw, email, reason, occurred_at, received_at, status, status_reason, "
+                 "route_attempts, details")
+
+DELIVERY_SELECT = """
+SELECT d.id, d.event_id, d.crm, d.obj, d.record_id, d.attempts, d.created_at,
+       e.kind, e.channel, e.occurred_at, e.source, e.email, e.reason, e.received_at
+FROM deliveries d JOIN events e ON e.id = d.event_id
+"""
+
+
+def new_owner() -> str:
+    """Identifies one process's leases (host, pid, random) for release on shutdown."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class SqlJournal:
+    owner: str
+
+    # --- engine hooks ----------------------------------------------------------------
+    def _write(self) -> AbstractContextManager[Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self) -> AbstractContextManager[Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def _claim_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:  # pragma: no cover
+        raise NotImplementedError
+
+    # --- ingest ----------------------------------------------------------------------
+    def record(self, event: ConsentEvent) -> Recorded:
+        now = iso(utcnow())
+        status = "quarantined" if event.quarantine_reason else "new"
+        if event.event_type != "consent":
+            status = "new"
+        row = (event.source, event.source_event_id, event.event_type, event.kind, event.channel,
+               event.external_lead_id, event.phone, event.phone_raw, event.email, event.reason,
+               event.message, iso(event.occurred_at), iso(event.received_at),
+               json.dumps(event.details, default=str, ensure_ascii=False), event.raw, status,
+               event.quarantine_reason, now)
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "INSERT INTO events (source, source_event_id, event_type, kind, channel, "
+                "external_lead_id, phone, phone_raw, email, reason, message, occurred_at, received_at, "
+                "details, raw, status, status_reason, updated_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (source, source_event_id) DO NOTHING RETURNING id"), row)
+            got = cur.fetchone()
+            if got is not None:
+                return Recorded(int(got[0]), True)
+            cur.execute(self._sql("SELECT id FROM events WHERE source = ? AND source_event_id = ?"),
+                        (event.source, event.source_event_id))
+            return Recorded(int(cur.fetchone()[0]), False)
+
+    # --- routing ---------------------------------------------------------------------
+    def events_to_route(self, limit: int) -> list[StoredEvent]:
+        with self._read() as cur:
+            cur.execute(self._sql(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE status = 'new' AND event_type = 'consent' "
+                "AND next_route_at <= ? ORDER BY id LIMIT ?"), (time.time(), limit))
+            return [self._event(r) for r in cur.fetchall()]
+
+    def get_event(self, event_id: int) -> StoredEvent | None:
+        with self._read() as cur:
+            cur.execute(self._sql(f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?"), (event_id,))
+            row = cur.fetchone()
+            return self._event(row) if row else None
+
+    @staticmethod
+    def _event(r: Any) -> StoredEvent:
+        return StoredEvent(id=r[0], source=r[1], source_event_id=r[2], event_type=r[3], kind=r[4],
+                           channel=r[5], external_lead_id=r[6], phone=r[7], phone_raw=r[8], email=r[9],
+                           reason=r[10], occurred_at=r[11], received_at=r[12], status=r[13],
+                           status_reason=r[14], route_attempts=r[15], details=json.loads(r[16] or "{}"))
+
+    def add_targets(self, event_id: int, targets: list[RecordRef]) -> None:
+        now_iso, now = iso(utcnow()), time.time()
+        with self._write() as cur:
+            for ref in targets:
+                cur.execute(self._sql(
+                    "INSERT INTO deliveries (event_id, crm, obj, record_id, state, attempts, "
+                    "next_attempt_at, lease_until, created_at) VALUES (?,?,?,?,'pending',0,?,0,?) "
+                    "ON CONFLICT (event_id, crm, obj, record_id) DO NOTHING"),
+                    (event_id, ref.crm, ref.obj, ref.record_id, now, now_iso))
+            cur.execute(self._sql(
+                "UPDATE events SET status = 'routed', status_reason = NULL, updated_at = ? "
+                "WHERE id = ? AND status IN ('new', 'quarantined')"), (now_iso, event_id))
+
+    def quarantine(self, event_id: int, reason: str) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "UPDATE events SET status = 'quarantined', status_reason = ?, updated_at = ? "
+                "WHERE id = ? AND status = 'new'"), (reason, iso(utcnow()), event_id))
+
+    def defer_routing(self, event_id: int, error: str, retry_at: float) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "UPDATE events SET route_attempts = route_attempts + 1, next_route_at = ?, "
+                "status_reason = ?, updated_at = ? WHERE id = ? AND status = 'new'"),
+                (retry_at, error, iso(utcnow()), event_id))
+
+    # --- delivery --------------------------------------------------------------------
+    def claim(self, limit: int, lease_seconds: float) -> list[Delivery]:
+        now = time.time()
+        with self._write() as cur:
+            ids = self._claim_ids(cur, now, limit, now + lease_seconds)
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            cur.execute(self._sql(DELIVERY_SELECT + f" WHERE d.id IN ({marks}) ORDER BY d.id"), ids)
+            rows = cur.fetchall()
+        return [Delivery(id=r[0], event_id=r[1], ref=RecordRef(r[2], r[3], r[4]), attempts=r[5],
+                         created_at=r[6], kind=r[7], channel=r[8], occurred_at=r[9], source=r[10],
+                         email=r[11], reason=r[12], received_at=r[13]) for r in rows]
+
+    def settle(self, outcomes: list[Outcome]) -> None:
+        if not outcomes:
+            return
+        now_iso = iso(utcnow())
+        with self._write() as cur:
+            for o in outcomes:
+                if o.state == "done":
+                    cur.execute(self._sql(
+                        "UPDATE deliveries SET state = 'done', delivered_at = ?, outcome = ?, "
+                        "last_error = NULL, lease_until = 0, lease_owner = NULL "
+                        "WHERE id = ? AND state = 'pending'"), (now_iso, o.note or "applied", o.delivery_id))
+                elif o.state == "retry":
+                    # A pause (CRM quota) is not the delivery's fault: it costs no attempt.
+                    cur.execute(self._sql(
+                        "UPDATE deliveries SET next_attempt_at = ?, last_error = ?, lease_until = 0, "
+                        "lease_owner = NULL, attempts = attempts - ? WHERE id = ? AND state = 'pending'"),
+                        (o.retry_at or time.time(), o.error, 1 if o.note == "paused" else 0, o.delivery_id))
+                else:
+                    cur.execute(self._sql(
+                        "UPDATE deliveries SET state = 'dead', last_error = ?, outcome = ?, lease_until = 0, "
+                        "lease_owner = NULL WHERE id = ? AND state = 'pending'"),
+                        (o.error, o.note or "dead", o.delivery_id))
+                if o.state == "done" and o.ref is not None and o.applied_at:
+                    for name, value in o.applied.items():
+                        self._advance_clock(cur, o.ref, name, value, o.applied_at, o.applied_event_id)
+            self._touch_crm(cur, outcomes, now_iso)
+
+    def _advance_clock(self, cur: Any, ref: RecordRef, name: str, value: Any, at: str,
+                       event_id: int | None) -> None:
+        cur.execute(self._sql(
+            "INSERT INTO field_clocks (crm, obj, record_id, field, occurred_at, value, event_id) "
+            "VALUES (?,?,?,?,?,?,?) ON CONFLICT (crm, obj, record_id, field) DO UPDATE SET "
+            "occurred_at = excluded.occurred_at, value = excluded.value, event_id = excluded.event_id "
+            "WHERE field_clocks.occurred_at <= excluded.occurred_at"),
+            (ref.crm, ref.obj, ref.record_id, name, at, json.dumps(value), event_id))
+
+    def _touch_crm(self, cur: Any, outcomes: list[Outcome], now_iso: str) -> None:
+        done = {o.ref.crm for o in outcomes if o.state == "done" and o.ref and o.note != "superseded"}
+        for crm in done:
+            cur.execute(self._sql(
+                "INSERT INTO crm_status (crm, last_push_at) VALUES (?, ?) "
+                "ON CONFLICT (crm) DO UPDATE SET last_push_at = excluded.last_push_at"), (crm, now_iso))
+
+    def clocks(self, refs: list[RecordRef]) -> dict[RecordRef, dict[str, Clock]]:
+        out: dict[RecordRef, dict[str, Clock]] = {ref: {} for ref in refs}
+        if not refs:
+            return out
+        with self._read() as cur:
+            for i in range(0, len(refs), 300):
+                chunk = refs[i:i + 300]
+                where = " OR ".join("(crm = ? AND obj = ? AND record_id = ?)" for _ in chunk)
+                params = [v for ref in chunk for v in (ref.crm, ref.obj, ref.record_id)]
+                cur.execute(self._sql(
+                    f"SELECT crm, obj, record_id, field, occurred_at, value FROM field_clocks WHERE {where}"),
+                    params)
+                for crm, obj, rid, name, at, value in cur.fetchall():
+                    out[RecordRef(crm, obj, rid)][name] = Clock(at, json.loads(value))
+        return out
+
+    def release_leases(self) -> int:
+        """Hand this process's in-flight deliveries back (graceful shutdown)."""
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "UPDATE deliveries SET lease_until = 0, lease_owner = NULL, attempts = attempts - 1 "
+                "WHERE lease_owner = ? AND state = 'pending' AND attempts > 0"), (self.owner,))
+            return cur.rowcount or 0
+
+    # --- operations ------------------------------------------------------------------
+    def counts(self) -> dict[str, Any]:
+        now = time.time()
+        with self._read() as cur:
+            cur.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
+            by_state = dict(cur.fetchall())
+            cur.execute(self._sql(
+                "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND attempts > 0 "
+                "AND next_attempt_at > ?"), (now,))
+            retrying = cur.fetchone()[0]
+            cur.execute("SELECT status, COUNT(*) FROM events WHERE event_type = 'consent' GROUP BY status")
+            by_status = dict(cur.fetchall())
+            cur.execute("SELECT MIN(created_at) FROM deliveries WHERE state = 'pending'")
+            oldest_delivery = cur.fetchone()[0]
+            cur.execute("SELECT MIN(received_at) FROM events WHERE status = 'new' AND event_type = 'consent'")
+            oldest_event = cur.fetchone()[0]
+            cur.execute("SELECT crm, last_push_at, last_poll_at FROM crm_status ORDER BY crm")
+            crms = {r[0]: {"last_push_at": r[1], "last_poll_at": r[2]} for r in cur.fetchall()}
+            reflections = self._reflection_counts(cur)
+        oldest = min([t for t in (oldest_delivery, oldest_event) if t], default=None)
+        age = None
+        if oldest:
+            age = max(0.0, (utcnow() - datetime.fromisoformat(oldest.replace("Z", "+00:00"))).total_seconds())
+        return {
+            "deliveries": {"pending": by_state.get("pending", 0), "retrying": retrying,
+                           "done": by_state.get("done", 0), "dead": by_state.get("dead", 0)},
+            "events": {"received": sum(by_status.values()), "unrouted": by_status.get("new", 0),
+                       "routed": by_status.get("routed", 0)},
+            "quarantined": by_status.get("quarantined", 0),
+            "reflections": reflections,
+            "oldest_pending_age_seconds": age,
+            "crms": crms,
+        }
+
+    def _reflection_counts(self, cur: Any) -> dict[str, int]:
+        return {"pending": 0, "done": 0, "failed": 0}
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        with self._read() as cur:
+            cur.execute(
+                "SELECT d.id, d.event_id, e.source, e.source_event_id, d.crm, d.obj, d.record_id, "
+                "d.attempts, d.last_error, e.received_at, e.kind, e.channel FROM deliveries d "
+                "JOIN events e ON e.id = d.event_id WHERE d.state = 'dead' ORDER BY d.id")
+            for r in cur.fetchall():
+                rows.append({"id": f"d{r[0]}", "type": "delivery", "event_id": r[1], "source": r[2],
+                             "source_event_id": r[3], "crm": r[4], "object": r[5], "record_id": r[6],
+                             "attempts": r[7], "error": r[8], "received_at": r[9], "kind": r[10],
+                             "channel": r[11]})
+            cur.execute(
+                "SELECT id, source, source_event_id, status_reason, received_at, kind, channel "
+                "FROM events WHERE status = 'quarantined' ORDER BY id")
+            for r in cur.fetchall():
+                rows.append({"id": f"q{r[0]}", "type": "quarantine", "event_id": r[0], "source": r[1],
+                             "source_event_id": r[2], "crm": None, "object": None, "record_id": None,
+                             "attempts": None, "error": r[3], "received_at": r[4], "kind": r[5],
+                             "channel": r[6]})
+        return rows
+
+    def replay(self, ids: list[str] | None) -> int:
+        """Re-queue dead deliveries (``d<N>``) and quarantined events (``q<N>``);
+        ``None`` re-queues every one. Effects stay idempotent: field clocks decide."""
+        now_iso, now = iso(utcnow()), time.time()
+        count = 0
+        with self._write() as cur:
+            if ids is None:
+                cur.execute(self._sql(
+                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                    "lease_until = 0, outcome = NULL WHERE state = 'dead'"), (now,))
+                count += cur.rowcount or 0
+                cur.execute(self._sql(
+                    "UPDATE events SET status = 'new', route_attempts = 0, next_route_at = 0, "
+                    "updated_at = ? WHERE status = 'quarantined'"), (now_iso,))
+                return count + (cur.rowcount or 0)
+            for raw in ids:
+                kind, num = parse_letter_id(raw)
+                if kind == "d":
+                    cur.execute(self._sql(
+                        "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                        "lease_until = 0, outcome = NULL WHERE id = ? AND state = 'dead'"), (now, num))
+                else:
+                    cur.execute(self._sql(
+                        "UPDATE events SET status = 'new', route_attempts = 0, next_route_at = 0, "
+                        "updated_at = ? WHERE id = ? AND status = 'quarantined'"), (now_iso, num))
+                count += cur.rowcount or 0
+        return count
+
+    def export_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
+        since_iso = iso(since.astimezone(timezone.utc)) if since else ""
+        with self._read() as cur:
+            cur.execute(self._sql(
+                "SELECT e.id, e.source, e.source_event_id, e.received_at, e.occurred_at, e.kind, "
+                "e.channel, e.status, e.status_reason, d.crm, d.obj, d.record_id, d.state, "
+                "d.delivered_at, d.attempts, d.last_error, d.outcome "
+                "FROM events e LEFT JOIN deliveries d ON d.event_id = e.id "
+                "WHERE e.event_type = 'consent' AND e.received_at >= ? ORDER BY e.id, d.id"), (since_iso,))
+            rows = cur.fetchall()
+        for r in rows:
+            state = r[12] or ("quarantined" if r[7] == "quarantined" else "unrouted")
+            yield {"event_id": r[0], "source": r[1], "source_event_id": r[2], "received_at": r[3],
+                   "occurred_at": r[4], "kind": r[5], "channel": r[6], "target_crm": r[9],
+                   "target_object": r[10], "target_record": r[11], "state": state,
+                   "delivered_at": r[13], "attempts": r[14],
+                   "error": r[15] if r[12] else r[8], "outcome": r[16]}
+
+    # --- watermarks & health ---------------------------------------------------------
+    def get_watermark(self, name: str) -> tuple[str | None, str | None]:
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT ts, last_id FROM watermarks WHERE name = ?"), (name,))
+            row = cur.fetchone()
+            return (row[0], row[1]) if row else (None, None)
+
+    def set_watermark(self, name: str, ts: str | None, last_id: str | None) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "INSERT INTO watermarks (name, ts, last_id, updated_at) VALUES (?,?,?,?) "
+                "ON CONFLICT (name) DO UPDATE SET ts = excluded.ts, last_id = excluded.last_id, "
+                "updated_at = excluded.updated_at"), (name, ts, last_id, iso(utcnow())))
+
+    def healthcheck(self) -> None:
+        """Raises unless a write transaction can commit."""
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "INSERT INTO watermarks (name, ts, updated_at) VALUES ('health', NULL, ?) "
+                "ON CONFLICT (name) DO UPDATE SET updated_at = excluded.updated_at"), (iso(utcnow()),))
+
+
+def parse_letter_id(raw: str) -> tuple[str, int]:
+    """``d12`` (dead delivery) or ``q7`` (quarantined event); a bare number is a delivery."""
+    text = raw.strip().lower()
+    kind = "d"
+    if text[:1] in ("d", "q"):
+        kind, text = text[0], text[1:]
+    if not text.isdigit() or len(text) > 18:
+        raise ValueError(f"not a dead-letter id: {raw!r} (expected d<N> or q<N>)")
+    return kind, int(text)

@@ -1,0 +1,192 @@
+"""SQLite journal (WAL, synchronous=FULL): the embedded default.
+
+One connection per thread; every write is a ``BEGIN IMMEDIATE`` transaction, so a
+webhook is answered only after its row is on disk. One ``serve`` per file is
+enforced by an exclusive ``flock`` on ``<file>.serve.lock`` (released by the
+kernel when the process dies, even by ``kill -9``).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from syncd.journal.base import JournalBusy
+from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  source TEXT NOT NULL,
+  source_event_id TEXT NOT NULL,
+  event_type TEXT NOT NULL DEFAULT 'consent',
+  kind TEXT, channel TEXT,
+  external_lead_id TEXT, phone TEXT, phone_raw TEXT, email TEXT, reason TEXT, message TEXT,
+  occurred_at TEXT NOT NULL,
+  received_at TEXT NOT NULL,
+  details TEXT NOT NULL DEFAULT '{}',
+  raw BLOB NOT NULL,
+  status TEXT NOT NULL,
+  status_reason TEXT,
+  route_attempts INTEGER NOT NULL DEFAULT 0,
+  next_route_at REAL NOT NULL DEFAULT 0,
+  updated_at TEXT NOT NULL,
+  UNIQUE (source, source_event_id)
+);
+CREATE INDEX IF NOT EXISTS events_status ON events (status, next_route_at);
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  event_id INTEGER NOT NULL REFERENCES events (id),
+  crm TEXT NOT NULL, obj TEXT NOT NULL, record_id TEXT NOT NULL,
+  state TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at REAL NOT NULL,
+  lease_until REAL NOT NULL DEFAULT 0,
+  lease_owner TEXT,
+  last_error TEXT,
+  outcome TEXT,
+  created_at TEXT NOT NULL,
+  delivered_at TEXT,
+  UNIQUE (event_id, crm, obj, record_id)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_record ON deliveries (crm, obj, record_id, state);
+CREATE TABLE IF NOT EXISTS field_clocks (
+  crm TEXT NOT NULL, obj TEXT NOT NULL, record_id TEXT NOT NULL, field TEXT NOT NULL,
+  occurred_at TEXT NOT NULL, value TEXT, event_id INTEGER,
+  PRIMARY KEY (crm, obj, record_id, field)
+);
+CREATE TABLE IF NOT EXISTS watermarks (
+  name TEXT PRIMARY KEY, ts TEXT, last_id TEXT, updated_at TEXT
+);
+CREATE TABLE IF NOT EXISTS crm_status (
+  crm TEXT PRIMARY KEY, last_push_at TEXT, last_poll_at TEXT, paused_until REAL, pause_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+"""
+
+CLAIM = """
+UPDATE deliveries SET lease_until = ?, lease_owner = ?, attempts = attempts + 1
+WHERE id IN (
+  SELECT d.id FROM deliveries d
+  WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND d.lease_until < ?
+    AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.crm = d.crm AND o.obj = d.obj
+                    AND o.record_id = d.record_id AND o.state = 'pending' AND o.lease_until >= ?)
+  ORDER BY d.next_attempt_at, d.id LIMIT ?)
+RETURNING id
+"""
+
+
+class SqliteJournal(SqlJournal):
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.owner = new_owner()
+        self._local = threading.local()
+        self._lock_fd: int | None = None
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._migrate()
+
+    @classmethod
+    def from_url(cls, url: str, base_dir: str | Path | None = None) -> "SqliteJournal":
+        raw = url[len("sqlite:///"):]
+        if not raw:
+            raise ValueError("journal.url: sqlite:/// needs a file path")
+        path = Path(raw)
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        return cls(path)
+
+    # --- connections -----------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Cursor]:
+        conn = self._conn()
+        cur = conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+        finally:
+            cur.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Cursor]:
+        conn = self._conn()
+        cur = conn.cursor()
+        cur.execute("BEGIN")
+        try:
+            yield cur
+        finally:
+            conn.execute("COMMIT")
+            cur.close()
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+        with self._write() as cur:
+            cur.execute("SELECT version FROM schema_version")
+            row = cur.fetchone()
+            if row is None:
+                cur.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise RuntimeError(f"journal {self.path} has schema version {row[0]}, newer than this "
+                                   f"syncd understands ({SCHEMA_VERSION}); upgrade syncd")
+
+    def _claim_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
+        cur.execute(CLAIM, (until, self.owner, now, now, now, limit))
+        return [r[0] for r in cur.fetchall()]
+
+    # --- single-writer lock ----------------------------------------------------------
+    def acquire_serve_lock(self) -> None:
+        """Refuse a second ``serve`` on this file (other commands may run beside it)."""
+        lock_path = str(self.path) + ".serve.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 64).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+            raise JournalBusy(f"another syncd serve (pid {holder or 'unknown'}) is using journal "
+                              f"{self.path}; one serve per SQLite journal (use PostgreSQL for replicas)")
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

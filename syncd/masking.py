@@ -1,0 +1,52 @@
+"""Masking of secrets and personal data in any text that leaves the process
+(logs, error text stored in the journal, CLI output of errors)."""
+from __future__ import annotations
+
+import re
+import threading
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# Phone-like runs: optional +, then 7+ digits possibly split by space, dot, dash, parens.
+_PHONE = re.compile(r"(?<![A-Za-z0-9])\+?\(?\d(?:[\s().-]{0,2}\d){6,18}(?![A-Za-z0-9])")
+_BEARER = re.compile(r"(?i)(bearer\s+|access_token[\"'=:\s]+|authorization[\"'=:\s]+)[^\s\"',}]+")
+
+_lock = threading.Lock()
+_secrets: tuple[str, ...] = ()
+
+
+def register_secrets(values: list[str] | tuple[str, ...]) -> None:
+    """Remember secrets (config values, tokens fetched at run time) to mask them."""
+    global _secrets
+    with _lock:
+        merged = set(_secrets) | {v for v in values if v and len(v) >= 4}
+        _secrets = tuple(sorted(merged, key=len, reverse=True))
+
+
+def mask_phone(phone: str | None) -> str | None:
+    """``+4911113333444`` -> ``+49*******444``: enough to tell records apart in a log."""
+    if not phone:
+        return phone
+    digits = re.sub(r"\D", "", phone)
+    if len(digits) < 6:
+        return "***"
+    return ("+" if phone.strip().startswith("+") else "") + digits[:2] + "*" * (len(digits) - 5) + digits[-3:]
+
+
+def mask_email(email: str | None) -> str | None:
+    if not email:
+        return email
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}***@{domain}" if domain else "***"
+
+
+def mask_text(text: str) -> str:
+    """Mask secrets, bearer tokens, emails and phone numbers anywhere in ``text``."""
+    if not text:
+        return text
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    text = _BEARER.sub(lambda m: m.group(1) + "***", text)
+    text = _EMAIL.sub(lambda m: mask_email(m.group(0)) or "", text)
+    text = _PHONE.sub(lambda m: mask_phone(m.group(0)) or "", text)
+    return text

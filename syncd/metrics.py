@@ -1,0 +1,64 @@
+"""Prometheus metrics (prometheus-client). Labels carry no personal data:
+only source names, outcomes, CRM names, states and HTTP status classes."""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.events_received = Counter(
+            "syncd_events_received", "Webhooks received, by source and outcome",
+            ["source", "outcome"], registry=self.registry)
+        self.crm_requests = Counter(
+            "syncd_crm_requests", "CRM write calls by CRM and result",
+            ["crm", "status"], registry=self.registry)
+        self.push_duration = Histogram(
+            "syncd_push_duration_seconds", "Time to push one batch to a CRM",
+            ["crm"], registry=self.registry)
+        self.deliveries_settled = Counter(
+            "syncd_deliveries_settled", "Delivery outcomes by CRM and state",
+            ["crm", "state"], registry=self.registry)
+        self.scheduler_runs = Counter(
+            "syncd_scheduler_runs", "Scheduled job runs by job and result",
+            ["job", "result"], registry=self.registry)
+        self._journal_counts: Callable[[], dict] | None = None
+
+    def watch_journal(self, counts: Callable[[], dict]) -> None:
+        """Journal gauges are read at scrape time, so every replica reports the truth."""
+        if self._journal_counts is None:
+            self.registry.register(_JournalCollector(counts))
+        self._journal_counts = counts
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _JournalCollector:
+    def __init__(self, counts: Callable[[], dict]):
+        self.counts = counts
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        c = self.counts()
+        deliveries = GaugeMetricFamily("syncd_deliveries", "Deliveries by state", labels=["state"])
+        for state, n in c["deliveries"].items():
+            deliveries.add_metric([state], n)
+        deliveries.add_metric(["quarantined"], c["quarantined"])
+        yield deliveries
+        refl = GaugeMetricFamily("syncd_reflections", "Reflections to Sinch by state", labels=["state"])
+        for state, n in c["reflections"].items():
+            refl.add_metric([state], n)
+        yield refl
+        yield GaugeMetricFamily("syncd_journal_oldest_pending_age_seconds",
+                                "Age of the oldest event or delivery not yet settled",
+                                value=c["oldest_pending_age_seconds"] or 0.0)
+
+
+_ = Gauge  # re-exported for modules that add gauges

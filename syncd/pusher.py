@@ -1,0 +1,233 @@
+"""The scheduled loop's work: route new events, then push due deliveries.
+
+Routing turns an event into deliveries (one per target record): by id pattern,
+or by looking the phone up in every enabled CRM. Pushing claims due deliveries,
+coalesces them per record (newest ``occurred_at`` per field wins), maps them to
+field values and hands each CRM one ``update`` call (the connector batches), then
+settles every delivery in one transaction: done, retry at a time, or dead.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from connectors.base import CrmConnector
+from connectors.errors import AuthFailed, ConnectorError, RateLimited
+from connectors.types import RecordRef
+from syncd.backoff import Backoff
+from syncd.config import RetryConfig
+from syncd.journal.base import Delivery, Journal, Outcome, StoredEvent
+from syncd.mapping import Mapping, RecordPlan, plan_record
+from syncd.masking import mask_phone, mask_text
+from syncd.metrics import Metrics
+from syncd.routing import Router
+
+log = logging.getLogger("syncd.pusher")
+
+
+@dataclass
+class TickStats:
+    routed: int = 0
+    quarantined: int = 0
+    claimed: int = 0
+    done: int = 0
+    retry: int = 0
+    dead: int = 0
+
+
+def _error_text(exc: BaseException) -> str:
+    return mask_text(str(exc))[:2000]
+
+
+class Pusher:
+    def __init__(self, journal: Journal, connectors: dict[str, CrmConnector], mappings: dict[str, Mapping],
+                 router: Router, retry: RetryConfig, *, batch_size: int = 1000, lease_seconds: float = 120.0,
+                 metrics: Metrics | None = None):
+        self.journal = journal
+        self.connectors = connectors
+        self.mappings = mappings
+        self.router = router
+        self.retry = retry
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.metrics = metrics
+        self.backoff = Backoff(retry.initial_backoff_seconds, retry.max_backoff_seconds)
+        self.paused_until: dict[str, float] = {}
+        self.stopping = threading.Event()  # set on SIGTERM: finish the batch in hand, take no more
+
+    # --- one scheduler tick ----------------------------------------------------------
+    def run_once(self, max_rounds: int = 20) -> TickStats:
+        stats = TickStats()
+        for _ in range(max_rounds):
+            if self.stopping.is_set() or self.route_pending(stats) < self.batch_size:
+                break
+        for _ in range(max_rounds):
+            if self.stopping.is_set() or self.push_due(stats) < self.batch_size:
+                break
+        return stats
+
+    # --- routing ---------------------------------------------------------------------
+    def route_pending(self, stats: TickStats) -> int:
+        events = self.journal.events_to_route(self.batch_size)
+        for event in events:
+            self._route(event, stats)
+        return len(events)
+
+    def _route(self, event: StoredEvent, stats: TickStats) -> None:
+        ref = self.router.route_id(event.external_lead_id)
+        if ref is not None:
+            self.journal.add_targets(event.id, [ref])
+            stats.routed += 1
+            log.info("event routed", extra={"event_id": event.id, "source": event.source,
+                                            "targets": [f"{ref.crm}:{ref.obj}:{ref.record_id}"], "by": "id"})
+            return
+        if not event.phone:
+            reason = self.router.unroutable_reason(event.external_lead_id, event.phone, event.phone_raw)
+            self._quarantine(event, reason or "not routable", stats)
+            return
+        targets: list[RecordRef] = []
+        searched: list[str] = []
+        for name, connector in self.connectors.items():
+            try:
+                targets.extend(connector.find_by_phone(event.phone))
+                searched.append(name)
+            except ConnectorError as exc:
+                self._routing_failed(event, name, exc, stats)
+                return
+        if not targets:
+            self._quarantine(event, f"no record with this phone in {', '.join(searched) or 'any CRM'}", stats)
+            return
+        self.journal.add_targets(event.id, list(dict.fromkeys(targets)))
+        stats.routed += 1
+        log.info("event routed", extra={"event_id": event.id, "source": event.source, "by": "phone",
+                                        "phone": mask_phone(event.phone),
+                                        "targets": [f"{t.crm}:{t.obj}:{t.record_id}" for t in targets]})
+
+    def _routing_failed(self, event: StoredEvent, crm: str, exc: ConnectorError, stats: TickStats) -> None:
+        text = f"phone lookup in {crm} failed: {_error_text(exc)}"
+        attempts = event.route_attempts + 1
+        if not (exc.retryable or isinstance(exc, AuthFailed)) or attempts >= self.retry.max_attempts \
+                or self._too_old(event.received_at):
+            self._quarantine(event, text, stats)
+            return
+        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+        self.journal.defer_routing(event.id, text, self.backoff.retry_at(attempts, retry_after))
+        log.warning("routing deferred", extra={"event_id": event.id, "crm": crm, "error": text})
+
+    def _quarantine(self, event: StoredEvent, reason: str, stats: TickStats) -> None:
+        self.journal.quarantine(event.id, reason)
+        stats.quarantined += 1
+        log.warning("event quarantined", extra={"event_id": event.id, "source": event.source,
+                                                "reason": reason})
+
+    # --- pushing ---------------------------------------------------------------------
+    def push_due(self, stats: TickStats) -> int:
+        claimed = self.journal.claim(self.batch_size, self.lease_seconds)
+        if not claimed:
+            return 0
+        stats.claimed += len(claimed)
+        by_crm: dict[str, list[Delivery]] = defaultdict(list)
+        for d in claimed:
+            by_crm[d.ref.crm].append(d)
+        outcomes: list[Outcome] = []
+        for crm, deliveries in by_crm.items():
+            outcomes.extend(self._push_crm(crm, deliveries))
+        self.journal.settle(outcomes)
+        for o in outcomes:
+            setattr(stats, o.state, getattr(stats, o.state) + 1)
+            if self.metrics and o.ref:
+                self.metrics.deliveries_settled.labels(o.ref.crm, o.state).inc()
+            log.info("delivery settled", extra={
+                "delivery_id": o.delivery_id, "state": o.state, "note": o.note,
+                "crm": o.ref.crm if o.ref else None,
+                "record": f"{o.ref.obj}:{o.ref.record_id}" if o.ref else None, "error": o.error})
+        return len(claimed)
+
+    def _push_crm(self, crm: str, deliveries: list[Delivery]) -> list[Outcome]:
+        connector, mapping = self.connectors.get(crm), self.mappings.get(crm)
+        if connector is None or mapping is None:
+            return [self._failed(d, ConnectorError(f"CRM {crm} is not enabled in the config")) for d in deliveries]
+        paused = self.paused_until.get(crm, 0.0)
+        if paused > time.time():
+            return [Outcome(d.id, "retry", error="CRM paused: quota exceeded", retry_at=paused, ref=d.ref,
+                            note="paused") for d in deliveries]
+        by_record: dict[RecordRef, list[Delivery]] = defaultdict(list)
+        for d in deliveries:
+            by_record[d.ref].append(d)
+        clocks = self.journal.clocks(list(by_record))
+        outcomes: list[Outcome] = []
+        plans: list[RecordPlan] = []
+        for ref, group in by_record.items():
+            plan = plan_record(ref, group, mapping, clocks[ref])
+            if plan.problem:
+                outcomes.extend(Outcome(d.id, "dead", error=plan.problem, ref=ref, note="mapping") for d in group)
+            elif plan.update is None:
+                outcomes.extend(Outcome(d.id, "done", ref=ref, note="superseded") for d in group)
+            else:
+                plans.append(plan)
+        if not plans:
+            return outcomes
+        started = time.monotonic()
+        try:
+            results = connector.update([p.update for p in plans if p.update is not None])
+        except ConnectorError as exc:
+            self._count(crm, exc)
+            self._maybe_pause(crm, exc)
+            for plan in plans:
+                outcomes.extend(self._failed(d, exc) for d in plan.deliveries)
+            return outcomes
+        finally:
+            if self.metrics:
+                self.metrics.push_duration.labels(crm).observe(time.monotonic() - started)
+        self._count(crm, None)
+        for plan, result in zip(plans, results):
+            if result.ok:
+                outcomes.extend(self._done(d, plan) for d in plan.deliveries)
+            else:
+                outcomes.extend(self._failed(d, result.error) for d in plan.deliveries)  # type: ignore[arg-type]
+        return outcomes
+
+    def _done(self, d: Delivery, plan: RecordPlan) -> Outcome:
+        applied = plan.winners.get(d.id, {})
+        return Outcome(d.id, "done", ref=d.ref, note="applied" if applied else "superseded",
+                       applied=applied, applied_at=d.occurred_at, applied_event_id=d.event_id)
+
+    def _failed(self, d: Delivery, exc: ConnectorError) -> Outcome:
+        text = _error_text(exc)
+        retryable = exc.retryable or isinstance(exc, AuthFailed)
+        if not retryable:
+            return Outcome(d.id, "dead", error=text, ref=d.ref, note=type(exc).__name__)
+        if d.attempts >= self.retry.max_attempts:
+            return Outcome(d.id, "dead", error=f"gave up after {d.attempts} attempts: {text}", ref=d.ref,
+                           note="attempts")
+        if self._too_old(d.received_at):
+            return Outcome(d.id, "dead", error=f"gave up after {self.retry.max_age_hours:g} h: {text}",
+                           ref=d.ref, note="age")
+        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+        return Outcome(d.id, "retry", error=text, retry_at=self.backoff.retry_at(d.attempts, retry_after),
+                       ref=d.ref)
+
+    def _maybe_pause(self, crm: str, exc: ConnectorError) -> None:
+        """A daily quota (Salesforce REQUEST_LIMIT_EXCEEDED) pauses the whole CRM
+        instead of burning every delivery's retries against it."""
+        if isinstance(exc, RateLimited) and exc.code == "REQUEST_LIMIT_EXCEEDED":
+            self.paused_until[crm] = time.time() + (exc.retry_after or 3600.0)
+            log.error("CRM paused", extra={"crm": crm, "until": self.paused_until[crm], "error": _error_text(exc)})
+
+    def _too_old(self, received_at: str) -> bool:
+        received = datetime.fromisoformat(received_at.replace("Z", "+00:00"))
+        return (datetime.now(timezone.utc) - received).total_seconds() > self.retry.max_age_hours * 3600
+
+    def _count(self, crm: str, exc: ConnectorError | None) -> None:
+        if self.metrics:
+            status = "ok" if exc is None else (str(exc.status) if exc.status else type(exc).__name__)
+            self.metrics.crm_requests.labels(crm, status).inc()
+
+
+def describe(stats: TickStats) -> dict[str, Any]:
+    return stats.__dict__.copy()

@@ -1,0 +1,132 @@
+"""The webhook receiver (Flask app factory).
+
+It verifies, parses, records and answers; it does no CRM I/O. A 2xx means the
+event is committed to the journal. Bad input always gets a 4xx JSON answer.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from syncd.events import ConsentEvent, utcnow
+from syncd.journal.base import Journal
+from syncd.masking import mask_text
+from syncd.metrics import Metrics
+from syncd.routing import Router
+from syncd.sources import BadPayload, Ignored, Source, Unauthorized
+
+log = logging.getLogger("syncd.receiver")
+
+_JSON_TYPES = ("application/json", "text/plain")
+
+
+def _error(status: int, message: str, **extra: Any) -> tuple[Response, int]:
+    return jsonify({"error": message, "status": status, **extra}), status
+
+
+def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
+               max_body_bytes: int = 1_048_576, metrics: Metrics | None = None,
+               scheduler_alive: Callable[[], bool] | None = None,
+               extra_ready: Callable[[], str | None] | None = None) -> Flask:
+    app = Flask("syncd")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    metrics = metrics or Metrics()
+    metrics.watch_journal(journal.counts)
+
+    def count(source: str, outcome: str) -> None:
+        metrics.events_received.labels(source, outcome).inc()
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        status = exc.code or 500
+        if status == 413:
+            return _error(413, f"body larger than {max_body_bytes} bytes")
+        return _error(status, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.error("unexpected error in receiver", extra={"error": mask_text(repr(exc))})
+        return _error(500, "internal error; the event was not recorded, please retry")
+
+    @app.post("/webhooks/<name>")
+    def webhook(name: str):
+        source = sources.get(name)
+        if source is None:
+            return _error(404, f"no enabled source named {name[:40]!r}")
+        ctype = (request.mimetype or "").lower()
+        if ctype and not (ctype in _JSON_TYPES or ctype.endswith("+json")):
+            count(name, "unsupported_media_type")
+            return _error(415, f"content type {ctype[:60]!r} is not JSON")
+        body = request.get_data(cache=False)
+        try:
+            source.authenticate(body, request.headers, request.args)
+        except Unauthorized as exc:
+            count(name, "unauthorized")
+            log.warning("webhook refused", extra={"source": name, "status": 401, "reason": str(exc)})
+            return _error(401, str(exc))
+        received_at = utcnow()
+        try:
+            parsed = source.parse(body, received_at)
+        except BadPayload as exc:
+            count(name, "bad_request")
+            log.warning("webhook rejected", extra={"source": name, "status": 400, "reason": mask_text(str(exc))})
+            return _error(400, str(exc))
+        if isinstance(parsed, Ignored):
+            count(name, "ignored")
+            log.info("webhook ignored", extra={"source": name, "status": 200, "reason": parsed.reason})
+            return jsonify({"status": "ignored", "reason": parsed.reason}), 200
+        event: ConsentEvent = parsed
+        if event.event_type == "consent":
+            event.quarantine_reason = router.unroutable_reason(event.external_lead_id, event.phone,
+                                                               event.phone_raw)
+        try:
+            recorded = journal.record(event)
+        except Exception as exc:  # disk full, locked beyond the busy timeout...
+            count(name, "journal_error")
+            log.error("journal write failed", extra={"source": name, "error": mask_text(repr(exc))})
+            return _error(503, "journal unavailable; the event was not recorded, please retry")
+        if not recorded.created:
+            count(name, "duplicate")
+            log.info("webhook duplicate", extra={"source": name, "event_id": recorded.event_id, "status": 200})
+            return jsonify({"status": "duplicate", "event_id": recorded.event_id}), 200
+        if event.quarantine_reason:
+            count(name, "quarantined")
+            log.warning("webhook quarantined", extra={"source": name, "event_id": recorded.event_id,
+                                                      "status": 202, "reason": event.quarantine_reason})
+            return jsonify({"status": "quarantined", "event_id": recorded.event_id,
+                            "reason": event.quarantine_reason}), 202
+        count(name, "accepted")
+        log.info("webhook accepted", extra={"source": name, "event_id": recorded.event_id, "status": 200,
+                                            "kind": event.kind, "channel": event.channel})
+        return jsonify({"status": "accepted", "event_id": recorded.event_id}), 200
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz():
+        problems = []
+        try:
+            journal.healthcheck()
+        except Exception as exc:
+            problems.append(f"journal not writable: {mask_text(type(exc).__name__)}")
+        if scheduler_alive is not None and not scheduler_alive():
+            problems.append("scheduler not running")
+        if extra_ready is not None:
+            extra = extra_ready()
+            if extra:
+                problems.append(extra)
+        if problems:
+            return jsonify({"status": "not ready", "problems": problems}), 503
+        return jsonify({"status": "ready"})
+
+    @app.get("/metrics")
+    def metrics_view():
+        return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

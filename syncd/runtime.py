@@ -1,0 +1,75 @@
+"""Assembles the daemon's parts from a validated config, once at start-up."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from connectors.base import CrmConnector
+from syncd.config import Config
+from syncd.journal import Journal, open_journal
+from syncd.mapping import Mapping, load_mapping
+from syncd.masking import register_secrets
+from syncd.metrics import Metrics
+from syncd.pusher import Pusher
+from syncd.routing import Router
+from syncd.sources import Source, build_sources
+
+
+def load_mappings(cfg: Config) -> dict[str, Mapping]:
+    return {name: load_mapping(cfg.resolve(getattr(cfg.crm, name).mapping)) for name in cfg.crm.enabled()}
+
+
+def build_connectors(cfg: Config, mappings: dict[str, Mapping]) -> dict[str, CrmConnector]:
+    """One connector per enabled CRM. Constructors do no network I/O."""
+    found: dict[str, CrmConnector] = {}
+    ca, timeout = cfg.http.ca_bundle, cfg.http.timeout_seconds
+    if cfg.crm.salesforce:
+        from connectors.salesforce import SalesforceConnector
+
+        sf = cfg.crm.salesforce
+        auth = sf.auth.model_dump()
+        if sf.auth.private_key_file:
+            auth["private_key_file"] = str(cfg.resolve(sf.auth.private_key_file))
+        found["salesforce"] = SalesforceConnector(instance_url=sf.instance_url, api_version=sf.api_version,
+                                                  auth=auth, ca_bundle=ca, timeout=timeout)
+    if cfg.crm.hubspot:
+        from connectors.hubspot import HubSpotConnector
+
+        hs = cfg.crm.hubspot
+        unsub = mappings["hubspot"].email_unsubscribe if "hubspot" in mappings else None
+        kwargs = {}
+        if unsub is not None:
+            kwargs = {"email_subscription_id": unsub.subscription_id, "legal_basis": unsub.legal_basis,
+                      "legal_basis_explanation": unsub.legal_basis_explanation}
+        found["hubspot"] = HubSpotConnector(base_url=hs.base_url, access_token=hs.access_token,
+                                            ca_bundle=ca, timeout=timeout, **kwargs)
+    if cfg.crm.close:
+        from connectors.close import CloseConnector
+
+        cl = cfg.crm.close
+        found["close"] = CloseConnector(base_url=cl.base_url, api_key=cl.api_key, ca_bundle=ca, timeout=timeout)
+    return found
+
+
+@dataclass
+class Runtime:
+    cfg: Config
+    journal: Journal
+    sources: dict[str, Source]
+    router: Router
+    mappings: dict[str, Mapping]
+    connectors: dict[str, CrmConnector]
+    pusher: Pusher
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+def open_runtime(cfg: Config) -> Runtime:
+    register_secrets(cfg.secrets())
+    mappings = load_mappings(cfg)
+    connectors = build_connectors(cfg, mappings)
+    journal = open_journal(cfg.journal.url, base_dir=str(cfg.base_dir))
+    router = Router.from_config(cfg)
+    metrics = Metrics()
+    pusher = Pusher(journal, connectors, mappings, router, cfg.retry, batch_size=cfg.schedule.batch_size,
+                    lease_seconds=cfg.schedule.lease_seconds, metrics=metrics)
+    return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
+                   connectors=connectors, pusher=pusher, metrics=metrics)

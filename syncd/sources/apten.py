@@ -1,0 +1,116 @@
+"""Apten ``optOut`` and ``doNotContact`` webhooks.
+
+Signature: header ``X-Signature-SHA256`` = hex HMAC-SHA256 of the raw body.
+Apten sends no event id, so the dedupe key is the hash of the canonical body:
+a retried delivery of the same event hashes the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import datetime
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from syncd.events import ConsentEvent, canonical_hash, parse_iso
+from syncd.phones import to_e164
+from syncd.sources.base import (BadPayload, Ignored, Unauthorized, bounded_occurred_at,
+                                describe_validation_error, load_json_object)
+
+SIGNATURE_HEADER = "X-Signature-SHA256"
+CONSENT_EVENTS = ("optOut", "doNotContact")
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    event: str
+    timestamp: str | None = None
+    data: dict
+
+
+class _OptOutData(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    leadId: str | None = None
+    externalLeadId: str | None = None
+    phone: str | None = None
+    email: str | None = None
+    # Apten's first payloads were SMS-only and carried no channel.
+    channel: Literal["sms", "email", "call", "whatsapp"] = "sms"
+    optOutReason: str | None = None
+    isTwilioOptOut: bool | None = None
+    optOutMessage: str | None = None
+    isDoNotContact: bool | None = None
+
+
+class _DoNotContactData(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    leadId: str | None = None
+    externalLeadId: str | None = None
+    phone: str | None = None
+    email: str | None = None
+    optOutMessage: str | None = None
+
+
+def sign(secret: str, body: bytes) -> str:
+    return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+class AptenSource:
+    name = "apten"
+
+    def __init__(self, secret: str, default_region: str = "US"):
+        self._key = secret.encode("utf-8")
+        self.default_region = default_region
+
+    def authenticate(self, body: bytes, headers: Mapping[str, str], query: Mapping[str, str]) -> None:
+        given = headers.get(SIGNATURE_HEADER) or ""
+        expected = hmac.new(self._key, body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(given.strip().lower().encode("ascii", "replace"), expected.encode("ascii")):
+            raise Unauthorized(f"missing or invalid {SIGNATURE_HEADER}")
+
+    def parse(self, body: bytes, received_at: datetime) -> ConsentEvent | Ignored:
+        doc = load_json_object(body)
+        try:
+            env = _Envelope.model_validate(doc)
+        except ValidationError as exc:
+            raise BadPayload(describe_validation_error(exc)) from None
+        if env.event not in CONSENT_EVENTS:
+            return Ignored(f"apten event {env.event[:40]!r} carries no consent change")
+        try:
+            data = (_OptOutData if env.event == "optOut" else _DoNotContactData).model_validate(env.data)
+        except ValidationError as exc:
+            raise BadPayload(describe_validation_error(exc, ("data",))) from None
+        details: dict = {"apten_event": env.event, "lead_id": data.leadId}
+        if env.timestamp is None:
+            occurred = received_at
+            details["timestamp_missing"] = True
+        else:
+            try:
+                occurred = parse_iso(env.timestamp)
+            except ValueError:
+                raise BadPayload("timestamp: not an ISO 8601 date-time") from None
+            occurred = bounded_occurred_at(occurred, received_at, details)
+        if isinstance(data, _OptOutData):
+            kind, channel = "opt_out", data.channel
+            reason = data.optOutReason
+            details.update(is_twilio_opt_out=data.isTwilioOptOut, is_do_not_contact=data.isDoNotContact)
+        else:
+            kind, channel, reason = "do_not_contact", "all", "DO_NOT_CONTACT"
+        phone_raw = data.phone or None
+        return ConsentEvent(
+            source=self.name,
+            source_event_id=canonical_hash(doc),
+            kind=kind,
+            channel=channel,
+            occurred_at=occurred,
+            received_at=received_at,
+            raw=body,
+            external_lead_id=(data.externalLeadId or "").strip() or None,
+            phone=to_e164(phone_raw, self.default_region),
+            phone_raw=phone_raw,
+            email=data.email or None,
+            reason=reason,
+            message=data.optOutMessage,
+            details=details,
+        )

@@ -1,0 +1,114 @@
+"""LOX24 ``phone.unsubscribe`` webhooks.
+
+Auth: the shared token in header ``X-LOX24-Token`` or query ``?token=``,
+compared in constant time. ``id`` is the dedupe key, so LOX24's up to four
+delivery attempts change nothing. LOX24 sends no CRM id: the phone routes it.
+"""
+from __future__ import annotations
+
+import hmac
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from syncd.events import ConsentEvent
+from syncd.phones import to_e164
+from syncd.sources.base import (BadPayload, Ignored, Unauthorized, bounded_occurred_at,
+                                describe_validation_error, load_json_object)
+
+TOKEN_HEADER = "X-LOX24-Token"
+# Unix seconds between 2000 and 2100: anything else is not a real event time.
+_MIN_TS, _MAX_TS = 946684800, 4102444800
+
+
+class _Reason(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: int | None = Field(default=None, ge=0, le=1000)
+    label: str | None = Field(default=None, max_length=500)
+
+
+class _AdditionalData(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    reason: _Reason | None = None
+    additional_text: str | None = Field(default=None, max_length=10000)
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    phone: str = Field(min_length=1, max_length=64)
+    user_id: int | None = Field(default=None, ge=0, le=2**53)
+    created_at: int | None = Field(default=None, ge=_MIN_TS, le=_MAX_TS)
+    campaign_code: str | None = Field(default=None, max_length=200)
+    additional_data: _AdditionalData | None = None
+    additional_text: str | None = Field(default=None, max_length=10000)
+    short_link_code: str | None = Field(default=None, max_length=200)
+    unsubscribe_request_id: int | None = Field(default=None, ge=0, le=2**53)
+    group_id: int | None = Field(default=None, ge=0, le=2**53)
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    name: str = Field(max_length=100)
+    api_version: str | None = Field(default=None, max_length=40)
+    created_at: int | None = Field(default=None, ge=_MIN_TS, le=_MAX_TS)
+    attempt_number: int | None = Field(default=None, ge=0, le=1000)
+    attempts_total: int | None = Field(default=None, ge=0, le=1000)  # the example's spelling
+    attempt_total: int | None = Field(default=None, ge=0, le=1000)   # the schema's spelling
+    data: dict
+
+
+class Lox24Source:
+    name = "lox24"
+
+    def __init__(self, token: str, default_region: str = "US"):
+        self._token = token.encode("utf-8")
+        self.default_region = default_region
+
+    def authenticate(self, body: bytes, headers: Mapping[str, str], query: Mapping[str, str]) -> None:
+        given = headers.get(TOKEN_HEADER) or query.get("token") or ""
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), self._token):
+            raise Unauthorized(f"missing or invalid {TOKEN_HEADER} (or ?token=)")
+
+    def parse(self, body: bytes, received_at: datetime) -> ConsentEvent | Ignored:
+        doc = load_json_object(body)
+        try:
+            env = _Envelope.model_validate(doc)
+        except ValidationError as exc:
+            raise BadPayload(describe_validation_error(exc)) from None
+        if env.name != "phone.unsubscribe":
+            return Ignored(f"lox24 event {env.name[:40]!r} carries no consent change")
+        try:
+            data = _Data.model_validate(env.data)
+        except ValidationError as exc:
+            raise BadPayload(describe_validation_error(exc, ("data",))) from None
+        extra = data.additional_data or _AdditionalData()
+        reason = extra.reason or _Reason()
+        details: dict[str, Any] = {
+            "reason_id": reason.id, "reason_label": reason.label, "campaign_code": data.campaign_code,
+            "short_link_code": data.short_link_code, "unsubscribe_request_id": data.unsubscribe_request_id,
+            "user_id": data.user_id, "group_id": data.group_id, "api_version": env.api_version,
+            "attempt_number": env.attempt_number,
+            "attempts_total": env.attempts_total if env.attempts_total is not None else env.attempt_total,
+        }
+        stamp = data.created_at or env.created_at
+        if stamp is None:
+            occurred = received_at
+            details["timestamp_missing"] = True
+        else:
+            occurred = bounded_occurred_at(datetime.fromtimestamp(stamp, timezone.utc), received_at, details)
+        return ConsentEvent(
+            source=self.name,
+            source_event_id=env.id,
+            kind="opt_out",
+            channel="sms",
+            occurred_at=occurred,
+            received_at=received_at,
+            raw=body,
+            phone=to_e164(data.phone, self.default_region),
+            phone_raw=data.phone,
+            reason=reason.label,
+            message=extra.additional_text or data.additional_text,
+            details=details,
+        )

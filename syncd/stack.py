@@ -1,0 +1,221 @@
+"""A whole syncd installation on one machine, against the sandbox CRMs.
+
+Used by ``syncd demo``, the end-to-end tests and the benchmarks: starts the
+simulators, writes a config next to a fresh SQLite journal, runs ``syncd serve``
+as a real subprocess and signs webhooks the way each platform does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+APTEN_SECRET = "demo-apten-secret"
+LOX24_TOKEN = "demo-lox24-token"
+SINCH_SECRET = "demo-sinch-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def default_mapping_text(crm: str) -> str:
+    return resources.files("syncd.defaults").joinpath(f"{crm}.yaml").read_text(encoding="utf-8")
+
+
+@dataclass
+class Stack:
+    """Sandboxes + a config directory. ``crms`` picks which simulators run."""
+
+    crms: tuple[str, ...] = ("salesforce",)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="syncd-stack-")))
+    push_interval: float = 0.2
+    retry: dict[str, Any] = field(default_factory=dict)
+    sandboxes: dict[str, Any] = field(default_factory=dict)
+    port: int = 0
+    journal_url: str | None = None
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> "Stack":
+        from connectors.sandbox.salesforce import SalesforceSandbox
+
+        if "salesforce" in self.crms:
+            sf = SalesforceSandbox()
+            seed_salesforce(sf)
+            self.sandboxes["salesforce"] = sf.start()
+        self.port = self.port or free_port()
+        self.write_config()
+        return self
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.yaml"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def config(self) -> dict[str, Any]:
+        crm: dict[str, Any] = {}
+        ca_bundle = None
+        if "salesforce" in self.sandboxes:
+            sf = self.sandboxes["salesforce"]
+            ca_bundle = sf.tls.ca_bundle
+            crm["salesforce"] = {
+                "instance_url": sf.url, "api_version": "62.0",
+                "auth": {"flow": "client_credentials", "login_url": sf.url,
+                         "client_id": sf.client_id, "client_secret": sf.client_secret},
+                "mapping": "mappings/salesforce.yaml",
+            }
+        cfg: dict[str, Any] = {
+            "journal": {"url": self.journal_url or "sqlite:///syncd.db"},
+            "receiver": {"host": "127.0.0.1", "port": self.port},
+            "http": {"timeout_seconds": 10, "ca_bundle": ca_bundle},
+            "phone": {"default_region": "US"},
+            "sources": {"apten": {"secret": APTEN_SECRET}, "lox24": {"token": LOX24_TOKEN},
+                        "sinch": {"secret": SINCH_SECRET}},
+            "crm": crm,
+            "schedule": {"push_interval_seconds": self.push_interval, "poll_interval_seconds": 1},
+            "retry": {"max_attempts": 15, "max_age_hours": 72, "initial_backoff_seconds": 0.2,
+                      "max_backoff_seconds": 2, **self.retry},
+            "logging": {"level": "INFO", "format": "json"},
+        }
+        for key, value in self.extra_config.items():
+            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        return cfg
+
+    def write_config(self) -> None:
+        (self.workdir / "mappings").mkdir(parents=True, exist_ok=True)
+        for crm in self.crms:
+            target = self.workdir / "mappings" / f"{crm}.yaml"
+            if not target.exists():
+                target.write_text(default_mapping_text(crm), encoding="utf-8")
+        self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False), encoding="utf-8")
+
+    def stop(self) -> None:
+        for sb in self.sandboxes.values():
+            sb.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # --- the daemon as a real process ------------------------------------------------
+    def syncd(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "syncd.cli", "-c", str(self.config_path), *args],
+                              capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
+                              env={**os.environ, **(env or {})})
+
+    def serve(self, log_name: str = "serve.log") -> "DaemonProcess":
+        return DaemonProcess.start(self.config_path, self.workdir / log_name, self.url, cwd=self.workdir)
+
+    # --- webhooks --------------------------------------------------------------------
+    def post_apten(self, body: bytes, secret: str = APTEN_SECRET, timeout: float = 10) -> requests.Response:
+        from syncd.sources.apten import SIGNATURE_HEADER, sign
+
+        return requests.post(f"{self.url}/webhooks/apten", data=body, timeout=timeout,
+                             headers={"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body)})
+
+    def post_lox24(self, body: bytes, token: str = LOX24_TOKEN, timeout: float = 10) -> requests.Response:
+        return requests.post(f"{self.url}/webhooks/lox24", data=body, timeout=timeout,
+                             headers={"Content-Type": "application/json", "X-LOX24-Token": token})
+
+    def post_sinch(self, body: bytes, secret: str = SINCH_SECRET, timeout: float = 10) -> requests.Response:
+        import uuid
+
+        from connectors.sinch_signing import signature_headers
+
+        headers = signature_headers(secret, body, uuid.uuid4().hex, str(int(time.time())))
+        return requests.post(f"{self.url}/webhooks/sinch", data=body, timeout=timeout,
+                             headers={"Content-Type": "application/json", **headers})
+
+
+def seed_salesforce(sf: Any) -> None:
+    """The records the seed documents talk about."""
+    consent = {"HasOptedOutOfEmail": False, "DoNotCall": False, "SMS_Opt_Out__c": False,
+               "WhatsApp_Opt_Out__c": False}
+    sf.add_record("Contact", "003XX000004DHPYYA4", FirstName="Dana", LastName="Reyes",
+                  Email="dana.reyes@example.com", Phone="+13305551234", **consent)
+    sf.add_record("Lead", "00QXX000001LOX24AA", FirstName="Jonas", LastName="Berg",
+                  Company="Example GmbH", MobilePhone="+4911113333444", **consent)
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen
+    log_path: Path
+    url: str
+
+    @classmethod
+    def start(cls, config_path: Path, log_path: Path, url: str, cwd: Path, wait: float = 30) -> "DaemonProcess":
+        log = open(log_path, "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "syncd.cli", "-c", str(config_path), "serve"],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        log.close()
+        daemon = cls(proc, log_path, url)
+        daemon.wait_ready(wait)
+        return daemon
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"syncd serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"syncd serve did not become healthy:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+    def terminate(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def kill9(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_for(predicate, timeout: float = 20, interval: float = 0.05) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,105 @@
+"""Shared fixtures: sandbox CRMs over real HTTP(S), configs and journals."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from syncd.config import parse_config
+from syncd.stack import APTEN_SECRET, Stack
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture_bytes(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+@pytest.fixture
+def sf_sandbox():
+    from connectors.sandbox.salesforce import SalesforceSandbox
+    from syncd.stack import seed_salesforce
+
+    sb = SalesforceSandbox()
+    seed_salesforce(sb)
+    sb.start()
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture
+def sf_config(tmp_path, sf_sandbox):
+    """A validated Config for an in-process runtime against the Salesforce sandbox."""
+    from syncd.stack import default_mapping_text
+
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "salesforce.yaml").write_text(default_mapping_text("salesforce"))
+    return parse_config({
+        "journal": {"url": "sqlite:///syncd.db"},
+        "http": {"ca_bundle": sf_sandbox.tls.ca_bundle, "timeout_seconds": 10},
+        "sources": {"apten": {"secret": APTEN_SECRET}},
+        "crm": {"salesforce": {
+            "instance_url": sf_sandbox.url, "api_version": "62.0",
+            "auth": {"flow": "client_credentials", "login_url": sf_sandbox.url,
+                     "client_id": sf_sandbox.client_id, "client_secret": sf_sandbox.client_secret},
+            "mapping": "mappings/salesforce.yaml"}},
+        "retry": {"initial_backoff_seconds": 0.1, "max_backoff_seconds": 1},
+    }, base_dir=tmp_path, env={})
+
+
+@pytest.fixture
+def runtime(sf_config):
+    from syncd.runtime import open_runtime
+
+    rt = open_runtime(sf_config)
+    yield rt
+    rt.journal.close()
+
+
+@pytest.fixture
+def stack():
+    st = Stack().start()
+    yield st
+    st.cleanup()
+
+
+class LiveReceiver:
+    """The receiver app served by waitress on a free port, in a thread."""
+
+    def __init__(self, app):
+        import threading
+
+        from waitress.server import create_server
+
+        self.server = create_server(app, host="127.0.0.1", port=0, threads=4)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.close()
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    """A receiver with all three sources and a Salesforce route, on a fresh journal."""
+    from syncd.journal import open_journal
+    from syncd.receiver import create_app
+    from syncd.routing import Router
+    from syncd.sources import build_sources
+    from syncd.stack import LOX24_TOKEN, SINCH_SECRET
+
+    cfg = parse_config({
+        "sources": {"apten": {"secret": APTEN_SECRET}, "lox24": {"token": LOX24_TOKEN},
+                    "sinch": {"secret": SINCH_SECRET}},
+        "receiver": {"max_body_bytes": 65536},
+        "crm": {"salesforce": {"instance_url": "https://127.0.0.1:9", "auth": {"flow": "access_token",
+                                                                            "access_token": "x"}}},
+    }, base_dir=tmp_path, env={})
+    journal = open_journal(f"sqlite:///{tmp_path}/r.db")
+    app = create_app(journal, build_sources(cfg), Router.from_config(cfg), max_body_bytes=65536)
+    live = LiveReceiver(app)
+    live.journal = journal
+    yield live
+    live.close()
+    journal.close()

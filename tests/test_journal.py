@@ -1,0 +1,163 @@
+"""The journal contract, run against every engine (PostgreSQL when SYNCD_TEST_PG_URL is set)."""
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from connectors.types import RecordRef
+from syncd.events import ConsentEvent
+from syncd.journal import open_journal
+from syncd.journal.base import JournalBusy, Outcome
+
+REF = RecordRef("salesforce", "Contact", "003XX000004DHPYYA4")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal(request, tmp_path):
+    if request.param == "sqlite":
+        j = open_journal(f"sqlite:///{tmp_path}/j.db")
+    else:
+        url = os.environ.get("SYNCD_TEST_PG_URL")
+        if not url:
+            pytest.skip("SYNCD_TEST_PG_URL not set")
+        from syncd.journal.postgres import PostgresJournal
+
+        j = PostgresJournal(url, schema=f"t{os.getpid()}_{time.time_ns()}")
+    yield j
+    j.close()
+
+
+def event(n: int = 1, **kw) -> ConsentEvent:
+    base = dict(source="apten", source_event_id=f"ev-{n}", kind="opt_out", channel="sms",
+                occurred_at=datetime(2024, 2, 18, 9, 45, n % 60, tzinfo=timezone.utc),
+                received_at=datetime.now(timezone.utc), raw=b'{"x": 1}', external_lead_id="003XX000004DHPY",
+                phone="+13305551234", phone_raw="+13305551234", message="STOP")
+    base.update(kw)
+    return ConsentEvent(**base)
+
+
+def test_record_is_idempotent_per_source_and_id(journal):
+    first = journal.record(event(1))
+    again = journal.record(event(1))
+    other_source = journal.record(event(1, source="lox24"))
+    assert first.created and not again.created and other_source.created
+    assert first.event_id == again.event_id != other_source.event_id
+    assert journal.counts()["events"]["received"] == 2
+
+
+def test_raw_body_and_details_survive(journal):
+    rec = journal.record(event(1, raw=b"\x00\xffbytes", details={"reason_label": "Es ist unverständlich"}))
+    stored = journal.get_event(rec.event_id)
+    assert stored.details == {"reason_label": "Es ist unverständlich"}
+    assert stored.status == "new"
+
+
+def test_route_claim_settle_cycle(journal):
+    rec = journal.record(event(1))
+    assert [e.id for e in journal.events_to_route(10)] == [rec.event_id]
+    journal.add_targets(rec.event_id, [REF])
+    journal.add_targets(rec.event_id, [REF])  # idempotent
+    assert journal.events_to_route(10) == []
+    claimed = journal.claim(10, 60)
+    assert [(d.ref, d.attempts, d.kind, d.channel) for d in claimed] == [(REF, 1, "opt_out", "sms")]
+    assert journal.claim(10, 60) == []  # leased
+    journal.settle([Outcome(claimed[0].id, "done", ref=REF, applied={"SMS_Opt_Out__c": True},
+                            applied_at=claimed[0].occurred_at, applied_event_id=rec.event_id)])
+    counts = journal.counts()
+    assert counts["deliveries"] == {"pending": 0, "retrying": 0, "done": 1, "dead": 0}
+    assert journal.clocks([REF])[REF]["SMS_Opt_Out__c"].value is True
+    row = next(journal.export_rows(None))
+    assert row["state"] == "done" and row["target_record"] == REF.record_id and row["delivered_at"]
+
+
+def test_expired_lease_is_claimed_again(journal):
+    rec = journal.record(event(1))
+    journal.add_targets(rec.event_id, [REF])
+    assert len(journal.claim(10, 0.2)) == 1
+    time.sleep(0.3)
+    again = journal.claim(10, 60)
+    assert len(again) == 1 and again[0].attempts == 2
+
+
+def test_retry_then_dead_then_replay(journal):
+    rec = journal.record(event(1))
+    journal.add_targets(rec.event_id, [REF])
+    d = journal.claim(10, 60)[0]
+    journal.settle([Outcome(d.id, "retry", error="503 busy", retry_at=time.time() + 0.2, ref=REF)])
+    assert journal.claim(10, 60) == []
+    assert journal.counts()["deliveries"]["retrying"] == 1
+    time.sleep(0.25)
+    d = journal.claim(10, 60)[0]
+    journal.settle([Outcome(d.id, "dead", error="FIELD_CUSTOM_VALIDATION_EXCEPTION: nope", ref=REF)])
+    dead = journal.dead_letters()
+    assert [(x["id"], x["error"]) for x in dead] == [(f"d{d.id}", "FIELD_CUSTOM_VALIDATION_EXCEPTION: nope")]
+    assert journal.replay([f"d{d.id}"]) == 1
+    assert journal.dead_letters() == []
+    assert journal.claim(10, 60)[0].attempts == 1
+
+
+def test_quarantine_visible_and_replayable(journal):
+    rec = journal.record(event(1, external_lead_id="//evil.example/x", phone=None, phone_raw=None,
+                               quarantine_reason="no route"))
+    assert journal.events_to_route(10) == []
+    assert journal.counts()["quarantined"] == 1
+    assert [x["id"] for x in journal.dead_letters()] == [f"q{rec.event_id}"]
+    assert journal.replay(None) == 1
+    assert [e.id for e in journal.events_to_route(10)] == [rec.event_id]
+
+
+def test_a_records_deliveries_are_claimed_together(journal):
+    for n in range(3):
+        rec = journal.record(event(n))
+        journal.add_targets(rec.event_id, [REF])
+    first = journal.claim(2, 60)
+    assert len(first) == 2
+    assert journal.claim(10, 60) == []  # the third waits: its record has a live lease
+
+
+def test_field_clock_never_moves_backwards(journal):
+    rec = journal.record(event(1))
+    journal.add_targets(rec.event_id, [REF])
+    d = journal.claim(10, 60)[0]
+    journal.settle([Outcome(d.id, "done", ref=REF, applied={"F": True}, applied_at="2024-06-01T00:00:00.000000Z")])
+    rec2 = journal.record(event(2))
+    journal.add_targets(rec2.event_id, [REF])
+    d2 = journal.claim(10, 60)[0]
+    journal.settle([Outcome(d2.id, "done", ref=REF, applied={"F": False}, applied_at="2024-01-01T00:00:00.000000Z")])
+    clock = journal.clocks([REF])[REF]["F"]
+    assert (clock.occurred_at, clock.value) == ("2024-06-01T00:00:00.000000Z", True)
+
+
+def test_release_leases_returns_in_flight_work(journal):
+    rec = journal.record(event(1))
+    journal.add_targets(rec.event_id, [REF])
+    assert len(journal.claim(10, 600)) == 1
+    assert journal.release_leases() == 1
+    again = journal.claim(10, 600)
+    assert len(again) == 1 and again[0].attempts == 1
+
+
+def test_watermarks(journal):
+    assert journal.get_watermark("salesforce") == (None, None)
+    journal.set_watermark("salesforce", "2024-01-01T00:00:00Z", "003A")
+    journal.set_watermark("salesforce", "2024-01-02T00:00:00Z", "003B")
+    assert journal.get_watermark("salesforce") == ("2024-01-02T00:00:00Z", "003B")
+
+
+def test_replay_rejects_malformed_ids(journal):
+    with pytest.raises(ValueError):
+        journal.replay(["x1; DROP TABLE events"])
+
+
+def test_one_serve_per_sqlite_file(tmp_path):
+    a = open_journal(f"sqlite:///{tmp_path}/j.db")
+    b = open_journal(f"sqlite:///{tmp_path}/j.db")
+    a.acquire_serve_lock()
+    with pytest.raises(JournalBusy, match="another syncd serve"):
+        b.acquire_serve_lock()
+    a.close()
+    b.acquire_serve_lock()
+    b.close()
