@@ -380,15 +380,28 @@ class CloseConnector:
         obj = record_object(upd.ref.record_id)
         if str(upd.ref.obj).lower() != obj:
             raise Permanent(f"record id is a Close {obj} id but the ref says {str(upd.ref.obj)[:20]!r}")
-        if upd.email_unsubscribe is not None and not _usable_email(upd.email):
-            raise Permanent("email unsubscribe requested without a usable email address")
+        emails: list[str] = []
+        if upd.email_unsubscribe is not None:
+            emails = [str(upd.email)] if upd.email else self._record_emails(obj, upd.ref.record_id)
+            if not emails or not all(_usable_email(e) for e in emails):
+                raise Permanent("email unsubscribe requested but the record has no usable email address")
         if upd.fields:
             body = self._body(obj, upd.fields)
             self._call("PUT", f"/{obj}/{upd.ref.record_id}/", json=body)
-        if upd.email_unsubscribe is True:
-            self._unsubscribe(str(upd.email))
-        elif upd.email_unsubscribe is False:
-            self._resubscribe(str(upd.email))
+        for email in emails:
+            if upd.email_unsubscribe:
+                self._unsubscribe(email)
+            else:
+                self._resubscribe(email)
+
+    def _record_emails(self, obj: str, record_id: str) -> list[str]:
+        """Every address on the record (a lead's contacts' too): a source such as
+        Apten's email opt-out names the record, not the address."""
+        data = self._call("GET", f"/{obj}/{record_id}/")
+        people = data.get("contacts") or [] if obj == "lead" else [data]
+        found = [e.get("email") for p in people if isinstance(p, dict)
+                 for e in p.get("emails") or [] if isinstance(e, dict)]
+        return list(dict.fromkeys(str(e).strip().lower() for e in found if e))
 
     def _unsubscribe(self, email: str) -> None:
         try:

@@ -197,6 +197,7 @@ class HubSpotConnector:
         self._comm_cfg = comm.configuration
         self._batch_api = hs_contacts.BatchApi(contacts)
         self._search_api = hs_contacts.SearchApi(contacts)
+        self._basic_api = hs_contacts.BasicApi(contacts)
         self._properties_api = hs_properties.CoreApi(props)
         self._status_api = hs_comm.StatusApi(comm)
         self._types: dict[str, str] | None = None
@@ -249,6 +250,13 @@ class HubSpotConnector:
             local_vars_configuration=self._comm_cfg)
         call = self._status_api.unsubscribe if unsubscribe else self._status_api.subscribe
         return self._call(call, public_update_subscription_status_request=body)
+
+    @short_retry()
+    def _contact_email(self, record_id: str) -> str | None:
+        """The contact's own address, for opt-outs whose source sent none (Apten's
+        email opt-out carries only the CRM id)."""
+        answer = self._call(self._basic_api.get_by_id, contact_id=record_id, properties=["email"])
+        return (answer.properties or {}).get("email") or None
 
     @short_retry()
     def _subscription_status(self, email: str) -> str | None:
@@ -307,7 +315,8 @@ class HubSpotConnector:
                 errors[i] = errors[i] or blocked
                 continue
             try:
-                self._email_consent(upd.email, upd.email_unsubscribe)
+                self._email_consent(upd.email or self._contact_email(upd.ref.record_id),
+                                    upd.email_unsubscribe)
             except AuthFailed:
                 raise
             except ConnectorError as exc:

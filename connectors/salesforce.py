@@ -62,21 +62,45 @@ _MAX_MESSAGE = 500
 
 # --- ids ---------------------------------------------------------------------------
 
-def to_18(record_id: str) -> str:
-    """The 18-char form of a 15- or 18-char id, with the suffix recomputed.
+def _suffix(id15: str) -> str:
+    # Each 5-char chunk contributes a 5-bit mask of its upper-case letters, as A-Z0-5.
+    return "".join(_SUFFIX[sum(1 << i for i, ch in enumerate(id15[start:start + 5]) if "A" <= ch <= "Z")]
+                   for start in (0, 5, 10))
 
-    The suffix makes ids safe for case-insensitive systems: each 5-char chunk
-    of the 15-char id contributes a 5-bit mask of which positions are
-    upper-case letters, indexed into A-Z0-5.
+
+def _restore_case(id18: str) -> str | None:
+    """The id with its letters' case taken from the suffix (what the suffix is for:
+    surviving case-insensitive systems), or None when the suffix cannot be right."""
+    chars = list(id18[:15])
+    for chunk, code in enumerate(id18[15:].upper()):
+        if code not in _SUFFIX:
+            return None
+        bits = _SUFFIX.index(code)
+        for i in range(5):
+            pos = chunk * 5 + i
+            if bits >> i & 1:
+                if not chars[pos].isalpha():
+                    return None
+                chars[pos] = chars[pos].upper()
+            else:
+                chars[pos] = chars[pos].lower()
+    return "".join(chars) + id18[15:].upper()
+
+
+def to_18(record_id: str) -> str:
+    """The canonical 18-char form of a 15- or 18-char id.
+
+    A 15-char id gains its checksum suffix. An 18-char id gets its letters' case
+    restored from the suffix, so one that passed through a case-insensitive
+    system (``003xx000004dhpyya4``) names the right record again. Never raises
+    for an id matching ``SF_ID``: one whose suffix cannot be right comes back
+    unchanged (suffix upper-cased) for :func:`validate_id` to refuse.
     """
     if not SF_ID.match(record_id):
         raise Permanent("not a Salesforce record id", code="MALFORMED_ID")
-    base = record_id[:15]
-    suffix = ""
-    for start in (0, 5, 10):
-        chunk = base[start:start + 5]
-        suffix += _SUFFIX[sum(1 << i for i, ch in enumerate(chunk) if "A" <= ch <= "Z")]
-    return base + suffix
+    if len(record_id) == 15:
+        return record_id + _suffix(record_id)
+    return _restore_case(record_id) or record_id[:15] + record_id[15:].upper()
 
 
 def object_for_id(record_id: str) -> str | None:
@@ -95,7 +119,7 @@ def validate_id(record_id: Any, obj: str | None = None) -> str:
     if not isinstance(record_id, str) or not SF_ID.match(record_id):
         raise Permanent("not a Salesforce record id", code="MALFORMED_ID")
     long_id = to_18(record_id)
-    if len(record_id) == 18 and record_id[15:].upper() != long_id[15:]:
+    if _suffix(long_id[:15]) != long_id[15:]:
         raise Permanent("Salesforce record id has a wrong checksum suffix", code="MALFORMED_ID")
     known = KEY_PREFIXES.get(record_id[:3])
     if obj is not None and known is not None and known != obj:

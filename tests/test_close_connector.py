@@ -105,11 +105,23 @@ def test_email_unsubscribe_and_resubscribe(close: CloseConnector, sandbox: Close
 def test_unsubscribe_without_usable_email_is_permanent_without_io(close: CloseConnector,
                                                                   sandbox: CloseSandbox) -> None:
     sandbox.clear_log()
-    for email in (None, "", "no-at-sign", "a/b@x.com", "a@b.com/../x", "a@b.com?x=1"):
+    for email in ("no-at-sign", "a/b@x.com", "a@b.com/../x", "a@b.com?x=1"):
         [result] = close.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True}, email=email,
                                               email_unsubscribe=True)])
         assert isinstance(result.error, Permanent)
     assert sandbox.requests == []
+
+
+def test_unsubscribe_without_an_address_uses_the_records_own(close: CloseConnector,
+                                                              sandbox: CloseSandbox) -> None:
+    sandbox.add_lead("lead_mailx1", name="Mail")
+    sandbox.add_contact("cont_mailx1", "lead_mailx1", emails=["Pat@Example.com", "pat.work@example.com"])
+    sandbox.add_lead("lead_nomail1", name="No mail")
+    [ok] = close.update([RecordUpdate(RecordRef("close", "lead", "lead_mailx1"), {}, email_unsubscribe=True)])
+    assert ok.ok, ok.error
+    assert {"pat@example.com", "pat.work@example.com"} <= set(sandbox.unsubscribed)
+    [bad] = close.update([RecordUpdate(RecordRef("close", "lead", "lead_nomail1"), {}, email_unsubscribe=True)])
+    assert isinstance(bad.error, Permanent) and "no usable email" in str(bad.error)
 
 
 def test_429_is_retried_no_earlier_than_retry_after(close: CloseConnector, sandbox: CloseSandbox) -> None:

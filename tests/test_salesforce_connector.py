@@ -49,14 +49,14 @@ def sandbox(sf_server: SalesforceSandbox) -> SalesforceSandbox:
 def connect(sandbox: SalesforceSandbox):
     def make(flow: str = "client_credentials", auth: dict | None = None,
              **kwargs) -> SalesforceConnector:
-        settings_ = {"flow": flow, "login_url": sandbox.login_url, "client_id": sandbox.client_id,
+        auth_settings = {"flow": flow, "login_url": sandbox.login_url, "client_id": sandbox.client_id,
                      "client_secret": sandbox.client_secret, "username": sandbox.username,
                      "password": sandbox.password, "private_key": sandbox.jwt_private_key_pem}
-        settings_.update(auth or {})
+        auth_settings.update(auth or {})
         kwargs.setdefault("ca_bundle", sandbox.tls.ca_bundle)
         kwargs.setdefault("retry_initial", 0.05)
         kwargs.setdefault("timeout", 10.0)
-        return SalesforceConnector(kwargs.pop("instance_url", UNUSED_INSTANCE), "62.0", settings_,
+        return SalesforceConnector(kwargs.pop("instance_url", UNUSED_INSTANCE), "62.0", auth_settings,
                                    **kwargs)
     return make
 
@@ -80,6 +80,11 @@ def test_to_18_known_value():
     assert object_for_id("001XX000004DHPY") is None
     assert object_for_id("003/../x") is None
     assert validate_id("003XX000004DHPYya4") == "003XX000004DHPYYA4"  # the suffix is case-insensitive
+    assert validate_id("003xx000004dhpyya4") == "003XX000004DHPYYA4"  # case restored from the suffix
+    unfit = "00QXX0000009BAD4AA"  # "4" marks position 1 ("0") as an upper-case letter
+    assert to_18(unfit) == unfit  # a suffix that cannot fit comes back as it is ...
+    with pytest.raises(Permanent):
+        validate_id(unfit)  # ... and is refused before any request
     assert validate_id("003XX000004DHPY", "Contact") == "003XX000004DHPYYA4"
 
 
@@ -92,6 +97,9 @@ def test_to_18_property(id15: str):
     flipped = id15.swapcase()
     if flipped != id15:  # case-safe: ids differing only in case differ in the suffix too
         assert to_18(flipped).lower() != long_id.lower()
+    # ... so an 18-char id survives a case-insensitive system
+    assert to_18(long_id.lower()) == to_18(long_id.upper()) == to_18(long_id) == long_id
+    assert validate_id(long_id.lower()) == long_id
 
 
 @HYPOTHESIS
@@ -111,7 +119,7 @@ def test_invalid_ids_never_reach_the_wire(sandbox: SalesforceSandbox, sf: Salesf
 
 @pytest.mark.parametrize("raw", ["//evil.example/x", "003XX000004DHPY/../x", "a'b",
                                  "003XX000004DHPY?x=1", "003XX000004DHP", "00QXX000004DHPY",
-                                 "003XX000004DHPYAAA", "003XX000004DHPY\n"])
+                                 "003XX000004DHPY4AA", "003XX000004DHPY999", "003XX000004DHPY\n"])
 def test_bad_ids_raise_permanent_without_io(sandbox, sf, raw):
     with pytest.raises(Permanent):
         sf.get(RecordRef("salesforce", "Contact", raw), ["DoNotCall"])

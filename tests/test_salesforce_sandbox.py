@@ -64,7 +64,8 @@ def test_session_and_quota(sandbox, http):
     sandbox.exhaust_quota()
     resp = http.get(sandbox.url + V + "/sobjects/Contact/describe")
     assert resp.status_code == 403
-    assert resp.json() == [{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]
+    assert resp.json() == [{"message": "TotalRequests Limit exceeded.",
+                            "errorCode": "REQUEST_LIMIT_EXCEEDED"}]
     sandbox.expire_tokens()
     resp = http.get(sandbox.url + V + "/sobjects/Contact/describe")
     assert resp.status_code == 401 and resp.json()[0]["errorCode"] == "INVALID_SESSION_ID"
@@ -137,7 +138,8 @@ def test_query_subset_and_paging(sandbox, http):
     phones = ("SELECT Id FROM Contact WHERE (Phone IN ('+13305550001', '+13305550003') "
               "OR MobilePhone IN ('x')) AND NOT Id = null LIMIT 5")
     assert {r["Id"] for r in http.get(q, params={"q": phones}).json()["records"]} == {ids[1], ids[3]}
-    by_id = f"SELECT Id, LastName FROM Contact WHERE Id IN ('{ids[4]}', '{ids[0][:15]}') ORDER BY LastName DESC"
+    by_id = (f"SELECT Id, LastName FROM Contact WHERE Id IN ('{ids[4]}', '{ids[0][:15]}') "
+             "ORDER BY LastName DESC")
     assert [r["LastName"] for r in http.get(q, params={"q": by_id}).json()["records"]] == ["C4", "C0"]
     for bad, code in [("SELECT Id FROM Contact WHERE", "MALFORMED_QUERY"),
                       ("SELECT Id FROM Contact WHERE SystemModstamp > '2024-01-01'",
@@ -151,7 +153,8 @@ def test_query_subset_and_paging(sandbox, http):
 
 def test_soql_parser_unit():
     query = SoqlParser("select Id from Lead where a = 'it\\'s' and (b > 2024-01-01T00:00:00.000+0000 "
-                       "or c not in ('x')) order by SystemModstamp desc nulls last, Id limit 7 offset 1").parse()
+                       "or c not in ('x')) order by SystemModstamp desc nulls last, Id "
+                       "limit 7 offset 1").parse()
     assert query.sobject == "Lead" and query.limit == 7 and query.offset == 1
     assert query.where.op == "AND" and query.where.parts[0].value.value == "it's"
     assert query.order == [("SystemModstamp", True, True), ("Id", False, None)]
@@ -175,9 +178,11 @@ def test_sosl_phone_search(sandbox, http):
     assert found("13305551234") == {contact}  # national format stored, E.164 searched
     assert found("3305551234") == {contact}
     assert found("15550001234") == set()  # stored "1234" is too short to be a suffix match
-    body = http.get(search, params={"q": "FIND {13305551234} IN PHONE FIELDS RETURNING Contact(Id, Phone)"}).json()
-    assert body["searchRecords"] == [{"attributes": {"type": "Contact", "url": f"{V}/sobjects/Contact/{contact}"},
-                                      "Id": contact, "Phone": "(330) 555-1234"}]
+    sosl = "FIND {13305551234} IN PHONE FIELDS RETURNING Contact(Id, Phone)"
+    body = http.get(search, params={"q": sosl}).json()
+    assert body["searchRecords"] == [{
+        "attributes": {"type": "Contact", "url": f"{V}/sobjects/Contact/{contact}"},
+        "Id": contact, "Phone": "(330) 555-1234"}]
     bad = http.get(search, params={"q": "FIND 123"})
     assert bad.status_code == 400 and bad.json()[0]["errorCode"] == "MALFORMED_SEARCH"
 

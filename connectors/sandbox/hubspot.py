@@ -188,6 +188,7 @@ class HubSpotSandbox(Sandbox):
         self.subscriptions: dict[str, Subscription] = {}
         self.statuses: dict[tuple[str, str], dict[str, Any]] = {}
         self.unsubscribes: list[dict[str, Any]] = []
+        self.rate_limited: list[float] = []  # when each 429 was answered
         self.subscribes: list[dict[str, Any]] = []
         self._window: deque[float] = deque()
         self._last_ms = 0
@@ -367,6 +368,7 @@ class HubSpotSandbox(Sandbox):
             with self.lock:
                 admitted = self._admit()
             if not admitted:
+                self.rate_limited.append(time.time())
                 return Response(json.dumps({
                     "status": "error", "message": "You have reached your ten_secondly_rolling limit.",
                     "errorType": "RATE_LIMIT", "correlationId": str(uuid.uuid4()),

@@ -43,14 +43,37 @@ _ROLLED_BACK = ("Record rolled back because not all records were valid and the r
                 "was using AllOrNone header")
 
 
-def sf_id18(value: str) -> str:
-    """18-char form of a 15- or 18-char id (the case-safe checksum suffix)."""
-    base = value[:15]
-    suffix = ""
+def _checksum(id15: str) -> str:
+    out = ""
     for start in (0, 5, 10):
-        bits = sum(1 << i for i, ch in enumerate(base[start:start + 5]) if "A" <= ch <= "Z")
-        suffix += _SUFFIX[bits]
+        bits = sum(1 << i for i, ch in enumerate(id15[start:start + 5]) if "A" <= ch <= "Z")
+        out += _SUFFIX[bits]
+    return out
+
+
+def restore_id(id18: str) -> str | None:
+    """An 18-char id with its case restored from the suffix (Salesforce accepts
+    18-char ids case-insensitively), or None when the suffix does not fit."""
+    suffix = id18[15:].upper()
+    if len(id18) != 18 or any(ch not in _SUFFIX for ch in suffix):
+        return None
+    base = ""
+    for pos, ch in enumerate(id18[:15]):
+        upper = _SUFFIX.index(suffix[pos // 5]) >> (pos % 5) & 1
+        if upper and not ch.isalpha():
+            return None
+        base += ch.upper() if upper else ch.lower()
     return base + suffix
+
+
+def sf_id18(value: str) -> str:
+    """18-char form of a 15- or 18-char id; lenient (for test helpers): an 18-char id
+    whose suffix does not fit is re-suffixed from its first 15 chars."""
+    if len(value) == 18:
+        restored = restore_id(value)
+        if restored is not None:
+            return restored
+    return value[:15] + _checksum(value[:15])
 
 
 def format_datetime(value: dt.datetime) -> str:
@@ -560,10 +583,10 @@ class SalesforceSandbox(Sandbox):
         return self._json([{"message": exc.message, "errorCode": exc.code}], exc.status)
 
     def _id_for(self, sobject: str, raw: str) -> str:
-        if not _ID.match(raw) or not raw.startswith(KEY_PREFIXES[sobject]):
-            raise ApiError(400, "MALFORMED_ID", f"{sobject} ID: id value of incorrect type: {raw}")
-        key = sf_id18(raw)
-        if len(raw) == 18 and raw[15:].upper() != key[15:].upper():
+        key = None
+        if _ID.match(raw):
+            key = raw + _checksum(raw) if len(raw) == 15 else restore_id(raw)
+        if key is None or not key.startswith(KEY_PREFIXES[sobject]):
             raise ApiError(400, "MALFORMED_ID", f"{sobject} ID: id value of incorrect type: {raw}")
         return key
 
