@@ -46,6 +46,10 @@ def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
                     if crm == "salesforce":
                         problems.append(f"{mapping.path}: {obj}.{channel}: {UNSUBSCRIBE} is not supported "
                                         "for Salesforce; map a field such as HasOptedOutOfEmail")
+                    elif crm == "hubspot" and not (mapping.email_unsubscribe
+                                                   and mapping.email_unsubscribe.subscription_id):
+                        problems.append(f"{mapping.path}: email_unsubscribe.subscription_id: required for "
+                                        f"{UNSUBSCRIBE} (set HUBSPOT_EMAIL_SUBSCRIPTION_ID or edit the file)")
                     continue
                 problems += _check_field(mapping.path, crm, obj, name, meta, booleans)
         for name in om.audit_fields():

@@ -231,11 +231,11 @@ class Config(_Strict):
         return [s for s in found if s]
 
 
-def _interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
+def interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
     if isinstance(value, dict):
-        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+        return {k: interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+        return [interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -266,7 +266,7 @@ def parse_config(data: Any, base_dir: Path | str = ".", env: dict[str, str] | No
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping of keys")
-    data = _interpolate(data, "", dict(os.environ) if env is None else env)
+    data = interpolate(data, "", dict(os.environ) if env is None else env)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:

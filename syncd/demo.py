@@ -1,8 +1,10 @@
 """``syncd demo``: the daemon end to end against the built-in sandbox CRMs.
 
-Starts the Salesforce simulator (HTTPS, throwaway CA), writes a config with a
-fresh SQLite journal, runs ``syncd serve`` as a real process, sends Apten's two
-published ``optOut`` examples signed, and shows the Contact before and after.
+Starts the Salesforce (HTTPS, throwaway CA), HubSpot and Close simulators,
+writes a config with a fresh SQLite journal, runs ``syncd serve`` as a real
+process, sends Apten's two published ``optOut`` examples and LOX24's published
+``phone.unsubscribe`` example, signed, plus one opt-out each for a HubSpot and a
+Close id, and shows the records before and after.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import time
 
 import click
 
-from syncd.stack import Stack, wait_for
+from syncd.stack import ALL_CRMS, Stack, wait_for
 
 # Apten's published optOut examples, byte for byte.
 APTEN_SMS = b"""{
@@ -44,39 +46,94 @@ APTEN_EMAIL = b"""{
   "timestamp": "2024-02-18T09:45:22Z"
 }
 """
-CONSENT_FIELDS = ("HasOptedOutOfEmail", "DoNotCall", "SMS_Opt_Out__c", "WhatsApp_Opt_Out__c")
+LOX24_EXAMPLE = b"""{
+"id": "ef58b437-1319-4b0c-961b-17214cf1cf32",
+"data": {
+"phone": "+4911113333444",
+"user_id": 2,
+"created_at": 1757849748,
+"campaign_code": "3KCKb5nMD",
+"additional_data": {
+"reason": {
+"id": 4,
+"label": "Es ist unverst\xc3\xa4ndlich"
+},
+"additional_text": "zus\xc3\xa4tzlicher Benutzertext mit Erkl\xc3\xa4rung"
+},
+"short_link_code": "baaIou",
+"unsubscribe_request_id": 59
+},
+"name": "phone.unsubscribe",
+"created_at": 1757849748,
+"api_version": "2022-05-25",
+"attempt_number": 1,
+"attempts_total": 4
+}
+"""
+SF_FIELDS = ("HasOptedOutOfEmail", "DoNotCall", "SMS_Opt_Out__c", "WhatsApp_Opt_Out__c")
 CONTACT = "003XX000004DHPYYA4"
+LEAD = "00QXX000001LOX22AO"
 
 
-def _fields(sf) -> str:
-    rec = sf.get_record("Contact", CONTACT)
-    return "  ".join(f"{name}={rec[name]}" for name in CONSENT_FIELDS)
+def _apten(ext_id: str, channel: str) -> bytes:
+    doc = json.loads(APTEN_SMS)
+    doc["data"].update(externalLeadId=ext_id, channel=channel)
+    return json.dumps(doc).encode()
+
+
+def _records(stack: Stack) -> list[str]:
+    sf, hs, cl = (stack.sandboxes[n] for n in ALL_CRMS)
+    contact, lead, hub = sf.get_record("Contact", CONTACT), sf.get_record("Lead", LEAD), hs.get_contact("51")
+    return [
+        f"Salesforce Contact {CONTACT}: " + "  ".join(f"{f}={contact[f]}" for f in SF_FIELDS),
+        f"Salesforce Lead    {LEAD}: " + "  ".join(f"{f}={lead[f]}" for f in SF_FIELDS),
+        "HubSpot contact 51: " + "  ".join(f"{p}={hub[p]}" for p in ("sms_opt_out", "call_opt_out")),
+        "Close lead_abc123: " + "  ".join(f"{n}={cl.custom_value('lead_abc123', n)!r}"
+                                          for n in ("SMS Opt Out", "Call Opt Out")),
+    ]
+
+
+def _landed(stack: Stack) -> bool:
+    sf, hs, cl = (stack.sandboxes[n] for n in ALL_CRMS)
+    contact = sf.get_record("Contact", CONTACT)
+    return bool(contact["SMS_Opt_Out__c"] and contact["HasOptedOutOfEmail"]
+                and sf.get_record("Lead", LEAD)["SMS_Opt_Out__c"]
+                and hs.get_contact("51")["sms_opt_out"] == "true"
+                and cl.custom_value("lead_abc123", "Call Opt Out") not in (None, "", False))
 
 
 def run_demo(keep: bool = False) -> int:
     echo = click.echo
-    stack = Stack(push_interval=0.5).start()
+    stack = Stack(crms=ALL_CRMS, push_interval=0.5).start()
     sf = stack.sandboxes["salesforce"]
     echo("syncd demo")
     echo(f"  sandbox Salesforce  {sf.url}  (HTTPS, throwaway CA {sf.tls.ca_bundle})")
+    echo(f"  sandbox HubSpot     {stack.sandboxes['hubspot'].url}")
+    echo(f"  sandbox Close       {stack.sandboxes['close'].url}/api/v1")
     echo(f"  config              {stack.config_path}")
     daemon = stack.serve()
     try:
         echo(f"  syncd serve         {stack.url}  pid {daemon.proc.pid}  log {daemon.log_path}")
         echo("")
-        echo(f"Contact {CONTACT} before:")
-        echo(f"  {_fields(sf)}")
+        echo("before:")
+        for line in _records(stack):
+            echo(f"  {line}")
         echo("")
-        for label, body in (("Apten optOut, channel sms", APTEN_SMS), ("Apten optOut, channel email", APTEN_EMAIL),
-                            ("the sms webhook again (a retry)", APTEN_SMS)):
-            resp = stack.post_apten(body)
-            echo(f"POST /webhooks/apten  {label:<34} -> {resp.status_code} {resp.text.strip()}")
+        sends = (("apten", "Apten optOut example, sms", APTEN_SMS),
+                 ("apten", "Apten optOut example, email", APTEN_EMAIL),
+                 ("apten", "the sms example again (a retry)", APTEN_SMS),
+                 ("lox24", "LOX24 phone.unsubscribe example", LOX24_EXAMPLE),
+                 ("apten", "Apten optOut, HubSpot id 51, sms", _apten("51", "sms")),
+                 ("apten", "Apten optOut, Close lead_abc123, call", _apten("lead_abc123", "call")))
+        for source, label, body in sends:
+            resp = stack.post_apten(body) if source == "apten" else stack.post_lox24(body)
+            echo(f"POST /webhooks/{source:<6} {label:<40} -> {resp.status_code} {resp.text.strip()}")
         started = time.time()
-        landed = wait_for(lambda: all(sf.get_record("Contact", CONTACT)[f] for f in
-                                      ("SMS_Opt_Out__c", "HasOptedOutOfEmail")), timeout=30)
+        landed = wait_for(lambda: _landed(stack), timeout=30)
         echo("")
-        echo(f"Contact {CONTACT} after ({time.time() - started:.1f} s):")
-        echo(f"  {_fields(sf)}")
+        echo(f"after ({time.time() - started:.1f} s):")
+        for line in _records(stack):
+            echo(f"  {line}")
         calls = len(sf.requests_to(r"/composite/sobjects$", "PATCH"))
         echo(f"  Salesforce composite update calls: {calls}")
         status = stack.syncd("status", "--json")

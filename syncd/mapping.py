@@ -7,6 +7,7 @@ the CRM's own email-unsubscribe API (HubSpot, Close) instead of a field.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connectors.types import RecordRef, RecordUpdate
-from syncd.config import ConfigError
+from syncd.config import ConfigError, interpolate
 from syncd.journal.base import Clock, Delivery
 
 UNSUBSCRIBE = "@unsubscribe"
@@ -79,13 +80,18 @@ class Mapping(_Strict):
         return self.objects.get(obj)
 
 
-def load_mapping(path: Path) -> Mapping:
+def load_mapping(path: Path, env: dict[str, str] | None = None) -> Mapping:
+    """Load and validate one mapping file; ``${VAR}`` is read from the environment."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"mapping file not found: {path}") from None
     except yaml.YAMLError:
         raise ConfigError(f"{path}: not valid YAML") from None
+    try:
+        data = interpolate(data, "", dict(os.environ) if env is None else env)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     try:
         mapping = Mapping.model_validate(data or {})
     except ValidationError as exc:

@@ -26,6 +26,8 @@ import yaml
 APTEN_SECRET = "demo-apten-secret"
 LOX24_TOKEN = "demo-lox24-token"
 SINCH_SECRET = "demo-sinch-secret"
+HUBSPOT_SUBSCRIPTION = "1001"  # the sandbox's "Marketing Information" subscription type
+ALL_CRMS = ("salesforce", "hubspot", "close")
 
 
 def free_port() -> int:
@@ -52,12 +54,24 @@ class Stack:
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> "Stack":
-        from connectors.sandbox.salesforce import SalesforceSandbox
-
         if "salesforce" in self.crms:
+            from connectors.sandbox.salesforce import SalesforceSandbox
+
             sf = SalesforceSandbox()
             seed_salesforce(sf)
             self.sandboxes["salesforce"] = sf.start()
+        if "hubspot" in self.crms:
+            from connectors.sandbox.hubspot import HubSpotSandbox
+
+            hs = HubSpotSandbox()
+            seed_hubspot(hs)
+            self.sandboxes["hubspot"] = hs.start()
+        if "close" in self.crms:
+            from connectors.sandbox.close import CloseSandbox
+
+            cl = CloseSandbox()
+            seed_close(cl)
+            self.sandboxes["close"] = cl.start()
         self.port = self.port or free_port()
         self.write_config()
         return self
@@ -82,6 +96,12 @@ class Stack:
                          "client_id": sf.client_id, "client_secret": sf.client_secret},
                 "mapping": "mappings/salesforce.yaml",
             }
+        if "hubspot" in self.sandboxes:
+            hs = self.sandboxes["hubspot"]
+            crm["hubspot"] = {"base_url": hs.url, "access_token": hs.token, "mapping": "mappings/hubspot.yaml"}
+        if "close" in self.sandboxes:
+            cl = self.sandboxes["close"]
+            crm["close"] = {"base_url": f"{cl.url}/api/v1", "api_key": cl.api_key, "mapping": "mappings/close.yaml"}
         cfg: dict[str, Any] = {
             "journal": {"url": self.journal_url or "sqlite:///syncd.db"},
             "receiver": {"host": "127.0.0.1", "port": self.port},
@@ -104,7 +124,9 @@ class Stack:
         for crm in self.crms:
             target = self.workdir / "mappings" / f"{crm}.yaml"
             if not target.exists():
-                target.write_text(default_mapping_text(crm), encoding="utf-8")
+                text = default_mapping_text(crm).replace("${HUBSPOT_EMAIL_SUBSCRIPTION_ID:-}",
+                                                         HUBSPOT_SUBSCRIPTION)
+                target.write_text(text, encoding="utf-8")
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False), encoding="utf-8")
 
     def stop(self) -> None:
@@ -151,8 +173,19 @@ def seed_salesforce(sf: Any) -> None:
                "WhatsApp_Opt_Out__c": False}
     sf.add_record("Contact", "003XX000004DHPYYA4", FirstName="Dana", LastName="Reyes",
                   Email="dana.reyes@example.com", Phone="+13305551234", **consent)
-    sf.add_record("Lead", "00QXX000001LOX24AA", FirstName="Jonas", LastName="Berg",
+    sf.add_record("Lead", "00QXX000001LOX22AO", FirstName="Jonas", LastName="Berg",
                   Company="Example GmbH", MobilePhone="+4911113333444", **consent)
+
+
+def seed_hubspot(hs: Any) -> None:
+    hs.add_contact("51", firstname="Ana", lastname="Silva", email="ana.silva@example.com",
+                   phone="+13305550151", sms_opt_out="false", call_opt_out="false", whatsapp_opt_out="false")
+
+
+def seed_close(cl: Any) -> None:
+    cl.add_lead("lead_abc123", name="Example Ltd")
+    cl.add_contact("cont_abc123", "lead_abc123", name="Sam Okafor", phones=["+13305550177"],
+                   emails=["sam.okafor@example.com"])
 
 
 @dataclass

@@ -103,3 +103,24 @@ def receiver(tmp_path):
     yield live
     live.close()
     journal.close()
+
+
+@pytest.fixture
+def crm_stack():
+    """Sandboxes of all three CRMs (no daemon process), config written."""
+    from syncd.stack import ALL_CRMS
+
+    st = Stack(crms=ALL_CRMS).start()
+    yield st
+    st.cleanup()
+
+
+@pytest.fixture
+def stack_runtime(crm_stack):
+    """An in-process runtime (journal, connectors, pusher) on the crm_stack's config."""
+    from syncd.config import load_config
+    from syncd.runtime import open_runtime
+
+    rt = open_runtime(load_config(crm_stack.config_path, env={}))
+    yield rt
+    rt.journal.close()

@@ -103,7 +103,7 @@ def test_sigterm_exits_zero_promptly(stack):
     assert any(line.get("msg") == "syncd stopped" for line in daemon.log_lines())
 
 
-LEAD = "00QXX000001LOX24AA"
+LEAD = "00QXX000001LOX22AO"
 
 
 def test_lox24_seed_flags_the_lead_found_by_phone(served):

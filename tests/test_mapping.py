@@ -65,7 +65,7 @@ def test_unmapped_object_or_channel_is_a_problem_not_a_silent_drop(tmp_path):
     mapping = load_mapping(lead_only)
     plan = plan_record(REF, [delivery(1, "opt_out", "sms", "2024-01-01T00:00:00.000000Z")], mapping, {})
     assert "no mapping for object Contact" in plan.problem
-    lead = RecordRef("salesforce", "Lead", "00QXX000001LOX24AA")
+    lead = RecordRef("salesforce", "Lead", "00QXX000001LOX22AO")
     d = delivery(1, "opt_out", "call", "2024-01-01T00:00:00.000000Z")
     d.ref = lead
     assert "maps no field for channel call" in plan_record(lead, [d], mapping, {}).problem
