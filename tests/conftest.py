@@ -71,13 +71,23 @@ class LiveReceiver:
 
         from waitress.server import create_server
 
-        self.server = create_server(app, host="127.0.0.1", port=0, threads=4)
+        self.server = create_server(app, host="127.0.0.1", port=0, threads=4, asyncore_loop_timeout=0.05)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _run(self):
+        try:
+            self.server.run()
+        except (OSError, ValueError):
+            if not self.closing:  # the loop trips over its closed socket only when we close it
+                raise
+
     def close(self):
+        self.closing = True
         self.server.close()
+        self.thread.join(2)
 
 
 @pytest.fixture
