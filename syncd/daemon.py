@@ -74,7 +74,7 @@ class Daemon:
             self.server.close()
         except Exception:  # already closed by waitress
             pass
-        finished = self.scheduler.stop(timeout=8.0)
+        finished = self.scheduler.stop(timeout=6.0)
         released = self.rt.journal.release_leases()
         log.info("syncd stopped", extra={"tick_finished": finished, "leases_released": released})
         if finished:

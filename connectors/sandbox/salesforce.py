@@ -525,6 +525,11 @@ class SalesforceSandbox(Sandbox):
         with self.lock:
             self._rejections[sf_id18(record_id)] = Rejection(status_code, message, fields or [], times)
 
+    def accept_record(self, record_id: str) -> None:
+        """Undo ``reject_record``: the admin fixed the validation rule."""
+        with self.lock:
+            self._rejections.pop(sf_id18(record_id), None)
+
     def issue_token(self) -> str:
         """A valid access token, as if obtained elsewhere (for the access_token flow)."""
         token = f"{self.ORG_ID}!{secrets.token_urlsafe(32)}"

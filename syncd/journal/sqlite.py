@@ -177,6 +177,11 @@ class SqliteJournal(SqlJournal):
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+        # Holding the lock proves no other serve runs: every live lease belongs to a
+        # process that died (kill -9, power loss), so its work is resumed at once.
+        with self._write() as cur:
+            cur.execute("UPDATE deliveries SET lease_until = 0, lease_owner = NULL "
+                        "WHERE state = 'pending' AND lease_until > 0")
 
     def close(self) -> None:
         with self._all_lock:
