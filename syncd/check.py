@@ -5,7 +5,7 @@ from connectors.errors import ConnectorError
 from syncd.config import Config, ConfigError
 from syncd.mapping import UNSUBSCRIBE, Mapping
 from syncd.masking import mask_text, register_secrets
-from syncd.runtime import build_connectors, load_mappings
+from syncd.runtime import build_connectors, build_sinch, load_mappings
 
 # Close models a flag as a one-choice "choices" field; its connector converts booleans.
 BOOLEAN_TYPES = {"boolean", "bool", "checkbox", "booleancheckbox", "choices"}
@@ -74,15 +74,9 @@ def _check_field(path: str, crm: str, obj: str, name: str, meta: dict, booleans:
 
 def _check_sinch(cfg: Config) -> list[str]:
     try:
-        from connectors.sinch import SinchConnector
-    except ImportError:  # pragma: no cover
-        return []
-    s = cfg.sinch
-    assert s is not None
-    try:
-        SinchConnector(base_url=s.base_url, auth_url=s.auth_url, project_id=s.project_id, app_id=s.app_id,
-                       key_id=s.key_id, key_secret=s.key_secret, channels=tuple(s.channels),
-                       ca_bundle=cfg.http.ca_bundle, timeout=cfg.http.timeout_seconds).check()
+        sinch = build_sinch(cfg)
+        assert sinch is not None
+        sinch.check()
     except (ConnectorError, ValueError) as exc:
         return [f"config: sinch: {mask_text(str(exc))}"]
     return []

@@ -156,6 +156,15 @@ class SinchConfig(_Strict):
     key_secret: str
     channels: list[str] = ["WHATSAPP"]
     reflect_opt_in: bool = False
+    reflect_backfill: bool = False       # first poll reads every flag already set
+    notification_timeout_seconds: float = Field(600.0, gt=0)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: list[str]) -> list[str]:
+        if not v or not all(re.fullmatch(r"[A-Z][A-Z_]{0,31}", c.upper()) for c in v):
+            raise ValueError("must be a non-empty list of Sinch channel names such as WHATSAPP")
+        return [c.upper() for c in v]
 
 
 class ScheduleConfig(_Strict):

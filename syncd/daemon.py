@@ -43,8 +43,12 @@ class Daemon:
         self._stopped = threading.Event()
 
     def extra_jobs(self) -> list[tuple[str, float, Any]]:
-        """Jobs beyond the pusher (the reflector's pollers plug in here)."""
-        return []
+        """Jobs beyond the pusher: the reflector's CRM poll and Sinch registrations."""
+        reflector = self.rt.reflector
+        if reflector is None:
+            return []
+        return [("poll", self.cfg.schedule.poll_interval_seconds, reflector.poll_once),
+                ("reflect", self.cfg.schedule.push_interval_seconds, reflector.register_due)]
 
     @property
     def port(self) -> int:

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from connectors.base import CrmConnector
 from connectors.errors import AuthFailed, ConnectorError, RateLimited
@@ -59,6 +59,10 @@ class Pusher:
         self.backoff = Backoff(retry.initial_backoff_seconds, retry.max_backoff_seconds)
         self.paused_until: dict[str, float] = {}
         self.stopping = threading.Event()  # set on SIGTERM: finish the batch in hand, take no more
+        # Sinch webhooks first settle the registration they answer (the reflector
+        # replaces this with its own, which also logs); what is left is a consent change.
+        self.reconcile: Callable[[StoredEvent], bool] = lambda event: self.journal.reconcile(
+            event, self.retry.max_attempts, self.backoff.retry_at) is not None
 
     # --- one scheduler tick ----------------------------------------------------------
     def run_once(self, max_rounds: int = 20) -> TickStats:
@@ -79,6 +83,8 @@ class Pusher:
         return len(events)
 
     def _route(self, event: StoredEvent, stats: TickStats) -> None:
+        if event.source == "sinch" and self.reconcile(event):
+            return
         ref = self.router.route_id(event.external_lead_id)
         if ref is not None:
             self.journal.add_targets(event.id, [ref])

@@ -10,6 +10,7 @@ from syncd.mapping import Mapping, load_mapping
 from syncd.masking import register_secrets
 from syncd.metrics import Metrics
 from syncd.pusher import Pusher
+from syncd.reflector import Reflector
 from syncd.routing import Router
 from syncd.sources import Source, build_sources
 
@@ -50,6 +51,17 @@ def build_connectors(cfg: Config, mappings: dict[str, Mapping]) -> dict[str, Crm
     return found
 
 
+def build_sinch(cfg: Config):
+    if cfg.sinch is None:
+        return None
+    from connectors.sinch import SinchConnector
+
+    s = cfg.sinch
+    return SinchConnector(base_url=s.base_url, auth_url=s.auth_url, project_id=s.project_id, app_id=s.app_id,
+                          key_id=s.key_id, key_secret=s.key_secret, channels=tuple(s.channels),
+                          ca_bundle=cfg.http.ca_bundle, timeout=cfg.http.timeout_seconds)
+
+
 @dataclass
 class Runtime:
     cfg: Config
@@ -60,6 +72,7 @@ class Runtime:
     connectors: dict[str, CrmConnector]
     pusher: Pusher
     metrics: Metrics = field(default_factory=Metrics)
+    reflector: Reflector | None = None
 
 
 def open_runtime(cfg: Config) -> Runtime:
@@ -71,5 +84,10 @@ def open_runtime(cfg: Config) -> Runtime:
     metrics = Metrics()
     pusher = Pusher(journal, connectors, mappings, router, cfg.retry, batch_size=cfg.schedule.batch_size,
                     lease_seconds=cfg.schedule.lease_seconds, metrics=metrics)
+    reflector = None
+    sinch = build_sinch(cfg)
+    if sinch is not None:
+        reflector = Reflector(journal, connectors, mappings, sinch, cfg)
+        pusher.reconcile = reflector.reconcile
     return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
-                   connectors=connectors, pusher=pusher, metrics=metrics)
+                   connectors=connectors, pusher=pusher, metrics=metrics, reflector=reflector)

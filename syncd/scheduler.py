@@ -23,23 +23,29 @@ class Scheduler:
         )
         self.metrics = metrics
         self.stopping = threading.Event()
-        self._busy = threading.Lock()
+        self._running = 0
+        self._idle = threading.Condition()
         self.last_ok: dict[str, float] = {}
 
     def every(self, name: str, seconds: float, fn: Callable[[], object]) -> None:
         def job() -> None:
-            if self.stopping.is_set():
-                return
-            with self._busy:
-                try:
-                    fn()
-                    self.last_ok[name] = time.time()
-                    result = "ok"
-                except Exception as exc:  # one bad tick must not stop the daemon
-                    result = "error"
-                    log.error("scheduled job failed", extra={"job": name, "error": mask_text(repr(exc))})
-                if self.metrics:
-                    self.metrics.scheduler_runs.labels(name, result).inc()
+            with self._idle:
+                if self.stopping.is_set():
+                    return
+                self._running += 1
+            try:
+                fn()
+                self.last_ok[name] = time.time()
+                result = "ok"
+            except Exception as exc:  # one bad tick must not stop the daemon
+                result = "error"
+                log.error("scheduled job failed", extra={"job": name, "error": mask_text(repr(exc))})
+            finally:
+                with self._idle:
+                    self._running -= 1
+                    self._idle.notify_all()
+            if self.metrics:
+                self.metrics.scheduler_runs.labels(name, result).inc()
 
         self._sched.add_job(job, "interval", seconds=seconds, id=name, name=name,
                             next_run_time=datetime.now(timezone.utc))
@@ -52,10 +58,9 @@ class Scheduler:
         return bool(self._sched.running) and not self.stopping.is_set()
 
     def stop(self, timeout: float = 8.0) -> bool:
-        """Stop scheduling; wait up to ``timeout`` for the running job. True if it finished."""
-        self.stopping.set()
+        """Stop scheduling; wait up to ``timeout`` for running jobs. True if they finished."""
+        with self._idle:
+            self.stopping.set()
         self._sched.shutdown(wait=False)
-        finished = self._busy.acquire(timeout=timeout)
-        if finished:
-            self._busy.release()
-        return finished
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout=timeout)

@@ -161,3 +161,65 @@ def test_one_serve_per_sqlite_file(tmp_path):
     a.close()
     b.acquire_serve_lock()
     b.close()
+
+
+# --- reflections to Sinch ------------------------------------------------------------------
+
+def test_reflection_registered_once_per_phone_and_channel(journal):
+    from syncd.journal.base import ReflectionCandidate
+
+    cand = ReflectionCandidate(REF, "+13305551234", "opt_out")
+    assert journal.add_reflections([cand, cand], ["WHATSAPP"], ("reflect:salesforce", "t1", "id1")) == 1
+    assert journal.add_reflections([cand], ["WHATSAPP"]) == 0          # a later poll sees it again
+    assert journal.get_watermark("reflect:salesforce") == ("t1", "id1")
+    assert journal.add_reflections([ReflectionCandidate(REF, "+13305551234", "opt_in")], ["WHATSAPP"]) == 1
+    assert journal.add_reflections([ReflectionCandidate(REF, "+15550000000", "opt_in")], ["WHATSAPP"]) == 0
+    assert journal.counts()["reflections"] == {"pending": 2, "done": 0, "failed": 0}
+
+
+def test_reflection_lifecycle_with_notification(journal):
+    from syncd.journal.base import ReflectionCandidate, ReflectionOutcome
+
+    journal.add_reflections([ReflectionCandidate(REF, "+13305551234", "opt_out")], ["WHATSAPP"])
+    (r,) = journal.claim_reflections(10, 60)
+    assert journal.claim_reflections(10, 60) == []
+    journal.settle_reflections([ReflectionOutcome(r.id, "registered", at=time.time() + 60)])
+    note = event(9, source="sinch", event_type="consent", kind="opt_out", channel="whatsapp",
+                 details={"status": "OPT_OUT_SUCCEEDED", "request_id": r.request_id, "sinch_channel": "WHATSAPP"})
+    stored = journal.get_event(journal.record(note).event_id)
+    assert journal.reconcile(stored, 15, lambda attempts: time.time()) == "reflection"
+    assert journal.counts()["reflections"] == {"pending": 0, "done": 1, "failed": 0}
+    assert journal.get_event(stored.id).status == "reconciled"
+
+
+def test_failed_and_missing_notifications_retry_then_die_then_replay(journal):
+    from syncd.journal.base import ReflectionCandidate, ReflectionOutcome
+
+    journal.add_reflections([ReflectionCandidate(REF, "+13305551234", "opt_out")], ["WHATSAPP"])
+    (r,) = journal.claim_reflections(10, 60)
+    journal.settle_reflections([ReflectionOutcome(r.id, "registered", at=time.time() - 1)])
+    assert journal.expire_registered(2, "no notification") == 1       # deadline passed: register again
+    (r,) = journal.claim_reflections(10, 60)
+    assert r.attempts == 2
+    journal.settle_reflections([ReflectionOutcome(r.id, "registered", at=time.time() + 60)])
+    failed = event(8, source="sinch", event_type="reflection_result", kind="opt_out", channel="whatsapp",
+                   details={"status": "OPT_OUT_FAILED", "request_id": r.request_id, "sinch_channel": "WHATSAPP",
+                            "error_details": {"description": "not a WhatsApp user"}})
+    stored = journal.get_event(journal.record(failed).event_id)
+    assert journal.reconcile(stored, 2, lambda attempts: time.time()) == "reflection"
+    (dead,) = [x for x in journal.dead_letters() if x["type"] == "reflection"]
+    assert "not a WhatsApp user" in dead["error"]
+    assert journal.counts()["reflections"]["failed"] == 1
+    # dead: Sinch never took it, so a new flag may register again; replay re-queues it
+    assert journal.replay([dead["id"]]) == 1
+    assert journal.counts()["reflections"] == {"pending": 1, "done": 0, "failed": 0}
+
+
+def test_sinch_opt_out_from_elsewhere_is_remembered(journal):
+    from syncd.journal.base import ReflectionCandidate
+
+    note = event(7, source="sinch", kind="opt_out", channel="whatsapp", phone="+13305551234",
+                 details={"status": "OPT_OUT_SUCCEEDED", "sinch_channel": "WHATSAPP"})
+    stored = journal.get_event(journal.record(note).event_id)
+    assert journal.reconcile(stored, 15, lambda attempts: time.time()) is None   # a consent change to route
+    assert journal.add_reflections([ReflectionCandidate(REF, "+13305551234", "opt_out")], ["WHATSAPP"]) == 0

@@ -78,6 +78,37 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class ReflectionCandidate:
+    """A CRM record whose mapped do-not-contact flags say this phone must (not) be
+    messaged: to be registered in Sinch once per phone and channel."""
+
+    ref: RecordRef
+    phone: str          # E.164
+    kind: str           # "opt_out" | "opt_in"
+    flagged_at: str | None = None
+
+
+@dataclass
+class Reflection:
+    id: int
+    ref: RecordRef
+    phone: str
+    channel: str        # Sinch channel name, e.g. WHATSAPP
+    kind: str
+    request_id: str
+    attempts: int
+    created_at: str
+
+
+@dataclass
+class ReflectionOutcome:
+    id: int
+    state: Literal["registered", "retry", "dead"]
+    error: str | None = None
+    at: float | None = None   # retry time, or for "registered" the notification deadline
+
+
+@dataclass(frozen=True)
 class Clock:
     occurred_at: str
     value: Any

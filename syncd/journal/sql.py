@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import socket
 import time
-import uuid
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent, iso, utcnow
-from syncd.journal.base import Clock, Delivery, Outcome, Recorded, StoredEvent
+from syncd.journal.base import (Clock, Delivery, Outcome, Recorded, Reflection, ReflectionCandidate,
+                                ReflectionOutcome, StoredEvent)
 
 SCHEMA_VERSION = 1
 
@@ -53,6 +54,9 @@ class SqlJournal:
     def _claim_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:  # pragma: no cover
         raise NotImplementedError
 
+    def _claim_reflection_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:  # pragma: no cover
+        raise NotImplementedError
+
     # --- ingest ----------------------------------------------------------------------
     def record(self, event: ConsentEvent) -> Recorded:
         now = iso(utcnow())
@@ -82,7 +86,7 @@ class SqlJournal:
     def events_to_route(self, limit: int) -> list[StoredEvent]:
         with self._read() as cur:
             cur.execute(self._sql(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE status = 'new' AND event_type = 'consent' "
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE status = 'new' "
                 "AND next_route_at <= ? ORDER BY id LIMIT ?"), (time.time(), limit))
             return [self._event(r) for r in cur.fetchall()]
 
@@ -241,7 +245,163 @@ class SqlJournal:
         }
 
     def _reflection_counts(self, cur: Any) -> dict[str, int]:
-        return {"pending": 0, "done": 0, "failed": 0}
+        cur.execute("SELECT state, COUNT(*) FROM reflections GROUP BY state")
+        by = dict(cur.fetchall())
+        return {"pending": by.get("pending", 0) + by.get("registered", 0), "done": by.get("done", 0),
+                "failed": by.get("dead", 0)}
+
+    # --- reflections to Sinch --------------------------------------------------------
+    def add_reflections(self, candidates: list[ReflectionCandidate], channels: list[str],
+                        watermark: tuple[str, str | None, str | None] | None = None) -> int:
+        """Queue registrations and move the poll watermark in one transaction, so a
+        crash between poll and register loses nothing. A phone + channel whose last
+        registration (or pending one) is already of this kind is skipped: an opt-out
+        is registered once, never in a loop. Opt-ins are queued only for phones this
+        journal knows to be opted out at Sinch."""
+        now_iso, now = iso(utcnow()), time.time()
+        created = 0
+        with self._write() as cur:
+            for c in candidates:
+                for channel in channels:
+                    cur.execute(self._sql("SELECT kind FROM sinch_state WHERE phone = ? AND channel = ?"),
+                                (c.phone, channel))
+                    row = cur.fetchone()
+                    known = row[0] if row else None
+                    if known == c.kind or (c.kind == "opt_in" and known != "opt_out"):
+                        continue
+                    cur.execute(self._sql(
+                        "INSERT INTO reflections (crm, obj, record_id, phone, channel, kind, request_id, state, "
+                        "attempts, next_attempt_at, lease_until, flagged_at, created_at) "
+                        "VALUES (?,?,?,?,?,?,?,'pending',0,?,0,?,?) RETURNING id"),
+                        (c.ref.crm, c.ref.obj, c.ref.record_id, c.phone, channel, c.kind,
+                         f"syncd-{uuid.uuid4().hex}", now, c.flagged_at, now_iso))
+                    rid = cur.fetchone()[0]
+                    self._set_sinch_state(cur, c.phone, channel, c.kind, rid, now_iso)
+                    created += 1
+            if watermark is not None:
+                name, ts, last_id = watermark
+                cur.execute(self._sql(
+                    "INSERT INTO watermarks (name, ts, last_id, updated_at) VALUES (?,?,?,?) "
+                    "ON CONFLICT (name) DO UPDATE SET ts = excluded.ts, last_id = excluded.last_id, "
+                    "updated_at = excluded.updated_at"), (name, ts, last_id, now_iso))
+                crm = name.split(":", 1)[-1]
+                cur.execute(self._sql(
+                    "INSERT INTO crm_status (crm, last_poll_at) VALUES (?, ?) "
+                    "ON CONFLICT (crm) DO UPDATE SET last_poll_at = excluded.last_poll_at"), (crm, now_iso))
+        return created
+
+    def _set_sinch_state(self, cur: Any, phone: str, channel: str, kind: str, rid: int | None, now_iso: str) -> None:
+        cur.execute(self._sql(
+            "INSERT INTO sinch_state (phone, channel, kind, reflection_id, updated_at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT (phone, channel) DO UPDATE SET kind = excluded.kind, "
+            "reflection_id = excluded.reflection_id, updated_at = excluded.updated_at"),
+            (phone, channel, kind, rid, now_iso))
+
+    def claim_reflections(self, limit: int, lease_seconds: float) -> list[Reflection]:
+        now = time.time()
+        with self._write() as cur:
+            ids = self._claim_reflection_ids(cur, now, limit, now + lease_seconds)
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            cur.execute(self._sql(
+                "SELECT id, crm, obj, record_id, phone, channel, kind, request_id, attempts, created_at "
+                f"FROM reflections WHERE id IN ({marks}) ORDER BY id"), ids)
+            rows = cur.fetchall()
+        return [Reflection(id=r[0], ref=RecordRef(r[1], r[2], r[3]), phone=r[4], channel=r[5], kind=r[6],
+                           request_id=r[7], attempts=r[8], created_at=r[9]) for r in rows]
+
+    def settle_reflections(self, outcomes: list[ReflectionOutcome]) -> None:
+        if not outcomes:
+            return
+        now_iso = iso(utcnow())
+        with self._write() as cur:
+            for o in outcomes:
+                if o.state == "registered":
+                    # Waiting for Sinch's OPT_OUT/OPT_IN notification until the deadline.
+                    cur.execute(self._sql(
+                        "UPDATE reflections SET state = 'registered', registered_at = ?, next_attempt_at = ?, "
+                        "last_error = NULL, lease_until = 0 WHERE id = ? AND state = 'pending'"),
+                        (now_iso, o.at or time.time(), o.id))
+                elif o.state == "retry":
+                    cur.execute(self._sql(
+                        "UPDATE reflections SET next_attempt_at = ?, last_error = ?, lease_until = 0 "
+                        "WHERE id = ? AND state = 'pending'"), (o.at or time.time(), o.error, o.id))
+                else:
+                    self._kill_reflection(cur, o.id, o.error)
+
+    def _kill_reflection(self, cur: Any, rid: int, error: str | None) -> None:
+        cur.execute(self._sql("UPDATE reflections SET state = 'dead', last_error = ?, lease_until = 0 "
+                              "WHERE id = ?"), (error, rid))
+        # Forget it at Sinch's side so a later flag (or a replay) can register again.
+        cur.execute(self._sql("DELETE FROM sinch_state WHERE reflection_id = ?"), (rid,))
+
+    def expire_registered(self, max_attempts: int, timeout_text: str) -> int:
+        """Registrations whose notification never came: register again, or give up."""
+        now = time.time()
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "SELECT id, attempts FROM reflections WHERE state = 'registered' AND next_attempt_at <= ?"), (now,))
+            rows = cur.fetchall()
+            for rid, attempts in rows:
+                if attempts >= max_attempts:
+                    self._kill_reflection(cur, rid, f"gave up after {attempts} attempts: {timeout_text}")
+                else:
+                    cur.execute(self._sql(
+                        "UPDATE reflections SET state = 'pending', next_attempt_at = ?, last_error = ? "
+                        "WHERE id = ?"), (now, timeout_text, rid))
+        return len(rows)
+
+    def reconcile(self, event: StoredEvent, max_attempts: int,
+                  retry_at: Callable[[int], float]) -> str | None:
+        """Join a Sinch notification to the registration it answers (by request_id,
+        else by phone + channel + kind). Returns "reflection" when it settled one,
+        "unmatched" for a result nobody asked for, None for a consent change that
+        Sinch made on its own (the caller routes it to the CRMs)."""
+        d = event.details
+        status = str(d.get("status") or "")
+        channel = str(d.get("sinch_channel") or "WHATSAPP").upper()
+        succeeded = status.endswith("_SUCCEEDED")
+        now_iso = iso(utcnow())
+        with self._write() as cur:
+            row = None
+            if d.get("request_id"):
+                cur.execute(self._sql("SELECT id, attempts FROM reflections WHERE request_id = ?"),
+                            (d["request_id"],))
+                row = cur.fetchone()
+            if row is None and event.phone:
+                cur.execute(self._sql(
+                    "SELECT id, attempts FROM reflections WHERE phone = ? AND channel = ? AND kind = ? "
+                    "AND state IN ('registered', 'pending') ORDER BY id DESC LIMIT 1"),
+                    (event.phone, channel, event.kind))
+                row = cur.fetchone()
+            if row is not None:
+                rid, attempts = row
+                if succeeded:
+                    cur.execute(self._sql(
+                        "UPDATE reflections SET state = 'done', done_at = ?, last_error = NULL, lease_until = 0 "
+                        "WHERE id = ? AND state IN ('registered', 'pending')"), (now_iso, rid))
+                else:
+                    error = f"{status}: {json.dumps(d.get('error_details'), default=str)[:500]}"
+                    if attempts >= max_attempts:
+                        self._kill_reflection(cur, rid, f"gave up after {attempts} attempts: {error}")
+                    else:
+                        cur.execute(self._sql(
+                            "UPDATE reflections SET state = 'pending', next_attempt_at = ?, last_error = ?, "
+                            "lease_until = 0 WHERE id = ? AND state IN ('registered', 'pending')"),
+                            (retry_at(attempts), error, rid))
+                self._mark_event(cur, event.id, "reconciled", f"reflection r{rid}: {status}", now_iso)
+                return "reflection"
+            if succeeded and event.phone and event.kind in ("opt_out", "opt_in"):
+                self._set_sinch_state(cur, event.phone, channel, event.kind, None, now_iso)
+                return None
+            self._mark_event(cur, event.id, "reconciled", f"no registration matches this {status or 'result'}",
+                             now_iso)
+            return "unmatched"
+
+    def _mark_event(self, cur: Any, event_id: int, status: str, reason: str, now_iso: str) -> None:
+        cur.execute(self._sql("UPDATE events SET status = ?, status_reason = ?, updated_at = ? "
+                              "WHERE id = ? AND status = 'new'"), (status, reason, now_iso, event_id))
 
     def dead_letters(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -263,6 +423,14 @@ class SqlJournal:
                              "source_event_id": r[2], "crm": None, "object": None, "record_id": None,
                              "attempts": None, "error": r[3], "received_at": r[4], "kind": r[5],
                              "channel": r[6]})
+            cur.execute(
+                "SELECT id, crm, obj, record_id, attempts, last_error, created_at, kind, channel "
+                "FROM reflections WHERE state = 'dead' ORDER BY id")
+            for r in cur.fetchall():
+                rows.append({"id": f"r{r[0]}", "type": "reflection", "event_id": None, "source": "sinch",
+                             "source_event_id": None, "crm": r[1], "object": r[2], "record_id": r[3],
+                             "attempts": r[4], "error": r[5], "received_at": r[6], "kind": r[7],
+                             "channel": r[8].lower()})
         return rows
 
     def replay(self, ids: list[str] | None) -> int:
@@ -279,9 +447,16 @@ class SqlJournal:
                 cur.execute(self._sql(
                     "UPDATE events SET status = 'new', route_attempts = 0, next_route_at = 0, "
                     "updated_at = ? WHERE status = 'quarantined'"), (now_iso,))
-                return count + (cur.rowcount or 0)
+                count += cur.rowcount or 0
+                cur.execute(self._sql("SELECT id FROM reflections WHERE state = 'dead'"))
+                for (rid,) in cur.fetchall():
+                    count += self._revive_reflection(cur, rid, now, now_iso)
+                return count
             for raw in ids:
                 kind, num = parse_letter_id(raw)
+                if kind == "r":
+                    count += self._revive_reflection(cur, num, now, now_iso)
+                    continue
                 if kind == "d":
                     cur.execute(self._sql(
                         "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, "
@@ -292,6 +467,16 @@ class SqlJournal:
                         "updated_at = ? WHERE id = ? AND status = 'quarantined'"), (now_iso, num))
                 count += cur.rowcount or 0
         return count
+
+    def _revive_reflection(self, cur: Any, rid: int, now: float, now_iso: str) -> int:
+        cur.execute(self._sql(
+            "UPDATE reflections SET state = 'pending', attempts = 0, next_attempt_at = ?, lease_until = 0 "
+            "WHERE id = ? AND state = 'dead' RETURNING phone, channel, kind"), (now, rid))
+        row = cur.fetchone()
+        if row is None:
+            return 0
+        self._set_sinch_state(cur, row[0], row[1], row[2], rid, now_iso)
+        return 1
 
     def export_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
         since_iso = iso(since.astimezone(timezone.utc)) if since else ""
@@ -334,11 +519,12 @@ class SqlJournal:
 
 
 def parse_letter_id(raw: str) -> tuple[str, int]:
-    """``d12`` (dead delivery) or ``q7`` (quarantined event); a bare number is a delivery."""
+    """``d12`` (dead delivery), ``q7`` (quarantined event) or ``r3`` (reflection to
+    Sinch); a bare number is a delivery."""
     text = raw.strip().lower()
     kind = "d"
-    if text[:1] in ("d", "q"):
+    if text[:1] in ("d", "q", "r"):
         kind, text = text[0], text[1:]
     if not text.isdigit() or len(text) > 18:
-        raise ValueError(f"not a dead-letter id: {raw!r} (expected d<N> or q<N>)")
+        raise ValueError(f"not a dead-letter id: {raw!r} (expected d<N>, q<N> or r<N>)")
     return kind, int(text)

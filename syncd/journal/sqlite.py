@@ -67,7 +67,37 @@ CREATE TABLE IF NOT EXISTS watermarks (
 CREATE TABLE IF NOT EXISTS crm_status (
   crm TEXT PRIMARY KEY, last_push_at TEXT, last_poll_at TEXT, paused_until REAL, pause_reason TEXT
 );
+CREATE TABLE IF NOT EXISTS reflections (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  crm TEXT NOT NULL, obj TEXT NOT NULL, record_id TEXT NOT NULL,
+  phone TEXT NOT NULL, channel TEXT NOT NULL, kind TEXT NOT NULL,
+  request_id TEXT NOT NULL UNIQUE,
+  state TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at REAL NOT NULL,
+  lease_until REAL NOT NULL DEFAULT 0,
+  last_error TEXT,
+  flagged_at TEXT,
+  created_at TEXT NOT NULL,
+  registered_at TEXT,
+  done_at TEXT
+);
+CREATE INDEX IF NOT EXISTS reflections_due ON reflections (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS reflections_phone ON reflections (phone, channel, state);
+CREATE INDEX IF NOT EXISTS reflections_record ON reflections (crm, obj, record_id);
+CREATE TABLE IF NOT EXISTS sinch_state (
+  phone TEXT NOT NULL, channel TEXT NOT NULL, kind TEXT NOT NULL, reflection_id INTEGER,
+  updated_at TEXT NOT NULL,
+  PRIMARY KEY (phone, channel)
+);
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+"""
+
+CLAIM_REFLECTIONS = """
+UPDATE reflections SET lease_until = ?, attempts = attempts + 1
+WHERE id IN (SELECT id FROM reflections WHERE state = 'pending' AND next_attempt_at <= ?
+             AND lease_until < ? ORDER BY next_attempt_at, id LIMIT ?)
+RETURNING id
 """
 
 CLAIM = """
@@ -160,6 +190,20 @@ class SqliteJournal(SqlJournal):
         cur.execute(CLAIM, (until, self.owner, now, now, now, limit))
         return [r[0] for r in cur.fetchall()]
 
+    def _claim_reflection_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
+        cur.execute(CLAIM_REFLECTIONS, (until, now, now, limit))
+        return [r[0] for r in cur.fetchall()]
+
+    # One serve per file: it is always the poller's leader.
+    def try_leadership(self, name: str) -> bool:
+        return True
+
+    def is_leader(self, name: str) -> bool:
+        return True
+
+    def resign(self, name: str) -> None:
+        return None
+
     # --- single-writer lock ----------------------------------------------------------
     def acquire_serve_lock(self) -> None:
         """Refuse a second ``serve`` on this file (other commands may run beside it)."""
@@ -182,6 +226,7 @@ class SqliteJournal(SqlJournal):
         with self._write() as cur:
             cur.execute("UPDATE deliveries SET lease_until = 0, lease_owner = NULL "
                         "WHERE state = 'pending' AND lease_until > 0")
+            cur.execute("UPDATE reflections SET lease_until = 0 WHERE state = 'pending' AND lease_until > 0")
 
     def close(self) -> None:
         with self._all_lock:

@@ -1,0 +1,160 @@
+"""The mirror image of the pusher: CRM do-not-contact flags -> Sinch opt-out registry.
+
+``poll_once`` asks each CRM for records changed since its watermark (cost follows
+the number of changes) and queues one registration per phone and Sinch channel
+whose mapped flags say "do not message"; the queue and the new watermark commit
+together. ``register_due`` sends queued registrations (``optouts:register``) and
+waits for Sinch's signed notification, which ``reconcile`` (called by the pusher's
+router for every Sinch webhook) joins back by ``request_id``. Missing or failed
+notifications are retried with backoff, then dead-lettered.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from connectors.base import CrmConnector
+from connectors.errors import AuthFailed, ConnectorError, RateLimited
+from connectors.types import Watermark
+from syncd.backoff import Backoff
+from syncd.config import Config
+from syncd.journal.base import Journal, ReflectionCandidate, ReflectionOutcome, StoredEvent
+from syncd.mapping import Mapping
+from syncd.masking import mask_phone, mask_text
+from syncd.phones import to_e164
+
+log = logging.getLogger("syncd.reflector")
+
+_TRUE = {"true", "yes", "y", "1", "on", "checked"}
+# Where a first poll starts, in each CRM's own watermark format: "now", so the first
+# run costs nothing (set sinch.reflect_backfill to read every flag already set).
+_START: dict[str, Callable[[datetime], str]] = {
+    "salesforce": lambda t: t.strftime("%Y-%m-%dT%H:%M:%S.000+0000"),
+    "hubspot": lambda t: str(int(t.timestamp() * 1000)),
+    "close": lambda t: t.isoformat(timespec="seconds"),
+}
+START_OVERLAP_SECONDS = 120.0
+
+
+def flag_set(value: Any) -> bool:
+    """CRMs spell a set checkbox differently: True, "true", "Yes" (a one-choice field)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)):
+        return any(flag_set(v) for v in value)
+    return isinstance(value, str) and value.strip().lower() in _TRUE
+
+
+def phones_of(values: dict[str, Any], fields: list[str], region: str) -> list[str]:
+    found: list[str] = []
+    for name in fields:
+        raw = values.get(name)
+        for item in raw if isinstance(raw, (list, tuple)) else [raw]:
+            if isinstance(item, dict):
+                item = item.get("phone")
+            if isinstance(item, str) and item.strip():
+                e164 = to_e164(item, region)
+                if e164 and e164 not in found:
+                    found.append(e164)
+    return found
+
+
+class Reflector:
+    def __init__(self, journal: Journal, connectors: dict[str, CrmConnector], mappings: dict[str, Mapping],
+                 sinch: Any, cfg: Config, *, page_limit: int = 200, max_pages: int = 50):
+        self.journal = journal
+        self.connectors = connectors
+        self.mappings = mappings
+        self.sinch = sinch
+        assert cfg.sinch is not None
+        self.channels = [c.upper() for c in cfg.sinch.channels]
+        self.reflect_opt_in = cfg.sinch.reflect_opt_in
+        self.backfill = cfg.sinch.reflect_backfill
+        self.notify_timeout = cfg.sinch.notification_timeout_seconds
+        self.region = cfg.phone.default_region
+        self.retry = cfg.retry
+        self.backoff = Backoff(cfg.retry.initial_backoff_seconds, cfg.retry.max_backoff_seconds)
+        self.page_limit = page_limit
+        self.max_pages = max_pages
+
+    # --- polling the CRMs ------------------------------------------------------------
+    def poll_once(self) -> dict[str, int]:
+        """One poll of every CRM whose mapping has a reflect section; leader only."""
+        if not self.journal.try_leadership("reflector"):
+            return {}
+        queued: dict[str, int] = {}
+        for crm, connector in self.connectors.items():
+            reflect = self.mappings[crm].reflect
+            if not reflect.fields or not reflect.phone_fields:
+                continue
+            try:
+                queued[crm] = self._poll_crm(crm, connector, reflect.fields, reflect.phone_fields)
+            except ConnectorError as exc:
+                log.warning("poll failed", extra={"crm": crm, "error": mask_text(str(exc))})
+        return queued
+
+    def _poll_crm(self, crm: str, connector: CrmConnector, flags: list[str], phone_fields: list[str]) -> int:
+        name = f"reflect:{crm}"
+        ts, last_id = self.journal.get_watermark(name)
+        if ts is None and not self.backfill:
+            start = datetime.fromtimestamp(time.time() - START_OVERLAP_SECONDS, timezone.utc)
+            self.journal.add_reflections([], self.channels, (name, _START[crm](start), None))
+            return 0
+        mark, total = Watermark(ts, last_id), 0
+        for _ in range(self.max_pages):
+            page = connector.changed_since(mark, list(dict.fromkeys([*flags, *phone_fields])), self.page_limit)
+            candidates = []
+            for rec in page.records:
+                flagged = any(flag_set(rec.values.get(f)) for f in flags)
+                if not flagged and not self.reflect_opt_in:
+                    continue
+                kind = "opt_out" if flagged else "opt_in"
+                for phone in phones_of(rec.values, phone_fields, self.region):
+                    candidates.append(ReflectionCandidate(rec.ref, phone, kind, rec.modified))
+            mark = page.next_mark
+            total += self.journal.add_reflections(candidates, self.channels, (name, mark.ts, mark.last_id))
+            if not page.more:
+                break
+        if total:
+            log.info("reflections queued", extra={"crm": crm, "count": total})
+        return total
+
+    # --- registering in Sinch --------------------------------------------------------
+    def register_due(self, limit: int = 100) -> dict[str, int]:
+        stats = {"registered": 0, "retry": 0, "dead": 0, "expired": 0}
+        stats["expired"] = self.journal.expire_registered(
+            self.retry.max_attempts, f"no notification from Sinch within {self.notify_timeout:g} s")
+        claimed = self.journal.claim_reflections(limit, lease_seconds=120)
+        outcomes = []
+        for r in claimed:
+            register = self.sinch.register_opt_out if r.kind == "opt_out" else self.sinch.register_opt_in
+            try:
+                register(r.phone, r.request_id, [r.channel])
+                outcomes.append(ReflectionOutcome(r.id, "registered", at=time.time() + self.notify_timeout))
+                log.info("reflection registered", extra={"reflection_id": r.id, "kind": r.kind,
+                                                         "channel": r.channel, "phone": mask_phone(r.phone)})
+            except ConnectorError as exc:
+                outcomes.append(self._failed(r.id, r.attempts, exc))
+        self.journal.settle_reflections(outcomes)
+        for o in outcomes:
+            stats[o.state] += 1
+        return stats
+
+    def _failed(self, rid: int, attempts: int, exc: ConnectorError) -> ReflectionOutcome:
+        text = mask_text(str(exc))[:1000]
+        if not (exc.retryable or isinstance(exc, AuthFailed)) or attempts >= self.retry.max_attempts:
+            log.error("reflection dead", extra={"reflection_id": rid, "error": text})
+            return ReflectionOutcome(rid, "dead", error=text)
+        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+        return ReflectionOutcome(rid, "retry", error=text, at=self.backoff.retry_at(attempts, retry_after))
+
+    # --- notifications ---------------------------------------------------------------
+    def reconcile(self, event: StoredEvent) -> bool:
+        """True when the Sinch webhook was a result for a registration (nothing to push)."""
+        outcome = self.journal.reconcile(event, self.retry.max_attempts, self.backoff.retry_at)
+        if outcome is not None:
+            log.info("sinch notification reconciled", extra={"event_id": event.id, "outcome": outcome,
+                                                             "status": event.details.get("status")})
+        return outcome is not None
