@@ -52,6 +52,8 @@ class Stack:
     port: int = 0
     journal_url: str | None = None
     extra_config: dict[str, Any] = field(default_factory=dict)
+    sinch: bool = False
+    poll_interval: float = 1.0
 
     def start(self) -> "Stack":
         if "salesforce" in self.crms:
@@ -73,6 +75,11 @@ class Stack:
             seed_close(cl)
             self.sandboxes["close"] = cl.start()
         self.port = self.port or free_port()
+        if self.sinch:
+            from connectors.sandbox.sinch import SinchSandbox
+
+            self.sandboxes["sinch"] = SinchSandbox(callback_url=f"{self.url}/webhooks/sinch",
+                                                   callback_secret=SINCH_SECRET).start()
         self.write_config()
         return self
 
@@ -110,11 +117,17 @@ class Stack:
             "sources": {"apten": {"secret": APTEN_SECRET}, "lox24": {"token": LOX24_TOKEN},
                         "sinch": {"secret": SINCH_SECRET}},
             "crm": crm,
-            "schedule": {"push_interval_seconds": self.push_interval, "poll_interval_seconds": 1},
+            "schedule": {"push_interval_seconds": self.push_interval,
+                         "poll_interval_seconds": self.poll_interval},
             "retry": {"max_attempts": 15, "max_age_hours": 72, "initial_backoff_seconds": 0.2,
                       "max_backoff_seconds": 2, **self.retry},
             "logging": {"level": "INFO", "format": "json"},
         }
+        if "sinch" in self.sandboxes:
+            sn = self.sandboxes["sinch"]
+            cfg["sinch"] = {"base_url": sn.url, "auth_url": f"{sn.url}/oauth2/token", "project_id": sn.project_id,
+                            "app_id": sn.app_id, "key_id": sn.key_id, "key_secret": sn.key_secret,
+                            "channels": ["WHATSAPP"], "notification_timeout_seconds": 30}
         for key, value in self.extra_config.items():
             cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
         return cfg

@@ -1,0 +1,127 @@
+"""CRM do-not-contact flags reflected to Sinch: real ``syncd serve``, Salesforce and
+Sinch simulators, Sinch's signed notification coming back to /webhooks/sinch."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from syncd.config import load_config
+from syncd.stack import Stack, wait_for
+
+pytestmark = pytest.mark.slow
+CONTACT = "003XX000004DHPYYA4"
+
+
+def status(st) -> dict:
+    return json.loads(st.syncd("status", "--json").stdout)
+
+
+def polled(st) -> str | None:
+    return status(st)["crms"].get("salesforce", {}).get("last_poll_at")
+
+
+@pytest.fixture
+def sinch_stack():
+    st = Stack(sinch=True, poll_interval=0.5).start()
+    yield st
+    st.cleanup()
+
+
+def test_admin_flag_is_registered_once_and_confirmed(sinch_stack):
+    st = sinch_stack
+    sf, sinch = st.sandboxes["salesforce"], st.sandboxes["sinch"]
+    daemon = st.serve()
+    try:
+        assert wait_for(lambda: polled(st) is not None)         # the first poll set the watermark
+        sf.set_field("Contact", CONTACT, DoNotCall=True)        # an admin edit in Salesforce
+        sf.advance(10)                                           # past the poller's settle window
+        edited = time.monotonic()
+        assert wait_for(lambda: len(sinch.registrations) == 1, timeout=15)
+        assert time.monotonic() - edited < 0.5 + 2.0             # one poll interval, plus slack
+        reg = sinch.registrations[0]
+        assert reg["kind"] == "opt_out" and reg["identities"] == [{"channel": "WHATSAPP", "identity": "13305551234"}]
+        assert reg["channels"] == ["WHATSAPP"] and reg["request_id"].startswith("syncd-")
+        assert wait_for(lambda: status(st)["reflections"] == {"pending": 0, "done": 1, "failed": 0})
+        first_poll = polled(st)
+        time.sleep(5 * 0.5 + 1.0)                                 # five more polls
+        assert polled(st) != first_poll
+        assert len(sinch.registrations) == 1
+        assert status(st)["reflections"] == {"pending": 0, "done": 1, "failed": 0}
+    finally:
+        assert daemon.terminate() == 0
+
+
+def test_failed_notification_is_retried_then_lands(sinch_stack):
+    st = sinch_stack
+    sf, sinch = st.sandboxes["salesforce"], st.sandboxes["sinch"]
+    sinch.set_outcome("13305551234", "FAILED", "recipient not reachable")
+    daemon = st.serve()
+    try:
+        assert wait_for(lambda: polled(st) is not None)
+        sf.set_field("Contact", CONTACT, WhatsApp_Opt_Out__c=True)
+        sf.advance(10)
+        assert wait_for(lambda: len(sinch.registrations) >= 1, timeout=15)
+        sinch.set_outcome("13305551234", "SUCCEEDED")
+        assert wait_for(lambda: status(st)["reflections"]["done"] == 1, timeout=20)
+        assert len(sinch.registrations) >= 2
+        assert len({r["request_id"] for r in sinch.registrations}) == 1   # the same registration, retried
+    finally:
+        assert daemon.terminate() == 0
+
+
+def test_restart_between_poll_and_register_loses_nothing_and_registers_once(sinch_stack):
+    st = sinch_stack
+    sf, sinch = st.sandboxes["salesforce"], st.sandboxes["sinch"]
+    sinch.add_fault("POST", r"optouts:register$", 503,
+                    {"error": {"code": 503, "message": "unavailable", "status": "UNAVAILABLE"}}, times=10_000)
+    daemon = st.serve()
+    assert wait_for(lambda: polled(st) is not None)
+    sf.set_field("Contact", CONTACT, DoNotCall=True)
+    sf.advance(10)
+    assert wait_for(lambda: status(st)["reflections"]["pending"] == 1, timeout=15)
+    daemon.kill9()                                   # polled and queued, never registered
+    assert sinch.registrations == []
+    sinch.faults.clear()
+    daemon = st.serve("serve2.log")
+    try:
+        assert wait_for(lambda: status(st)["reflections"]["done"] == 1, timeout=20)
+        time.sleep(2)
+        assert len(sinch.registrations) == 1
+    finally:
+        assert daemon.terminate() == 0
+
+
+def _poll_cost(unchanged: int) -> tuple[int, int]:
+    """Requests one steady-state poll makes with ``unchanged`` quiet records and 3 edits."""
+    from syncd.runtime import open_runtime
+
+    st = Stack(sinch=True).start()
+    try:
+        sf = st.sandboxes["salesforce"]
+        sf.advance(-3600)                           # the quiet records were last touched an hour ago
+        for i in range(unchanged):
+            sf.add_record("Contact", None, LastName=f"Q{i}", MobilePhone=f"+1330556{i:04d}", DoNotCall=True)
+        sf.advance(3600)
+        rt = open_runtime(load_config(st.config_path, env={}))
+        rt.reflector.poll_once()                    # first run: watermark at "now"
+        rt.reflector.poll_once()                    # a steady-state poll with nothing changed
+        sf.advance(10)
+        for i in range(3):
+            sf.add_record("Contact", None, LastName=f"N{i}", MobilePhone=f"+1330557{i:04d}", DoNotCall=True)
+        sf.advance(10)
+        sf.clear_log()
+        queued = rt.reflector.poll_once().get("salesforce", 0)
+        requests_made = len([r for r in sf.requests if "/query" in r.path])
+        rt.journal.close()
+        return requests_made, queued
+    finally:
+        st.cleanup()
+
+
+def test_poll_cost_follows_changes_not_crm_size():
+    small = _poll_cost(10)
+    large = _poll_cost(10_000)
+    assert small[1] == large[1] == 3
+    assert small[0] == large[0] >= 1
