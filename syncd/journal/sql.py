@@ -478,6 +478,21 @@ class SqlJournal:
         self._set_sinch_state(cur, row[0], row[1], row[2], rid, now_iso)
         return 1
 
+    def recent_activity(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest consent events with their targets' delivery state (status page)."""
+        with self._read() as cur:
+            cur.execute(self._sql(
+                "SELECT e.id, e.source, e.received_at, e.occurred_at, e.kind, e.channel, e.status, "
+                "e.status_reason, d.id, d.crm, d.obj, d.record_id, d.state, d.attempts, d.last_error, "
+                "d.delivered_at FROM (SELECT * FROM events WHERE event_type = 'consent' ORDER BY id DESC "
+                "LIMIT ?) e LEFT JOIN deliveries d ON d.event_id = e.id ORDER BY e.id DESC, d.id"), (limit,))
+            rows = cur.fetchall()
+        return [{"event_id": r[0], "source": r[1], "received_at": r[2], "occurred_at": r[3], "kind": r[4],
+                 "channel": r[5], "event_status": r[6], "event_reason": r[7],
+                 "delivery_id": f"d{r[8]}" if r[8] is not None else None, "crm": r[9], "object": r[10],
+                 "record_id": r[11], "state": r[12], "attempts": r[13], "error": r[14], "delivered_at": r[15]}
+                for r in rows]
+
     def export_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
         since_iso = iso(since.astimezone(timezone.utc)) if since else ""
         with self._read() as cur:
