@@ -149,7 +149,7 @@ def replay(c: Ctx, ids: tuple[str, ...], all_dead: bool) -> None:
 
 EXPORT_COLUMNS = ["event_id", "source", "source_event_id", "received_at", "occurred_at", "kind", "channel",
                   "target_crm", "target_object", "target_record", "state", "delivered_at", "attempts",
-                  "error", "outcome"]
+                  "error", "outcome", "reflection", "reflection_at", "reflection_error"]
 
 
 @cli.command()

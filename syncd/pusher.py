@@ -58,6 +58,7 @@ class Pusher:
         self.metrics = metrics
         self.backoff = Backoff(retry.initial_backoff_seconds, retry.max_backoff_seconds)
         self.paused_until: dict[str, float] = {}
+        self.paused_since: dict[str, float] = {}
         self.stopping = threading.Event()  # set on SIGTERM: finish the batch in hand, take no more
         # Sinch webhooks first settle the registration they answer (the reflector
         # replaces this with its own, which also logs); what is left is a consent change.
@@ -222,8 +223,20 @@ class Pusher:
         """A daily quota (Salesforce REQUEST_LIMIT_EXCEEDED) pauses the whole CRM
         instead of burning every delivery's retries against it."""
         if isinstance(exc, RateLimited) and exc.code == "REQUEST_LIMIT_EXCEEDED":
-            self.paused_until[crm] = time.time() + (exc.retry_after or 3600.0)
+            now = time.time()
+            if self.paused_until.get(crm, 0.0) <= now:
+                self.paused_since[crm] = now
+            self.paused_until[crm] = now + (exc.retry_after or 3600.0)
             log.error("CRM paused", extra={"crm": crm, "until": self.paused_until[crm], "error": _error_text(exc)})
+
+    def circuit_problem(self, longer_than: float) -> str | None:
+        """For /readyz: a CRM paused (open circuit) for longer than ``longer_than`` seconds."""
+        now = time.time()
+        for crm, until in self.paused_until.items():
+            since = self.paused_since.get(crm, now)
+            if until > now and now - since > longer_than:
+                return f"{crm} paused for {now - since:.0f} s (quota exceeded)"
+        return None
 
     def _too_old(self, received_at: str) -> bool:
         received = datetime.fromisoformat(received_at.replace("Z", "+00:00"))

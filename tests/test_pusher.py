@@ -118,3 +118,28 @@ def test_export_has_the_audit_fields(runtime, sf_sandbox):
     assert row["state"] == "done" and row["delivered_at"] and json.dumps(row)
 
 
+
+
+def test_daily_quota_pauses_the_crm_without_burning_retries(runtime, sf_sandbox):
+    import time
+
+    ids = contact_ids(sf_sandbox, 3)
+    for n, rid in enumerate(ids):
+        runtime.journal.record(apten_event(n, rid))
+    sf_sandbox.exhaust_quota()
+    first = runtime.pusher.run_once()
+    assert (first.retry, first.dead) == (3, 0)
+    assert len(sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH")) == 1
+    assert runtime.pusher.paused_until["salesforce"] > time.time() + 3000
+    # While paused, due work for the CRM is not sent and costs no attempt.
+    with runtime.journal._write() as cur:
+        cur.execute("UPDATE deliveries SET next_attempt_at = 0")
+    sf_sandbox.clear_log()
+    second = runtime.pusher.run_once()
+    assert (second.retry, second.dead) == (3, 0)
+    assert sf_sandbox.requests_to(r"/composite/") == []
+    with runtime.journal._write() as cur:
+        cur.execute("UPDATE deliveries SET next_attempt_at = 0")
+    assert [d.attempts for d in runtime.journal.claim(10, 60)] == [2, 2, 2]  # 1 real try, then this claim
+    assert runtime.pusher.circuit_problem(longer_than=0) is not None
+    assert runtime.pusher.circuit_problem(longer_than=900) is None

@@ -125,3 +125,29 @@ def test_poll_cost_follows_changes_not_crm_size():
     large = _poll_cost(10_000)
     assert small[1] == large[1] == 3
     assert small[0] == large[0] >= 1
+
+
+def test_source_opt_out_pushed_to_crm_is_reflected_once_and_exported(sinch_stack):
+    from tests.conftest import fixture_bytes
+
+    st = sinch_stack
+    sf, sinch = st.sandboxes["salesforce"], st.sandboxes["sinch"]
+    daemon = st.serve()
+    try:
+        assert wait_for(lambda: polled(st) is not None)
+        assert st.post_apten(fixture_bytes("apten_optout_sms.json")).status_code == 200
+        assert wait_for(lambda: sf.get_record("Contact", CONTACT)["SMS_Opt_Out__c"] is True)
+        sf.advance(10)
+        assert wait_for(lambda: status(st)["reflections"]["done"] == 1, timeout=15)
+        # Sinch's notification came back as a webhook: reconciled, not pushed to the CRM again.
+        pushes = len(sf.requests_to(r"/composite/sobjects$", "PATCH"))
+        time.sleep(5 * 0.5 + 0.5)
+        assert len(sinch.registrations) == 1
+        assert len(sf.requests_to(r"/composite/sobjects$", "PATCH")) == pushes
+        rows = [json.loads(x) for x in st.syncd("export", "--format", "jsonl").stdout.splitlines()]
+        assert sorted((r["source"], r["target_record"], r["state"], r["reflection"]) for r in rows) == [
+            ("apten", CONTACT, "done", "done"), ("sinch", None, "reconciled", None)]
+        apten = next(r for r in rows if r["source"] == "apten")
+        assert apten["reflection_at"] >= apten["delivered_at"]
+    finally:
+        assert daemon.terminate() == 0

@@ -496,20 +496,27 @@ class SqlJournal:
     def export_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
         since_iso = iso(since.astimezone(timezone.utc)) if since else ""
         with self._read() as cur:
+            # The newest registration in Sinch for the target record, if any: the proof
+            # that a CRM-side flag also reached the messaging platform.
             cur.execute(self._sql(
                 "SELECT e.id, e.source, e.source_event_id, e.received_at, e.occurred_at, e.kind, "
                 "e.channel, e.status, e.status_reason, d.crm, d.obj, d.record_id, d.state, "
-                "d.delivered_at, d.attempts, d.last_error, d.outcome "
+                "d.delivered_at, d.attempts, d.last_error, d.outcome, r.state, "
+                "COALESCE(r.done_at, r.registered_at, r.created_at), r.last_error "
                 "FROM events e LEFT JOIN deliveries d ON d.event_id = e.id "
+                "LEFT JOIN reflections r ON r.id = (SELECT MAX(x.id) FROM reflections x WHERE x.crm = d.crm "
+                "AND x.obj = d.obj AND x.record_id = d.record_id) "
                 "WHERE e.event_type = 'consent' AND e.received_at >= ? ORDER BY e.id, d.id"), (since_iso,))
             rows = cur.fetchall()
         for r in rows:
-            state = r[12] or ("quarantined" if r[7] == "quarantined" else "unrouted")
+            state = r[12] or (r[7] if r[7] in ("quarantined", "reconciled") else "unrouted")
             yield {"event_id": r[0], "source": r[1], "source_event_id": r[2], "received_at": r[3],
                    "occurred_at": r[4], "kind": r[5], "channel": r[6], "target_crm": r[9],
                    "target_object": r[10], "target_record": r[11], "state": state,
                    "delivered_at": r[13], "attempts": r[14],
-                   "error": r[15] if r[12] else r[8], "outcome": r[16]}
+                   "error": r[15] if r[12] else r[8], "outcome": r[16],
+                   "reflection": {"dead": "failed", "registered": "pending"}.get(r[17], r[17]),
+                   "reflection_at": r[18], "reflection_error": r[19]}
 
     # --- watermarks & health ---------------------------------------------------------
     def get_watermark(self, name: str) -> tuple[str | None, str | None]:

@@ -1,0 +1,54 @@
+"""A run with the seed payloads leaves no phone digits, emails, message text or
+secrets in the daemon's logs, and logs one line per event and per delivery outcome."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from syncd.stack import APTEN_SECRET, LOX24_TOKEN, SINCH_SECRET, Stack, wait_for
+from tests.conftest import fixture_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def test_logs_carry_no_personal_data_or_secrets():
+    st = Stack().start()
+    sf = st.sandboxes["salesforce"]
+    # A CRM error that echoes personal data back, as validation messages often do.
+    rejected = sf.add_record("Contact", None, LastName="Echo", Email="echo.person@example.org",
+                             Phone="+1 (415) 555-0199", SMS_Opt_Out__c=False)
+    sf.reject_record(rejected, "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+                     "Cannot opt out echo.person@example.org at +14155550199")
+    daemon = st.serve()
+    try:
+        bodies = [fixture_bytes("apten_optout_sms.json"), fixture_bytes("apten_optout_email.json"),
+                  fixture_bytes("apten_do_not_contact.json")]
+        echo = json.loads(fixture_bytes("apten_optout_sms.json"))
+        echo["data"].update(externalLeadId=rejected, phone="+14155550199", optOutMessage="STOP ALL")
+        bodies.append(json.dumps(echo).encode())
+        for body in bodies:
+            assert st.post_apten(body).status_code == 200
+        assert st.post_lox24(fixture_bytes("lox24_phone_unsubscribe.json")).status_code == 200
+        assert st.post_sinch(fixture_bytes("sinch_opt_out_notification.json")).status_code in (200, 202)
+        assert st.post_apten(b"{}", secret="wrong").status_code == 401
+        assert wait_for(lambda: json.loads(st.syncd("status", "--json").stdout)["deliveries"]["dead"] == 1)
+        assert wait_for(lambda: json.loads(st.syncd("status", "--json").stdout)["deliveries"]["pending"] == 0)
+    finally:
+        assert daemon.terminate() == 0
+        st.stop()
+    log = daemon.log()
+    lines = daemon.log_lines()
+    assert lines and len(lines) == len([x for x in log.splitlines() if x.strip()])  # every line is JSON
+    forbidden = ["3305551234", "330-555", "4911113333444", "46712312312", "4155550199", "555-0199",
+                 "dana.reyes@example.com", "echo.person@example.org", '"STOP', "STOP ALL", "unsubscribe me",
+                 "zusätzlicher", "Benutzertext", "Do not contact me",
+                 APTEN_SECRET, LOX24_TOKEN, SINCH_SECRET, sf.client_secret]
+    leaks = [f for f in forbidden if f in log]
+    assert leaks == [], leaks
+    accepted = [x for x in lines if x.get("msg") == "webhook accepted"]
+    settled = [x for x in lines if x.get("msg") == "delivery settled"]
+    assert len(accepted) == 6 and len(settled) >= 5
+    dead = [x for x in settled if x["state"] == "dead"]
+    assert dead and "FIELD_CUSTOM_VALIDATION_EXCEPTION" in dead[0]["error"]
+    assert any(x.get("msg") == "webhook refused" and x.get("status") == 401 for x in lines)
