@@ -21,6 +21,7 @@ from syncd.runtime import Runtime, open_runtime
 from syncd.scheduler import Scheduler
 
 log = logging.getLogger("syncd.daemon")
+CIRCUIT_READY_SECONDS = 900.0  # /readyz fails once a CRM has been paused this long
 
 
 class Daemon:
@@ -36,7 +37,8 @@ class Daemon:
             self.scheduler.every(name, interval, fn)
         self.app = create_app(self.rt.journal, self.rt.sources, self.rt.router,
                               max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics,
-                              scheduler_alive=lambda: self.scheduler.running)
+                              scheduler_alive=lambda: self.scheduler.running,
+                              extra_ready=lambda: self.rt.pusher.circuit_problem(CIRCUIT_READY_SECONDS))
         self.server: Any = create_server(self.app, host=cfg.receiver.host, port=cfg.receiver.port,
                                          threads=cfg.receiver.threads, ident="syncd",
                                          max_request_body_size=cfg.receiver.max_body_bytes + 1)
