@@ -38,10 +38,11 @@ class Daemon:
         self.app = create_app(self.rt.journal, self.rt.sources, self.rt.router,
                               max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics,
                               scheduler_alive=lambda: self.scheduler.running,
-                              extra_ready=lambda: self.rt.pusher.circuit_problem(CIRCUIT_READY_SECONDS))
+                              extra_ready=lambda: self.rt.pusher.circuit_problem(CIRCUIT_READY_SECONDS),
+                              status_token=cfg.receiver.status_token)
         self.server: Any = create_server(self.app, host=cfg.receiver.host, port=cfg.receiver.port,
                                          threads=cfg.receiver.threads, ident="syncd",
-                                         max_request_body_size=cfg.receiver.max_body_bytes + 1)
+                                         max_request_body_size=cfg.receiver.max_body_bytes * 2 + 1024)
         self._stopped = threading.Event()
 
     def extra_jobs(self) -> list[tuple[str, float, Any]]:
