@@ -280,10 +280,7 @@ class SqlJournal:
                     created += 1
             if watermark is not None:
                 name, ts, last_id = watermark
-                cur.execute(self._sql(
-                    "INSERT INTO watermarks (name, ts, last_id, updated_at) VALUES (?,?,?,?) "
-                    "ON CONFLICT (name) DO UPDATE SET ts = excluded.ts, last_id = excluded.last_id, "
-                    "updated_at = excluded.updated_at"), (name, ts, last_id, now_iso))
+                self._upsert_watermark(cur, name, ts, last_id, now_iso)
                 crm = name.split(":", 1)[-1]
                 cur.execute(self._sql(
                     "INSERT INTO crm_status (crm, last_poll_at) VALUES (?, ?) "
@@ -527,10 +524,13 @@ class SqlJournal:
 
     def set_watermark(self, name: str, ts: str | None, last_id: str | None) -> None:
         with self._write() as cur:
-            cur.execute(self._sql(
-                "INSERT INTO watermarks (name, ts, last_id, updated_at) VALUES (?,?,?,?) "
-                "ON CONFLICT (name) DO UPDATE SET ts = excluded.ts, last_id = excluded.last_id, "
-                "updated_at = excluded.updated_at"), (name, ts, last_id, iso(utcnow())))
+            self._upsert_watermark(cur, name, ts, last_id, iso(utcnow()))
+
+    def _upsert_watermark(self, cur: Any, name: str, ts: str | None, last_id: str | None, now_iso: str) -> None:
+        cur.execute(self._sql(
+            "INSERT INTO watermarks (name, ts, last_id, updated_at) VALUES (?,?,?,?) "
+            "ON CONFLICT (name) DO UPDATE SET ts = excluded.ts, last_id = excluded.last_id, "
+            "updated_at = excluded.updated_at"), (name, ts, last_id, now_iso))
 
     def healthcheck(self) -> None:
         """Raises unless a write transaction can commit."""

@@ -60,12 +60,12 @@ class AptenSource:
     name = "apten"
 
     def __init__(self, secret: str, default_region: str = "US"):
-        self._key = secret.encode("utf-8")
+        self._secret = secret
         self.default_region = default_region
 
     def authenticate(self, body: bytes, headers: Mapping[str, str], query: Mapping[str, str]) -> None:
         given = headers.get(SIGNATURE_HEADER) or ""
-        expected = hmac.new(self._key, body, hashlib.sha256).hexdigest()
+        expected = sign(self._secret, body)
         if not hmac.compare_digest(given.strip().lower().encode("ascii", "replace"), expected.encode("ascii")):
             raise Unauthorized(f"missing or invalid {SIGNATURE_HEADER}")
 
