@@ -41,8 +41,9 @@ def build_connectors(cfg: Config, mappings: dict[str, Mapping]) -> dict[str, Crm
         if unsub is not None:
             kwargs = {"email_subscription_id": unsub.subscription_id, "legal_basis": unsub.legal_basis,
                       "legal_basis_explanation": unsub.legal_basis_explanation}
+        # HubSpot's search index trails writes by seconds: poll a little behind.
         found["hubspot"] = HubSpotConnector(base_url=hs.base_url, access_token=hs.access_token,
-                                            ca_bundle=ca, timeout=timeout, **kwargs)
+                                            ca_bundle=ca, timeout=timeout, poll_lag_seconds=30.0, **kwargs)
     if cfg.crm.close:
         from connectors.close import CloseConnector
 
