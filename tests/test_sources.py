@@ -1,0 +1,134 @@
+"""LOX24 and Sinch parsers, phone normalization and masking, with hypothesis."""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncd.masking import mask_text, register_secrets
+from syncd.phones import to_e164
+from syncd.sources.base import BadPayload, Ignored, Unauthorized
+from syncd.sources.lox24 import Lox24Source
+from syncd.sources.sinch import SinchSource
+from tests.conftest import fixture_bytes
+
+NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+LOX = Lox24Source("lox24-test-token")
+SINCH = SinchSource("sinch-test-secret")
+json_leaf = st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20) | st.text(max_size=20)
+json_value = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
+                                                                                           max_size=3), max_leaves=10)
+
+
+def test_lox24_seed_fields():
+    ev = LOX.parse(fixture_bytes("lox24_phone_unsubscribe.json"), NOW)
+    assert (ev.source_event_id, ev.kind, ev.channel) == ("ef58b437-1319-4b0c-961b-17214cf1cf32", "opt_out", "sms")
+    assert ev.occurred_at == datetime.fromtimestamp(1757849748, timezone.utc)
+    assert ev.message == "zusätzlicher Benutzertext mit Erklärung" and ev.reason == "Es ist unverständlich"
+    assert ev.details["unsubscribe_request_id"] == 59 and ev.details["short_link_code"] == "baaIou"
+
+
+def test_lox24_token_header_or_query_only():
+    body = fixture_bytes("lox24_phone_unsubscribe.json")
+    LOX.authenticate(body, {"X-LOX24-Token": "lox24-test-token"}, {})
+    LOX.authenticate(body, {}, {"token": "lox24-test-token"})
+    for headers, query in (({}, {}), ({"X-LOX24-Token": "lox24-test-toke"}, {}), ({}, {"token": "x"}),
+                           ({"X-LOX24-Token": "ä" * 16}, {})):
+        with pytest.raises(Unauthorized):
+            LOX.authenticate(body, headers, query)
+
+
+@pytest.mark.parametrize("mutation,needle", [
+    (lambda d: d.pop("id"), "id: is required"),
+    (lambda d: d.update(id="../../x"), "id"),
+    (lambda d: d["data"].pop("phone"), "data.phone: is required"),
+    (lambda d: d["data"].update(created_at=10**30), "data.created_at"),
+    (lambda d: d["data"].update(created_at="yesterday"), "data.created_at"),
+    (lambda d: d.update(attempt_number=-1), "attempt_number"),
+    (lambda d: d["data"]["additional_data"]["reason"].update(id="four"), "data.additional_data.reason.id"),
+])
+def test_lox24_bad_payloads_name_the_field(mutation, needle):
+    doc = json.loads(fixture_bytes("lox24_phone_unsubscribe.json"))
+    mutation(doc)
+    with pytest.raises(BadPayload) as err:
+        LOX.parse(json.dumps(doc).encode(), NOW)
+    assert needle in str(err.value)
+
+
+def test_lox24_other_events_are_ignored():
+    doc = json.loads(fixture_bytes("lox24_phone_unsubscribe.json"))
+    doc["name"] = "sms.delivered"
+    assert isinstance(LOX.parse(json.dumps(doc).encode(), NOW), Ignored)
+
+
+def test_sinch_seed_flat_notifications():
+    out = SINCH.parse(fixture_bytes("sinch_opt_out_notification.json"), NOW)
+    assert (out.kind, out.channel, out.phone, out.event_type) == ("opt_out", "whatsapp", "+46712312312", "consent")
+    opt_in = SINCH.parse(fixture_bytes("sinch_opt_in_notification.json"), NOW)
+    assert (opt_in.kind, opt_in.event_type) == ("opt_in", "consent")
+
+
+@settings(max_examples=200, deadline=None)
+@given(top=st.dictionaries(st.sampled_from(["id", "name", "created_at", "api_version", "attempt_number",
+                                            "attempts_total", "data"]), json_value, max_size=7),
+       data=st.dictionaries(st.sampled_from(["phone", "user_id", "created_at", "campaign_code",
+                                             "additional_data", "unsubscribe_request_id"]), json_value, max_size=6))
+def test_lox24_any_json_parses_or_is_bad_payload(top, data):
+    doc = {"id": "ef58b437", "name": "phone.unsubscribe", **top}
+    if "data" not in top:
+        doc["data"] = data
+    try:
+        ev = LOX.parse(json.dumps(doc).encode(), NOW)
+    except BadPayload as exc:
+        assert str(exc)
+        return
+    if not isinstance(ev, Ignored):
+        assert ev.kind == "opt_out" and ev.phone_raw
+
+
+@settings(max_examples=200, deadline=None)
+@given(note=st.dictionaries(st.sampled_from(["contact_id", "channel", "identity", "status", "request_id",
+                                             "error_details"]), json_value, max_size=6),
+       envelope=st.sampled_from([None, "opt_out_notification", "opt_in_notification"]),
+       event_time=st.none() | st.text(max_size=30))
+def test_sinch_any_json_parses_or_is_bad_payload(note, envelope, event_time):
+    doc = {envelope: note} if envelope else dict(note)
+    if event_time is not None:
+        doc["event_time"] = event_time
+    try:
+        ev = SINCH.parse(json.dumps(doc).encode(), NOW)
+    except BadPayload as exc:
+        assert str(exc)
+        return
+    if not isinstance(ev, Ignored):
+        assert ev.event_type in ("consent", "reflection_result")
+        assert ev.phone is None or re.fullmatch(r"\+[1-9]\d{6,14}", ev.phone)
+
+
+@given(st.text(max_size=80))
+def test_to_e164_never_raises_and_is_e164(raw):
+    out = to_e164(raw, "US")
+    assert out is None or re.fullmatch(r"\+[1-9]\d{6,14}", out)
+
+
+@pytest.mark.parametrize("raw,region,expected", [("+13305551234", "US", "+13305551234"),
+                                                 ("(330) 555-1234", "US", "+13305551234"),
+                                                 ("0151 12345678", "DE", "+4915112345678"),
+                                                 ("12", "US", None), ("not a phone", "US", None)])
+def test_to_e164_examples(raw, region, expected):
+    assert to_e164(raw, region) == expected
+
+
+@given(digits=st.from_regex(r"\+?[1-9][0-9]{9,13}", fullmatch=True),
+       local=st.from_regex(r"[a-z]{1,10}", fullmatch=True), prefix=st.text(max_size=20))
+def test_mask_text_hides_phones_emails_and_secrets(digits, local, prefix):
+    register_secrets(["s3cr3t-value-xyz"])
+    text = f"{prefix} call {digits} or mail {local}@example.com with s3cr3t-value-xyz"
+    masked = mask_text(text)
+    assert digits.lstrip("+") not in masked
+    assert f"{local}@example.com" not in masked
+    assert "s3cr3t-value-xyz" not in masked
