@@ -17,6 +17,7 @@ from syncd.masking import mask_text
 from syncd.metrics import Metrics
 from syncd.routing import Router
 from syncd.sources import BadPayload, Ignored, Source, Unauthorized
+from syncd.status_page import register_status_page
 
 log = logging.getLogger("syncd.receiver")
 
@@ -30,7 +31,8 @@ def _error(status: int, message: str, **extra: Any) -> tuple[Response, int]:
 def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
                max_body_bytes: int = 1_048_576, metrics: Metrics | None = None,
                scheduler_alive: Callable[[], bool] | None = None,
-               extra_ready: Callable[[], str | None] | None = None) -> Flask:
+               extra_ready: Callable[[], str | None] | None = None,
+               status_token: str | None = None) -> Flask:
     app = Flask("syncd")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -129,4 +131,5 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
     def metrics_view():
         return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
+    register_status_page(app, journal, status_token)
     return app

@@ -1,0 +1,266 @@
+"""A read-only status page at ``GET /status``, for operators.
+
+Off unless ``receiver.status_token`` is set. The token travels as
+``Authorization: Bearer <token>`` or ``?token=<token>`` (so a browser can open
+the page) and is compared in constant time; a wrong or missing one gets the
+receiver's 401 JSON answer.
+
+The page is plain server-rendered HTML with no JavaScript. It shows the journal's
+counts, the newest consent events with each target's delivery state and CRM error,
+and the dead letters. Every value is autoescaped (error texts come from CRMs), and
+no phone, email or message text is queried or shown. Error texts were masked when
+they were written to the journal; they are masked again here in case an older row
+was not.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from flask import Flask, Response, jsonify, render_template_string, request
+
+from syncd.masking import mask_text
+
+log = logging.getLogger("syncd.status_page")
+
+RECENT_EVENTS = 50
+MAX_DEAD_LETTERS = 500  # the page stays small; `syncd dead-letters` lists them all
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+class StatusJournal(Protocol):
+    def counts(self) -> dict[str, Any]: ...
+    def recent_activity(self, limit: int = 50) -> list[dict[str, Any]]: ...
+    def dead_letters(self) -> list[dict[str, Any]]: ...
+
+
+def register_status_page(app: Flask, journal: StatusJournal, token: str | None) -> None:
+    """Add ``GET /status`` to ``app`` when ``token`` is set; do nothing otherwise
+    (the path then gets the app's JSON 404)."""
+    if not token:
+        return
+    expected = token.encode("utf-8")
+
+    def answer(resp: Response, status: int) -> tuple[Response, int]:
+        resp.headers.update(SECURITY_HEADERS)
+        return resp, status
+
+    def status_page() -> tuple[Response, int]:
+        supplied = _supplied_token()
+        if supplied is None or not hmac.compare_digest(supplied.encode("utf-8"), expected):
+            reason = "missing" if supplied is None else "wrong"
+            log.warning("status page refused", extra={"status": 401, "reason": f"{reason} token"})
+            resp = jsonify({"error": f"{reason} status token: send Authorization: Bearer <token> "
+                                     f"or ?token=<token>", "status": 401})
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="syncd status"'
+            return answer(resp, 401)
+        try:
+            counts = journal.counts()
+            activity = journal.recent_activity(RECENT_EVENTS)
+            letters = journal.dead_letters()
+        except Exception as exc:  # journal locked beyond its timeout, database down...
+            log.error("status page could not read the journal", extra={"error": mask_text(repr(exc))})
+            return answer(jsonify({"error": "journal unavailable, please retry", "status": 503}), 503)
+        html = render_template_string(
+            PAGE,
+            generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            counts=counts,
+            oldest=_age(counts.get("oldest_pending_age_seconds")),
+            crms=sorted((counts.get("crms") or {}).items()),
+            rows=[_activity_row(r) for r in activity],
+            recent_events=RECENT_EVENTS,
+            letters=[_letter_row(r) for r in letters[:MAX_DEAD_LETTERS]],
+            letters_total=len(letters),
+        )
+        return answer(Response(html, content_type="text/html; charset=utf-8"), 200)
+
+    app.add_url_rule("/status", "status_page", status_page, methods=["GET"])
+
+
+def _supplied_token() -> str | None:
+    """The bearer token if an Authorization header carries one, else ``?token=``."""
+    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.args.get("token") or None
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _error(value: Any) -> str:
+    return mask_text(_text(value))
+
+
+def _target(crm: Any, obj: Any, record_id: Any) -> str:
+    return ":".join(_text(p) for p in (crm, obj, record_id)) if crm else ""
+
+
+def _age(seconds: Any) -> str:
+    if seconds is None:
+        return "none"
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def _activity_row(r: dict[str, Any]) -> dict[str, str]:
+    """One event x target row; an event with no target yet is one row of its own,
+    whose state is the event's (unrouted or quarantined)."""
+    has_delivery = r.get("delivery_id") is not None
+    if has_delivery:
+        state, error = _text(r.get("state")), _error(r.get("error"))
+    else:
+        status = _text(r.get("event_status"))
+        state, error = ("unrouted" if status == "new" else status), _error(r.get("event_reason"))
+    return {
+        "kind": "delivery" if has_delivery else "event",
+        "delivery_id": _text(r.get("delivery_id")),
+        "event_id": _text(r.get("event_id")),
+        "source": _text(r.get("source")),
+        "event_kind": _text(r.get("kind")),
+        "channel": _text(r.get("channel")),
+        "received_at": _text(r.get("received_at")),
+        "target": _target(r.get("crm"), r.get("object"), r.get("record_id")),
+        "record_id": _text(r.get("record_id")),
+        "state": state,
+        "attempts": _text(r.get("attempts")),
+        "delivered_at": _text(r.get("delivered_at")),
+        "error": error,
+    }
+
+
+def _letter_row(r: dict[str, Any]) -> dict[str, str]:
+    return {
+        "id": _text(r.get("id")),
+        "type": _text(r.get("type")),
+        "event_id": _text(r.get("event_id")),
+        "source": _text(r.get("source")),
+        "event_kind": _text(r.get("kind")),
+        "channel": _text(r.get("channel")),
+        "received_at": _text(r.get("received_at")),
+        "target": _target(r.get("crm"), r.get("object"), r.get("record_id")),
+        "attempts": _text(r.get("attempts")),
+        "error": _error(r.get("error")),
+    }
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex, nofollow">
+<title>syncd status</title>
+<style>
+body { font: 14px/1.4 system-ui, "Liberation Sans", Arial, sans-serif; margin: 1.5em; color: #1b1f24; }
+h1 { font-size: 1.5em; margin: 0 0 .2em; }
+h2 { font-size: 1.15em; margin: 1.6em 0 .5em; }
+p.meta { color: #57606a; margin: 0 0 1em; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #d0d7de; padding: .3em .6em; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.id, td.target, td.time { font-family: ui-monospace, "Liberation Mono", monospace; font-size: 12px; }
+td.time { white-space: nowrap; }
+td.error { max-width: 36em; overflow-wrap: anywhere; color: #82071e; }
+.state-done td.state { color: #116329; font-weight: 600; }
+.state-dead td.state, .status-quarantined td.state { color: #82071e; font-weight: 600; }
+.state-pending td.state, .status-unrouted td.state { color: #7d4e00; }
+tr.dead-letter td.id { font-weight: 600; }
+p.empty { color: #57606a; font-style: italic; }
+</style>
+</head>
+<body>
+<h1>syncd status</h1>
+<p class="meta">Read-only. Generated {{ generated_at }}; reload for fresh numbers.</p>
+
+<section id="counts">
+<h2>Counts</h2>
+<table class="counts">
+<tr><th>Deliveries</th>
+<td>pending <span data-count="deliveries-pending">{{ counts.deliveries.pending }}</span></td>
+<td>retrying <span data-count="deliveries-retrying">{{ counts.deliveries.retrying }}</span></td>
+<td>done <span data-count="deliveries-done">{{ counts.deliveries.done }}</span></td>
+<td>dead <span data-count="deliveries-dead">{{ counts.deliveries.dead }}</span></td></tr>
+<tr><th>Events</th>
+<td>received <span data-count="events-received">{{ counts.events.received }}</span></td>
+<td>unrouted <span data-count="events-unrouted">{{ counts.events.unrouted }}</span></td>
+<td>quarantined <span data-count="quarantined">{{ counts.quarantined }}</span></td>
+<td>oldest pending <span data-count="oldest-pending">{{ oldest }}</span></td></tr>
+<tr><th>Reflections to Sinch</th>
+<td>pending <span data-count="reflections-pending">{{ counts.reflections.pending }}</span></td>
+<td>done <span data-count="reflections-done">{{ counts.reflections.done }}</span></td>
+<td>failed <span data-count="reflections-failed">{{ counts.reflections.failed }}</span></td>
+<td></td></tr>
+{% for name, info in crms %}
+<tr class="crm" data-crm="{{ name }}"><th>{{ name }}</th>
+<td colspan="2">last push <span class="time">{{ info.last_push_at or "never" }}</span></td>
+<td colspan="2">last poll <span class="time">{{ info.last_poll_at or "never" }}</span></td></tr>
+{% endfor %}
+</table>
+</section>
+
+<section id="recent">
+<h2>Recent events and deliveries <small>(newest {{ recent_events }} events)</small></h2>
+{% if rows %}
+<table class="activity">
+<thead><tr><th>Event</th><th>Source</th><th>Kind</th><th>Channel</th><th>Received</th>
+<th>Target (crm:object:record)</th><th>State</th><th>Attempts</th><th>Delivered</th><th>Error</th></tr></thead>
+<tbody>
+{% for r in rows %}
+{% if r.kind == "delivery" %}
+<tr class="delivery state-{{ r.state }}" data-delivery="{{ r.delivery_id }}" data-event="{{ r.event_id }}" data-record="{{ r.record_id }}">
+{% else %}
+<tr class="event status-{{ r.state }}" data-event="{{ r.event_id }}">
+{% endif %}
+<td class="id num">{{ r.event_id }}</td><td>{{ r.source }}</td><td>{{ r.event_kind }}</td><td>{{ r.channel }}</td>
+<td class="time">{{ r.received_at }}</td><td class="target">{{ r.target }}</td><td class="state">{{ r.state }}</td>
+<td class="num">{{ r.attempts }}</td><td class="time">{{ r.delivered_at }}</td><td class="error">{{ r.error }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+{% else %}
+<p class="empty">No events yet.</p>
+{% endif %}
+</section>
+
+<section id="dead-letters">
+<h2>Dead letters <small>({{ letters_total }})</small></h2>
+{% if letters %}
+{% if letters_total > letters|length %}
+<p class="meta">Showing the first {{ letters|length }} of {{ letters_total }}; <code>syncd dead-letters</code> lists them all.</p>
+{% endif %}
+<table class="dead-letters">
+<thead><tr><th>Id</th><th>Type</th><th>Event</th><th>Source</th><th>Kind</th><th>Channel</th><th>Received</th>
+<th>Target (crm:object:record)</th><th>Attempts</th><th>Error</th></tr></thead>
+<tbody>
+{% for d in letters %}
+<tr class="dead-letter type-{{ d.type }}" data-id="{{ d.id }}">
+<td class="id">{{ d.id }}</td><td>{{ d.type }}</td><td class="num">{{ d.event_id }}</td><td>{{ d.source }}</td>
+<td>{{ d.event_kind }}</td><td>{{ d.channel }}</td><td class="time">{{ d.received_at }}</td>
+<td class="target">{{ d.target }}</td><td class="num">{{ d.attempts }}</td><td class="error">{{ d.error }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+<p class="meta">Re-queue with <code>syncd replay ID</code> once the cause is fixed.</p>
+{% else %}
+<p class="empty">No dead letters.</p>
+{% endif %}
+</section>
+</body>
+</html>
+"""
