@@ -135,3 +135,17 @@ def test_phone_with_no_record_is_quarantined_then_replayed_once_fixed(served):
                          SMS_Opt_Out__c=False)
     assert stack.syncd("replay", row["id"]).stdout.strip() == "re-queued 1"
     assert wait_for(lambda: sf.get_record("Lead", lead)["SMS_Opt_Out__c"] is True)
+
+
+def test_metrics_and_readiness_of_a_running_daemon(served):
+    stack, _ = served
+    assert stack.post_apten(fixture_bytes("apten_optout_sms.json")).status_code == 200
+    assert wait_for(lambda: contact(stack)["SMS_Opt_Out__c"])
+    assert requests.get(f"{stack.url}/readyz", timeout=10).json() == {"status": "ready"}
+    text = requests.get(f"{stack.url}/metrics", timeout=10).text
+    for name in ('syncd_events_received_total{outcome="accepted",source="apten"} 1.0',
+                 'syncd_deliveries{state="done"} 1.0', "syncd_journal_oldest_pending_age_seconds ",
+                 'syncd_crm_requests_total{crm="salesforce",status="ok"}', "syncd_push_duration_seconds_bucket",
+                 'syncd_deliveries{state="quarantined"} 0.0'):
+        assert name in text, name
+    assert "3305551234" not in text and "003XX" not in text   # no personal data or ids in labels

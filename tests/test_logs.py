@@ -52,3 +52,28 @@ def test_logs_carry_no_personal_data_or_secrets():
     dead = [x for x in settled if x["state"] == "dead"]
     assert dead and "FIELD_CUSTOM_VALIDATION_EXCEPTION" in dead[0]["error"]
     assert any(x.get("msg") == "webhook refused" and x.get("status") == 401 for x in lines)
+
+
+def test_text_format_is_masked_too():
+    import io
+    import logging
+
+    from syncd.logs import setup_logging
+    from syncd.masking import register_secrets
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    setup_logging("INFO", "text", stream=stream)
+    register_secrets(["text-format-secret"])
+    try:
+        raise ValueError("refused +4911113333444 for pat@example.com with text-format-secret")
+    except ValueError:
+        logging.getLogger("syncd.test").exception("push failed", extra={"crm": "close", "phone": "+13305551234"})
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    out = stream.getvalue()
+    assert "push failed" in out and "crm=close" in out and not out.lstrip().startswith("{")
+    for leak in ("4911113333444", "pat@example.com", "text-format-secret", "3305551234"):
+        assert leak not in out, leak

@@ -143,3 +143,30 @@ def test_daily_quota_pauses_the_crm_without_burning_retries(runtime, sf_sandbox)
     assert [d.attempts for d in runtime.journal.claim(10, 60)] == [2, 2, 2]  # 1 real try, then this claim
     assert runtime.pusher.circuit_problem(longer_than=0) is not None
     assert runtime.pusher.circuit_problem(longer_than=900) is None
+
+
+def test_retries_are_bounded_by_attempts(runtime, sf_sandbox):
+    import time
+
+    runtime.pusher.retry = runtime.pusher.retry.model_copy(update={"max_attempts": 2})
+    runtime.journal.record(apten_event(1, "003XX000004DHPY"))
+    sf_sandbox.add_fault("PATCH", r"/composite/sobjects$", 503,
+                         [{"errorCode": "SERVER_UNAVAILABLE", "message": "maintenance"}], times=100)
+    assert runtime.pusher.run_once().retry == 1
+    with runtime.journal._write() as cur:
+        cur.execute("UPDATE deliveries SET next_attempt_at = 0")
+    time.sleep(0.01)
+    assert runtime.pusher.run_once().dead == 1
+    (dead,) = runtime.journal.dead_letters()
+    assert dead["error"].startswith("gave up after 2 attempts: ") and "maintenance" in dead["error"]
+
+
+def test_retries_are_bounded_by_age(runtime, sf_sandbox):
+    runtime.pusher.retry = runtime.pusher.retry.model_copy(update={"max_age_hours": 1.0})
+    old = apten_event(1, "003XX000004DHPY")
+    old.received_at = datetime.now(timezone.utc) - timedelta(hours=2)
+    runtime.journal.record(old)
+    sf_sandbox.add_fault("PATCH", r"/composite/sobjects$", 503,
+                         [{"errorCode": "SERVER_UNAVAILABLE", "message": "maintenance"}], times=100)
+    assert runtime.pusher.run_once().dead == 1
+    assert runtime.journal.dead_letters()[0]["error"].startswith("gave up after 1 h: ")

@@ -45,6 +45,8 @@ def test_admin_flag_is_registered_once_and_confirmed(sinch_stack):
         assert reg["channels"] == ["WHATSAPP"] and reg["request_id"].startswith("syncd-")
         assert wait_for(lambda: status(st)["reflections"] == {"pending": 0, "done": 1, "failed": 0})
         first_poll = polled(st)
+        sf.set_field("Contact", CONTACT, DoNotCall=False)       # cleared: not reflected by default
+        sf.advance(10)
         time.sleep(5 * 0.5 + 1.0)                                 # five more polls
         assert polled(st) != first_poll
         assert len(sinch.registrations) == 1
@@ -151,3 +153,21 @@ def test_source_opt_out_pushed_to_crm_is_reflected_once_and_exported(sinch_stack
         assert apten["reflection_at"] >= apten["delivered_at"]
     finally:
         assert daemon.terminate() == 0
+
+
+def test_cleared_flag_registers_an_opt_in_only_when_enabled():
+    st = Stack(sinch=True, poll_interval=0.5, extra_config={"sinch": {"reflect_opt_in": True}}).start()
+    sf, sinch = st.sandboxes["salesforce"], st.sandboxes["sinch"]
+    daemon = st.serve()
+    try:
+        assert wait_for(lambda: polled(st) is not None)
+        sf.set_field("Contact", CONTACT, DoNotCall=True)
+        sf.advance(10)
+        assert wait_for(lambda: status(st)["reflections"]["done"] == 1, timeout=15)
+        sf.set_field("Contact", CONTACT, DoNotCall=False)   # the admin clears the flag
+        sf.advance(10)
+        assert wait_for(lambda: status(st)["reflections"]["done"] == 2, timeout=15)
+        assert [r["kind"] for r in sinch.registrations] == ["opt_out", "opt_in"]
+    finally:
+        assert daemon.terminate() == 0
+        st.cleanup()
