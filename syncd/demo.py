@@ -4,7 +4,9 @@ Starts the Salesforce (HTTPS, throwaway CA), HubSpot and Close simulators,
 writes a config with a fresh SQLite journal, runs ``syncd serve`` as a real
 process, sends Apten's two published ``optOut`` examples and LOX24's published
 ``phone.unsubscribe`` example, signed, plus one opt-out each for a HubSpot and a
-Close id, and shows the records before and after.
+Close id, and shows the records before and after. Then it reflects those
+do-not-contact flags to the Sinch simulator (``optouts:register``) and shows the
+signed notifications reconciling them.
 """
 from __future__ import annotations
 
@@ -104,12 +106,13 @@ def _landed(stack: Stack) -> bool:
 
 def run_demo(keep: bool = False) -> int:
     echo = click.echo
-    stack = Stack(crms=ALL_CRMS, push_interval=0.5).start()
+    stack = Stack(crms=ALL_CRMS, push_interval=0.5, sinch=True, poll_interval=0.5).start()
     sf = stack.sandboxes["salesforce"]
     echo("syncd demo")
     echo(f"  sandbox Salesforce  {sf.url}  (HTTPS, throwaway CA {sf.tls.ca_bundle})")
     echo(f"  sandbox HubSpot     {stack.sandboxes['hubspot'].url}")
     echo(f"  sandbox Close       {stack.sandboxes['close'].url}/api/v1")
+    echo(f"  sandbox Sinch       {stack.sandboxes['sinch'].url}")
     echo(f"  config              {stack.config_path}")
     daemon = stack.serve()
     try:
@@ -136,6 +139,15 @@ def run_demo(keep: bool = False) -> int:
             echo(f"  {line}")
         calls = len(sf.requests_to(r"/composite/sobjects$", "PATCH"))
         echo(f"  Salesforce composite update calls: {calls}")
+        echo("")
+        sinch = stack.sandboxes["sinch"]
+        sf.advance(10)  # the org's clock moves past the poller's settle window
+        reflected = wait_for(lambda: json.loads(stack.syncd("status", "--json").stdout)["reflections"]["done"] >= 2,
+                             timeout=30)
+        echo("CRM flags reflected to Sinch (optouts:register, confirmed by signed OPT_OUT notifications):")
+        for reg in sinch.registrations:
+            who = ", ".join(f"{i['channel']} +{i['identity'][:2]}***{i['identity'][-3:]}" for i in reg["identities"])
+            echo(f"  {reg['kind']:<8} {who}  request_id {reg['request_id']}")
         status = stack.syncd("status", "--json")
         echo("")
         echo("syncd status --json")
@@ -146,7 +158,7 @@ def run_demo(keep: bool = False) -> int:
                 daemon.proc.wait()
             except KeyboardInterrupt:
                 pass
-        return 0 if landed else 1
+        return 0 if landed and reflected else 1
     finally:
         daemon.terminate()
         stack.cleanup()

@@ -237,7 +237,7 @@ class SqlJournal:
             "deliveries": {"pending": by_state.get("pending", 0), "retrying": retrying,
                            "done": by_state.get("done", 0), "dead": by_state.get("dead", 0)},
             "events": {"received": sum(by_status.values()), "unrouted": by_status.get("new", 0),
-                       "routed": by_status.get("routed", 0)},
+                       "routed": by_status.get("routed", 0), "reconciled": by_status.get("reconciled", 0)},
             "quarantined": by_status.get("quarantined", 0),
             "reflections": reflections,
             "oldest_pending_age_seconds": age,
