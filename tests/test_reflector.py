@@ -171,3 +171,27 @@ def test_cleared_flag_registers_an_opt_in_only_when_enabled():
     finally:
         assert daemon.terminate() == 0
         st.cleanup()
+
+
+def test_hubspot_and_close_flags_are_polled_and_registered():
+    from syncd.runtime import open_runtime
+    from syncd.stack import ALL_CRMS
+
+    st = Stack(crms=ALL_CRMS, sinch=True).start()
+    try:
+        hs, cl, sinch = st.sandboxes["hubspot"], st.sandboxes["close"], st.sandboxes["sinch"]
+        rt = open_runtime(load_config(st.config_path, env={}))
+        rt.connectors["hubspot"].poll_lag_seconds = 0.0   # the simulator's search index has no lag
+        assert rt.reflector.poll_once() == {"salesforce": 0, "hubspot": 0, "close": 0}  # watermarks at "now"
+        time.sleep(1.1)
+        hs.set_property("51", "call_opt_out", "true")
+        cl.set_custom("lead_abc123", "Call Opt Out", "Yes")
+        queued = rt.reflector.poll_once()
+        assert (queued["hubspot"], queued["close"]) == (1, 1)
+        assert rt.reflector.register_due()["registered"] == 2
+        phones = sorted(i["identity"] for r in sinch.registrations for i in r["identities"])
+        assert phones == ["13305550151", "13305550177"]
+        assert rt.reflector.poll_once() == {"salesforce": 0, "hubspot": 0, "close": 0}
+        rt.journal.close()
+    finally:
+        st.cleanup()
