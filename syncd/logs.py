@@ -54,3 +54,5 @@ def setup_logging(level: str = "INFO", fmt: str = "json", stream=None) -> None:
     # Libraries log full URLs and payloads at DEBUG; keep them quiet unless asked.
     for noisy in ("urllib3", "waitress", "apscheduler", "werkzeug", "simple_salesforce", "hubspot"):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # waitress warns on every request queued behind busy threads: normal under a burst.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)

@@ -78,17 +78,20 @@ class Pusher:
 
     # --- routing ---------------------------------------------------------------------
     def route_pending(self, stats: TickStats) -> int:
-        events = self.journal.events_to_route(self.batch_size)
+        events = self.journal.events_to_route(self.batch_size, self.lease_seconds)
+        by_id: list[tuple[int, list[RecordRef]]] = []
         for event in events:
-            self._route(event, stats)
+            self._route(event, stats, by_id)
+        # Events routed by id need no I/O: their deliveries commit together.
+        self.journal.add_targets_many(by_id)
         return len(events)
 
-    def _route(self, event: StoredEvent, stats: TickStats) -> None:
+    def _route(self, event: StoredEvent, stats: TickStats, by_id: list[tuple[int, list[RecordRef]]]) -> None:
         if event.source == "sinch" and self.reconcile(event):
             return
         ref = self.router.route_id(event.external_lead_id)
         if ref is not None:
-            self.journal.add_targets(event.id, [ref])
+            by_id.append((event.id, [ref]))
             stats.routed += 1
             log.info("event routed", extra={"event_id": event.id, "source": event.source,
                                             "targets": [f"{ref.crm}:{ref.obj}:{ref.record_id}"], "by": "id"})
@@ -134,9 +137,19 @@ class Pusher:
 
     # --- pushing ---------------------------------------------------------------------
     def push_due(self, stats: TickStats) -> int:
-        claimed = self.journal.claim(self.batch_size, self.lease_seconds)
-        if not claimed:
-            return 0
+        """Claim and push one batch per CRM, so each CRM's batches fill up to its own
+        limit (Salesforce 200, HubSpot 100) whatever order events arrived in; a last
+        claim across CRMs picks up deliveries for CRMs no longer configured.
+        Returns the largest batch claimed (a full one means: go again)."""
+        fullest = 0
+        for crm in [*self.connectors, None]:
+            claimed = self.journal.claim(self.batch_size, self.lease_seconds, crm)
+            if claimed:
+                self._push_claimed(claimed, stats)
+            fullest = max(fullest, len(claimed))
+        return fullest
+
+    def _push_claimed(self, claimed: list[Delivery], stats: TickStats) -> None:
         stats.claimed += len(claimed)
         by_crm: dict[str, list[Delivery]] = defaultdict(list)
         for d in claimed:
@@ -153,7 +166,6 @@ class Pusher:
                 "delivery_id": o.delivery_id, "state": o.state, "note": o.note,
                 "crm": o.ref.crm if o.ref else None,
                 "record": f"{o.ref.obj}:{o.ref.record_id}" if o.ref else None, "error": o.error})
-        return len(claimed)
 
     def _push_crm(self, crm: str, deliveries: list[Delivery]) -> list[Outcome]:
         connector, mapping = self.connectors.get(crm), self.mappings.get(crm)

@@ -45,8 +45,8 @@ def test_ids_route_to_hubspot_and_close_and_email_uses_unsubscribe_apis(served_a
     assert hs.get_contact("51")["call_opt_out"] == "false"          # other channels untouched
     assert cl.custom_value("lead_abc123", "SMS Opt Out") in (None, "", False)
     assert sf.requests_to(r"/composite/") == []                     # nothing went to Salesforce
-    status = json.loads(st.syncd("status", "--json").stdout)
-    assert status["deliveries"] == {"pending": 0, "retrying": 0, "done": 4, "dead": 0}
+    assert wait_for(lambda: json.loads(st.syncd("status", "--json").stdout)["deliveries"]
+                    == {"pending": 0, "retrying": 0, "done": 4, "dead": 0})
 
 
 def test_phone_lookup_spans_every_crm(served_all):
@@ -55,9 +55,10 @@ def test_phone_lookup_spans_every_crm(served_all):
     assert st.post_lox24(fixture_bytes("lox24_phone_unsubscribe.json")).status_code == 200
     assert wait_for(lambda: st.sandboxes["hubspot"].get_contact("77")["sms_opt_out"] == "true")
     assert wait_for(lambda: st.sandboxes["salesforce"].get_record("Lead", "00QXX000001LOX22AO")["SMS_Opt_Out__c"])
-    rows = [json.loads(x) for x in st.syncd("export", "--format", "jsonl").stdout.splitlines()]
-    assert sorted(r["target_crm"] for r in rows) == ["hubspot", "salesforce"]
-    assert all(r["state"] == "done" for r in rows)
+    def exported():
+        return [json.loads(x) for x in st.syncd("export", "--format", "jsonl").stdout.splitlines()]
+    assert wait_for(lambda: [r["state"] for r in exported()] == ["done", "done"])
+    assert sorted(r["target_crm"] for r in exported()) == ["hubspot", "salesforce"]
 
 
 def event(n: int, ext_id: str, channel: str = "sms") -> ConsentEvent:
@@ -110,3 +111,18 @@ def test_close_rate_limit_retry_after_is_honoured(crm_stack, stack_runtime):
     assert len(puts) == 2 and puts[1] - puts[0] >= 0.95
     assert cl.custom_value("lead_abc123", "WhatsApp Opt Out") is True
     assert time.time() - started < 10
+
+
+def test_interleaved_arrivals_still_fill_each_crms_batches(crm_stack, stack_runtime):
+    sf, hs = crm_stack.sandboxes["salesforce"], crm_stack.sandboxes["hubspot"]
+    sf_ids = [sf.add_record("Contact", None, LastName=f"I{i}", SMS_Opt_Out__c=False) for i in range(400)]
+    hs_ids = [hs.add_contact(None, sms_opt_out="false") for _ in range(400)]
+    for n, (a, b) in enumerate(zip(sf_ids, hs_ids)):
+        stack_runtime.journal.record(event(2 * n, a))
+        stack_runtime.journal.record(event(2 * n + 1, b))
+    sf.clear_log()
+    hs.clear_log()
+    stats = stack_runtime.pusher.run_once()
+    assert (stats.done, stats.dead) == (800, 0)
+    assert [len(r.json()["records"]) for r in sf.requests_to(r"/composite/sobjects$", "PATCH")] == [200, 200]
+    assert [len(r.json()["inputs"]) for r in hs.requests_to(r"/batch/update$", "POST")] == [100] * 4

@@ -223,3 +223,11 @@ def test_sinch_opt_out_from_elsewhere_is_remembered(journal):
     stored = journal.get_event(journal.record(note).event_id)
     assert journal.reconcile(stored, 15, lambda attempts: time.time()) is None   # a consent change to route
     assert journal.add_reflections([ReflectionCandidate(REF, "+13305551234", "opt_out")], ["WHATSAPP"]) == 0
+
+
+def test_events_are_leased_for_routing(journal):
+    rec = journal.record(event(1))
+    assert [e.id for e in journal.events_to_route(10, lease_seconds=0.2)] == [rec.event_id]
+    assert journal.events_to_route(10) == []          # another replica sees nothing while leased
+    time.sleep(0.3)
+    assert [e.id for e in journal.events_to_route(10)] == [rec.event_id]  # routing died: offered again

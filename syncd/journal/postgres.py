@@ -133,6 +133,7 @@ CLAIM = """
 WITH due AS (
   SELECT d.id FROM deliveries d
   WHERE d.state = 'pending' AND d.next_attempt_at <= %(now)s AND d.lease_until < %(now)s
+    AND (%(crm)s::text IS NULL OR d.crm = %(crm)s::text)
     AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.crm = d.crm AND o.obj = d.obj
                     AND o.record_id = d.record_id AND o.state = 'pending'
                     AND o.lease_until >= %(now)s)
@@ -297,7 +298,7 @@ class PostgresJournal(SqlJournal):
                                           f"{self._scrub(str(exc))}") from None
 
     # --- claims ----------------------------------------------------------------------
-    def _claim_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
+    def _claim_ids(self, cur: Any, now: float, limit: int, until: float, crm: str | None = None) -> list[int]:
         """Lease due deliveries, with SQLite's CLAIM semantics.
 
         ``FOR UPDATE SKIP LOCKED`` alone is not enough here: the rule "no other
@@ -315,8 +316,10 @@ class PostgresJournal(SqlJournal):
         claim from waiting on rows a concurrent settle/replay is updating.
         """
         cur.execute("SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))", (CLAIM_LOCK_CLASS, self.schema))
-        cur.execute(CLAIM, {"now": now, "limit": limit, "until": until, "owner": self.owner})
+        cur.execute(CLAIM, {"now": now, "limit": limit, "until": until, "owner": self.owner, "crm": crm})
         return [int(r[0]) for r in cur.fetchall()]
+
+    _skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def _claim_reflection_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
         cur.execute(CLAIM_REFLECTIONS, {"now": now, "limit": limit, "until": until})

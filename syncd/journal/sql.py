@@ -51,7 +51,8 @@ class SqlJournal:
     def _sql(self, sql: str) -> str:
         return sql
 
-    def _claim_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:  # pragma: no cover
+    def _claim_ids(self, cur: Any, now: float, limit: int, until: float,
+                   crm: str | None = None) -> list[int]:  # pragma: no cover
         raise NotImplementedError
 
     def _claim_reflection_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:  # pragma: no cover
@@ -59,35 +60,48 @@ class SqlJournal:
 
     # --- ingest ----------------------------------------------------------------------
     def record(self, event: ConsentEvent) -> Recorded:
+        with self._write() as cur:
+            return self._insert_event(cur, event)
+
+    def _insert_event(self, cur: Any, event: ConsentEvent) -> Recorded:
         now = iso(utcnow())
-        status = "quarantined" if event.quarantine_reason else "new"
-        if event.event_type != "consent":
-            status = "new"
+        status = "quarantined" if event.quarantine_reason and event.event_type == "consent" else "new"
         row = (event.source, event.source_event_id, event.event_type, event.kind, event.channel,
                event.external_lead_id, event.phone, event.phone_raw, event.email, event.reason,
                event.message, iso(event.occurred_at), iso(event.received_at),
                json.dumps(event.details, default=str, ensure_ascii=False), event.raw, status,
                event.quarantine_reason, now)
-        with self._write() as cur:
-            cur.execute(self._sql(
-                "INSERT INTO events (source, source_event_id, event_type, kind, channel, "
-                "external_lead_id, phone, phone_raw, email, reason, message, occurred_at, received_at, "
-                "details, raw, status, status_reason, updated_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (source, source_event_id) DO NOTHING RETURNING id"), row)
-            got = cur.fetchone()
-            if got is not None:
-                return Recorded(int(got[0]), True)
-            cur.execute(self._sql("SELECT id FROM events WHERE source = ? AND source_event_id = ?"),
-                        (event.source, event.source_event_id))
-            return Recorded(int(cur.fetchone()[0]), False)
+        cur.execute(self._sql(
+            "INSERT INTO events (source, source_event_id, event_type, kind, channel, "
+            "external_lead_id, phone, phone_raw, email, reason, message, occurred_at, received_at, "
+            "details, raw, status, status_reason, updated_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT (source, source_event_id) DO NOTHING RETURNING id"), row)
+        got = cur.fetchone()
+        if got is not None:
+            return Recorded(int(got[0]), True)
+        cur.execute(self._sql("SELECT id FROM events WHERE source = ? AND source_event_id = ?"),
+                    (event.source, event.source_event_id))
+        return Recorded(int(cur.fetchone()[0]), False)
 
     # --- routing ---------------------------------------------------------------------
-    def events_to_route(self, limit: int) -> list[StoredEvent]:
-        with self._read() as cur:
+    # Appended to the claim sub-selects: PostgreSQL skips rows another replica is claiming.
+    _skip_locked = ""
+
+    def events_to_route(self, limit: int, lease_seconds: float = 120.0) -> list[StoredEvent]:
+        """Lease new events for routing: replicas never route (and look up) the same
+        event twice at once; one whose routing died is offered again after the lease."""
+        now = time.time()
+        with self._write() as cur:
             cur.execute(self._sql(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE status = 'new' "
-                "AND next_route_at <= ? ORDER BY id LIMIT ?"), (time.time(), limit))
+                "UPDATE events SET next_route_at = ? WHERE id IN (SELECT id FROM events WHERE status = 'new' "
+                f"AND next_route_at <= ? ORDER BY id LIMIT ?{self._skip_locked}) RETURNING id"),
+                (now + lease_seconds, now, limit))
+            ids = sorted(r[0] for r in cur.fetchall())
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            cur.execute(self._sql(f"SELECT {EVENT_COLUMNS} FROM events WHERE id IN ({marks}) ORDER BY id"), ids)
             return [self._event(r) for r in cur.fetchall()]
 
     def get_event(self, event_id: int) -> StoredEvent | None:
@@ -104,17 +118,24 @@ class SqlJournal:
                            status_reason=r[14], route_attempts=r[15], details=json.loads(r[16] or "{}"))
 
     def add_targets(self, event_id: int, targets: list[RecordRef]) -> None:
+        self.add_targets_many([(event_id, targets)])
+
+    def add_targets_many(self, routed: list[tuple[int, list[RecordRef]]]) -> None:
+        """One delivery per (event, target record), for many events in one transaction."""
+        if not routed:
+            return
         now_iso, now = iso(utcnow()), time.time()
         with self._write() as cur:
-            for ref in targets:
+            for event_id, targets in routed:
+                for ref in targets:
+                    cur.execute(self._sql(
+                        "INSERT INTO deliveries (event_id, crm, obj, record_id, state, attempts, "
+                        "next_attempt_at, lease_until, created_at) VALUES (?,?,?,?,'pending',0,?,0,?) "
+                        "ON CONFLICT (event_id, crm, obj, record_id) DO NOTHING"),
+                        (event_id, ref.crm, ref.obj, ref.record_id, now, now_iso))
                 cur.execute(self._sql(
-                    "INSERT INTO deliveries (event_id, crm, obj, record_id, state, attempts, "
-                    "next_attempt_at, lease_until, created_at) VALUES (?,?,?,?,'pending',0,?,0,?) "
-                    "ON CONFLICT (event_id, crm, obj, record_id) DO NOTHING"),
-                    (event_id, ref.crm, ref.obj, ref.record_id, now, now_iso))
-            cur.execute(self._sql(
-                "UPDATE events SET status = 'routed', status_reason = NULL, updated_at = ? "
-                "WHERE id = ? AND status IN ('new', 'quarantined')"), (now_iso, event_id))
+                    "UPDATE events SET status = 'routed', status_reason = NULL, updated_at = ? "
+                    "WHERE id = ? AND status IN ('new', 'quarantined')"), (now_iso, event_id))
 
     def quarantine(self, event_id: int, reason: str) -> None:
         with self._write() as cur:
@@ -130,10 +151,12 @@ class SqlJournal:
                 (retry_at, error, iso(utcnow()), event_id))
 
     # --- delivery --------------------------------------------------------------------
-    def claim(self, limit: int, lease_seconds: float) -> list[Delivery]:
+    def claim(self, limit: int, lease_seconds: float, crm: str | None = None) -> list[Delivery]:
+        """Lease up to ``limit`` due deliveries (of one CRM, when named), never two
+        processes' leases on one record at once."""
         now = time.time()
         with self._write() as cur:
-            ids = self._claim_ids(cur, now, limit, now + lease_seconds)
+            ids = self._claim_ids(cur, now, limit, now + lease_seconds, crm)
             if not ids:
                 return []
             marks = ",".join("?" * len(ids))

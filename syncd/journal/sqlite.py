@@ -1,7 +1,10 @@
 """SQLite journal (WAL, synchronous=FULL): the embedded default.
 
 One connection per thread; every write is a ``BEGIN IMMEDIATE`` transaction, so a
-webhook is answered only after its row is on disk. One ``serve`` per file is
+webhook is answered only after its row is on disk. Writers in this process take
+turns on a lock instead of SQLite's busy handler (whose back-off sleeps up to
+100 ms), and webhooks are group-committed: the request that finds no commit running commits every event
+queued meanwhile in one transaction (one fsync), then releases each waiting request. One ``serve`` per file is
 enforced by an exclusive ``flock`` on ``<file>.serve.lock`` (released by the
 kernel when the process dies, even by ``kill -9``).
 """
@@ -11,11 +14,13 @@ import fcntl
 import os
 import sqlite3
 import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from syncd.journal.base import JournalBusy
+from syncd.events import ConsentEvent
+from syncd.journal.base import JournalBusy, Recorded
 from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
 
 SCHEMA = """
@@ -105,6 +110,7 @@ UPDATE deliveries SET lease_until = ?, lease_owner = ?, attempts = attempts + 1
 WHERE id IN (
   SELECT d.id FROM deliveries d
   WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND d.lease_until < ?
+    AND (? IS NULL OR d.crm = ?)
     AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.crm = d.crm AND o.obj = d.obj
                     AND o.record_id = d.record_id AND o.state = 'pending' AND o.lease_until >= ?)
   ORDER BY d.next_attempt_at, d.id LIMIT ?)
@@ -120,6 +126,8 @@ class SqliteJournal(SqlJournal):
         self._lock_fd: int | None = None
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._group = _GroupCommit(self)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._migrate()
 
@@ -151,17 +159,21 @@ class SqliteJournal(SqlJournal):
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Cursor]:
         conn = self._conn()
-        cur = conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            yield cur
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
-        finally:
-            cur.close()
+        with self._write_lock:
+            cur = conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+            finally:
+                cur.close()
+
+    def record(self, event: ConsentEvent) -> Recorded:
+        return self._group.submit(event)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Cursor]:
@@ -186,8 +198,8 @@ class SqliteJournal(SqlJournal):
                 raise RuntimeError(f"journal {self.path} has schema version {row[0]}, newer than this "
                                    f"syncd understands ({SCHEMA_VERSION}); upgrade syncd")
 
-    def _claim_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
-        cur.execute(CLAIM, (until, self.owner, now, now, now, limit))
+    def _claim_ids(self, cur: Any, now: float, limit: int, until: float, crm: str | None = None) -> list[int]:
+        cur.execute(CLAIM, (until, self.owner, now, now, crm, crm, now, limit))
         return [r[0] for r in cur.fetchall()]
 
     def _claim_reflection_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
@@ -229,6 +241,7 @@ class SqliteJournal(SqlJournal):
             cur.execute("UPDATE reflections SET lease_until = 0 WHERE state = 'pending' AND lease_until > 0")
 
     def close(self) -> None:
+        self._group.stop()
         with self._all_lock:
             for conn in self._all:
                 try:
@@ -240,3 +253,60 @@ class SqliteJournal(SqlJournal):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class _GroupCommit:
+    """Group commit without a writer thread: the first request to find no commit
+    in progress commits everything queued so far in one transaction (one fsync);
+    the others wait and are released when the transaction holding their event
+    has committed. Each ``submit`` returns only after its own commit."""
+
+    def __init__(self, journal: SqliteJournal):
+        self.journal = journal
+        self.cv = threading.Condition()
+        self.pending: list[tuple[ConsentEvent, Future]] = []
+        self.committing = False
+
+    def submit(self, event: ConsentEvent) -> Recorded:
+        future: Future[Recorded] = Future()
+        with self.cv:
+            self.pending.append((event, future))
+            while not future.done() and self.committing:
+                self.cv.wait()
+            if future.done():
+                return future.result()
+            self.committing = True
+            batch, self.pending = self.pending, []
+        try:
+            self._commit(batch)
+        finally:
+            with self.cv:
+                self.committing = False
+                self.cv.notify_all()
+        return future.result()
+
+    def stop(self) -> None:
+        return None
+
+    def _commit(self, batch: list[tuple[ConsentEvent, Future]]) -> None:
+        results: list[Recorded | BaseException] = []
+        try:
+            with self.journal._write() as cur:
+                for event, _ in batch:
+                    # A savepoint per event: one bad row fails only its own request.
+                    cur.execute("SAVEPOINT one")
+                    try:
+                        results.append(self.journal._insert_event(cur, event))
+                    except sqlite3.Error as exc:
+                        cur.execute("ROLLBACK TO one")
+                        results.append(exc)
+                    cur.execute("RELEASE one")
+        except BaseException as exc:  # the commit itself failed: nothing in the batch is durable
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results):
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
