@@ -121,7 +121,8 @@ class Sandbox:
         return f"{scheme}://127.0.0.1:{self._server.server_port}"
 
     def start(self, port: int = 0, tls: SandboxTLS | None = None) -> "Sandbox":
-        if self.https and tls is None:
+        self._own_tls = self.https and tls is None
+        if self._own_tls:
             tls = SandboxTLS.create()
         self.tls = tls
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request access log
@@ -139,6 +140,8 @@ class Sandbox:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self.tls is not None and getattr(self, "_own_tls", False):
+            self.tls.cleanup()  # the throwaway CA's folder
 
     def __enter__(self) -> "Sandbox":
         return self.start() if self._server is None else self
