@@ -142,8 +142,13 @@ class Pusher:
         claim across CRMs picks up deliveries for CRMs no longer configured.
         Returns the largest batch claimed (a full one means: go again)."""
         fullest = 0
-        for crm in [*self.connectors, None]:
+        for crm in self.connectors:
             claimed = self.journal.claim(self.batch_size, self.lease_seconds, crm)
+            if claimed:
+                self._push_claimed(claimed, stats)
+            fullest = max(fullest, len(claimed))
+        if fullest < self.batch_size:  # configured CRMs drained: whatever is left is for others
+            claimed = self.journal.claim(self.batch_size, self.lease_seconds)
             if claimed:
                 self._push_claimed(claimed, stats)
             fullest = max(fullest, len(claimed))

@@ -170,3 +170,13 @@ def test_retries_are_bounded_by_age(runtime, sf_sandbox):
                          [{"errorCode": "SERVER_UNAVAILABLE", "message": "maintenance"}], times=100)
     assert runtime.pusher.run_once().dead == 1
     assert runtime.journal.dead_letters()[0]["error"].startswith("gave up after 1 h: ")
+
+
+def test_delivery_for_a_crm_no_longer_configured_is_dead_lettered_not_stuck(runtime, sf_sandbox):
+    from connectors.types import RecordRef
+
+    rec = runtime.journal.record(apten_event(1, "lead_abc123"))
+    runtime.journal.add_targets(rec.event_id, [RecordRef("close", "lead", "lead_abc123")])
+    stats = runtime.pusher.run_once()
+    assert stats.dead == 1
+    assert "CRM close is not enabled" in runtime.journal.dead_letters()[0]["error"]
