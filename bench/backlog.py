@@ -120,7 +120,6 @@ def run_order(order: str, n: int) -> dict:
                 "crm_s": sum(u.seconds for u in updates.values()), **raw}
     finally:
         st.cleanup()
-        remove_sandbox_ca(st)
         devnull.close()
 
 
@@ -187,17 +186,6 @@ def report(rows: list[dict]) -> None:
               f"add_targets transactions; other requests during the drain: salesforce {extra_sf}, "
               f"hubspot {extra_hs}; deliveries done {r['done']}, dead {r['dead']}; baseline used "
               f"{r['raw_sf_calls']} + {r['raw_hs_calls']} calls")
-
-
-def remove_sandbox_ca(st) -> None:
-    """Stack.cleanup leaves the HTTPS simulators' throwaway CA directory in the temp dir."""
-    import shutil
-    from pathlib import Path
-
-    for sb in st.sandboxes.values():
-        tls = getattr(sb, "tls", None)
-        if tls is not None and Path(tls.ca_bundle).parent.name.startswith("syncd-sandbox-ca-"):
-            shutil.rmtree(Path(tls.ca_bundle).parent, ignore_errors=True)
 
 
 def main() -> None:

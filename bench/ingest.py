@@ -230,7 +230,6 @@ def run(args: argparse.Namespace) -> None:
         for p in procs:
             stop(p)
         st.cleanup()
-        remove_sandbox_ca(st)
         shutil.rmtree(base_dir, ignore_errors=True)
 
 
@@ -371,18 +370,6 @@ def profile(n: int) -> None:
     finally:
         sink.close()
         st.cleanup()
-        remove_sandbox_ca(st)
-
-
-def remove_sandbox_ca(st) -> None:
-    """Stack.cleanup leaves the HTTPS simulators' throwaway CA directory in the temp dir."""
-    import shutil
-    from pathlib import Path
-
-    for sb in st.sandboxes.values():
-        tls = getattr(sb, "tls", None)
-        if tls is not None and Path(tls.ca_bundle).parent.name.startswith("syncd-sandbox-ca-"):
-            shutil.rmtree(Path(tls.ca_bundle).parent, ignore_errors=True)
 
 
 def main() -> None:

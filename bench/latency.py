@@ -32,6 +32,8 @@ from pathlib import Path
 
 import requests
 
+from ingest import pct  # the same nearest-rank percentile as the ingest benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "apten_optout_sms.json"
 
@@ -64,22 +66,6 @@ class WriteWatch:
                 return True
             time.sleep(0.002)
         return False
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
-
-
-def remove_sandbox_ca(st) -> None:
-    """Stack.cleanup leaves the HTTPS simulators' throwaway CA directory in the temp dir."""
-    import shutil
-    from pathlib import Path
-
-    for sb in st.sandboxes.values():
-        tls = getattr(sb, "tls", None)
-        if tls is not None and Path(tls.ca_bundle).parent.name.startswith("syncd-sandbox-ca-"):
-            shutil.rmtree(Path(tls.ca_bundle).parent, ignore_errors=True)
 
 
 def main() -> None:
@@ -173,6 +159,7 @@ def main() -> None:
         print(f"{'run':<8}{'events':>7}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p50/interval':>14}"
               f"{'p99/interval':>14}")
         for name, lat in (("single", single), ("burst", burst)):
+            lat = sorted(lat)
             p50, p99 = pct(lat, 50), pct(lat, 99)
             print(f"{name:<8}{len(lat):>7}{p50 * 1e3:>9.1f}{p99 * 1e3:>9.1f}{max(lat) * 1e3:>9.1f}"
                   f"{p50 / args.interval:>14.2f}{p99 / args.interval:>14.2f}")
@@ -185,7 +172,6 @@ def main() -> None:
         if daemon is not None:
             daemon.terminate()
         st.cleanup()
-        remove_sandbox_ca(st)
 
 
 if __name__ == "__main__":

@@ -66,20 +66,8 @@ def measure(size: int, changes: tuple[int, ...]) -> dict[int, tuple[int, int, fl
         rt.journal.close()
     finally:
         st.cleanup()
-        remove_sandbox_ca(st)
         devnull.close()
     return out
-
-
-def remove_sandbox_ca(st) -> None:
-    """Stack.cleanup leaves the HTTPS simulators' throwaway CA directory in the temp dir."""
-    import shutil
-    from pathlib import Path
-
-    for sb in st.sandboxes.values():
-        tls = getattr(sb, "tls", None)
-        if tls is not None and Path(tls.ca_bundle).parent.name.startswith("syncd-sandbox-ca-"):
-            shutil.rmtree(Path(tls.ca_bundle).parent, ignore_errors=True)
 
 
 def main() -> None:

@@ -11,12 +11,12 @@ import hmac
 from datetime import datetime
 from typing import Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from syncd.events import ConsentEvent, canonical_hash, parse_iso
 from syncd.phones import to_e164
 from syncd.sources.base import (BadPayload, Ignored, Unauthorized, bounded_occurred_at,
-                                describe_validation_error, load_json_object)
+                                load_json_object, validated)
 
 SIGNATURE_HEADER = "X-Signature-SHA256"
 CONSENT_EVENTS = ("optOut", "doNotContact")
@@ -71,16 +71,11 @@ class AptenSource:
 
     def parse(self, body: bytes, received_at: datetime) -> ConsentEvent | Ignored:
         doc = load_json_object(body)
-        try:
-            env = _Envelope.model_validate(doc)
-        except ValidationError as exc:
-            raise BadPayload(describe_validation_error(exc)) from None
+        env = validated(_Envelope, doc)
         if env.event not in CONSENT_EVENTS:
             return Ignored(f"apten event {env.event[:40]!r} carries no consent change")
-        try:
-            data = (_OptOutData if env.event == "optOut" else _DoNotContactData).model_validate(env.data)
-        except ValidationError as exc:
-            raise BadPayload(describe_validation_error(exc, ("data",))) from None
+        model = _OptOutData if env.event == "optOut" else _DoNotContactData
+        data = validated(model, env.data, ("data",))
         details: dict = {"apten_event": env.event, "lead_id": data.leadId}
         if env.timestamp is None:
             occurred = received_at

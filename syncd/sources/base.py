@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from syncd.events import ConsentEvent
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Unauthorized(Exception):
@@ -61,6 +64,14 @@ def describe_validation_error(exc: ValidationError, prefix: tuple[str, ...] = ()
             msg = "is required"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+def validated(model: type[M], data: Any, prefix: tuple[str, ...] = ()) -> M:
+    """``model.model_validate(data)``, or BadPayload naming the fields at fault."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadPayload(describe_validation_error(exc, prefix)) from None
 
 
 MAX_FUTURE_SKEW = timedelta(minutes=5)

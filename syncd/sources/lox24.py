@@ -10,12 +10,11 @@ import hmac
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from syncd.events import ConsentEvent
 from syncd.phones import to_e164
-from syncd.sources.base import (BadPayload, Ignored, Unauthorized, bounded_occurred_at,
-                                describe_validation_error, load_json_object)
+from syncd.sources.base import Ignored, Unauthorized, bounded_occurred_at, load_json_object, validated
 
 TOKEN_HEADER = "X-LOX24-Token"
 # Unix seconds between 2000 and 2100: anything else is not a real event time.
@@ -73,16 +72,10 @@ class Lox24Source:
 
     def parse(self, body: bytes, received_at: datetime) -> ConsentEvent | Ignored:
         doc = load_json_object(body)
-        try:
-            env = _Envelope.model_validate(doc)
-        except ValidationError as exc:
-            raise BadPayload(describe_validation_error(exc)) from None
+        env = validated(_Envelope, doc)
         if env.name != "phone.unsubscribe":
             return Ignored(f"lox24 event {env.name[:40]!r} carries no consent change")
-        try:
-            data = _Data.model_validate(env.data)
-        except ValidationError as exc:
-            raise BadPayload(describe_validation_error(exc, ("data",))) from None
+        data = validated(_Data, env.data, ("data",))
         extra = data.additional_data or _AdditionalData()
         reason = extra.reason or _Reason()
         details: dict[str, Any] = {

@@ -16,14 +16,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.sinch_signing import (ALGORITHM, HEADER_ALGORITHM, HEADER_NONCE, HEADER_SIGNATURE,
                                       HEADER_TIMESTAMP, timestamp_fresh, verify)
 from syncd.events import ConsentEvent, canonical_hash, parse_iso
 from syncd.phones import to_e164
 from syncd.sources.base import (BadPayload, Ignored, Unauthorized, bounded_occurred_at,
-                                describe_validation_error, load_json_object)
+                                load_json_object, validated)
 
 CHANNELS = {"WHATSAPP": "whatsapp", "SMS": "sms", "RCS": "sms", "MMS": "sms"}
 
@@ -63,10 +63,7 @@ class SinchSource:
             return Ignored("sinch callback carries no opt-in or opt-out notification")
         if not isinstance(inner, dict):
             raise BadPayload(f"{path or 'body'}: must be an object")
-        try:
-            note = _Notification.model_validate(inner)
-        except ValidationError as exc:
-            raise BadPayload(describe_validation_error(exc, (path,) if path else ())) from None
+        note = validated(_Notification, inner, (path,) if path else ())
         if kind is None:
             kind = "opt_in" if note.status.startswith("OPT_IN") else "opt_out"
         succeeded = note.status in ("OPT_OUT_SUCCEEDED", "OPT_IN_SUCCEEDED")
