@@ -231,3 +231,15 @@ def test_events_are_leased_for_routing(journal):
     assert journal.events_to_route(10) == []          # another replica sees nothing while leased
     time.sleep(0.3)
     assert [e.id for e in journal.events_to_route(10)] == [rec.event_id]  # routing died: offered again
+
+
+def test_a_new_serve_takes_over_a_dead_serves_routing_leases(tmp_path):
+    dead = open_journal(f"sqlite:///{tmp_path}/j.db")
+    rec = dead.record(event(1))
+    assert len(dead.events_to_route(10, lease_seconds=600)) == 1   # then the process is killed
+    successor = open_journal(f"sqlite:///{tmp_path}/j.db")
+    assert successor.events_to_route(10) == []
+    successor.acquire_serve_lock()                                   # proves the old serve is gone
+    assert [e.id for e in successor.events_to_route(10)] == [rec.event_id]
+    successor.close()
+    dead.close()

@@ -6,7 +6,6 @@ import json
 import random
 import threading
 import time
-from collections import Counter
 
 import pytest
 import requests
@@ -23,15 +22,6 @@ def optout(ext_id: str, n: int, channel: str = "sms") -> bytes:
     doc["timestamp"] = f"2024-02-18T09:{n // 60 % 60:02d}:{n % 60:02d}Z"
     doc["data"]["leadId"] = f"lead-{n}"
     return json.dumps(doc).encode()
-
-
-def applied_counts(sf) -> Counter:
-    """How many times each record id was written by a composite update."""
-    seen: Counter = Counter()
-    for r in sf.requests_to(r"/composite/sobjects$", "PATCH"):
-        for rec in r.json()["records"]:
-            seen[rec["id"]] += 1
-    return seen
 
 
 def warm_up(st) -> None:
@@ -69,7 +59,7 @@ def test_kill_9_during_push_loses_nothing(stack_with_contacts):
     daemon = st.serve("serve2.log")
     try:
         assert wait_for(lambda: all(sf.get_record("Contact", rid)["SMS_Opt_Out__c"] for rid in acked), timeout=30)
-        counts = applied_counts(sf)
+        counts = sf.composite_writes()
         assert all(1 <= counts[rid] <= 2 for rid in acked)
         assert wait_for(lambda: status(st)["deliveries"]["done"] == 11)
     finally:
@@ -110,7 +100,7 @@ def test_kill_9_during_ingest_and_claim_at_random_points(stack_with_contacts):
     try:
         assert acked, "nothing was acknowledged: the test proves nothing"
         assert wait_for(lambda: all(sf.get_record("Contact", rid)["SMS_Opt_Out__c"] for rid in acked), timeout=40)
-        counts = applied_counts(sf)
+        counts = sf.composite_writes()
         assert max(counts[rid] for rid in acked) <= 2
         exported = [json.loads(x) for x in st.syncd("export", "--format", "jsonl").stdout.splitlines()]
         assert {r["target_record"] for r in exported if r["state"] == "done"} >= set(acked)

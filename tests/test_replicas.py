@@ -41,15 +41,6 @@ def post_apten(base_url: str, body: bytes) -> requests.Response:
                          headers={"Content-Type": "application/json", SIGNATURE_HEADER: sign(APTEN_SECRET, body)})
 
 
-def applied_counts(sf) -> Counter:
-    """How many times each record id was written by a composite update."""
-    seen: Counter = Counter()
-    for r in sf.requests_to(r"/composite/sobjects$", "PATCH"):
-        for rec in r.json()["records"]:
-            seen[rec["id"]] += 1
-    return seen
-
-
 def logged(daemon: DaemonProcess, msg: str) -> list[dict]:
     return [x for x in daemon.log_lines() if x.get("msg") == msg]
 
@@ -119,7 +110,7 @@ def test_events_posted_alternately_to_two_replicas_update_every_record_exactly_o
     assert wait_for(lambda: all(sf.get_record("Contact", rid)["SMS_Opt_Out__c"] for rid in ids), timeout=30)
     assert wait_for(lambda: st.journal.counts()["deliveries"]["done"] == 60, timeout=10)
     time.sleep(1.0)  # several more push ticks on both replicas: nothing is written again
-    counts = applied_counts(sf)
+    counts = sf.composite_writes()
     assert {rid: counts[rid] for rid in ids} == {rid: 1 for rid in ids}
     assert set(counts) == set(ids)
     settled = [x for d in (one, two) for x in logged(d, "delivery settled") if x.get("state") == "done"]

@@ -12,6 +12,8 @@ one-second resolution (as Salesforce stores them).
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import base64
 import datetime as dt
 import email.utils
@@ -552,6 +554,14 @@ class SalesforceSandbox(Sandbox):
     @property
     def composite_calls(self) -> int:
         return len(self.requests_to(r"/composite/sobjects/?$", "PATCH"))
+
+    def composite_writes(self) -> Counter:
+        """How many times each record id was sent in a composite update."""
+        seen: Counter = Counter()
+        for r in self.requests_to(r"/composite/sobjects/?$", "PATCH"):
+            for rec in (r.json() or {}).get("records", []):
+                seen[rec.get("id")] += 1
+        return seen
 
     # --- internals ------------------------------------------------------------------
     def _canonical(self, sobject: str, name: str) -> str:

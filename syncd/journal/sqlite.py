@@ -239,6 +239,8 @@ class SqliteJournal(SqlJournal):
             cur.execute("UPDATE deliveries SET lease_until = 0, lease_owner = NULL "
                         "WHERE state = 'pending' AND lease_until > 0")
             cur.execute("UPDATE reflections SET lease_until = 0 WHERE state = 'pending' AND lease_until > 0")
+            # Routing leases too (a deferred phone lookup is simply tried again now).
+            cur.execute("UPDATE events SET next_route_at = 0 WHERE status = 'new' AND next_route_at > 0")
 
     def close(self) -> None:
         self._group.stop()
