@@ -243,3 +243,49 @@ def test_a_new_serve_takes_over_a_dead_serves_routing_leases(tmp_path):
     assert [e.id for e in successor.events_to_route(10)] == [rec.event_id]
     successor.close()
     dead.close()
+
+
+def test_concurrent_records_group_commit_with_duplicates(journal):
+    """Eight threads record overlapping events at once: each distinct event is created
+    exactly once, and every copy gets that event's id (batched inserts included)."""
+    import threading
+
+    results: list[tuple[int, int, bool]] = []
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        for n in range(offset, offset + 40):
+            rec = journal.record(event(n % 60))      # threads overlap on most ids
+            with lock:
+                results.append((n % 60, rec.event_id, rec.created))
+
+    threads = [threading.Thread(target=worker, args=(i * 5,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    by_key: dict[int, set[int]] = {}
+    for key, event_id, _ in results:
+        by_key.setdefault(key, set()).add(event_id)
+    assert all(len(ids) == 1 for ids in by_key.values())
+    assert sum(1 for _, _, created in results if created) == len(by_key)
+    assert journal.counts()["events"]["received"] == len(by_key)
+
+
+def test_a_bad_row_fails_only_its_own_request(tmp_path):
+    j = open_journal(f"sqlite:///{tmp_path}/j.db")
+    good = event(1)
+    bad = event(2, source=None)          # violates NOT NULL
+    import threading
+
+    out: dict[str, object] = {}
+
+    def rec(name, ev):
+        try:
+            out[name] = j.record(ev)
+        except Exception as exc:  # the journal's own error for this request
+            out[name] = exc
+
+    threads = [threading.Thread(target=rec, args=(name, ev)) for name, ev in (("good", good), ("bad", bad))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert out["good"].created and isinstance(out["bad"], Exception)
+    j.close()

@@ -63,26 +63,46 @@ class SqlJournal:
         with self._write() as cur:
             return self._insert_event(cur, event)
 
-    def _insert_event(self, cur: Any, event: ConsentEvent) -> Recorded:
-        now = iso(utcnow())
+    _INSERT_EVENTS = ("INSERT INTO events (source, source_event_id, event_type, kind, channel, "
+                      "external_lead_id, phone, phone_raw, email, reason, message, occurred_at, received_at, "
+                      "details, raw, status, status_reason, updated_at) VALUES ")
+    _EVENT_VALUES = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+
+    @staticmethod
+    def _event_row(event: ConsentEvent, now: str) -> tuple[Any, ...]:
         status = "quarantined" if event.quarantine_reason and event.event_type == "consent" else "new"
-        row = (event.source, event.source_event_id, event.event_type, event.kind, event.channel,
-               event.external_lead_id, event.phone, event.phone_raw, event.email, event.reason,
-               event.message, iso(event.occurred_at), iso(event.received_at),
-               json.dumps(event.details, default=str, ensure_ascii=False), event.raw, status,
-               event.quarantine_reason, now)
-        cur.execute(self._sql(
-            "INSERT INTO events (source, source_event_id, event_type, kind, channel, "
-            "external_lead_id, phone, phone_raw, email, reason, message, occurred_at, received_at, "
-            "details, raw, status, status_reason, updated_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-            "ON CONFLICT (source, source_event_id) DO NOTHING RETURNING id"), row)
-        got = cur.fetchone()
-        if got is not None:
-            return Recorded(int(got[0]), True)
-        cur.execute(self._sql("SELECT id FROM events WHERE source = ? AND source_event_id = ?"),
-                    (event.source, event.source_event_id))
-        return Recorded(int(cur.fetchone()[0]), False)
+        return (event.source, event.source_event_id, event.event_type, event.kind, event.channel,
+                event.external_lead_id, event.phone, event.phone_raw, event.email, event.reason,
+                event.message, iso(event.occurred_at), iso(event.received_at),
+                json.dumps(event.details, default=str, ensure_ascii=False), event.raw, status,
+                event.quarantine_reason, now)
+
+    def _insert_event(self, cur: Any, event: ConsentEvent) -> Recorded:
+        return self._insert_events(cur, [event])[0]
+
+    def _insert_events(self, cur: Any, events: list[ConsentEvent]) -> list[Recorded]:
+        """Insert many events with one statement (group commit: one round of the
+        driver per batch, not per event); duplicates keep the existing id."""
+        now = iso(utcnow())
+        params = [v for event in events for v in self._event_row(event, now)]
+        cur.execute(self._sql(self._INSERT_EVENTS + ",".join([self._EVENT_VALUES] * len(events))
+                              + " ON CONFLICT (source, source_event_id) DO NOTHING "
+                              "RETURNING id, source, source_event_id"), params)
+        created = {(src, sid): int(eid) for eid, src, sid in cur.fetchall()}
+        missing = {(e.source, e.source_event_id) for e in events} - set(created)
+        existing: dict[tuple[str, str], int] = {}
+        for src, sid in missing:
+            cur.execute(self._sql("SELECT id FROM events WHERE source = ? AND source_event_id = ?"), (src, sid))
+            existing[(src, sid)] = int(cur.fetchone()[0])
+        results = []
+        for event in events:
+            key = (event.source, event.source_event_id)
+            if key in created:
+                results.append(Recorded(created.pop(key), True))
+                existing[key] = results[-1].event_id   # a second copy in this batch is a duplicate
+            else:
+                results.append(Recorded(existing[key], False))
+        return results
 
     # --- routing ---------------------------------------------------------------------
     # Appended to the claim sub-selects: PostgreSQL skips rows another replica is claiming.

@@ -290,19 +290,25 @@ class _GroupCommit:
     def stop(self) -> None:
         return None
 
+    def _insert_alone(self, cur: sqlite3.Cursor, event: ConsentEvent) -> Recorded | BaseException:
+        """After a batch insert failed: each event alone, so one bad row fails only its request."""
+        cur.execute("SAVEPOINT one")
+        try:
+            return self.journal._insert_event(cur, event)
+        except sqlite3.Error as exc:
+            cur.execute("ROLLBACK TO one")
+            return exc
+        finally:
+            cur.execute("RELEASE one")
+
     def _commit(self, batch: list[tuple[ConsentEvent, Future]]) -> None:
         results: list[Recorded | BaseException] = []
         try:
             with self.journal._write() as cur:
-                for event, _ in batch:
-                    # A savepoint per event: one bad row fails only its own request.
-                    cur.execute("SAVEPOINT one")
-                    try:
-                        results.append(self.journal._insert_event(cur, event))
-                    except sqlite3.Error as exc:
-                        cur.execute("ROLLBACK TO one")
-                        results.append(exc)
-                    cur.execute("RELEASE one")
+                try:
+                    results = list(self.journal._insert_events(cur, [event for event, _ in batch]))
+                except sqlite3.Error:
+                    results = [self._insert_alone(cur, event) for event, _ in batch]
         except BaseException as exc:  # the commit itself failed: nothing in the batch is durable
             for _, future in batch:
                 future.set_exception(exc)
