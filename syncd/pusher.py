@@ -13,13 +13,12 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Callable
 
 from connectors.base import CrmConnector
-from connectors.errors import AuthFailed, ConnectorError, RateLimited
+from connectors.errors import ConnectorError, RateLimited
 from connectors.types import RecordRef
-from syncd.backoff import Backoff
+from syncd.backoff import RetryPolicy
 from syncd.config import RetryConfig
 from syncd.journal.base import Delivery, Journal, Outcome, StoredEvent
 from syncd.mapping import Mapping, RecordPlan, plan_record
@@ -52,18 +51,17 @@ class Pusher:
         self.connectors = connectors
         self.mappings = mappings
         self.router = router
-        self.retry = retry
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.metrics = metrics
-        self.backoff = Backoff(retry.initial_backoff_seconds, retry.max_backoff_seconds)
+        self.policy = RetryPolicy(retry)
         self.paused_until: dict[str, float] = {}
         self.paused_since: dict[str, float] = {}
         self.stopping = threading.Event()  # set on SIGTERM: finish the batch in hand, take no more
         # Sinch webhooks first settle the registration they answer (the reflector
         # replaces this with its own, which also logs); what is left is a consent change.
         self.reconcile: Callable[[StoredEvent], bool] = lambda event: self.journal.reconcile(
-            event, self.retry.max_attempts, self.backoff.retry_at) is not None
+            event, self.policy.max_attempts, self.policy.retry_at) is not None
 
     # --- one scheduler tick ----------------------------------------------------------
     def run_once(self, max_rounds: int = 20) -> TickStats:
@@ -121,12 +119,10 @@ class Pusher:
     def _routing_failed(self, event: StoredEvent, crm: str, exc: ConnectorError, stats: TickStats) -> None:
         text = f"phone lookup in {crm} failed: {_error_text(exc)}"
         attempts = event.route_attempts + 1
-        if not (exc.retryable or isinstance(exc, AuthFailed)) or attempts >= self.retry.max_attempts \
-                or self._too_old(event.received_at):
+        if self.policy.give_up(exc, attempts, event.received_at):
             self._quarantine(event, text, stats)
             return
-        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
-        self.journal.defer_routing(event.id, text, self.backoff.retry_at(attempts, retry_after))
+        self.journal.defer_routing(event.id, text, self.policy.next_try(exc, attempts))
         log.warning("routing deferred", extra={"event_id": event.id, "crm": crm, "error": text})
 
     def _quarantine(self, event: StoredEvent, reason: str, stats: TickStats) -> None:
@@ -223,18 +219,11 @@ class Pusher:
 
     def _failed(self, d: Delivery, exc: ConnectorError) -> Outcome:
         text = _error_text(exc)
-        retryable = exc.retryable or isinstance(exc, AuthFailed)
-        if not retryable:
-            return Outcome(d.id, "dead", error=text, ref=d.ref, note=type(exc).__name__)
-        if d.attempts >= self.retry.max_attempts:
-            return Outcome(d.id, "dead", error=f"gave up after {d.attempts} attempts: {text}", ref=d.ref,
-                           note="attempts")
-        if self._too_old(d.received_at):
-            return Outcome(d.id, "dead", error=f"gave up after {self.retry.max_age_hours:g} h: {text}",
-                           ref=d.ref, note="age")
-        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
-        return Outcome(d.id, "retry", error=text, retry_at=self.backoff.retry_at(d.attempts, retry_after),
-                       ref=d.ref)
+        stop = self.policy.give_up(exc, d.attempts, d.received_at)
+        if stop is None:
+            return Outcome(d.id, "retry", error=text, retry_at=self.policy.next_try(exc, d.attempts), ref=d.ref)
+        note = type(exc).__name__ if stop.kind == "permanent" else stop.kind
+        return Outcome(d.id, "dead", error=stop.prefix + text, ref=d.ref, note=note)
 
     def _maybe_pause(self, crm: str, exc: ConnectorError) -> None:
         """A daily quota (Salesforce REQUEST_LIMIT_EXCEEDED) pauses the whole CRM
@@ -255,15 +244,7 @@ class Pusher:
                 return f"{crm} paused for {now - since:.0f} s (quota exceeded)"
         return None
 
-    def _too_old(self, received_at: str) -> bool:
-        received = datetime.fromisoformat(received_at.replace("Z", "+00:00"))
-        return (datetime.now(timezone.utc) - received).total_seconds() > self.retry.max_age_hours * 3600
-
     def _count(self, crm: str, exc: ConnectorError | None) -> None:
         if self.metrics:
             status = "ok" if exc is None else (str(exc.status) if exc.status else type(exc).__name__)
             self.metrics.crm_requests.labels(crm, status).inc()
-
-
-def describe(stats: TickStats) -> dict[str, Any]:
-    return stats.__dict__.copy()

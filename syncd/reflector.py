@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from connectors.base import CrmConnector
-from connectors.errors import AuthFailed, ConnectorError, RateLimited
+from connectors.errors import ConnectorError
 from connectors.types import Watermark
-from syncd.backoff import Backoff
+from syncd.backoff import RetryPolicy
 from syncd.config import Config
 from syncd.journal.base import Journal, ReflectionCandidate, ReflectionOutcome, StoredEvent
 from syncd.mapping import Mapping
@@ -74,8 +74,7 @@ class Reflector:
         self.backfill = cfg.sinch.reflect_backfill
         self.notify_timeout = cfg.sinch.notification_timeout_seconds
         self.region = cfg.phone.default_region
-        self.retry = cfg.retry
-        self.backoff = Backoff(cfg.retry.initial_backoff_seconds, cfg.retry.max_backoff_seconds)
+        self.policy = RetryPolicy(cfg.retry)
         self.page_limit = page_limit
         self.max_pages = max_pages
 
@@ -125,7 +124,7 @@ class Reflector:
     def register_due(self, limit: int = 100) -> dict[str, int]:
         stats = {"registered": 0, "retry": 0, "dead": 0, "expired": 0}
         stats["expired"] = self.journal.expire_registered(
-            self.retry.max_attempts, f"no notification from Sinch within {self.notify_timeout:g} s")
+            self.policy.max_attempts, f"no notification from Sinch within {self.notify_timeout:g} s")
         claimed = self.journal.claim_reflections(limit, lease_seconds=120)
         outcomes = []
         for r in claimed:
@@ -144,16 +143,15 @@ class Reflector:
 
     def _failed(self, rid: int, attempts: int, exc: ConnectorError) -> ReflectionOutcome:
         text = mask_text(str(exc))[:1000]
-        if not (exc.retryable or isinstance(exc, AuthFailed)) or attempts >= self.retry.max_attempts:
+        if self.policy.give_up(exc, attempts):
             log.error("reflection dead", extra={"reflection_id": rid, "error": text})
             return ReflectionOutcome(rid, "dead", error=text)
-        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
-        return ReflectionOutcome(rid, "retry", error=text, at=self.backoff.retry_at(attempts, retry_after))
+        return ReflectionOutcome(rid, "retry", error=text, at=self.policy.next_try(exc, attempts))
 
     # --- notifications ---------------------------------------------------------------
     def reconcile(self, event: StoredEvent) -> bool:
         """True when the Sinch webhook was a result for a registration (nothing to push)."""
-        outcome = self.journal.reconcile(event, self.retry.max_attempts, self.backoff.retry_at)
+        outcome = self.journal.reconcile(event, self.policy.max_attempts, self.policy.retry_at)
         if outcome is not None:
             log.info("sinch notification reconciled", extra={"event_id": event.id, "outcome": outcome,
                                                              "status": event.details.get("status")})

@@ -148,7 +148,9 @@ def test_daily_quota_pauses_the_crm_without_burning_retries(runtime, sf_sandbox)
 def test_retries_are_bounded_by_attempts(runtime, sf_sandbox):
     import time
 
-    runtime.pusher.retry = runtime.pusher.retry.model_copy(update={"max_attempts": 2})
+    from syncd.backoff import RetryPolicy
+
+    runtime.pusher.policy = RetryPolicy(runtime.cfg.retry.model_copy(update={"max_attempts": 2}))
     runtime.journal.record(apten_event(1, "003XX000004DHPY"))
     sf_sandbox.add_fault("PATCH", r"/composite/sobjects$", 503,
                          [{"errorCode": "SERVER_UNAVAILABLE", "message": "maintenance"}], times=100)
@@ -162,7 +164,9 @@ def test_retries_are_bounded_by_attempts(runtime, sf_sandbox):
 
 
 def test_retries_are_bounded_by_age(runtime, sf_sandbox):
-    runtime.pusher.retry = runtime.pusher.retry.model_copy(update={"max_age_hours": 1.0})
+    from syncd.backoff import RetryPolicy
+
+    runtime.pusher.policy = RetryPolicy(runtime.cfg.retry.model_copy(update={"max_age_hours": 1.0}))
     old = apten_event(1, "003XX000004DHPY")
     old.received_at = datetime.now(timezone.utc) - timedelta(hours=2)
     runtime.journal.record(old)
