@@ -9,8 +9,6 @@ from typing import Any, Literal
 
 Kind = Literal["opt_out", "opt_in", "do_not_contact"]
 Channel = Literal["sms", "email", "call", "whatsapp", "all"]
-KINDS: tuple[str, ...] = ("opt_out", "opt_in", "do_not_contact")
-CHANNELS: tuple[str, ...] = ("sms", "email", "call", "whatsapp", "all")
 
 
 @dataclass

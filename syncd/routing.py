@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
-
 from connectors.salesforce import SF_ID, object_for_id, to_18
 from connectors.types import RecordRef
 from syncd.config import Config
@@ -83,6 +81,3 @@ class Router:
             parts.append("no externalLeadId")
         parts.append("phone does not parse" if phone_raw else "no phone")
         return "; ".join(parts)
-
-
-PhoneLookup = Callable[[str], list[RecordRef]]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -25,7 +24,6 @@ class Scheduler:
         self.stopping = threading.Event()
         self._running = 0
         self._idle = threading.Condition()
-        self.last_ok: dict[str, float] = {}
 
     def every(self, name: str, seconds: float, fn: Callable[[], object]) -> None:
         def job() -> None:
@@ -35,7 +33,6 @@ class Scheduler:
                 self._running += 1
             try:
                 fn()
-                self.last_ok[name] = time.time()
                 result = "ok"
             except Exception as exc:  # one bad tick must not stop the daemon
                 result = "error"

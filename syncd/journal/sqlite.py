@@ -243,7 +243,6 @@ class SqliteJournal(SqlJournal):
             cur.execute("UPDATE events SET next_route_at = 0 WHERE status = 'new' AND next_route_at > 0")
 
     def close(self) -> None:
-        self._group.stop()
         with self._all_lock:
             for conn in self._all:
                 try:
@@ -286,9 +285,6 @@ class _GroupCommit:
                 self.committing = False
                 self.cv.notify_all()
         return future.result()
-
-    def stop(self) -> None:
-        return None
 
     def _insert_alone(self, cur: sqlite3.Cursor, event: ConsentEvent) -> Recorded | BaseException:
         """After a batch insert failed: each event alone, so one bad row fails only its request."""
