@@ -71,9 +71,60 @@ def test_text_format_is_masked_too():
     except ValueError:
         logging.getLogger("syncd.test").exception("push failed", extra={"crm": "close", "phone": "+13305551234"})
     finally:
+        for handler in root.handlers:
+            handler.close()  # lines are written by a background thread; close() writes what is queued
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     out = stream.getvalue()
     assert "push failed" in out and "crm=close" in out and not out.lstrip().startswith("{")
     for leak in ("4911113333444", "pat@example.com", "text-format-secret", "3305551234"):
         assert leak not in out, leak
+
+
+def test_background_handler_keeps_every_line_in_order_and_writes_them_at_close():
+    """Lines from many threads all arrive, each thread's in order; close() writes what is queued."""
+    import io
+    import logging
+    import threading
+
+    from syncd.logs import BackgroundStreamHandler, JsonFormatter
+
+    stream = io.StringIO()
+    handler = BackgroundStreamHandler(stream, min_interval=0.05)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("syncd.test.background")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        def emit(worker: int) -> None:
+            for i in range(500):
+                logger.info("line", extra={"worker": worker, "i": i})
+
+        threads = [threading.Thread(target=emit, args=(w,)) for w in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    docs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(docs) == 8 * 500
+    for worker in range(8):
+        assert [d["i"] for d in docs if d["worker"] == worker] == list(range(500))
+
+
+def test_json_lines_mask_nested_extras_and_keep_numbers():
+    import logging
+
+    from syncd.logs import JsonFormatter
+
+    record = logging.LogRecord("syncd.test", logging.INFO, "", 0, "lookup for +4911113333444 failed", (), None)
+    record.__dict__.update(event_id=7, ok=True, ratio=0.5, reason="pat@example.com refused",
+                           fields={"phone": "+1 (415) 555-0199", "n": 3}, ids=["dana.reyes@example.com"])
+    line = JsonFormatter().format(record)
+    doc = json.loads(line)
+    assert doc["event_id"] == 7 and doc["ok"] is True and doc["ratio"] == 0.5 and doc["fields"]["n"] == 3
+    for leak in ("4911113333444", "pat@example.com", "555-0199", "dana.reyes@example.com"):
+        assert leak not in line, leak

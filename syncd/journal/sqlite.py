@@ -14,7 +14,6 @@ import fcntl
 import os
 import sqlite3
 import threading
-from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -127,6 +126,7 @@ class SqliteJournal(SqlJournal):
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
         self._group = _GroupCommit(self)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._migrate()
@@ -142,24 +142,31 @@ class SqliteJournal(SqlJournal):
         return cls(path)
 
     # --- connections -----------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
     def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, for reads."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-            with self._all_lock:
-                self._all.append(conn)
+            conn = self._local.conn = self._connect()
         return conn
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Cursor]:
-        conn = self._conn()
+        """A write transaction on the one writer connection (writes in a process take
+        turns anyway; one connection keeps its page cache warm across them)."""
         with self._write_lock:
+            conn = self._writer
+            if conn is None:
+                conn = self._writer = self._connect()
             cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -251,40 +258,69 @@ class SqliteJournal(SqlJournal):
                     pass
             self._all.clear()
         self._local = threading.local()
+        self._writer = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
 
+class _Waiter:
+    """One request waiting in a group commit; its lock is released exactly once:
+    with its outcome, or to make it the next leader."""
+
+    __slots__ = ("event", "result", "error", "lead", "lock")
+
+    def __init__(self, event: ConsentEvent):
+        self.event = event
+        self.result: Recorded | None = None
+        self.error: BaseException | None = None
+        self.lead = False
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+    def outcome(self) -> Recorded:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
 class _GroupCommit:
     """Group commit without a writer thread: the first request to find no commit
-    in progress commits everything queued so far in one transaction (one fsync);
-    the others wait and are released when the transaction holding their event
-    has committed. Each ``submit`` returns only after its own commit."""
+    in progress commits everything queued so far in one transaction (one fsync).
+    Each waiter is woken once, by the commit that holds its event; if more
+    requests queued meanwhile, the first of them is woken to lead the next
+    commit. Each ``submit`` returns only after its own commit."""
 
     def __init__(self, journal: SqliteJournal):
         self.journal = journal
-        self.cv = threading.Condition()
-        self.pending: list[tuple[ConsentEvent, Future]] = []
+        self.mutex = threading.Lock()
+        self.pending: list[_Waiter] = []
         self.committing = False
 
     def submit(self, event: ConsentEvent) -> Recorded:
-        future: Future[Recorded] = Future()
-        with self.cv:
-            self.pending.append((event, future))
-            while not future.done() and self.committing:
-                self.cv.wait()
-            if future.done():
-                return future.result()
+        me = _Waiter(event)
+        with self.mutex:
+            self.pending.append(me)
+            lead = not self.committing
             self.committing = True
+        if not lead:
+            me.lock.acquire()
+            if not me.lead:
+                return me.outcome()
+        with self.mutex:
             batch, self.pending = self.pending, []
         try:
-            self._commit(batch)
+            self._commit(batch, me)
         finally:
-            with self.cv:
-                self.committing = False
-                self.cv.notify_all()
-        return future.result()
+            with self.mutex:
+                if self.pending:
+                    successor = self.pending[0]
+                    successor.lead = True
+                    successor.lock.release()
+                else:
+                    self.committing = False
+        return me.outcome()
 
     def _insert_alone(self, cur: sqlite3.Cursor, event: ConsentEvent) -> Recorded | BaseException:
         """After a batch insert failed: each event alone, so one bad row fails only its request."""
@@ -297,20 +333,24 @@ class _GroupCommit:
         finally:
             cur.execute("RELEASE one")
 
-    def _commit(self, batch: list[tuple[ConsentEvent, Future]]) -> None:
+    def _commit(self, batch: list[_Waiter], leader: _Waiter) -> None:
+        """Commit ``batch`` and wake every waiter in it but ``leader`` (the caller),
+        whatever happens: a waiter left asleep would hang its request forever."""
         results: list[Recorded | BaseException] = []
         try:
             with self.journal._write() as cur:
                 try:
-                    results = list(self.journal._insert_events(cur, [event for event, _ in batch]))
+                    results = list(self.journal._insert_events(cur, [w.event for w in batch]))
                 except sqlite3.Error:
-                    results = [self._insert_alone(cur, event) for event, _ in batch]
+                    results = [self._insert_alone(cur, w.event) for w in batch]
         except BaseException as exc:  # the commit itself failed: nothing in the batch is durable
-            for _, future in batch:
-                future.set_exception(exc)
-            return
-        for (_, future), result in zip(batch, results):
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+            results = [exc] * len(batch)
+        finally:
+            for i, waiter in enumerate(batch):
+                result = results[i] if i < len(results) else RuntimeError("journal commit interrupted")
+                if isinstance(result, BaseException):
+                    waiter.error = result
+                else:
+                    waiter.result = result
+                if waiter is not leader:
+                    waiter.lock.release()
