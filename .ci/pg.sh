@@ -6,7 +6,7 @@
 #   .ci/pg.sh stop              # immediate shutdown, deletes the cluster
 #
 # The cluster lives in a temp dir (trust auth, listens on 127.0.0.1 only, unix
-# socket inside the temp dir, fsync off). PostgreSQL refuses to run as root, so
+# socket inside the temp dir, fsync off unless SYNCD_PG_DURABLE=1). PostgreSQL refuses to run as root, so
 # under root the cluster runs as a system user ($SYNCD_PG_USER, default syncdci,
 # created with useradd if missing; falls back to nobody).
 #
@@ -14,6 +14,7 @@
 #   PG_BINDIR          PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin, else pg_config --bindir)
 #   SYNCD_PG_USER      user that runs the cluster when invoked as root (default syncdci)
 #   SYNCD_PG_TMP       parent of the temp dir (default /tmp)
+#   SYNCD_PG_DURABLE   1 keeps fsync, synchronous_commit and full_page_writes on (benchmarks)
 #   SYNCD_PG_STATE     state file (default: /tmp/syncd-pg-<uid>-<checkout hash>.state)
 # Only the export line goes to stdout; everything else goes to stderr.
 set -euo pipefail
@@ -125,11 +126,15 @@ cmd_start() {
 listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$dir'
+max_connections = 200
+EOF
+        if [[ ${SYNCD_PG_DURABLE:-0} != 1 ]]; then  # tests: durability off for speed; benchmarks keep it on
+            as_user tee -a "$dir/data/postgresql.conf" >/dev/null <<EOF
 fsync = off
 synchronous_commit = off
 full_page_writes = off
-max_connections = 200
 EOF
+        fi
         if as_user "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null 2>&1; then
             break
         fi

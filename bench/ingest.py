@@ -18,10 +18,17 @@ syncd's dedupe never short-circuits. After a warm-up the targets alternate for
 not absolute times, are the result: this machine is shared and has 2 cores.
 
     python bench/ingest.py [--quick] [--requests N] [--rounds R] [--clients C] [--profile]
+                           [--ceiling] [--journal URL]
 
-``--profile`` additionally runs the syncd receiver in-process under cProfile with
-Flask's test client (no HTTP, no waitress) and prints where a request's time goes,
-plus the cost of ``journal.record`` alone. Exit status is always 0.
+``--ceiling`` adds a third target, ``syncd-mem``: ``syncd serve`` with
+``journal.record`` replaced by an in-memory stand-in, so everything but the
+durable write is real; its ratio is the most any durable journal could reach.
+``--journal URL`` runs syncd on another journal (e.g. PostgreSQL).
+
+``--profile`` additionally calls the receiver's WSGI app in-process from 8 threads
+(no HTTP, no waitress) with the log line and the durable journal switched off in
+turn, and prints what each part costs per webhook under concurrency, next to the
+bare baseline app and to the same steps called alone. Exit status is always 0.
 """
 from __future__ import annotations
 
@@ -65,6 +72,24 @@ def baseline_server(port: int) -> None:
 
     server = create_server(app, host="127.0.0.1", port=port, threads=WAITRESS_THREADS, ident="baseline")
     server.run()
+
+
+# --- the ceiling target (this file re-invoked with --memory-journal-serve CONFIG) -------
+def memory_journal_serve(config_path: str) -> None:
+    """``syncd serve`` with ``journal.record`` replaced by an in-memory stand-in (no
+    SQLite write, no fsync): everything else a webhook costs is real. It is never
+    a way to run syncd, only the upper bound any durable journal can approach."""
+    from syncd.cli import main as syncd_main
+    from syncd.journal.base import Recorded
+    from syncd.journal.sqlite import SqliteJournal
+
+    ids = itertools.count(1)
+
+    def record(self, event):
+        return Recorded(next(ids), True)
+
+    SqliteJournal.record = record  # type: ignore[method-assign]
+    syncd_main(["-c", config_path, "serve"])
 
 
 # --- bodies ---------------------------------------------------------------------------
@@ -181,33 +206,43 @@ def stop(proc: subprocess.Popen) -> None:
 def run(args: argparse.Namespace) -> None:
     from syncd.stack import Stack, free_port
 
-    st = Stack(push_interval=3600.0)
+    st = Stack(push_interval=3600.0, journal_url=args.journal)
     st.extra_config = {"logging": {"level": "INFO", "format": "json"}}
+    ceiling = Stack(push_interval=3600.0) if args.ceiling else None
+    stacks = [x for x in (st, ceiling) if x is not None]
     procs: list[subprocess.Popen] = []
     base_dir = Path(tempfile.mkdtemp(prefix="syncd-bench-ingest-"))
     try:
         st.start()
         daemon = st.serve()
         procs.append(daemon.proc)
-        base_port = free_port()
-        base_log = open(base_dir / "baseline.log", "wb")
-        base = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(base_port)],
-                                stdout=base_log, stderr=subprocess.STDOUT, cwd=base_dir)
-        base_log.close()
-        procs.append(base)
-        wait_healthy(base_port, base)
-        targets = {"baseline": base_port, "syncd": st.port}
-        pids = {"baseline": base.pid, "syncd": daemon.proc.pid}
+        targets = {"baseline": free_port(), "syncd": st.port}
+        pids = {"syncd": daemon.proc.pid}
+        launch = {"baseline": ["--baseline-server", str(targets["baseline"])]}
+        if ceiling is not None:
+            ceiling.extra_config = dict(st.extra_config)
+            ceiling.start()
+            targets["syncd-mem"] = ceiling.port
+            launch["syncd-mem"] = ["--memory-journal-serve", str(ceiling.config_path)]
+        for name, extra in launch.items():
+            with open(base_dir / f"{name}.log", "wb") as out:
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *extra],
+                                        stdout=out, stderr=subprocess.STDOUT, cwd=base_dir)
+            procs.append(proc)
+            pids[name] = proc.pid
+            wait_healthy(targets[name], proc)
 
+        journal = "PostgreSQL (" + args.journal.split("@")[-1] + ")" if args.journal else "SQLite WAL synchronous=FULL"
         print(f"ingest: {args.requests} requests x {args.rounds} rounds per target, {args.clients} clients, "
-              f"waitress threads={WAITRESS_THREADS}; syncd: SQLite WAL synchronous=FULL, "
-              f"Salesforce sandbox configured, push_interval=3600 s (no pushing during the run)")
+              f"waitress threads={WAITRESS_THREADS}; syncd: {journal}, "
+              f"Salesforce sandbox configured, push_interval=3600 s (no pushing during the run)"
+              + ("; syncd-mem: the same with journal.record in memory (ceiling)" if ceiling else ""))
         for name, port in targets.items():  # warm-up: connections, imports, SQLite pages, JIT caches
             drive(port, make_bodies(args.warmup), args.clients)
 
         rows: list[tuple[str, int, dict]] = []
         for r in range(args.rounds):
-            order = ["baseline", "syncd"] if r % 2 == 0 else ["syncd", "baseline"]
+            order = list(targets) if r % 2 == 0 else list(targets)[::-1]
             for name in order:
                 bodies = make_bodies(args.requests)
                 cpu0, me0 = proc_cpu(pids[name]), os.times()
@@ -219,7 +254,7 @@ def run(args: argparse.Namespace) -> None:
                 print(f"  round {r + 1} {name:<8} {res['rps']:8.0f} req/s  p50 {res['p50']:6.2f} ms  "
                       f"p99 {res['p99']:6.2f} ms  server CPU {res['cpu_us']:5.0f} us/req  "
                       f"client CPU {res['client_cpu_us']:4.0f} us/req  errors {res['errors']}", flush=True)
-        report(rows)
+        report(rows, list(targets))
         queue_warnings = sum(1 for x in daemon.log_lines() if str(x.get("msg", "")).startswith("Task queue depth"))
         accepted = sum(1 for x in daemon.log_lines() if x.get("msg") == "webhook accepted")
         print(f"syncd log: {accepted} 'webhook accepted' lines and {queue_warnings} waitress "
@@ -229,20 +264,21 @@ def run(args: argparse.Namespace) -> None:
     finally:
         for p in procs:
             stop(p)
-        st.cleanup()
+        for x in stacks:
+            x.cleanup()
         shutil.rmtree(base_dir, ignore_errors=True)
 
 
-def report(rows: list[tuple[str, int, dict]]) -> None:
+def report(rows: list[tuple[str, int, dict]], names: list[str]) -> None:
     med = {}
-    for name in ("baseline", "syncd"):
+    for name in names:
         mine = [res for n, _, res in rows if n == name]
         med[name] = {k: statistics.median(r[k] for r in mine) for k in ("rps", "p50", "p99", "cpu_us")}
         med[name]["errors"] = sum(r["errors"] for r in mine)
     print()
     print(f"{'target':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'srv CPU us/req':>16}{'errors':>8}"
           "   (medians over rounds)")
-    for name in ("baseline", "syncd"):
+    for name in names:
         m = med[name]
         print(f"{name:<10}{m['rps']:>10.0f}{m['p50']:>10.2f}{m['p99']:>10.2f}{m['cpu_us']:>16.0f}{m['errors']:>8}")
     ratio = med["syncd"]["rps"] / med["baseline"]["rps"]
@@ -254,18 +290,67 @@ def report(rows: list[tuple[str, int, dict]]) -> None:
           f"{'PASS' if p99 < TARGET_P99_MS else 'FAIL'}")
     print(f"p99 ratio syncd/baseline = {p99 / med['baseline']['p99']:.2f}   "
           f"server CPU per request ratio syncd/baseline = {med['syncd']['cpu_us'] / med['baseline']['cpu_us']:.2f}")
+    if "syncd-mem" in med:
+        print(f"ceiling: syncd with an in-memory journal / baseline = "
+              f"{med['syncd-mem']['rps'] / med['baseline']['rps']:.2f}; the durable write costs "
+              f"{med['syncd']['cpu_us'] - med['syncd-mem']['cpu_us']:.0f} us of server CPU per webhook")
 
 
 # --- in-process profile ---------------------------------------------------------------
-def profile(n: int) -> None:
-    """Where a syncd request's time goes, without HTTP: Flask test client + cProfile."""
-    import cProfile
+def _environ(body: bytes, headers: dict[str, str]) -> dict:
+    """A WSGI environ for one webhook, so the app can be called without HTTP."""
     import io
+
+    env = {"REQUEST_METHOD": "POST", "PATH_INFO": PATH, "SCRIPT_NAME": "", "QUERY_STRING": "",
+           "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+           "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+           "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+           "wsgi.run_once": False, "wsgi.version": (1, 0), "CONTENT_LENGTH": str(len(body)),
+           "CONTENT_TYPE": headers["Content-Type"]}
+    for key, value in headers.items():
+        if key not in ("Content-Type", "Content-Length"):
+            env["HTTP_" + key.upper().replace("-", "_")] = value
+    return env
+
+
+def _cpu_per_call(app, n: int, threads: int) -> float:
+    """CPU seconds per webhook with ``threads`` threads calling the WSGI app directly."""
+    envs = [_environ(b, h) for b, h in make_bodies(n)]
+    cursor = itertools.count()
+    failures: list[str] = []
+
+    def start_response(status: str, headers: list, exc_info=None) -> None:
+        if not status.startswith("200"):
+            failures.append(status)
+
+    def worker() -> None:
+        while (i := next(cursor)) < n:
+            b"".join(app(envs[i], start_response))
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    c0 = time.process_time()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    if failures:
+        raise RuntimeError(f"profile: {len(failures)} webhooks failed, first {failures[0]}")
+    return (time.process_time() - c0) / n
+
+
+def profile(n: int, rounds: int = 4) -> None:
+    """Where a syncd webhook's CPU goes, without HTTP: the WSGI app called from
+    ``WAITRESS_THREADS`` threads, with parts switched off one at a time. Each
+    difference is what that part costs under concurrency (GIL hand-offs included),
+    which is what limits the served rate; costs of the same steps called alone,
+    one thread, are printed for comparison."""
     import logging
-    import pstats
+
+    from flask import Flask, jsonify, request
 
     from syncd.config import load_config
     from syncd.events import utcnow
+    from syncd.journal.base import Recorded
     from syncd.logs import setup_logging
     from syncd.receiver import create_app
     from syncd.runtime import open_runtime
@@ -277,18 +362,6 @@ def profile(n: int) -> None:
         setup_logging("INFO", "json", stream=sink)  # the receiver logs one line per webhook, as in serve
         rt = open_runtime(load_config(st.config_path, env={}))
         app = create_app(rt.journal, rt.sources, rt.router, metrics=rt.metrics)
-        client = app.test_client()
-        for body, headers in make_bodies(200):
-            client.post(PATH, data=body, headers=headers)
-        bodies = make_bodies(n)
-        c0, t0 = time.process_time(), time.perf_counter()
-        for body, headers in bodies:
-            assert client.post(PATH, data=body, headers=headers).status_code == 200
-        whole, whole_cpu = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
-
-        # The baseline app, in-process the same way.
-        from flask import Flask, jsonify, request
-
         bare = Flask("baseline")
 
         @bare.post(PATH)
@@ -296,14 +369,43 @@ def profile(n: int) -> None:
             json.loads(request.get_data(cache=False))
             return jsonify({"status": "accepted"}), 200
 
-        bare_client = bare.test_client()
-        bodies = make_bodies(n)
-        c0, t0 = time.process_time(), time.perf_counter()
-        for body, headers in bodies:
-            bare_client.post(PATH, data=body, headers=headers)
-        bare_wall, bare_cpu = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+        receiver_log = logging.getLogger("syncd.receiver")
+        durable_record = rt.journal.record
+        memory_ids = itertools.count(10**9)
 
-        # The request's steps one by one (CPU and wall per call, same bodies).
+        def memory_record(event):  # an in-memory stand-in for the journal: no SQLite, no fsync
+            return Recorded(next(memory_ids), True)
+
+        variants = {
+            "syncd": (app, True, durable_record),
+            "syncd, no log line": (app, False, durable_record),
+            "syncd, in-memory journal": (app, True, memory_record),
+            "syncd, neither": (app, False, memory_record),
+            "baseline app": (bare, True, durable_record),
+        }
+        results: dict[str, list[float]] = {name: [] for name in variants}
+        _cpu_per_call(app, 300, WAITRESS_THREADS)
+        _cpu_per_call(bare, 300, WAITRESS_THREADS)
+        for r in range(rounds):
+            for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+                target, log_on, record = variants[name]
+                receiver_log.disabled = not log_on
+                rt.journal.record = record  # type: ignore[method-assign]
+                results[name].append(_cpu_per_call(target, n, WAITRESS_THREADS))
+        receiver_log.disabled = False
+        rt.journal.record = durable_record  # type: ignore[method-assign]
+        med = {name: statistics.median(v) * 1e6 for name, v in results.items()}
+        print(f"\nin-process, {WAITRESS_THREADS} threads calling the WSGI app (no HTTP, no waitress), "
+              f"{n} webhooks x {rounds} rounds, median CPU per webhook:")
+        for name, us in med.items():
+            print(f"  {name:<28}{us:>8.0f} us")
+        print("  marginal costs under concurrency:")
+        print(f"    durable journal write     {med['syncd'] - med['syncd, in-memory journal']:>8.0f} us")
+        print(f"    log line                  {med['syncd'] - med['syncd, no log line']:>8.0f} us")
+        print(f"    verify, parse, route, answer (beyond the baseline app) "
+              f"{med['syncd, neither'] - med['baseline app']:>5.0f} us")
+
+        # The same steps called alone, one thread.
         from werkzeug.datastructures import Headers
 
         src = rt.sources["apten"]
@@ -311,61 +413,28 @@ def profile(n: int) -> None:
         heads = [Headers(h) for _, h in steps]
         now = utcnow()
         events: list = [None] * n
-        rlog = logging.getLogger("syncd.receiver")
 
         def parse(i: int) -> None:
             events[i] = src.parse(steps[i][0], now)
-
-        def record_fresh(i: int) -> None:
-            events[i].source_event_id += "-alone"
-            rt.journal.record(events[i])
 
         table = [
             ("authenticate (HMAC)", lambda i: src.authenticate(steps[i][0], heads[i], {})),
             ("parse (pydantic, hash, E.164)", parse),
             ("router.unroutable_reason", lambda i: rt.router.unroutable_reason(
                 events[i].external_lead_id, events[i].phone, events[i].phone_raw)),
-            ("journal.record (FULL)", lambda i: rt.journal.record(events[i])),
-            ("log line 'webhook accepted'", lambda i: rlog.info("webhook accepted", extra={
+            ("journal.record, one at a time", lambda i: rt.journal.record(events[i])),
+            ("log line 'webhook accepted'", lambda i: receiver_log.info("webhook accepted", extra={
                 "source": "apten", "event_id": i, "status": 200, "kind": "opt_out", "channel": "sms"})),
         ]
-        timings = []
+        print(f"\nthe same steps alone, one thread, {n} calls each:")
+        print(f"  {'step':<34}{'CPU us':>8}{'wall us':>9}")
         for label, fn in table:
             c0, w0 = time.process_time(), time.perf_counter()
             for i in range(n):
                 fn(i)
-            timings.append((label, (time.process_time() - c0) / n, (time.perf_counter() - w0) / n))
-        with app.app_context():
-            c0, w0 = time.process_time(), time.perf_counter()
-            for i in range(n):
-                jsonify({"status": "accepted", "event_id": i})
-            timings.append(("jsonify answer", (time.process_time() - c0) / n, (time.perf_counter() - w0) / n))
-        rt.journal._conn().execute("PRAGMA synchronous=NORMAL")  # noqa: SLF001 - measurement only
-        c0, w0 = time.process_time(), time.perf_counter()
-        for i in range(n):
-            record_fresh(i)
-        timings.append(("journal.record (NORMAL, compare)", (time.process_time() - c0) / n,
-                        (time.perf_counter() - w0) / n))
-        rt.journal._conn().execute("PRAGMA synchronous=FULL")  # noqa: SLF001
-
-        prof = cProfile.Profile()
-        bodies = make_bodies(n)
-        prof.enable()
-        for body, headers in bodies:
-            client.post(PATH, data=body, headers=headers)
-        prof.disable()
+            print(f"  {label:<34}{(time.process_time() - c0) / n * 1e6:>8.1f}"
+                  f"{(time.perf_counter() - w0) / n * 1e6:>9.1f}")
         rt.journal.close()
-        print(f"\nin-process, one thread, {n} requests (Flask test client, no HTTP):")
-        print(f"  {'step':<34}{'CPU us':>8}{'wall us':>9}")
-        print(f"  {'whole syncd request':<34}{whole_cpu * 1e6:>8.1f}{whole * 1e6:>9.1f}")
-        print(f"  {'whole baseline request':<34}{bare_cpu * 1e6:>8.1f}{bare_wall * 1e6:>9.1f}")
-        for label, cpu, wall in timings:
-            print(f"  {label:<34}{cpu * 1e6:>8.1f}{wall * 1e6:>9.1f}")
-        out = io.StringIO()
-        stats = pstats.Stats(prof, stream=out)
-        stats.sort_stats("tottime").print_stats(20)
-        print("\ncProfile, top 20 by own time (under the profiler, times are inflated):")
-        print("\n".join(out.getvalue().splitlines()[4:]))
         logging.shutdown()
     finally:
         sink.close()
@@ -379,17 +448,24 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--quick", action="store_true", help="1000 requests, 2 rounds, 200 warm-up")
-    ap.add_argument("--profile", action="store_true", help="also profile the receiver in-process")
+    ap.add_argument("--profile", action="store_true", help="also measure what each part of a webhook costs")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also run syncd with an in-memory journal: the most any durable journal can reach")
+    ap.add_argument("--journal", metavar="URL", help="journal.url for syncd (default: a SQLite file)")
     ap.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-journal-serve", metavar="CONFIG", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_server:
         baseline_server(args.baseline_server)
+        return
+    if args.memory_journal_serve:
+        memory_journal_serve(args.memory_journal_serve)
         return
     if args.quick:
         args.requests, args.rounds, args.warmup = 1000, 2, 200
     run(args)
     if args.profile:
-        profile(1000 if args.quick else 2000)
+        profile(1000 if args.quick else 3000)
 
 
 if __name__ == "__main__":

@@ -270,8 +270,8 @@ def test_concurrent_records_group_commit_with_duplicates(journal):
     assert journal.counts()["events"]["received"] == len(by_key)
 
 
-def test_a_bad_row_fails_only_its_own_request(tmp_path):
-    j = open_journal(f"sqlite:///{tmp_path}/j.db")
+def test_a_bad_row_fails_only_its_own_request(journal):
+    j = journal
     good = event(1)
     bad = event(2, source=None)          # violates NOT NULL
     import threading
@@ -288,4 +288,62 @@ def test_a_bad_row_fails_only_its_own_request(tmp_path):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert out["good"].created and isinstance(out["bad"], Exception)
+    assert j.record(event(3)).created                  # and the journal goes on
+
+
+def test_a_failed_commit_wakes_every_waiting_request(tmp_path, monkeypatch):
+    """When the transaction itself fails (disk full, I/O error), every request in
+    the batch gets the error; none is left waiting, and later requests still commit."""
+    import sqlite3
+    import threading
+    from contextlib import contextmanager
+
+    j = open_journal(f"sqlite:///{tmp_path}/j.db")
+    real_write = j._write
+    failing = threading.Event()
+    failing.set()
+
+    @contextmanager
+    def flaky_write():
+        with real_write() as cur:
+            yield cur
+            if failing.is_set():
+                time.sleep(0.05)  # let the other requests queue up behind this commit
+                raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(j, "_write", flaky_write)
+    out: dict[int, object] = {}
+
+    def rec(n: int) -> None:
+        try:
+            out[n] = j.record(event(n))
+        except Exception as exc:  # the journal's own error for this request
+            out[n] = exc
+
+    threads = [threading.Thread(target=rec, args=(n,), daemon=True) for n in range(8)]
+    [t.start() for t in threads]
+    [t.join(timeout=10) for t in threads]
+    assert not any(t.is_alive() for t in threads), "a request was left waiting"
+    assert all(isinstance(out[n], sqlite3.OperationalError) for n in range(8))
+    assert j.counts()["events"]["received"] == 0               # nothing half-committed
+    failing.clear()
+    assert j.record(event(99)).created
+    j.close()
+
+
+def test_a_lone_request_after_a_burst_waits_only_briefly(tmp_path):
+    """The leader waits for as many events as the last commit carried, but only for
+    GATHER_SECONDS: a request arriving alone after a burst is not held up."""
+    import threading
+
+    j = open_journal(f"sqlite:///{tmp_path}/j.db")
+    threads = [threading.Thread(target=j.record, args=(event(n),)) for n in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    j._group.last_batch = 8                    # as after a full batch of 8
+    started = time.perf_counter()
+    rec = j.record(event(100))
+    elapsed = time.perf_counter() - started
+    assert rec.created and j._group.last_batch == 1
+    assert elapsed < j._group.GATHER_SECONDS + 0.5, elapsed
     j.close()

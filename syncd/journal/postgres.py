@@ -12,6 +12,8 @@ Concurrency, in short:
   (see :meth:`PostgresJournal._claim_ids`), and rows are taken with
   ``FOR UPDATE SKIP LOCKED`` so a claim never waits on a row that a concurrent
   ``settle``/``replay`` is changing.
+* **Webhooks** are group-committed (:mod:`syncd.journal.group_commit`): the
+  events that arrive while one insert transaction runs share the next one.
 * **Duplicate webhooks** racing on ``(source, source_event_id)``: the loser's
   ``INSERT ... ON CONFLICT DO NOTHING`` waits for the winner's commit and then
   inserts nothing; its follow-up ``SELECT`` is a new statement, so under READ
@@ -37,6 +39,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from syncd.events import ConsentEvent
+from syncd.journal.base import Recorded
+from syncd.journal.group_commit import GroupCommit
 from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
 
 log = logging.getLogger(__name__)
@@ -193,6 +198,7 @@ class PostgresJournal(SqlJournal):
         self._leaders: dict[str, psycopg.Connection] = {}
         self._leader_lock = threading.Lock()
         self._pool: ConnectionPool | None = None
+        self._group = GroupCommit(self, psycopg.Error, batch_savepoint=True)
 
         self._migrate()
         pool = ConnectionPool(self._conninfo, min_size=min_size, max_size=max_size, open=True,
@@ -238,6 +244,9 @@ class PostgresJournal(SqlJournal):
         if self._pool is None or self._pool.closed:
             raise PostgresUnavailable(f"PostgreSQL journal {self.where} is closed")
         return self._pool
+
+    def record(self, event: ConsentEvent) -> Recorded:
+        return self._group.submit(event)
 
     @contextmanager
     def _write(self) -> Iterator[psycopg.Cursor]:

@@ -3,8 +3,8 @@
 One connection per thread; every write is a ``BEGIN IMMEDIATE`` transaction, so a
 webhook is answered only after its row is on disk. Writers in this process take
 turns on a lock instead of SQLite's busy handler (whose back-off sleeps up to
-100 ms), and webhooks are group-committed: the request that finds no commit running commits every event
-queued meanwhile in one transaction (one fsync), then releases each waiting request. One ``serve`` per file is
+100 ms), and webhooks are group-committed (:mod:`syncd.journal.group_commit`): one transaction
+and one fsync for every event queued while the previous commit ran. One ``serve`` per file is
 enforced by an exclusive ``flock`` on ``<file>.serve.lock`` (released by the
 kernel when the process dies, even by ``kill -9``).
 """
@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from syncd.events import ConsentEvent
 from syncd.journal.base import JournalBusy, Recorded
+from syncd.journal.group_commit import GroupCommit
 from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
 
 SCHEMA = """
@@ -127,7 +128,7 @@ class SqliteJournal(SqlJournal):
         self._all_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
-        self._group = _GroupCommit(self)
+        self._group = GroupCommit(self, sqlite3.Error)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._migrate()
 
@@ -262,95 +263,3 @@ class SqliteJournal(SqlJournal):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-
-class _Waiter:
-    """One request waiting in a group commit; its lock is released exactly once:
-    with its outcome, or to make it the next leader."""
-
-    __slots__ = ("event", "result", "error", "lead", "lock")
-
-    def __init__(self, event: ConsentEvent):
-        self.event = event
-        self.result: Recorded | None = None
-        self.error: BaseException | None = None
-        self.lead = False
-        self.lock = threading.Lock()
-        self.lock.acquire()
-
-    def outcome(self) -> Recorded:
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
-
-
-class _GroupCommit:
-    """Group commit without a writer thread: the first request to find no commit
-    in progress commits everything queued so far in one transaction (one fsync).
-    Each waiter is woken once, by the commit that holds its event; if more
-    requests queued meanwhile, the first of them is woken to lead the next
-    commit. Each ``submit`` returns only after its own commit."""
-
-    def __init__(self, journal: SqliteJournal):
-        self.journal = journal
-        self.mutex = threading.Lock()
-        self.pending: list[_Waiter] = []
-        self.committing = False
-
-    def submit(self, event: ConsentEvent) -> Recorded:
-        me = _Waiter(event)
-        with self.mutex:
-            self.pending.append(me)
-            lead = not self.committing
-            self.committing = True
-        if not lead:
-            me.lock.acquire()
-            if not me.lead:
-                return me.outcome()
-        with self.mutex:
-            batch, self.pending = self.pending, []
-        try:
-            self._commit(batch, me)
-        finally:
-            with self.mutex:
-                if self.pending:
-                    successor = self.pending[0]
-                    successor.lead = True
-                    successor.lock.release()
-                else:
-                    self.committing = False
-        return me.outcome()
-
-    def _insert_alone(self, cur: sqlite3.Cursor, event: ConsentEvent) -> Recorded | BaseException:
-        """After a batch insert failed: each event alone, so one bad row fails only its request."""
-        cur.execute("SAVEPOINT one")
-        try:
-            return self.journal._insert_event(cur, event)
-        except sqlite3.Error as exc:
-            cur.execute("ROLLBACK TO one")
-            return exc
-        finally:
-            cur.execute("RELEASE one")
-
-    def _commit(self, batch: list[_Waiter], leader: _Waiter) -> None:
-        """Commit ``batch`` and wake every waiter in it but ``leader`` (the caller),
-        whatever happens: a waiter left asleep would hang its request forever."""
-        results: list[Recorded | BaseException] = []
-        try:
-            with self.journal._write() as cur:
-                try:
-                    results = list(self.journal._insert_events(cur, [w.event for w in batch]))
-                except sqlite3.Error:
-                    results = [self._insert_alone(cur, w.event) for w in batch]
-        except BaseException as exc:  # the commit itself failed: nothing in the batch is durable
-            results = [exc] * len(batch)
-        finally:
-            for i, waiter in enumerate(batch):
-                result = results[i] if i < len(results) else RuntimeError("journal commit interrupted")
-                if isinstance(result, BaseException):
-                    waiter.error = result
-                else:
-                    waiter.result = result
-                if waiter is not leader:
-                    waiter.lock.release()
