@@ -156,3 +156,29 @@ def test_one_leader_polls_and_the_other_replica_takes_over_when_it_is_killed(rep
     assert len(registrations_for(sinch, "13305550101")) == 1
     assert len(registrations_for(sinch, "13305550102")) == 1
     assert survivor.proc.poll() is None
+
+
+def test_the_same_webhook_sent_to_both_replicas_at_once_is_stored_and_applied_once(replicas):
+    """A platform retrying through a load balancer can hit both replicas at the same
+    moment: the unique key stores one event, one answer says duplicate, one write."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    st, (one, two) = replicas
+    sf = st.sandboxes["salesforce"]
+    ids = [sf.add_record("Contact", None, LastName=f"D{i}", SMS_Opt_Out__c=False) for i in range(20)]
+    bodies = [optout(rid, 100 + n) for n, rid in enumerate(ids)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda job: post_apten(job[0].url, job[1]),
+                                [(replica, body) for body in bodies for replica in (one, two)]))
+    assert [a.status_code for a in answers] == [200] * 40
+    statuses = Counter(a.json()["status"] for a in answers)
+    assert statuses == {"accepted": 20, "duplicate": 20}
+    pairs = [(answers[2 * i].json()["event_id"], answers[2 * i + 1].json()["event_id"]) for i in range(20)]
+    assert all(a == b for a, b in pairs) and len({a for a, _ in pairs}) == 20
+    assert st.journal.counts()["events"]["received"] == 20
+
+    assert wait_for(lambda: all(sf.get_record("Contact", rid)["SMS_Opt_Out__c"] for rid in ids), timeout=30)
+    assert wait_for(lambda: st.journal.counts()["deliveries"]["done"] == 20, timeout=10)
+    time.sleep(1.0)
+    counts = sf.composite_writes()
+    assert {rid: counts[rid] for rid in ids} == {rid: 1 for rid in ids}
