@@ -347,3 +347,15 @@ def test_a_lone_request_after_a_burst_waits_only_briefly(tmp_path):
     assert rec.created and j._group.last_batch == 1
     assert elapsed < j._group.GATHER_SECONDS + 0.5, elapsed
     j.close()
+
+
+def test_a_bad_row_in_the_same_batch_as_good_ones_fails_alone(journal):
+    """Deterministic form of the test above: one batch holding a bad row between two good ones."""
+    from syncd.journal.group_commit import _Waiter
+
+    first, bad, last = _Waiter(event(1)), _Waiter(event(2, source=None)), _Waiter(event(3))
+    journal._group._commit([first, bad, last], first)
+    assert first.outcome().created and last.outcome().created
+    assert isinstance(bad.error, Exception)
+    assert not bad.lock.locked() and not last.lock.locked()     # both were woken
+    assert journal.counts()["events"]["received"] == 2

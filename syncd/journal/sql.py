@@ -82,9 +82,12 @@ class SqlJournal:
 
     def _insert_events(self, cur: Any, events: list[ConsentEvent]) -> list[Recorded]:
         """Insert many events with one statement (group commit: one round of the
-        driver per batch, not per event); duplicates keep the existing id."""
+        driver per batch, not per event); duplicates keep the existing id. Rows go
+        in key order, so two replicas inserting overlapping batches take the unique
+        index's locks in the same order and cannot deadlock."""
         now = iso(utcnow())
-        params = [v for event in events for v in self._event_row(event, now)]
+        in_key_order = sorted(events, key=lambda e: (e.source or "", e.source_event_id or ""))
+        params = [v for event in in_key_order for v in self._event_row(event, now)]
         cur.execute(self._sql(self._INSERT_EVENTS + ",".join([self._EVENT_VALUES] * len(events))
                               + " ON CONFLICT (source, source_event_id) DO NOTHING "
                               "RETURNING id, source, source_event_id"), params)
