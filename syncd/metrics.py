@@ -17,6 +17,12 @@ class Metrics:
         self.crm_requests = Counter(
             "syncd_crm_requests", "CRM write calls by CRM and result",
             ["crm", "status"], registry=self.registry)
+        self.crm_lookups = Counter(
+            "syncd_crm_lookups", "Phone lookups (searches) by CRM and result",
+            ["crm", "status"], registry=self.registry)
+        self.crm_polls = Counter(
+            "syncd_crm_polls", "Reflector polls for changed records, one per page, by CRM and result",
+            ["crm", "status"], registry=self.registry)
         self.push_duration = Histogram(
             "syncd_push_duration_seconds", "Time to push one batch to a CRM",
             ["crm"], registry=self.registry)
@@ -33,6 +39,14 @@ class Metrics:
         if self._journal_counts is None:
             self.registry.register(_JournalCollector(counts))
         self._journal_counts = counts
+
+    @staticmethod
+    def call_status(exc: BaseException | None) -> str:
+        """A CRM call's result as a label: ``ok``, the HTTP status, or the error class."""
+        if exc is None:
+            return "ok"
+        status = getattr(exc, "status", None)
+        return str(status) if status else type(exc).__name__
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

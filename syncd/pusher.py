@@ -105,8 +105,10 @@ class Pusher:
                 targets.extend(connector.find_by_phone(event.phone))
                 searched.append(name)
             except ConnectorError as exc:
+                self._count_lookup(name, exc)
                 self._routing_failed(event, name, exc, stats)
                 return
+            self._count_lookup(name, None)
         if not targets:
             self._quarantine(event, f"no record with this phone in {', '.join(searched) or 'any CRM'}", stats)
             return
@@ -244,7 +246,10 @@ class Pusher:
                 return f"{crm} paused for {now - since:.0f} s (quota exceeded)"
         return None
 
+    def _count_lookup(self, crm: str, exc: ConnectorError | None) -> None:
+        if self.metrics:
+            self.metrics.crm_lookups.labels(crm, Metrics.call_status(exc)).inc()
+
     def _count(self, crm: str, exc: ConnectorError | None) -> None:
         if self.metrics:
-            status = "ok" if exc is None else (str(exc.status) if exc.status else type(exc).__name__)
-            self.metrics.crm_requests.labels(crm, status).inc()
+            self.metrics.crm_requests.labels(crm, Metrics.call_status(exc)).inc()

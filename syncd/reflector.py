@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 from connectors.base import CrmConnector
 from connectors.errors import ConnectorError
-from connectors.types import Watermark
+from connectors.types import Page, Watermark
 from syncd.backoff import RetryPolicy
 from syncd.config import Config
 from syncd.journal.base import Journal, ReflectionCandidate, ReflectionOutcome, StoredEvent
 from syncd.mapping import Mapping
 from syncd.masking import mask_phone, mask_text
+from syncd.metrics import Metrics
 from syncd.phones import to_e164
 
 log = logging.getLogger("syncd.reflector")
@@ -63,8 +64,10 @@ def phones_of(values: dict[str, Any], fields: list[str], region: str) -> list[st
 
 class Reflector:
     def __init__(self, journal: Journal, connectors: dict[str, CrmConnector], mappings: dict[str, Mapping],
-                 sinch: Any, cfg: Config, *, page_limit: int = 200, max_pages: int = 50):
+                 sinch: Any, cfg: Config, *, page_limit: int = 200, max_pages: int = 50,
+                 metrics: Metrics | None = None):
         self.journal = journal
+        self.metrics = metrics
         self.connectors = connectors
         self.mappings = mappings
         self.sinch = sinch
@@ -94,6 +97,17 @@ class Reflector:
                 log.warning("poll failed", extra={"crm": crm, "error": mask_text(str(exc))})
         return queued
 
+    def _poll_page(self, crm: str, connector: CrmConnector, mark: Watermark, fields: list[str]) -> Page:
+        try:
+            page = connector.changed_since(mark, fields, self.page_limit)
+        except Exception as exc:
+            if self.metrics:
+                self.metrics.crm_polls.labels(crm, Metrics.call_status(exc)).inc()
+            raise
+        if self.metrics:
+            self.metrics.crm_polls.labels(crm, "ok").inc()
+        return page
+
     def _poll_crm(self, crm: str, connector: CrmConnector, flags: list[str], phone_fields: list[str]) -> int:
         name = f"reflect:{crm}"
         ts, last_id = self.journal.get_watermark(name)
@@ -103,7 +117,7 @@ class Reflector:
             return 0
         mark, total = Watermark(ts, last_id), 0
         for _ in range(self.max_pages):
-            page = connector.changed_since(mark, list(dict.fromkeys([*flags, *phone_fields])), self.page_limit)
+            page = self._poll_page(crm, connector, mark, list(dict.fromkeys([*flags, *phone_fields])))
             candidates = []
             for rec in page.records:
                 flagged = any(flag_set(rec.values.get(f)) for f in flags)

@@ -88,7 +88,7 @@ def open_runtime(cfg: Config) -> Runtime:
     reflector = None
     sinch = build_sinch(cfg)
     if sinch is not None:
-        reflector = Reflector(journal, connectors, mappings, sinch, cfg)
+        reflector = Reflector(journal, connectors, mappings, sinch, cfg, metrics=metrics)
         pusher.reconcile = reflector.reconcile
     return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
                    connectors=connectors, pusher=pusher, metrics=metrics, reflector=reflector)

@@ -192,6 +192,10 @@ def test_hubspot_and_close_flags_are_polled_and_registered():
         phones = sorted(i["identity"] for r in sinch.registrations for i in r["identities"])
         assert phones == ["13305550151", "13305550177"]
         assert rt.reflector.poll_once() == {"salesforce": 0, "hubspot": 0, "close": 0}
+        # 2 polls that read pages (the first only sets the watermarks), one page each per CRM
+        text = rt.metrics.render().decode()
+        for crm in ("salesforce", "hubspot", "close"):
+            assert f'syncd_crm_polls_total{{crm="{crm}",status="ok"}} 2.0' in text, crm
         rt.journal.close()
     finally:
         st.cleanup()
