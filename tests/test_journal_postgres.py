@@ -253,3 +253,22 @@ def test_unreachable_server_error_is_clear_and_hides_the_password():
     assert "Sup3rSecretPw" not in text and "\n" not in text
     with pytest.raises(ValueError, match="schema"):
         PostgresJournal(URL, schema='x"; DROP TABLE events; --')
+
+
+def test_schema_named_in_the_url(schema):
+    """``journal.url: postgresql://…/db?schema=NAME`` keeps syncd's tables in NAME
+    (libpq has no such parameter: it is taken out before connecting)."""
+    from syncd.journal import open_journal
+
+    sep = "&" if "?" in URL else "?"
+    j = open_journal(f"{URL}{sep}schema={schema}")
+    try:
+        assert j.schema == schema and f"(schema {schema})" in j.where
+        assert j.record(event(1)).created
+        with psycopg.connect(URL) as conn:
+            (n,) = conn.execute(f'SELECT count(*) FROM "{schema}".events').fetchone()
+        assert n == 1
+    finally:
+        j.close()
+    with pytest.raises(ValueError, match="schema"):
+        open_journal(f"{URL}{sep}schema=Bad-Name")

@@ -31,7 +31,7 @@ import threading
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterator
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -183,7 +183,8 @@ class PostgresJournal(SqlJournal):
 
     def __init__(self, url: str, *, schema: str | None = None, min_size: int = 1,
                  max_size: int = 10, timeout: float = 30.0):
-        self.schema = schema or "public"
+        url, url_schema = _split_schema(url)
+        self.schema = schema or url_schema or "public"
         if not _IDENT.match(self.schema) or self.schema.startswith("pg_"):
             raise ValueError(f"journal schema {self.schema!r} is not a plain lower-case identifier "
                              "(a-z, 0-9, _; at most 63 characters; not pg_*)")
@@ -412,6 +413,18 @@ class PostgresJournal(SqlJournal):
             self.resign(name)
         if self._pool is not None and not self._pool.closed:
             self._pool.close()
+
+
+def _split_schema(url: str) -> tuple[str, str | None]:
+    """``postgresql://…/db?schema=syncd`` -> (the URL without it, ``syncd``). libpq has no
+    such parameter; syncd takes it out before connecting and creates the schema."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [v for k, v in query if k == "schema"]
+    if not schemas:
+        return url, None
+    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    return urlunsplit(parts._replace(query=rest)), schemas[-1]
 
 
 def _parse(url: str) -> dict[str, Any]:
