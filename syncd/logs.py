@@ -94,13 +94,19 @@ class BackgroundStreamHandler(logging.Handler):
         self.emit(record)
         return True
 
+    # Lines queued beyond this are written by the logging thread itself: if stderr
+    # stalls (a full pipe nobody reads), callers slow down instead of memory growing.
+    MAX_QUEUED = 10_000
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._lines.append(self.format(record) + "\n")
         except Exception:
             self.handleError(record)
             return
-        if not self._wake.is_set():
+        if len(self._lines) > self.MAX_QUEUED:
+            self.flush()
+        elif not self._wake.is_set():
             self._wake.set()
 
     def _run(self) -> None:

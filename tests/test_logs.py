@@ -128,3 +128,40 @@ def test_json_lines_mask_nested_extras_and_keep_numbers():
     assert doc["event_id"] == 7 and doc["ok"] is True and doc["ratio"] == 0.5 and doc["fields"]["n"] == 3
     for leak in ("4911113333444", "pat@example.com", "555-0199", "dana.reyes@example.com"):
         assert leak not in line, leak
+
+
+def test_a_stalled_stream_slows_callers_instead_of_growing_memory():
+    """While the stream blocks, at most MAX_QUEUED lines wait in memory; the caller
+    that would exceed it writes (and waits) itself, so nothing is dropped."""
+    import logging
+    import threading
+
+    from syncd.logs import BackgroundStreamHandler, JsonFormatter
+
+    class Gate:
+        def __init__(self) -> None:
+            self.open = threading.Event()
+            self.lines = 0
+
+        def write(self, text: str) -> None:
+            self.open.wait()
+            self.lines += text.count("\n")
+
+        def flush(self) -> None:
+            pass
+
+    stream = Gate()
+    handler = BackgroundStreamHandler(stream)
+    handler.MAX_QUEUED = 50
+    handler.setFormatter(JsonFormatter())
+    record = logging.LogRecord("syncd.test", logging.INFO, "", 0, "line", (), None)
+    caller = threading.Thread(target=lambda: [handler.handle(record) for _ in range(200)], daemon=True)
+    caller.start()
+    caller.join(timeout=1.0)
+    assert caller.is_alive()                               # held back by the stalled stream...
+    assert len(handler._lines) <= handler.MAX_QUEUED + 1   # ...with a bounded queue
+    stream.open.set()
+    caller.join(timeout=10)
+    assert not caller.is_alive()
+    handler.close()
+    assert stream.lines == 200
