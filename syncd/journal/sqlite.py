@@ -1,8 +1,8 @@
 """SQLite journal (WAL, synchronous=FULL): the embedded default.
 
-One connection per thread; every write is a ``BEGIN IMMEDIATE`` transaction, so a
-webhook is answered only after its row is on disk. Writers in this process take
-turns on a lock instead of SQLite's busy handler (whose back-off sleeps up to
+Reads use one connection per thread; writes share one connection, each a
+``BEGIN IMMEDIATE`` transaction, so a webhook is answered only after its row is on
+disk. Writers in this process take turns on a lock instead of SQLite's busy handler (whose back-off sleeps up to
 100 ms), and webhooks are group-committed (:mod:`syncd.journal.group_commit`): one transaction
 and one fsync for every event queued while the previous commit ran. One ``serve`` per file is
 enforced by an exclusive ``flock`` on ``<file>.serve.lock`` (released by the
