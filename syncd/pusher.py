@@ -66,6 +66,7 @@ class Pusher:
     # --- one scheduler tick ----------------------------------------------------------
     def run_once(self, max_rounds: int = 20) -> TickStats:
         stats = TickStats()
+        self.journal.take_over_dead_leases()
         for _ in range(max_rounds):
             if self.stopping.is_set() or self.route_pending(stats) < self.batch_size:
                 break

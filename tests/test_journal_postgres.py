@@ -272,3 +272,31 @@ def test_schema_named_in_the_url(schema):
         j.close()
     with pytest.raises(ValueError, match="schema"):
         open_journal(f"{URL}{sep}schema=Bad-Name")
+
+
+def test_leases_of_a_replica_that_is_gone_are_taken_over_at_once(journals):
+    """A replica whose database session ended (kill -9, lost host) leaves leased
+    deliveries behind; another frees them on its next tick, not after the lease."""
+    from connectors.types import RecordRef
+
+    alive, doomed = journals(), journals()
+    for n in range(3):
+        rec = alive.record(event(n))
+        alive.add_targets(rec.event_id, [RecordRef("salesforce", "Contact", f"003XX00000000{n:02d}AAA")])
+    for j in (alive, doomed):
+        j.take_over_dead_leases()                # each asserts it is alive
+    taken = doomed.claim(10, lease_seconds=600)
+    assert len(taken) == 3 and alive.claim(10, 600) == []
+    alive._next_takeover = 0.0
+    assert alive.take_over_dead_leases() == 0  # the owner is alive: its leases stay
+    assert alive.claim(10, 600) == []
+
+    conn = doomed._leaders[doomed._alive_name(doomed.owner)]
+    conn.pgconn.finish()                         # the session ends as if the process died
+    freed, deadline = 0, time.time() + 10      # the server drops its locks as the backend exits
+    while freed < 3 and time.time() < deadline:
+        alive._next_takeover = 0.0
+        freed += alive.take_over_dead_leases()
+        time.sleep(0.05)
+    assert freed == 3
+    assert sorted(d.id for d in alive.claim(10, 600)) == sorted(d.id for d in taken)

@@ -182,3 +182,44 @@ def test_the_same_webhook_sent_to_both_replicas_at_once_is_stored_and_applied_on
     time.sleep(1.0)
     counts = sf.composite_writes()
     assert {rid: counts[rid] for rid in ids} == {rid: 1 for rid in ids}
+
+
+def test_a_killed_replicas_leased_deliveries_are_pushed_by_the_other_at_once(database):
+    """kill -9 of a replica stuck mid-push: the next replica frees its leases on its
+    first tick (its database session is gone) instead of waiting out the 300 s lease."""
+    st = Stack(journal_url=database, push_interval=0.2).start()
+    st.extra_config = {"schedule": {"lease_seconds": 300}}
+    st.write_config()
+    sf = st.sandboxes["salesforce"]
+    daemons: list[DaemonProcess] = []
+    try:
+        ids = [sf.add_record("Contact", None, LastName=f"K{i}", SMS_Opt_Out__c=False) for i in range(6)]
+        warm, ids = ids[0], ids[1:]
+        first = st.serve("first.log")
+        daemons.append(first)
+        assert post_apten(first.url, optout(warm, 199)).status_code == 200   # holds a Salesforce session
+        assert wait_for(lambda: sf.get_record("Contact", warm)["SMS_Opt_Out__c"], timeout=15)
+        sf.clear_log()
+        sf.stall.set()                       # the CRM hangs: the first replica is stuck holding its leases
+        for n, rid in enumerate(ids):
+            assert post_apten(first.url, optout(rid, 200 + n)).status_code == 200
+        assert wait_for(lambda: sf.requests_to(r"/composite/sobjects$", "PATCH"), timeout=15)
+        first.kill9()
+        sf.stall.clear()
+        started = time.monotonic()
+        second = st.serve("second.log")
+        daemons.append(second)
+        # (the stalled PATCH still lands once the CRM recovers; the leased deliveries
+        # are only settled when a live replica pushes them again)
+        assert wait_for(lambda: json.loads(st.syncd("status", "--json").stdout)["deliveries"]["done"] == 6,
+                        timeout=30)
+        assert time.monotonic() - started < 30   # far inside the 300 s lease
+        assert all(sf.get_record("Contact", rid)["SMS_Opt_Out__c"] for rid in ids)
+        assert logged(second, "took over the leases of a replica that is gone")
+    finally:
+        for d in daemons:
+            d.terminate()
+        st.cleanup()
+        ca_dir = Path(sf.tls.ca_bundle).parent
+        if ca_dir.name.startswith("syncd-sandbox-ca-"):
+            shutil.rmtree(ca_dir, ignore_errors=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterator
@@ -200,6 +201,7 @@ class PostgresJournal(SqlJournal):
         self._leader_lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._group = GroupCommit(self, psycopg.Error, batch_savepoint=True)
+        self._next_takeover = 0.0
 
         self._migrate()
         pool = ConnectionPool(self._conninfo, min_size=min_size, max_size=max_size, open=True,
@@ -405,6 +407,48 @@ class PostgresJournal(SqlJournal):
         self._leaders.pop(name, None)
         conn.close()
         return False
+
+    # --- leases of replicas that died -----------------------------------------------
+    # How often a replica looks for deliveries leased by a replica that is gone.
+    TAKEOVER_EVERY_SECONDS = 5.0
+
+    def _alive_name(self, owner: str) -> str:
+        return f"alive:{owner}"
+
+    def take_over_dead_leases(self) -> int:
+        """Free the deliveries leased by replicas whose process is gone, at once
+        instead of when their lease expires (``schedule.lease_seconds``).
+
+        Every replica holds a session advisory lock named after its lease owner id
+        (the same mechanism as leadership); the server drops it when the process or
+        its connection dies. A lease whose owner's lock can be taken belongs to a dead
+        replica. Called at the start of each push tick; it (re)asserts this replica's
+        own lock first, and scans at most every ``TAKEOVER_EVERY_SECONDS``. If a live
+        replica merely lost its connection, its work may be pushed twice: updates are
+        idempotent, so the CRM ends the same.
+        """
+        self.try_leadership(self._alive_name(self.owner))
+        now = time.time()
+        if now < self._next_takeover:
+            return 0
+        self._next_takeover = now + self.TAKEOVER_EVERY_SECONDS
+        freed = 0
+        with self._write() as cur:
+            cur.execute("SELECT DISTINCT lease_owner FROM deliveries WHERE state = 'pending' "
+                        "AND lease_until >= %s AND lease_owner IS NOT NULL AND lease_owner <> %s",
+                        (now, self.owner))
+            for (owner,) in cur.fetchall():
+                # Held until this transaction ends, so the owner cannot come back meanwhile.
+                cur.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))",
+                            (self._leader_key(self._alive_name(owner)),))
+                if not cur.fetchone()[0]:
+                    continue
+                cur.execute("UPDATE deliveries SET lease_until = 0, lease_owner = NULL "
+                            "WHERE lease_owner = %s AND state = 'pending'", (owner,))
+                freed += cur.rowcount or 0
+        if freed:
+            log.warning("took over the leases of a replica that is gone", extra={"deliveries": freed})
+        return freed
 
     # --- lifecycle -------------------------------------------------------------------
     def close(self) -> None:

@@ -248,6 +248,11 @@ class SqlJournal:
                     out[RecordRef(crm, obj, rid)][name] = Clock(at, json.loads(value))
         return out
 
+    def take_over_dead_leases(self) -> int:
+        """Free deliveries leased by processes that are gone (see PostgreSQL). SQLite
+        does this once, when ``serve`` takes the file's lock."""
+        return 0
+
     def release_leases(self) -> int:
         """Hand this process's in-flight deliveries back (graceful shutdown)."""
         with self._write() as cur:
