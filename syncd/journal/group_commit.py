@@ -7,7 +7,6 @@ concurrent requests share one. Used by both journal engines.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from syncd.events import ConsentEvent
 from syncd.journal.base import Recorded
@@ -51,13 +50,9 @@ class GroupCommit:
     # How long a leader waits for the requests that filled the previous commit.
     GATHER_SECONDS = 0.002
 
-    def __init__(self, journal: SqlJournal, db_error: type[Exception] | tuple[type[Exception], ...],
-                 batch_savepoint: bool = False):
+    def __init__(self, journal: SqlJournal, db_error: type[Exception] | tuple[type[Exception], ...]):
         self.journal = journal
         self.db_error = db_error
-        # PostgreSQL aborts the whole transaction on a failed statement: the batch
-        # insert then runs inside a savepoint so the one-by-one retry can follow.
-        self.batch_savepoint = batch_savepoint
         self.mutex = threading.Lock()
         self.gathered = threading.Condition(self.mutex)
         self.pending: list[_Waiter] = []
@@ -104,40 +99,26 @@ class GroupCommit:
         finally:
             self.gather_target = 0
 
-    def _insert_alone(self, cur: Any, event: ConsentEvent) -> Recorded | BaseException:
-        """After a batch insert failed: each event alone, so one bad row fails only its request."""
-        cur.execute("SAVEPOINT one")
+    def _insert_alone(self, event: ConsentEvent) -> Recorded | BaseException:
+        """After a batch failed: one event in its own transaction, so a bad row fails
+        only its own request (PostgreSQL aborts a transaction at its first error)."""
         try:
-            return self.journal._insert_event(cur, event)
+            with self.journal._ingest_write() as cur:
+                return self.journal._insert_event(cur, event)
         except self.db_error as exc:
-            cur.execute("ROLLBACK TO one")
             return exc
-        finally:
-            cur.execute("RELEASE one")
-
-    def _insert_batch(self, cur: Any, events: list[ConsentEvent]) -> list[Recorded | BaseException]:
-        if not self.batch_savepoint:
-            return list(self.journal._insert_events(cur, events))
-        cur.execute("SAVEPOINT batch")
-        try:
-            results: list[Recorded | BaseException] = list(self.journal._insert_events(cur, events))
-        except self.db_error:
-            cur.execute("ROLLBACK TO batch")
-            raise
-        cur.execute("RELEASE batch")
-        return results
 
     def _commit(self, batch: list[_Waiter], leader: _Waiter) -> None:
         """Commit ``batch`` and wake every waiter in it but ``leader`` (the caller),
         whatever happens: a waiter left asleep would hang its request forever."""
         results: list[Recorded | BaseException] = []
         try:
-            with self.journal._write() as cur:
-                try:
-                    results = self._insert_batch(cur, [w.event for w in batch])
-                except self.db_error:
-                    results = [self._insert_alone(cur, w.event) for w in batch]
-        except BaseException as exc:  # the commit itself failed: nothing in the batch is durable
+            try:
+                with self.journal._ingest_write() as cur:
+                    results = list(self.journal._insert_events(cur, [w.event for w in batch]))
+            except self.db_error:  # rolled back as a whole: nothing in the batch is durable
+                results = [self._insert_alone(w.event) for w in batch]
+        except BaseException as exc:  # not a database error: nothing in the batch is durable
             results = [exc] * len(batch)
         finally:
             for i, waiter in enumerate(batch):

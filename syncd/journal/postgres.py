@@ -200,7 +200,7 @@ class PostgresJournal(SqlJournal):
         self._leaders: dict[str, psycopg.Connection] = {}
         self._leader_lock = threading.Lock()
         self._pool: ConnectionPool | None = None
-        self._group = GroupCommit(self, psycopg.Error, batch_savepoint=True)
+        self._group = GroupCommit(self, psycopg.Error)
         self._next_takeover = 0.0
 
         self._migrate()
@@ -257,6 +257,21 @@ class PostgresJournal(SqlJournal):
         with self.pool.connection() as conn:
             with conn.transaction(), conn.cursor() as cur:
                 yield cur
+
+    @contextmanager
+    def _ingest_write(self) -> Iterator[psycopg.Cursor]:
+        """For group-committed inserts: autocommit, so the one multi-row INSERT is its
+        own transaction, durable when it returns (1 round trip instead of BEGIN,
+        INSERT, COMMIT). The follow-up SELECT for duplicates only reads."""
+        with self.pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    yield cur
+            finally:
+                if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+                    conn.autocommit = False
+                # else the connection is broken and the pool discards it
 
     @contextmanager
     def _read(self) -> Iterator[psycopg.Cursor]:
