@@ -225,7 +225,7 @@ def test_concurrent_migrations_are_harmless(schema):
     try:
         with made[0]._read() as cur:
             cur.execute("SELECT version FROM schema_version")
-            assert cur.fetchall() == [(1,)]
+            assert cur.fetchall() == [(max(MIGRATIONS),)]
             cur.execute("SELECT COUNT(*) FROM pg_tables WHERE schemaname = %s", (schema,))
             assert cur.fetchone()[0] == MIGRATIONS[1].count("CREATE TABLE")
         rec = made[1].record(event(1))
@@ -279,17 +279,25 @@ def test_leases_of_a_replica_that_is_gone_are_taken_over_at_once(journals):
     deliveries behind; another frees them on its next tick, not after the lease."""
     from connectors.types import RecordRef
 
+    from syncd.journal.base import ReflectionCandidate
+
     alive, doomed = journals(), journals()
     for n in range(3):
         rec = alive.record(event(n))
         alive.add_targets(rec.event_id, [RecordRef("salesforce", "Contact", f"003XX00000000{n:02d}AAA")])
+    routing = alive.record(event(50, external_lead_id=None, phone="+13305551234"))  # waits for a phone lookup
+    ref = RecordRef("salesforce", "Contact", "003XX0000000099AAA")
+    assert alive.add_reflections([ReflectionCandidate(ref, "+13305551234", "opt_out")], ["WHATSAPP"]) == 1
     for j in (alive, doomed):
         j.take_over_dead_leases()                # each asserts it is alive
     taken = doomed.claim(10, lease_seconds=600)
-    assert len(taken) == 3 and alive.claim(10, 600) == []
+    assert [e.id for e in doomed.events_to_route(10, lease_seconds=600)] == [routing.event_id]
+    reflection = doomed.claim_reflections(10, lease_seconds=600)
+    assert len(taken) == 3 and len(reflection) == 1
+    assert alive.claim(10, 600) == [] and alive.events_to_route(10, 600) == []
     alive._next_takeover = 0.0
     assert alive.take_over_dead_leases() == 0  # the owner is alive: its leases stay
-    assert alive.claim(10, 600) == []
+    assert alive.claim(10, 600) == [] and alive.claim_reflections(10, 600) == []
 
     conn = doomed._leaders[doomed._alive_name(doomed.owner)]
     conn.pgconn.finish()                         # the session ends as if the process died
@@ -298,5 +306,31 @@ def test_leases_of_a_replica_that_is_gone_are_taken_over_at_once(journals):
         alive._next_takeover = 0.0
         freed += alive.take_over_dead_leases()
         time.sleep(0.05)
-    assert freed == 3
+    assert freed == 5
     assert sorted(d.id for d in alive.claim(10, 600)) == sorted(d.id for d in taken)
+    assert [e.id for e in alive.events_to_route(10, 600)] == [routing.event_id]
+    assert [r.id for r in alive.claim_reflections(10, 600)] == [r.id for r in reflection]
+
+
+def test_a_version_1_journal_is_migrated_in_place(schema):
+    """Schema 2 adds the owners of routing and reflection leases; a journal created
+    by schema 1 gets the columns on start and keeps its events."""
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+        conn.execute(f'SET search_path TO "{schema}"')
+        conn.execute(MIGRATIONS[1])
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        conn.execute("INSERT INTO events (source, source_event_id, occurred_at, received_at, raw, status, "
+                     "updated_at) VALUES ('apten', 'old-1', 'x', 'x', '\\x00', 'done', 'x')")
+    j = PostgresJournal(URL, schema=schema)
+    try:
+        with j._read() as cur:
+            cur.execute("SELECT version FROM schema_version")
+            assert cur.fetchall() == [(2,)]
+            cur.execute("SELECT table_name, column_name FROM information_schema.columns "
+                        "WHERE table_schema = %s AND column_name IN ('route_owner', 'lease_owner')", (schema,))
+            assert set(cur.fetchall()) == {("events", "route_owner"), ("reflections", "lease_owner"),
+                                           ("deliveries", "lease_owner")}
+        assert j.record(event(1)).created and j.counts()["events"]["received"] >= 1
+    finally:
+        j.close()

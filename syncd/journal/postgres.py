@@ -132,6 +132,10 @@ CREATE TABLE IF NOT EXISTS sinch_state (
 );
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """,
+    2: """
+ALTER TABLE events ADD COLUMN IF NOT EXISTS route_owner TEXT;
+ALTER TABLE reflections ADD COLUMN IF NOT EXISTS lease_owner TEXT;
+""",
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION, "a PostgreSQL migration is missing for SCHEMA_VERSION"
 
@@ -158,7 +162,7 @@ WITH due AS (
   ORDER BY next_attempt_at, id
   LIMIT %(limit)s
   FOR UPDATE SKIP LOCKED)
-UPDATE reflections SET lease_until = %(until)s, attempts = attempts + 1
+UPDATE reflections SET lease_until = %(until)s, lease_owner = %(owner)s, attempts = attempts + 1
 FROM due WHERE reflections.id = due.id
 RETURNING reflections.id
 """
@@ -349,7 +353,7 @@ class PostgresJournal(SqlJournal):
     _skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def _claim_reflection_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
-        cur.execute(CLAIM_REFLECTIONS, {"now": now, "limit": limit, "until": until})
+        cur.execute(CLAIM_REFLECTIONS, {"now": now, "limit": limit, "until": until, "owner": self.owner})
         return [int(r[0]) for r in cur.fetchall()]
 
     # --- leader election -------------------------------------------------------------
@@ -431,8 +435,8 @@ class PostgresJournal(SqlJournal):
         return f"alive:{owner}"
 
     def take_over_dead_leases(self) -> int:
-        """Free the deliveries leased by replicas whose process is gone, at once
-        instead of when their lease expires (``schedule.lease_seconds``).
+        """Free the deliveries, routing leases and reflections leased by replicas whose
+        process is gone, at once instead of when their lease expires.
 
         Every replica holds a session advisory lock named after its lease owner id
         (the same mechanism as leadership); the server drops it when the process or
@@ -447,23 +451,26 @@ class PostgresJournal(SqlJournal):
         if now < self._next_takeover:
             return 0
         self._next_takeover = now + self.TAKEOVER_EVERY_SECONDS
-        freed = 0
+        freed = {"deliveries": 0, "events": 0, "reflections": 0}
         with self._write() as cur:
-            cur.execute("SELECT DISTINCT lease_owner FROM deliveries WHERE state = 'pending' "
-                        "AND lease_until >= %s AND lease_owner IS NOT NULL AND lease_owner <> %s",
-                        (now, self.owner))
-            for (owner,) in cur.fetchall():
+            cur.execute(
+                "SELECT lease_owner FROM deliveries WHERE state = 'pending' AND lease_until >= %(now)s "
+                "UNION SELECT route_owner FROM events WHERE status = 'new' AND next_route_at >= %(now)s "
+                "UNION SELECT lease_owner FROM reflections WHERE state = 'pending' AND lease_until >= %(now)s",
+                {"now": now})
+            owners = [o for (o,) in cur.fetchall() if o and o != self.owner]
+            for owner in owners:
                 # Held until this transaction ends, so the owner cannot come back meanwhile.
                 cur.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))",
                             (self._leader_key(self._alive_name(owner)),))
                 if not cur.fetchone()[0]:
                     continue
-                cur.execute("UPDATE deliveries SET lease_until = 0, lease_owner = NULL "
-                            "WHERE lease_owner = %s AND state = 'pending'", (owner,))
-                freed += cur.rowcount or 0
-        if freed:
-            log.warning("took over the leases of a replica that is gone", extra={"deliveries": freed})
-        return freed
+                for table, sql_text in _TAKE_OVER.items():
+                    cur.execute(sql_text, (owner,))
+                    freed[table] += cur.rowcount or 0
+        if any(freed.values()):
+            log.warning("took over the leases of a replica that is gone", extra=freed)
+        return sum(freed.values())
 
     # --- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
@@ -472,6 +479,16 @@ class PostgresJournal(SqlJournal):
             self.resign(name)
         if self._pool is not None and not self._pool.closed:
             self._pool.close()
+
+
+# Leases of a replica that is gone, freed for the others (see take_over_dead_leases).
+_TAKE_OVER = {
+    "deliveries": "UPDATE deliveries SET lease_until = 0, lease_owner = NULL "
+                  "WHERE lease_owner = %s AND state = 'pending'",
+    "events": "UPDATE events SET next_route_at = 0, route_owner = NULL WHERE route_owner = %s AND status = 'new'",
+    "reflections": "UPDATE reflections SET lease_until = 0, lease_owner = NULL "
+                   "WHERE lease_owner = %s AND state = 'pending'",
+}
 
 
 def _split_schema(url: str) -> tuple[str, str | None]:

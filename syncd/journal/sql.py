@@ -20,7 +20,7 @@ from syncd.events import ConsentEvent, iso, utcnow
 from syncd.journal.base import (Clock, Delivery, Outcome, Recorded, Reflection, ReflectionCandidate,
                                 ReflectionOutcome, StoredEvent)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: owners of routing and reflection leases
 
 EVENT_COLUMNS = ("id, source, source_event_id, event_type, kind, channel, external_lead_id, phone, "
                  "phone_raw, email, reason, occurred_at, received_at, status, status_reason, "
@@ -121,9 +121,9 @@ class SqlJournal:
         now = time.time()
         with self._write() as cur:
             cur.execute(self._sql(
-                "UPDATE events SET next_route_at = ? WHERE id IN (SELECT id FROM events WHERE status = 'new' "
-                f"AND next_route_at <= ? ORDER BY id LIMIT ?{self._skip_locked}) RETURNING id"),
-                (now + lease_seconds, now, limit))
+                "UPDATE events SET next_route_at = ?, route_owner = ? WHERE id IN (SELECT id FROM events "
+                f"WHERE status = 'new' AND next_route_at <= ? ORDER BY id LIMIT ?{self._skip_locked}) RETURNING id"),
+                (now + lease_seconds, self.owner, now, limit))
             ids = sorted(r[0] for r in cur.fetchall())
             if not ids:
                 return []
@@ -173,7 +173,7 @@ class SqlJournal:
     def defer_routing(self, event_id: int, error: str, retry_at: float) -> None:
         with self._write() as cur:
             cur.execute(self._sql(
-                "UPDATE events SET route_attempts = route_attempts + 1, next_route_at = ?, "
+                "UPDATE events SET route_attempts = route_attempts + 1, next_route_at = ?, route_owner = NULL, "
                 "status_reason = ?, updated_at = ? WHERE id = ? AND status = 'new'"),
                 (retry_at, error, iso(utcnow()), event_id))
 

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS events (
   route_attempts INTEGER NOT NULL DEFAULT 0,
   next_route_at REAL NOT NULL DEFAULT 0,
   updated_at TEXT NOT NULL,
+  route_owner TEXT,
   UNIQUE (source, source_event_id)
 );
 CREATE INDEX IF NOT EXISTS events_status ON events (status, next_route_at);
@@ -85,7 +86,8 @@ CREATE TABLE IF NOT EXISTS reflections (
   flagged_at TEXT,
   created_at TEXT NOT NULL,
   registered_at TEXT,
-  done_at TEXT
+  done_at TEXT,
+  lease_owner TEXT
 );
 CREATE INDEX IF NOT EXISTS reflections_due ON reflections (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS reflections_phone ON reflections (phone, channel, state);
@@ -98,8 +100,11 @@ CREATE TABLE IF NOT EXISTS sinch_state (
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
 
+# Columns added after schema version 1, for journals created before them.
+ADDED_COLUMNS = (("events", "route_owner", "TEXT"), ("reflections", "lease_owner", "TEXT"))
+
 CLAIM_REFLECTIONS = """
-UPDATE reflections SET lease_until = ?, attempts = attempts + 1
+UPDATE reflections SET lease_until = ?, lease_owner = ?, attempts = attempts + 1
 WHERE id IN (SELECT id FROM reflections WHERE state = 'pending' AND next_attempt_at <= ?
              AND lease_until < ? ORDER BY next_attempt_at, id LIMIT ?)
 RETURNING id
@@ -205,13 +210,19 @@ class SqliteJournal(SqlJournal):
             elif row[0] > SCHEMA_VERSION:
                 raise RuntimeError(f"journal {self.path} has schema version {row[0]}, newer than this "
                                    f"syncd understands ({SCHEMA_VERSION}); upgrade syncd")
+            elif row[0] < SCHEMA_VERSION:
+                for table, column, ctype in ADDED_COLUMNS:
+                    cur.execute(f"PRAGMA table_info({table})")
+                    if column not in {r[1] for r in cur.fetchall()}:
+                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ctype}")
+                cur.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     def _claim_ids(self, cur: Any, now: float, limit: int, until: float, crm: str | None = None) -> list[int]:
         cur.execute(CLAIM, (until, self.owner, now, now, crm, crm, now, limit))
         return [r[0] for r in cur.fetchall()]
 
     def _claim_reflection_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
-        cur.execute(CLAIM_REFLECTIONS, (until, now, now, limit))
+        cur.execute(CLAIM_REFLECTIONS, (until, self.owner, now, now, limit))
         return [r[0] for r in cur.fetchall()]
 
     # One serve per file: it is always the poller's leader.
