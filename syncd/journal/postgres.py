@@ -41,7 +41,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from syncd.events import ConsentEvent
-from syncd.journal.base import Recorded
+from syncd.journal.base import Delivery, Recorded, Reflection, StoredEvent
 from syncd.journal.group_commit import GroupCommit
 from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
 
@@ -428,11 +428,27 @@ class PostgresJournal(SqlJournal):
         return False
 
     # --- leases of replicas that died -----------------------------------------------
-    # How often a replica looks for deliveries leased by a replica that is gone.
+    # How often a replica looks for leases held by a replica that is gone.
     TAKEOVER_EVERY_SECONDS = 5.0
 
     def _alive_name(self, owner: str) -> str:
         return f"alive:{owner}"
+
+    def _assert_alive(self) -> None:
+        """Hold this replica's liveness lock before taking any lease (see take_over_dead_leases)."""
+        self.try_leadership(self._alive_name(self.owner))
+
+    def claim(self, limit: int, lease_seconds: float, crm: str | None = None) -> list[Delivery]:
+        self._assert_alive()
+        return super().claim(limit, lease_seconds, crm)
+
+    def events_to_route(self, limit: int, lease_seconds: float = 120.0) -> list[StoredEvent]:
+        self._assert_alive()
+        return super().events_to_route(limit, lease_seconds)
+
+    def claim_reflections(self, limit: int, lease_seconds: float) -> list[Reflection]:
+        self._assert_alive()
+        return super().claim_reflections(limit, lease_seconds)
 
     def take_over_dead_leases(self) -> int:
         """Free the deliveries, routing leases and reflections leased by replicas whose
@@ -441,12 +457,12 @@ class PostgresJournal(SqlJournal):
         Every replica holds a session advisory lock named after its lease owner id
         (the same mechanism as leadership); the server drops it when the process or
         its connection dies. A lease whose owner's lock can be taken belongs to a dead
-        replica. Called at the start of each push tick; it (re)asserts this replica's
-        own lock first, and scans at most every ``TAKEOVER_EVERY_SECONDS``. If a live
+        replica (every lease is taken after ``_assert_alive``). Called at the start of
+        each push tick; it scans at most every ``TAKEOVER_EVERY_SECONDS``. If a live
         replica merely lost its connection, its work may be pushed twice: updates are
         idempotent, so the CRM ends the same.
         """
-        self.try_leadership(self._alive_name(self.owner))
+        self._assert_alive()
         now = time.time()
         if now < self._next_takeover:
             return 0
