@@ -253,7 +253,7 @@ class SqlJournal:
         return out
 
     def take_over_dead_leases(self) -> int:
-        """Free deliveries leased by processes that are gone (see PostgreSQL). SQLite
+        """Free the leases held by processes that are gone (see PostgreSQL). SQLite
         does this once, when ``serve`` takes the file's lock."""
         return 0
 
