@@ -117,6 +117,19 @@ def _age(seconds: Any) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min"
 
 
+def _event_fields(r: dict[str, Any]) -> dict[str, str]:
+    """The columns every row shows: the event, its target and the attempts so far."""
+    return {
+        "event_id": _text(r.get("event_id")),
+        "source": _text(r.get("source")),
+        "event_kind": _text(r.get("kind")),
+        "channel": _text(r.get("channel")),
+        "received_at": _text(r.get("received_at")),
+        "target": _target(r.get("crm"), r.get("object"), r.get("record_id")),
+        "attempts": _text(r.get("attempts")),
+    }
+
+
 def _activity_row(r: dict[str, Any]) -> dict[str, str]:
     """One event x target row; an event with no target yet is one row of its own,
     whose state is the event's (unrouted or quarantined)."""
@@ -127,17 +140,11 @@ def _activity_row(r: dict[str, Any]) -> dict[str, str]:
         status = _text(r.get("event_status"))
         state, error = ("unrouted" if status == "new" else status), _error(r.get("event_reason"))
     return {
+        **_event_fields(r),
         "kind": "delivery" if has_delivery else "event",
         "delivery_id": _text(r.get("delivery_id")),
-        "event_id": _text(r.get("event_id")),
-        "source": _text(r.get("source")),
-        "event_kind": _text(r.get("kind")),
-        "channel": _text(r.get("channel")),
-        "received_at": _text(r.get("received_at")),
-        "target": _target(r.get("crm"), r.get("object"), r.get("record_id")),
         "record_id": _text(r.get("record_id")),
         "state": state,
-        "attempts": _text(r.get("attempts")),
         "delivered_at": _text(r.get("delivered_at")),
         "error": error,
     }
@@ -145,15 +152,9 @@ def _activity_row(r: dict[str, Any]) -> dict[str, str]:
 
 def _letter_row(r: dict[str, Any]) -> dict[str, str]:
     return {
+        **_event_fields(r),
         "id": _text(r.get("id")),
         "type": _text(r.get("type")),
-        "event_id": _text(r.get("event_id")),
-        "source": _text(r.get("source")),
-        "event_kind": _text(r.get("kind")),
-        "channel": _text(r.get("channel")),
-        "received_at": _text(r.get("received_at")),
-        "target": _target(r.get("crm"), r.get("object"), r.get("record_id")),
-        "attempts": _text(r.get("attempts")),
         "error": _error(r.get("error")),
     }
 
