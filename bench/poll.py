@@ -83,26 +83,22 @@ def main() -> None:
         print(f"  size {size}: " + ", ".join(f"{c} changes -> {v[0]} requests" for c, v in table[size].items()),
               flush=True)
 
-    print()
-    print("SOQL requests per steady-state poll (queued reflections in brackets)")
-    print(f"{'size':>8}" + "".join(f"{f'{c} changes':>16}" for c in CHANGES))
-    for size in sizes:
-        print(f"{size:>8}" + "".join(f"{f'{table[size][c][0]} [{table[size][c][1]}]':>16}" for c in CHANGES))
-    print()
-    print("ratio: requests at size N / requests at size 10 (flat = 1.00)")
-    print(f"{'size':>8}" + "".join(f"{f'{c} changes':>16}" for c in CHANGES))
-    for size in sizes:
-        print(f"{size:>8}" + "".join(f"{table[size][c][0] / table[sizes[0]][c][0]:>16.2f}" for c in CHANGES))
-    print()
-    print("ratio: requests with k changes / requests with 3 changes (per size)")
-    print(f"{'size':>8}" + "".join(f"{f'{c} changes':>16}" for c in CHANGES))
-    for size in sizes:
-        print(f"{size:>8}" + "".join(f"{table[size][c][0] / table[size][3][0]:>16.2f}" for c in CHANGES))
-    print()
-    print("wall ms per poll (grows with size only because the simulator scans every record per query)")
-    print(f"{'size':>8}" + "".join(f"{f'{c} changes':>16}" for c in CHANGES))
-    for size in sizes:
-        print(f"{size:>8}" + "".join(f"{table[size][c][2] * 1000:>16.1f}" for c in CHANGES))
+    def grid(title: str, cell) -> None:
+        """One table: a row per CRM size, a column per number of changes."""
+        print()
+        print(title)
+        print(f"{'size':>8}" + "".join(f"{f'{c} changes':>16}" for c in CHANGES))
+        for size in sizes:
+            print(f"{size:>8}" + "".join(f"{cell(size, c):>16}" for c in CHANGES))
+
+    grid("SOQL requests per steady-state poll (queued reflections in brackets)",
+         lambda s, c: f"{table[s][c][0]} [{table[s][c][1]}]")
+    grid("ratio: requests at size N / requests at size 10 (flat = 1.00)",
+         lambda s, c: f"{table[s][c][0] / table[sizes[0]][c][0]:.2f}")
+    grid("ratio: requests with k changes / requests with 3 changes (per size)",
+         lambda s, c: f"{table[s][c][0] / table[s][3][0]:.2f}")
+    grid("wall ms per poll (grows with size only because the simulator scans every record per query)",
+         lambda s, c: f"{table[s][c][2] * 1000:.1f}")
     flat = all(table[s][c][0] == table[sizes[0]][c][0] for s in sizes for c in CHANGES)
     right = all(table[s][c][1] == c for s in sizes for c in CHANGES)
     print()
