@@ -11,6 +11,21 @@ from syncd.stack import APTEN_SECRET, Stack
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def consent_or_none(source, doc, now):
+    """What a source makes of the JSON document ``doc``: its event, or None when the
+    source ignores it or rejects it with a BadPayload (whose message must say why)."""
+    import json
+
+    from syncd.sources import BadPayload, Ignored
+
+    try:
+        result = source.parse(json.dumps(doc).encode(), now)
+    except BadPayload as exc:
+        assert str(exc)
+        return None
+    return None if isinstance(result, Ignored) else result
+
+
 def fixture_bytes(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
