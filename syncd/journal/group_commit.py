@@ -7,10 +7,13 @@ concurrent requests share one. Used by both journal engines.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from syncd.events import ConsentEvent
 from syncd.journal.base import Recorded
-from syncd.journal.sql import SqlJournal
+
+if TYPE_CHECKING:
+    from syncd.journal.sql import SqlJournal
 
 
 class _Waiter:

@@ -40,8 +40,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from syncd.events import ConsentEvent
-from syncd.journal.base import Delivery, Recorded, Reflection, StoredEvent
+from syncd.journal.base import Delivery, Reflection, StoredEvent
 from syncd.journal.group_commit import GroupCommit
 from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
 
@@ -251,9 +250,6 @@ class PostgresJournal(SqlJournal):
         if self._pool is None or self._pool.closed:
             raise PostgresUnavailable(f"PostgreSQL journal {self.where} is closed")
         return self._pool
-
-    def record(self, event: ConsentEvent) -> Recorded:
-        return self._group.submit(event)
 
     @contextmanager
     def _write(self) -> Iterator[psycopg.Cursor]:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent, iso, utcnow
+from syncd.journal.group_commit import GroupCommit
 from syncd.journal.base import (Clock, Delivery, Outcome, Recorded, Reflection, ReflectionCandidate,
                                 ReflectionOutcome, StoredEvent)
 
@@ -59,9 +60,11 @@ class SqlJournal:
         raise NotImplementedError
 
     # --- ingest ----------------------------------------------------------------------
+    _group: GroupCommit  # made by each engine's __init__, with its driver's error class
+
     def record(self, event: ConsentEvent) -> Recorded:
-        with self._write() as cur:
-            return self._insert_event(cur, event)
+        """Durably record ``event``; concurrent calls share one commit (group commit)."""
+        return self._group.submit(event)
 
     _INSERT_EVENTS = ("INSERT INTO events (source, source_event_id, event_type, kind, channel, "
                       "external_lead_id, phone, phone_raw, email, reason, message, occurred_at, received_at, "

@@ -18,8 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from syncd.events import ConsentEvent
-from syncd.journal.base import JournalBusy, Recorded
+from syncd.journal.base import JournalBusy
 from syncd.journal.group_commit import GroupCommit
 from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
 
@@ -184,9 +183,6 @@ class SqliteJournal(SqlJournal):
                 conn.execute("COMMIT")
             finally:
                 cur.close()
-
-    def record(self, event: ConsentEvent) -> Recorded:
-        return self._group.submit(event)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Cursor]:
