@@ -593,3 +593,26 @@ def test_changed_since_from_a_plain_timestamp(sandbox, sf):
     with pytest.raises(Permanent):
         sf.changed_since(Watermark(ts='{"Lead": ["2024-01-01T00:00:00Z", "x\' OR Id != \'"]}'),
                          ["DoNotCall"])
+
+
+_US_FORMATS = ["({a}) {b}-{c}", "{a}-{b}-{c}", "{a}.{b}.{c}", "{a}{b}{c}", "1 ({a}) {b}-{c}",
+               "+1 {a} {b} {c}", "+1{a}{b}{c}", "1-{a}-{b}-{c}", " ({a}) {b} {c} "]
+
+
+@settings(max_examples=40, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(area=st.integers(201, 989), exchange=st.integers(200, 999), line=st.integers(0, 9999),
+       form=st.sampled_from(_US_FORMATS),
+       other_cc=st.sampled_from(["44", "49", "33", "61", "86"]))
+def test_find_by_phone_property_us_numbers_as_typed(sandbox, sf, area, exchange, line, form, other_cc):
+    """However a US number is typed, its E.164 finds it; a foreign number that ends with
+    the same ten digits is never taken for it."""
+    import phonenumbers
+
+    e164 = f"+1{area}{exchange}{line:04d}"
+    assume(phonenumbers.is_valid_number(phonenumbers.parse(e164)))
+    sandbox.reset()
+    typed = form.format(a=area, b=exchange, c=f"{line:04d}")
+    own = sandbox.add_record("Contact", LastName="Own", Phone=typed)
+    sandbox.add_record("Lead", LastName="Far", Company="X", MobilePhone=f"+{other_cc} {area}{exchange}{line:04d}")
+    assert sf.find_by_phone(e164) == [RecordRef("salesforce", "Contact", own)]
