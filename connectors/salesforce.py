@@ -528,7 +528,7 @@ class SalesforceConnector:
             raise Permanent("phone number is not in E.164 form", code="INVALID_PHONE")
         terms = [e164[1:]]
         try:
-            national = str(phonenumbers.parse(e164, None).national_number)
+            national = phonenumbers.national_significant_number(phonenumbers.parse(e164, None))
         except phonenumbers.NumberParseException:
             national = ""
         if len(national) >= 2 and national != terms[0]:
@@ -539,6 +539,8 @@ class SalesforceConnector:
         body = self._call(lambda sf: sf.search(sosl))
         refs: list[RecordRef] = []
         for row in (body or {}).get("searchRecords", []) or []:
+            if not isinstance(row, dict):
+                continue
             obj = (row.get("attributes") or {}).get("type")
             record_id = row.get("Id")
             if obj not in OBJECTS or not isinstance(record_id, str) or not SF_ID.match(record_id):
@@ -552,7 +554,8 @@ class SalesforceConnector:
 
     def _phone_fields(self, obj: str) -> list[str]:
         """The object's phone-type fields (those SOSL's PHONE FIELDS scope searches)."""
-        return sorted(name for name, info in self.fields(obj).items() if info.type == "phone")
+        return sorted(name for name, info in self.fields(obj).items()
+                      if info.type == "phone" and FIELD_NAME.match(name))
 
     def _same_number(self, stored: Any, e164: str) -> bool:
         if not isinstance(stored, str) or not stored.strip():
