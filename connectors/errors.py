@@ -40,6 +40,16 @@ class RateLimited(Transient):
         self.retry_after = retry_after
 
 
+class QuotaExhausted(RateLimited):
+    """A quota for the whole account is used up (Salesforce's daily TotalRequests):
+    every call fails until it refills, so the caller pauses the CRM instead of
+    retrying; ``retry_after`` is the server's own hint when it sent one."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, code: str | None = None,
+                 status: int | None = 403):
+        super().__init__(message, retry_after=retry_after, code=code, status=status)
+
+
 class Permanent(ConnectorError):
     """Validation errors, malformed requests: retrying the same call cannot help."""
 

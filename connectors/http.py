@@ -15,8 +15,8 @@ import requests
 from tenacity import (RetryCallState, retry, retry_if_exception, stop_after_attempt,
                       wait_exponential_jitter)
 
-from connectors.errors import (AuthFailed, ConnectorError, NotFound, Permanent, RateLimited,
-                               Transient)
+from connectors.errors import (AuthFailed, ConnectorError, NotFound, Permanent, QuotaExhausted,
+                               RateLimited, Transient)
 
 USER_AGENT = "syncd/0.1 (+consent sync daemon)"
 
@@ -102,8 +102,8 @@ class _WaitRetryAfter:
 
 def _short_retry_ok(max_retry_after: float) -> Callable[[BaseException], bool]:
     def check(exc: BaseException) -> bool:
-        if not isinstance(exc, Transient):
-            return False
+        if not isinstance(exc, Transient) or isinstance(exc, QuotaExhausted):
+            return False  # a spent account-wide quota is the caller's to pause on
         # A server that asks for a long pause is answered by the journal's own
         # schedule, not by blocking the pusher thread.
         if isinstance(exc, RateLimited) and exc.retry_after is not None:

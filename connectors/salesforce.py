@@ -23,13 +23,16 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar, cast
+from urllib.parse import urlparse
 
 import jwt
+import phonenumbers
 import requests
 from simple_salesforce import Salesforce, SFType
 from simple_salesforce.exceptions import SalesforceError
 
-from connectors.errors import AuthFailed, ConnectorError, NotFound, Permanent, RateLimited, Transient
+from connectors.errors import AuthFailed, ConnectorError, NotFound, Permanent, QuotaExhausted, RateLimited, \
+    Transient
 from connectors.http import error_for_status, make_session, parse_retry_after, short_retry, \
     wrap_transport_error
 from connectors.types import ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult, \
@@ -46,6 +49,11 @@ KEY_PREFIXES = {"00Q": "Lead", "003": "Contact"}
 OBJECTS = ("Lead", "Contact")
 BATCH_SIZE = 200  # sObject Collections limit
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# The JWT bearer flow's ``aud`` is Salesforce's login server, never the org's own My
+# Domain: login.salesforce.com, or test.salesforce.com for sandboxes (Salesforce Help,
+# "OAuth 2.0 JWT Bearer Flow for Server-to-Server Integration").
+PRODUCTION_AUDIENCE = "https://login.salesforce.com"
+SANDBOX_AUDIENCE = "https://test.salesforce.com"
 FLOWS = {
     "client_credentials": ("client_id", "client_secret"),
     "password": ("client_id", "client_secret", "username", "password"),
@@ -58,6 +66,10 @@ _NOT_FOUND_CODES = {"ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY", "NOT_FOU
 _TRANSIENT_CODES = {"UNABLE_TO_LOCK_ROW", "ALL_OR_NONE_OPERATION_ROLLED_BACK", "SERVER_UNAVAILABLE",
                     "REQUEST_RUNNING_TOO_LONG", "QUERY_TIMEOUT"}
 _MAX_MESSAGE = 500
+# REQUEST_LIMIT_EXCEEDED names the limit in its message: "TotalRequests Limit exceeded."
+# is the daily quota; "ConcurrentRequests (Concurrent API Requests) Limit exceeded" and
+# "ConcurrentPerOrgLongTxn Limit exceeded" clear as soon as long calls finish.
+_CONCURRENT_LIMIT = re.compile(r"\bConcurrent", re.I)
 
 
 # --- ids ---------------------------------------------------------------------------
@@ -138,6 +150,16 @@ def _validate_name(name: Any, what: str) -> str:
     return name
 
 
+def default_audience(instance_url: str, login_url: str | None = None) -> str:
+    """The JWT ``aud`` Salesforce accepts: test.salesforce.com for a sandbox org
+    (``*.sandbox.my.salesforce.com``, or logging in through test.salesforce.com),
+    login.salesforce.com otherwise."""
+    hosts = {(urlparse(url).hostname or "").lower() for url in (instance_url, login_url) if url}
+    if any(h.endswith(".sandbox.my.salesforce.com") or h == "test.salesforce.com" for h in hosts):
+        return SANDBOX_AUDIENCE
+    return PRODUCTION_AUDIENCE
+
+
 def _supported(obj: Any) -> str:
     if obj not in OBJECTS:
         raise Permanent(f"object must be one of {', '.join(OBJECTS)}", code="INVALID_TYPE")
@@ -174,12 +196,13 @@ class SalesforceConnector:
     ``auth`` keys: ``flow`` (client_credentials | jwt | password | access_token),
     ``login_url`` (defaults to ``instance_url``), ``client_id``, ``client_secret``,
     ``username``, ``password`` (plus optional ``security_token``), ``private_key``
-    or ``private_key_file`` (PEM, for jwt; optional ``audience``, defaulting to
-    ``login_url``), ``access_token``.
+    or ``private_key_file`` (PEM, for jwt; optional ``audience``, see
+    :func:`default_audience`), ``access_token``.
 
     Nothing is fetched at construction: the first call authenticates.
     ``settle_seconds`` keeps :meth:`changed_since` from reading records modified
     in the last few seconds of Salesforce's own clock (see there).
+    ``default_region`` is the country of phone numbers stored without one.
     """
 
     name = "salesforce"
@@ -187,7 +210,7 @@ class SalesforceConnector:
     def __init__(self, instance_url: str, api_version: str, auth: dict[str, Any],
                  ca_bundle: str | None = None, timeout: float = 30.0, *,
                  settle_seconds: float = 5.0, retry_attempts: int = 3,
-                 retry_initial: float = 0.5) -> None:
+                 retry_initial: float = 0.5, default_region: str = "US") -> None:
         self.instance_url = instance_url.rstrip("/")
         self.api_version = str(api_version).lstrip("v")
         if not re.fullmatch(r"\d+\.\d", self.api_version):
@@ -202,6 +225,9 @@ class SalesforceConnector:
             raise AuthFailed(f"auth flow {self.flow!r} needs: {', '.join(missing)}")
         self._auth = dict(auth)
         self.login_url = str(auth.get("login_url") or self.instance_url).rstrip("/")
+        self.audience = str(auth.get("audience") or default_audience(self.instance_url, self.login_url))
+        self.default_region = default_region
+        self._usage: tuple[int, int] | None = None
         self.settle_seconds = settle_seconds
         self._retry = short_retry(attempts=retry_attempts, initial=retry_initial)
         self._session = make_session(ca_bundle, timeout)
@@ -268,7 +294,7 @@ class SalesforceConnector:
             except OSError:
                 raise AuthFailed("jwt private_key_file cannot be read") from None
         claims = {"iss": a["client_id"], "sub": a["username"],
-                  "aud": str(a.get("audience") or self.login_url),
+                  "aud": self.audience,
                   "exp": int(time.time()) + 180}
         try:
             return jwt.encode(claims, key, algorithm="RS256")
@@ -292,9 +318,31 @@ class SalesforceConnector:
 
     # --- calling ------------------------------------------------------------------
     def _remember_response(self, resp: requests.Response, *args: Any, **kwargs: Any) -> None:
-        """requests hook: keep the headers simple-salesforce's exceptions drop."""
+        """requests hook: keep the headers simple-salesforce's exceptions drop, and the
+        org's API usage from ``Sforce-Limit-Info``, which every REST answer carries
+        (errors too; simple-salesforce reads it from successful answers only)."""
         self._last.status = resp.status_code
         self._last.headers = {k: resp.headers.get(k) for k in ("Retry-After", "Date")}
+        info = resp.headers.get("Sforce-Limit-Info")
+        if info:
+            usage = Salesforce.parse_api_usage(info).get("api-usage")
+            if usage is not None and usage[1] > 0:
+                self._usage = (int(usage[0]), int(usage[1]))
+
+    def api_usage(self) -> tuple[int, int] | None:
+        """(used, daily limit) from the last ``Sforce-Limit-Info`` seen; None before any."""
+        return self._usage
+
+    def probe_quota(self) -> tuple[int, int]:
+        """(used, daily limit) fresh from the ``/limits`` resource (DailyApiRequests)."""
+        body = self._call(lambda sf: sf.limits())
+        daily = body.get("DailyApiRequests") if isinstance(body, dict) else None
+        limit = daily.get("Max") if isinstance(daily, dict) else None
+        remaining = daily.get("Remaining") if isinstance(daily, dict) else None
+        if not isinstance(limit, int) or not isinstance(remaining, int) or limit <= 0:
+            raise Transient("limits response has no DailyApiRequests Max/Remaining")
+        self._usage = (max(0, limit - remaining), limit)
+        return self._usage
 
     def _last_header(self, name: str, status: int | None = None) -> str | None:
         if status is not None and getattr(self._last, "status", None) != status:
@@ -329,7 +377,11 @@ class SalesforceConnector:
         message = self._clean(text)
         retry_after = parse_retry_after(self._last_header("Retry-After", status))
         if code == "REQUEST_LIMIT_EXCEEDED":
-            return RateLimited(message, retry_after=3600, code=code, status=status)
+            # Retry-After, when sent, is the server's word; otherwise a concurrency limit
+            # gets the short backoff and the daily quota a pause (the pusher's decision).
+            if _CONCURRENT_LIMIT.search(text):
+                return RateLimited(message, retry_after=retry_after, code=code, status=status)
+            return QuotaExhausted(message, retry_after=retry_after, code=code, status=status)
         if status == 429 or (status >= 500 and retry_after is not None):
             return RateLimited(message, retry_after=retry_after, code=code, status=status)
         if code in _TRANSIENT_CODES:
@@ -463,22 +515,56 @@ class SalesforceConnector:
         return Permanent(message, code=code)
 
     def find_by_phone(self, e164: str) -> list[RecordRef]:
-        """Leads and Contacts with this number in any phone field (SOSL phone search,
-        which matches national formats such as ``(330) 555-1234`` too)."""
+        """Leads and Contacts with this number in a phone field.
+
+        Salesforce keeps numbers as typed (US users mostly type ``(330) 555-1234``,
+        without the country code), so the SOSL phone search asks for the E.164
+        digits OR the national number, and only records with a phone field that
+        parses (in ``default_region``) to this same E.164 are kept: a search hit
+        whose number merely ends the same (another country, an extension) is not
+        this person.
+        """
         if not isinstance(e164, str) or not E164.match(e164):
             raise Permanent("phone number is not in E.164 form", code="INVALID_PHONE")
-        digits = e164[1:]
-        sosl = f"FIND {{{digits}}} IN PHONE FIELDS RETURNING {', '.join(f'{o}(Id)' for o in OBJECTS)}"
+        terms = [e164[1:]]
+        try:
+            national = phonenumbers.national_significant_number(phonenumbers.parse(e164, None))
+        except phonenumbers.NumberParseException:
+            national = ""
+        if len(national) >= 2 and national != terms[0]:
+            terms.append(national)
+        phone_fields = {obj: self._phone_fields(obj) for obj in OBJECTS}
+        returning = ", ".join(f"{obj}({', '.join(['Id', *phone_fields[obj]])})" for obj in OBJECTS)
+        sosl = f"FIND {{{' OR '.join(terms)}}} IN PHONE FIELDS RETURNING {returning}"
         body = self._call(lambda sf: sf.search(sosl))
         refs: list[RecordRef] = []
         for row in (body or {}).get("searchRecords", []) or []:
+            if not isinstance(row, dict):
+                continue
             obj = (row.get("attributes") or {}).get("type")
             record_id = row.get("Id")
-            if obj in OBJECTS and isinstance(record_id, str) and SF_ID.match(record_id):
-                ref = RecordRef(crm=self.name, obj=obj, record_id=to_18(record_id))
-                if ref not in refs:
-                    refs.append(ref)
+            if obj not in OBJECTS or not isinstance(record_id, str) or not SF_ID.match(record_id):
+                continue
+            if not any(self._same_number(row.get(name), e164) for name in phone_fields[obj]):
+                continue
+            ref = RecordRef(crm=self.name, obj=obj, record_id=to_18(record_id))
+            if ref not in refs:
+                refs.append(ref)
         return refs
+
+    def _phone_fields(self, obj: str) -> list[str]:
+        """The object's phone-type fields (those SOSL's PHONE FIELDS scope searches)."""
+        return sorted(name for name, info in self.fields(obj).items()
+                      if info.type == "phone" and FIELD_NAME.match(name))
+
+    def _same_number(self, stored: Any, e164: str) -> bool:
+        if not isinstance(stored, str) or not stored.strip():
+            return False
+        try:
+            parsed = phonenumbers.parse(stored, self.default_region)
+        except phonenumbers.NumberParseException:
+            return False
+        return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) == e164
 
     def changed_since(self, mark: Watermark, fields: list[str], limit: int = 200) -> Page:
         """Leads and Contacts modified after ``mark``, oldest first, with ``fields``.

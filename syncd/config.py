@@ -96,6 +96,7 @@ class SalesforceAuth(_Strict):
     username: str | None = None
     password: str | None = None
     private_key_file: str | None = None
+    audience: str | None = None  # jwt aud; default: login.salesforce.com / test.salesforce.com
     access_token: str | None = None
 
     @model_validator(mode="after")
@@ -117,6 +118,10 @@ class SalesforceConfig(_Strict):
     api_version: str = "62.0"
     auth: SalesforceAuth
     mapping: str = "mappings/salesforce.yaml"
+    # Share of the org's daily API quota syncd may use (other integrations need the rest);
+    # at it, pushes pause and /limits is checked every limits_probe_seconds until quota is back.
+    api_budget_percent: float = Field(90.0, gt=0, le=100)
+    limits_probe_seconds: float = Field(300.0, gt=0, le=3600)
 
     @field_validator("api_version")
     @classmethod

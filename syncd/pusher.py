@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from connectors.base import CrmConnector
-from connectors.errors import ConnectorError, RateLimited
+from connectors.errors import ConnectorError, QuotaExhausted
 from connectors.types import RecordRef
 from syncd.backoff import RetryPolicy
 from syncd.config import RetryConfig
@@ -27,6 +27,15 @@ from syncd.metrics import Metrics
 from syncd.routing import Router
 
 log = logging.getLogger("syncd.pusher")
+
+
+@dataclass(frozen=True)
+class QuotaPolicy:
+    """How much of a CRM's daily API quota syncd may use (``budget_percent``) and how
+    often a paused CRM's quota is checked again (``probe_seconds``)."""
+
+    budget_percent: float = 90.0
+    probe_seconds: float = 300.0
 
 
 @dataclass
@@ -46,7 +55,7 @@ def _error_text(exc: BaseException) -> str:
 class Pusher:
     def __init__(self, journal: Journal, connectors: dict[str, CrmConnector], mappings: dict[str, Mapping],
                  router: Router, retry: RetryConfig, *, batch_size: int = 1000, lease_seconds: float = 120.0,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, quotas: dict[str, QuotaPolicy] | None = None):
         self.journal = journal
         self.connectors = connectors
         self.mappings = mappings
@@ -55,8 +64,8 @@ class Pusher:
         self.lease_seconds = lease_seconds
         self.metrics = metrics
         self.policy = RetryPolicy(retry)
-        self.paused_until: dict[str, float] = {}
-        self.paused_since: dict[str, float] = {}
+        self.quotas = quotas or {}
+        self.paused_since: dict[str, float] = {}  # when this process first saw each pause
         self.stopping = threading.Event()  # set on SIGTERM: finish the batch in hand, take no more
         # Sinch webhooks first settle the registration they answer (the reflector
         # replaces this with its own, which also logs); what is left is a consent change.
@@ -102,13 +111,20 @@ class Pusher:
         targets: list[RecordRef] = []
         searched: list[str] = []
         for name, connector in self.connectors.items():
+            paused = self.pause_in_force(name)
+            if paused is not None:
+                self.journal.defer_routing(event.id, f"phone lookup in {name} waits: CRM paused", paused)
+                return
             try:
                 targets.extend(connector.find_by_phone(event.phone))
                 searched.append(name)
             except ConnectorError as exc:
                 self._count_lookup(name, exc)
+                self._maybe_pause(name, exc)
                 self._routing_failed(event, name, exc, stats)
                 return
+            finally:
+                self._check_budget(name)
             self._count_lookup(name, None)
         if not targets:
             self._quarantine(event, f"no record with this phone in {', '.join(searched) or 'any CRM'}", stats)
@@ -175,9 +191,9 @@ class Pusher:
         connector, mapping = self.connectors.get(crm), self.mappings.get(crm)
         if connector is None or mapping is None:
             return [self._failed(d, ConnectorError(f"CRM {crm} is not enabled in the config")) for d in deliveries]
-        paused = self.paused_until.get(crm, 0.0)
-        if paused > time.time():
-            return [Outcome(d.id, "retry", error="CRM paused: quota exceeded", retry_at=paused, ref=d.ref,
+        paused = self.pause_in_force(crm)
+        if paused is not None:
+            return [Outcome(d.id, "retry", error="CRM paused: API quota", retry_at=paused, ref=d.ref,
                             note="paused") for d in deliveries]
         by_record: dict[RecordRef, list[Delivery]] = defaultdict(list)
         for d in deliveries:
@@ -205,6 +221,7 @@ class Pusher:
                 outcomes.extend(self._failed(d, exc) for d in plan.deliveries)
             return outcomes
         finally:
+            self._check_budget(crm)
             if self.metrics:
                 self.metrics.push_duration.labels(crm).observe(time.monotonic() - started)
         self._count(crm, None)
@@ -228,23 +245,86 @@ class Pusher:
         note = type(exc).__name__ if stop.kind == "permanent" else stop.kind
         return Outcome(d.id, "dead", error=stop.prefix + text, ref=d.ref, note=note)
 
+    # --- pauses (a spent account-wide quota) ----------------------------------------------
+    # The pause lives in the journal so that every replica honours it and a restart
+    # does not forget it. When it ends, one replica asks the CRM whether quota is back
+    # (Salesforce's /limits) and either resumes or pauses again for ``probe_seconds``.
+    def pause_in_force(self, crm: str) -> float | None:
+        """The time a paused CRM may be called again, or None when it is not paused."""
+        pause = self.journal.crm_pause(crm)
+        now = time.time()
+        if pause is None:
+            self.paused_since.pop(crm, None)
+            return None
+        self.paused_since.setdefault(crm, now)
+        until, reason = pause
+        if until > now:
+            return until
+        next_until = now + self.quota(crm).probe_seconds
+        if not self.journal.take_pause_probe(crm, now, next_until):
+            pause = self.journal.crm_pause(crm)  # another replica is checking
+            return pause[0] if pause is not None and pause[0] > now else None
+        return self._probe(crm, next_until, reason)
+
+    def _probe(self, crm: str, next_until: float, reason: str | None) -> float | None:
+        probe = getattr(self.connectors.get(crm), "probe_quota", None)
+        if probe is not None:
+            try:
+                used, limit = probe()
+            except ConnectorError as exc:
+                log.warning("CRM still paused", extra={"crm": crm, "error": _error_text(exc)})
+                return next_until
+            if self._over_budget(crm, used, limit):
+                self._pause(crm, next_until, self._budget_reason(crm, used, limit))
+                return next_until
+        self.journal.resume_crm(crm)
+        self.paused_since.pop(crm, None)
+        log.warning("CRM resumed", extra={"crm": crm, "was": reason})
+        return None
+
+    def quota(self, crm: str) -> QuotaPolicy:
+        return self.quotas.get(crm) or QuotaPolicy()
+
+    def _over_budget(self, crm: str, used: int, limit: int) -> bool:
+        return limit > 0 and used >= limit * self.quota(crm).budget_percent / 100.0
+
+    def _budget_reason(self, crm: str, used: int, limit: int) -> str:
+        return f"API budget reached: {used} of {limit} daily requests used (budget " \
+               f"{self.quota(crm).budget_percent:g}%)"
+
+    def _check_budget(self, crm: str) -> None:
+        """Slow down before the CRM's limit: pause at the configured share of the quota
+        (read from the usage the CRM reports with every answer)."""
+        usage_of = getattr(self.connectors.get(crm), "api_usage", None)
+        usage = usage_of() if usage_of is not None else None
+        if usage is not None and self._over_budget(crm, *usage) and self.journal.crm_pause(crm) is None:
+            self._pause(crm, time.time() + self.quota(crm).probe_seconds, self._budget_reason(crm, *usage))
+
     def _maybe_pause(self, crm: str, exc: ConnectorError) -> None:
-        """A daily quota (Salesforce REQUEST_LIMIT_EXCEEDED) pauses the whole CRM
-        instead of burning every delivery's retries against it."""
-        if isinstance(exc, RateLimited) and exc.code == "REQUEST_LIMIT_EXCEEDED":
-            now = time.time()
-            if self.paused_until.get(crm, 0.0) <= now:
-                self.paused_since[crm] = now
-            self.paused_until[crm] = now + (exc.retry_after or 3600.0)
-            log.error("CRM paused", extra={"crm": crm, "until": self.paused_until[crm], "error": _error_text(exc)})
+        """A spent daily quota (Salesforce TotalRequests) pauses the whole CRM instead of
+        burning every delivery's retries; the CRM's Retry-After, when sent, sets the
+        length, else the quota is checked again after ``probe_seconds``."""
+        if isinstance(exc, QuotaExhausted):
+            wait = exc.retry_after if exc.retry_after is not None else self.quota(crm).probe_seconds
+            self._pause(crm, time.time() + wait, f"quota exhausted: {_error_text(exc)}")
+
+    def _pause(self, crm: str, until: float, reason: str) -> None:
+        self.journal.pause_crm(crm, until, reason)
+        self.paused_since.setdefault(crm, time.time())
+        log.error("CRM paused", extra={"crm": crm, "until": until, "reason": reason})
 
     def circuit_problem(self, longer_than: float) -> str | None:
-        """For /readyz: a CRM paused (open circuit) for longer than ``longer_than`` seconds."""
+        """For /readyz: a CRM paused (open circuit) for longer than ``longer_than`` seconds
+        (counted from when this process first saw the pause)."""
         now = time.time()
-        for crm, until in self.paused_until.items():
-            since = self.paused_since.get(crm, now)
-            if until > now and now - since > longer_than:
-                return f"{crm} paused for {now - since:.0f} s (quota exceeded)"
+        for crm in self.connectors:
+            pause = self.journal.crm_pause(crm)
+            if pause is None:
+                self.paused_since.pop(crm, None)
+                continue
+            since = self.paused_since.setdefault(crm, now)
+            if now - since > longer_than:
+                return f"{crm} paused for {now - since:.0f} s ({pause[1] or 'quota'})"
         return None
 
     def _count_lookup(self, crm: str, exc: ConnectorError | None) -> None:

@@ -91,6 +91,9 @@ class Reflector:
             reflect = self.mappings[crm].reflect
             if not reflect.fields or not reflect.phone_fields:
                 continue
+            pause = self.journal.crm_pause(crm)
+            if pause is not None and pause[0] > time.time():
+                continue  # the CRM's API quota is paused (see Pusher): polls wait too
             try:
                 queued[crm] = self._poll_crm(crm, connector, reflect.fields, reflect.phone_fields)
             except ConnectorError as exc:

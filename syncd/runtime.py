@@ -9,7 +9,7 @@ from syncd.journal import Journal, open_journal
 from syncd.mapping import Mapping, load_mapping
 from syncd.masking import register_secrets
 from syncd.metrics import Metrics
-from syncd.pusher import Pusher
+from syncd.pusher import Pusher, QuotaPolicy
 from syncd.reflector import Reflector
 from syncd.routing import Router
 from syncd.sources import Source, build_sources
@@ -31,7 +31,8 @@ def build_connectors(cfg: Config, mappings: dict[str, Mapping]) -> dict[str, Crm
         if sf.auth.private_key_file:
             auth["private_key_file"] = str(cfg.resolve(sf.auth.private_key_file))
         found["salesforce"] = SalesforceConnector(instance_url=sf.instance_url, api_version=sf.api_version,
-                                                  auth=auth, ca_bundle=ca, timeout=timeout)
+                                                  auth=auth, ca_bundle=ca, timeout=timeout,
+                                                  default_region=cfg.phone.default_region)
     if cfg.crm.hubspot:
         from connectors.hubspot import HubSpotConnector
 
@@ -83,8 +84,12 @@ def open_runtime(cfg: Config) -> Runtime:
     journal = open_journal(cfg.journal.url, base_dir=str(cfg.base_dir))
     router = Router.from_config(cfg)
     metrics = Metrics()
+    quotas = {}
+    if cfg.crm.salesforce:
+        quotas["salesforce"] = QuotaPolicy(budget_percent=cfg.crm.salesforce.api_budget_percent,
+                                           probe_seconds=cfg.crm.salesforce.limits_probe_seconds)
     pusher = Pusher(journal, connectors, mappings, router, cfg.retry, batch_size=cfg.schedule.batch_size,
-                    lease_seconds=cfg.schedule.lease_seconds, metrics=metrics)
+                    lease_seconds=cfg.schedule.lease_seconds, metrics=metrics, quotas=quotas)
     reflector = None
     sinch = build_sinch(cfg)
     if sinch is not None:

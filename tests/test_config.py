@@ -73,3 +73,20 @@ def test_example_config_validates(monkeypatch):
     cfg = load_config(Path(__file__).parent.parent / "config.yaml")
     assert cfg.crm.enabled() == ["salesforce", "hubspot", "close"]
     assert set(cfg.secrets()) >= {"example-value-123"}
+
+
+def test_salesforce_audience_and_api_budget():
+    sf = {"instance_url": "https://acme--uat.sandbox.my.salesforce.com",
+          "auth": {"flow": "jwt", "login_url": "https://test.salesforce.com", "client_id": "c",
+                   "username": "u@example.com", "private_key_file": "key.pem"}}
+    cfg = parse_config({"crm": {"salesforce": sf}}, env={})
+    assert cfg.crm.salesforce.auth.audience is None  # the connector picks test.salesforce.com
+    assert cfg.crm.salesforce.api_budget_percent == 90.0 and cfg.crm.salesforce.limits_probe_seconds == 300.0
+    sf["auth"]["audience"] = "https://acme.my.site.com/customers"
+    sf.update(api_budget_percent=75, limits_probe_seconds=60)
+    cfg = parse_config({"crm": {"salesforce": sf}}, env={})
+    assert cfg.crm.salesforce.auth.audience == "https://acme.my.site.com/customers"
+    assert cfg.crm.salesforce.api_budget_percent == 75.0
+    for bad in (0, 101):
+        with pytest.raises(ConfigError, match="api_budget_percent"):
+            parse_config({"crm": {"salesforce": {**sf, "api_budget_percent": bad}}}, env={})

@@ -386,3 +386,19 @@ def test_a_version_1_sqlite_journal_is_migrated_in_place(tmp_path):
         assert [e.source_event_id for e in j.events_to_route(10)] == ["old-1"]
     finally:
         j.close()
+
+
+def test_crm_pause_is_shared_and_one_process_checks_its_end(journal):
+    assert journal.crm_pause("salesforce") is None
+    journal.pause_crm("salesforce", 2_000_000_000.0, "quota exhausted: TotalRequests Limit exceeded.")
+    assert journal.crm_pause("salesforce") == (2_000_000_000.0, "quota exhausted: TotalRequests Limit exceeded.")
+    assert journal.crm_pause("hubspot") is None
+    assert not journal.take_pause_probe("salesforce", now=1_000.0, next_until=1_300.0)  # not over yet
+    journal.pause_crm("salesforce", 900.0, "quota exhausted")
+    assert journal.take_pause_probe("salesforce", now=1_000.0, next_until=1_300.0)
+    assert not journal.take_pause_probe("salesforce", now=1_000.0, next_until=1_300.0)  # taken already
+    assert journal.crm_pause("salesforce") == (1_300.0, "quota exhausted")
+    assert journal.counts()["crms"]["salesforce"]["pause_reason"] == "quota exhausted"
+    journal.resume_crm("salesforce")
+    assert journal.crm_pause("salesforce") is None
+    assert not journal.take_pause_probe("salesforce", now=5_000.0, next_until=5_300.0)

@@ -120,6 +120,17 @@ def test_export_has_the_audit_fields(runtime, sf_sandbox):
 
 
 
+def _due_now(journal) -> None:
+    with journal._write() as cur:
+        cur.execute("UPDATE deliveries SET next_attempt_at = 0")
+
+
+def _end_pause(journal, crm: str = "salesforce") -> None:
+    """Let the pause's time run out (as if ``limits_probe_seconds`` had passed)."""
+    until, reason = journal.crm_pause(crm)
+    journal.pause_crm(crm, 0.0, reason)
+
+
 def test_daily_quota_pauses_the_crm_without_burning_retries(runtime, sf_sandbox):
     import time
 
@@ -129,20 +140,187 @@ def test_daily_quota_pauses_the_crm_without_burning_retries(runtime, sf_sandbox)
     sf_sandbox.exhaust_quota()
     first = runtime.pusher.run_once()
     assert (first.retry, first.dead) == (3, 0)
-    assert len(sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH")) == 1
-    assert runtime.pusher.paused_until["salesforce"] > time.time() + 3000
+    assert len(sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH")) == 1  # no retry loop against it
+    until, reason = runtime.journal.crm_pause("salesforce")
+    # not a blind hour: the quota is checked again after limits_probe_seconds (300 s by default)
+    assert time.time() + 250 < until < time.time() + 350
+    assert "TotalRequests Limit exceeded." in reason
     # While paused, due work for the CRM is not sent and costs no attempt.
-    with runtime.journal._write() as cur:
-        cur.execute("UPDATE deliveries SET next_attempt_at = 0")
+    _due_now(runtime.journal)
     sf_sandbox.clear_log()
     second = runtime.pusher.run_once()
     assert (second.retry, second.dead) == (3, 0)
-    assert sf_sandbox.requests_to(r"/composite/") == []
-    with runtime.journal._write() as cur:
-        cur.execute("UPDATE deliveries SET next_attempt_at = 0")
+    assert sf_sandbox.requests_to(r"/services/data/") == []
+    _due_now(runtime.journal)
     assert [d.attempts for d in runtime.journal.claim(10, 60)] == [2, 2, 2]  # 1 real try, then this claim
+    time.sleep(0.01)
     assert runtime.pusher.circuit_problem(longer_than=0) is not None
     assert runtime.pusher.circuit_problem(longer_than=900) is None
+
+
+def test_daily_pause_ends_as_soon_as_limits_reports_quota(runtime, sf_sandbox):
+    ids = contact_ids(sf_sandbox, 2)
+    for n, rid in enumerate(ids):
+        runtime.journal.record(apten_event(n, rid))
+    sf_sandbox.exhaust_quota()
+    runtime.pusher.run_once()
+    # The probe time comes, quota still spent: /limits is asked, nothing is written.
+    _end_pause(runtime.journal)
+    _due_now(runtime.journal)
+    sf_sandbox.clear_log()
+    assert runtime.pusher.run_once().done == 0
+    assert len(sf_sandbox.requests_to(r"/limits/?$", "GET")) == 1
+    assert sf_sandbox.requests_to(r"/composite/") == []
+    assert runtime.journal.crm_pause("salesforce") is not None
+    # Quota is back (the 24-hour window rolled on): the next probe resumes at once.
+    sf_sandbox.reset_quota()
+    _end_pause(runtime.journal)
+    _due_now(runtime.journal)
+    assert runtime.pusher.run_once().done == 2
+    assert runtime.journal.crm_pause("salesforce") is None
+    assert all(sf_sandbox.get_record("Contact", rid)["SMS_Opt_Out__c"] is True for rid in ids)
+    assert runtime.pusher.circuit_problem(longer_than=0) is None
+
+
+def test_probe_refused_keeps_the_pause(runtime, sf_sandbox):
+    """Should Salesforce refuse /limits itself while the quota is spent, the pause goes on."""
+    runtime.journal.record(apten_event(1, contact_ids(sf_sandbox, 1)[0]))
+    runtime.journal.pause_crm("salesforce", 0.0, "quota exhausted")
+    sf_sandbox.add_fault("GET", r"/limits/?$", 403, [{"message": "TotalRequests Limit exceeded.",
+                                                     "errorCode": "REQUEST_LIMIT_EXCEEDED"}])
+    assert runtime.pusher.run_once().retry == 1
+    assert sf_sandbox.requests_to(r"/composite/") == []
+    assert runtime.journal.crm_pause("salesforce")[0] > 1e9
+
+
+def test_retry_after_sets_the_pause_length(runtime, sf_sandbox):
+    import time
+
+    runtime.journal.record(apten_event(1, contact_ids(sf_sandbox, 1)[0]))
+    sf_sandbox.add_fault("PATCH", r"/composite/sobjects$", 403, [{"message": "TotalRequests Limit exceeded.",
+                                                                  "errorCode": "REQUEST_LIMIT_EXCEEDED"}],
+                         headers={"Retry-After": "40"})
+    assert runtime.pusher.run_once().retry == 1
+    until, _ = runtime.journal.crm_pause("salesforce")
+    assert time.time() + 30 < until < time.time() + 45
+
+
+def test_concurrent_limit_is_retried_not_a_pause(runtime, sf_sandbox):
+    rid = contact_ids(sf_sandbox, 1)[0]
+    runtime.journal.record(apten_event(1, rid))
+    sf_sandbox.refuse_concurrent(times=1, limit="ConcurrentPerOrgLongTxn")
+    stats = runtime.pusher.run_once()
+    assert stats.done == 1 and runtime.journal.crm_pause("salesforce") is None
+    assert len(sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH")) == 2  # refused, then retried
+    assert sf_sandbox.get_record("Contact", rid)["SMS_Opt_Out__c"] is True
+
+
+def test_api_budget_pauses_before_the_limit(runtime, sf_sandbox):
+    ids = contact_ids(sf_sandbox, 2)
+    runtime.journal.record(apten_event(1, ids[0]))
+    sf_sandbox.use_quota(13_499)  # other integrations; the budget is 90 % of 15,000 = 13,500
+    assert runtime.pusher.run_once().done == 1  # the composite call makes 13,500: budget reached
+    until, reason = runtime.journal.crm_pause("salesforce")
+    assert reason == "API budget reached: 13500 of 15000 daily requests used (budget 90%)"
+    runtime.journal.record(apten_event(2, ids[1]))
+    sf_sandbox.clear_log()
+    assert runtime.pusher.run_once().retry == 1
+    assert sf_sandbox.requests_to(r"/services/data/") == []
+    # The probe finds usage still at the budget: paused again; later it has fallen: resumed.
+    _end_pause(runtime.journal)
+    _due_now(runtime.journal)
+    assert runtime.pusher.run_once().retry == 1
+    assert runtime.journal.crm_pause("salesforce") is not None
+    sf_sandbox.reset_quota()
+    _end_pause(runtime.journal)
+    _due_now(runtime.journal)
+    assert runtime.pusher.run_once().done == 1
+    assert runtime.journal.crm_pause("salesforce") is None
+
+
+def test_budget_is_configurable(sf_config, sf_sandbox):
+    from syncd.runtime import open_runtime
+
+    sf_config.crm.salesforce.api_budget_percent = 50.0
+    rt = open_runtime(sf_config)
+    try:
+        rt.journal.record(apten_event(1, contact_ids(sf_sandbox, 1)[0]))
+        sf_sandbox.use_quota(7_600)
+        rt.pusher.run_once()
+        assert "budget 50%" in rt.journal.crm_pause("salesforce")[1]
+    finally:
+        rt.journal.close()
+
+
+def _pause_survives_a_new_pusher(cfg, sf_sandbox):
+    """A pause set by one process is honoured by another on the same journal (a replica,
+    or the same daemon after a restart)."""
+    import time
+
+    from syncd.runtime import open_runtime
+
+    ids = contact_ids(sf_sandbox, 2)
+    first = open_runtime(cfg)
+    try:
+        first.journal.record(apten_event(1, ids[0]))
+        sf_sandbox.exhaust_quota()
+        first.pusher.run_once()
+        assert first.journal.crm_pause("salesforce") is not None
+    finally:
+        first.journal.close()
+    sf_sandbox.reset_quota()  # quota is back, but nobody has looked yet
+    second = open_runtime(cfg)
+    try:
+        second.journal.record(apten_event(2, ids[1]))
+        _due_now(second.journal)
+        sf_sandbox.clear_log()
+        stats = second.pusher.run_once()
+        assert stats.retry == 2 and stats.done == 0
+        assert sf_sandbox.requests_to(r"/services/data/") == []
+        time.sleep(0.01)
+        assert second.pusher.circuit_problem(longer_than=0) is not None  # /readyz sees it too
+        _end_pause(second.journal)
+        _due_now(second.journal)
+        assert second.pusher.run_once().done == 2
+    finally:
+        second.journal.close()
+
+
+def test_pause_is_kept_in_the_journal_sqlite(sf_config, sf_sandbox):
+    _pause_survives_a_new_pusher(sf_config, sf_sandbox)
+
+
+def test_pause_is_kept_in_the_journal_postgres(sf_config, sf_sandbox):
+    import os
+    import time
+
+    import pytest
+
+    url = os.environ.get("SYNCD_TEST_PG_URL")
+    if not url:
+        pytest.skip("SYNCD_TEST_PG_URL not set")
+    import psycopg
+
+    schema = f"tpause{os.getpid()}_{time.time_ns()}"
+    sf_config.journal.url = f"{url}{'&' if '?' in url else '?'}schema={schema}"
+    try:
+        _pause_survives_a_new_pusher(sf_config, sf_sandbox)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def test_routing_waits_while_paused(runtime, sf_sandbox):
+    from syncd.events import ConsentEvent as Event
+
+    runtime.journal.pause_crm("salesforce", 4e9, "quota exhausted")
+    runtime.journal.record(Event(source="apten", source_event_id="p1", kind="opt_out", channel="sms",
+                                 occurred_at=datetime(2024, 2, 18, tzinfo=timezone.utc),
+                                 received_at=datetime.now(timezone.utc), raw=b"{}", phone="+13305551234"))
+    sf_sandbox.clear_log()
+    stats = runtime.pusher.run_once()
+    assert (stats.routed, stats.quarantined) == (0, 0)
+    assert sf_sandbox.requests_to(r"/search/") == []
 
 
 def test_retries_are_bounded_by_attempts(runtime, sf_sandbox):

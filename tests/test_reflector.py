@@ -199,3 +199,23 @@ def test_hubspot_and_close_flags_are_polled_and_registered():
         rt.journal.close()
     finally:
         st.cleanup()
+
+
+def test_poll_waits_while_the_crm_is_paused_for_quota():
+    from syncd.runtime import open_runtime
+
+    st = Stack(sinch=True).start()
+    try:
+        sf = st.sandboxes["salesforce"]
+        rt = open_runtime(load_config(st.config_path, env={}))
+        rt.reflector.poll_once()  # first run: the watermark starts at "now", no query
+        rt.journal.pause_crm("salesforce", time.time() + 300, "API budget reached")
+        sf.clear_log()
+        assert rt.reflector.poll_once() == {}
+        assert [r for r in sf.requests if "/query" in r.path] == []
+        rt.journal.resume_crm("salesforce")
+        rt.reflector.poll_once()
+        assert [r for r in sf.requests if "/query" in r.path] != []
+        rt.journal.close()
+    finally:
+        st.cleanup()

@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from connectors.base import CrmConnector
-from connectors.errors import AuthFailed, NotFound, Permanent, RateLimited, Transient
-from connectors.salesforce import SF_ID, SalesforceConnector, object_for_id, to_18, validate_id
+from connectors.errors import AuthFailed, NotFound, Permanent, QuotaExhausted, RateLimited, Transient
+from connectors.salesforce import SF_ID, SalesforceConnector, default_audience, object_for_id, to_18, \
+    validate_id
 from connectors.sandbox.salesforce import SalesforceSandbox, sf_id18
 from connectors.sandbox.tls import SandboxTLS
 from connectors.types import RecordRef, RecordUpdate, Watermark
@@ -180,7 +181,7 @@ def test_auth_flows(sandbox, connect, tmp_path, flow):
     ("client_credentials", {"client_secret": "wrong-secret"}, "invalid_client"),
     ("password", {"password": "wrong-password"}, "invalid_grant"),
     ("jwt", {"username": "someone-else@example.com"}, "invalid_grant"),
-    ("jwt", {"audience": "https://login.salesforce.com"}, "invalid_grant"),
+    ("jwt", {"audience": "https://example.my.salesforce.com"}, "invalid_grant"),  # My Domain is no aud
 ])
 def test_bad_credentials_raise_auth_failed(sandbox, connect, flow, auth, code):
     sf = connect(flow, auth=auth)
@@ -190,6 +191,51 @@ def test_bad_credentials_raise_auth_failed(sandbox, connect, flow, auth, code):
     assert "wrong-" not in str(info.value)
     assert len(sandbox.requests_to(TOKEN_PATH)) == 1  # AuthFailed is not retried
     assert sandbox.requests_to(r"/services/data/") == []
+
+
+def _jwt_claims(sandbox) -> dict:
+    import urllib.parse
+
+    import jwt as pyjwt
+
+    [grant] = sandbox.requests_to(TOKEN_PATH)
+    assertion = urllib.parse.parse_qs(grant.body.decode())["assertion"][0]
+    return pyjwt.decode(assertion, options={"verify_signature": False})
+
+
+def test_jwt_audience_defaults_to_the_login_server_not_my_domain(sandbox, connect):
+    sf = connect("jwt", instance_url="https://acme.my.salesforce.com")
+    sf.fields("Contact")
+    assert _jwt_claims(sandbox)["aud"] == "https://login.salesforce.com"
+
+
+def test_jwt_audience_for_a_sandbox_org_is_test_salesforce_com(sandbox, connect):
+    sandbox.sandbox_org = True
+    sf = connect("jwt", instance_url="https://acme--uat.sandbox.my.salesforce.com")
+    sf.fields("Contact")
+    assert _jwt_claims(sandbox)["aud"] == "https://test.salesforce.com"
+    sandbox.clear_log()
+    with pytest.raises(AuthFailed) as info:  # a production default is refused by a sandbox org
+        connect("jwt", instance_url="https://acme.my.salesforce.com").fields("Contact")
+    assert str(info.value) == "[400 invalid_grant] audience is invalid"
+
+
+def test_jwt_audience_can_be_configured(sandbox, connect):
+    site = "https://acme.my.site.com/customers"
+    sandbox.jwt_audiences = [site]
+    connect("jwt", auth={"audience": site}).fields("Contact")
+    assert _jwt_claims(sandbox)["aud"] == site
+
+
+@pytest.mark.parametrize("instance,login,expected", [
+    ("https://acme.my.salesforce.com", None, "https://login.salesforce.com"),
+    ("https://acme--dev.sandbox.my.salesforce.com", None, "https://test.salesforce.com"),
+    ("https://ACME--dev.Sandbox.My.Salesforce.com/", None, "https://test.salesforce.com"),
+    ("https://acme.my.salesforce.com", "https://test.salesforce.com", "https://test.salesforce.com"),
+    ("https://sandbox.my.salesforce.com.evil.example", None, "https://login.salesforce.com"),
+])
+def test_default_audience(instance, login, expected):
+    assert default_audience(instance, login) == expected
 
 
 def test_jwt_signed_with_another_key_is_refused(sandbox, connect):
@@ -209,7 +255,7 @@ def test_incomplete_auth_config_is_rejected_up_front():
 
 def test_expired_session_reauthenticates_once(sandbox, sf):
     contact = sandbox.add_record("Contact", LastName="Ng", Phone="+13305550000")
-    assert sf.fields("Lead")
+    assert sf.fields("Lead") and sf.fields("Contact")  # described (and cached) before the expiry
     sandbox.expire_tokens()
     assert [r.record_id for r in sf.find_by_phone("+13305550000")] == [contact]
     assert len(sandbox.requests_to(TOKEN_PATH)) == 2
@@ -363,16 +409,58 @@ def test_whole_call_errors_raise_mapped(sandbox, connect):
     assert len(sandbox.requests_to(COMPOSITE, "PATCH")) == 2
 
 
-def test_request_limit_exceeded_is_rate_limited(sandbox, sf):
+def test_daily_request_limit_is_quota_exhausted_without_a_guessed_wait(sandbox, sf):
     contact = sandbox.add_record("Contact", LastName="Q")
     sf.fields("Contact")
     sandbox.exhaust_quota()
     sandbox.clear_log()
-    with pytest.raises(RateLimited) as info:
+    with pytest.raises(QuotaExhausted) as info:
         sf.update([contact_update(contact, DoNotCall=True)])
-    assert info.value.retry_after == 3600 and info.value.status == 403
-    assert info.value.code == "REQUEST_LIMIT_EXCEEDED"
-    assert len(sandbox.requests) == 1  # an hour-long pause is the journal's job, not a retry loop
+    assert info.value.retry_after is None and info.value.status == 403
+    assert str(info.value) == "[403 REQUEST_LIMIT_EXCEEDED] TotalRequests Limit exceeded."
+    assert len(sandbox.requests) == 1  # a spent daily quota is the pusher's to pause on, not a retry loop
+
+
+def test_retry_after_wins_on_request_limit_exceeded(sandbox, sf):
+    contact = sandbox.add_record("Contact", LastName="Q")
+    sandbox.add_fault("PATCH", COMPOSITE, 403, [{"message": "TotalRequests Limit exceeded.",
+                                                 "errorCode": "REQUEST_LIMIT_EXCEEDED"}],
+                      headers={"Retry-After": "120"})
+    with pytest.raises(QuotaExhausted) as info:
+        sf.update([contact_update(contact, DoNotCall=True)])
+    assert info.value.retry_after == 120
+
+
+@pytest.mark.parametrize("limit", ["ConcurrentRequests", "ConcurrentPerOrgLongTxn"])
+def test_concurrent_limit_is_a_short_backoff_not_a_pause(sandbox, connect, limit):
+    sf = connect(retry_attempts=3)
+    contact = sandbox.add_record("Contact", LastName="Q")
+    sf.fields("Contact")
+    sandbox.refuse_concurrent(times=2, limit=limit)
+    [result] = sf.update([contact_update(contact, DoNotCall=True)])
+    assert result.ok and sandbox.get_record("Contact", contact)["DoNotCall"] is True
+    assert len(sandbox.requests_to(COMPOSITE, "PATCH")) == 3
+    sandbox.refuse_concurrent(times=3, limit=limit, retry_after="1")
+    with pytest.raises(RateLimited) as info:
+        sf.update([contact_update(contact, DoNotCall=False)])
+    assert not isinstance(info.value, QuotaExhausted) and info.value.retry_after == 1
+    assert info.value.code == "REQUEST_LIMIT_EXCEEDED" and limit in str(info.value)
+
+
+def test_api_usage_is_read_from_every_answer(sandbox, sf):
+    assert sf.api_usage() is None
+    sandbox.use_quota(1000)
+    sf.fields("Contact")
+    assert sf.api_usage() == (1001, 15000)
+    sandbox.exhaust_quota()
+    with pytest.raises(QuotaExhausted):
+        sf.fields("Lead")
+    assert sf.api_usage() == (15000, 15000)  # the refusal carries the header too
+    assert sf.probe_quota() == (15000, 15000)
+    sandbox.reset_quota()
+    assert sf.probe_quota() == (0, 15000)
+    [limits] = sandbox.requests_to(r"/limits/?$", "GET")[-1:]
+    assert limits.path.endswith("/services/data/v62.0/limits/")
 
 
 def test_errors_carry_no_url_or_query(sandbox, sf):
@@ -397,7 +485,34 @@ def test_find_by_phone(sandbox, sf):
     assert sf.find_by_phone("+13305551234") == [RecordRef("salesforce", "Contact", contact)]
     assert sf.find_by_phone("+14155550000") == []
     [search] = sandbox.requests_to(r"/search/?$")[:1]
-    assert search.query["q"] == ["FIND {4911113333444} IN PHONE FIELDS RETURNING Lead(Id), Contact(Id)"]
+    assert search.query["q"] == ["FIND {4911113333444 OR 11113333444} IN PHONE FIELDS RETURNING "
+                                 "Lead(Id, MobilePhone, Phone), Contact(Id, MobilePhone, Phone)"]
+
+
+def test_find_by_phone_matches_numbers_typed_without_country_code(sandbox, sf):
+    """US users type (330) 555-1234; the E.164 digits alone do not find it."""
+    typed = [sandbox.add_record("Contact", LastName="A", Phone="(330) 555-1234"),
+             sandbox.add_record("Contact", LastName="B", MobilePhone="330.555.1234"),
+             sandbox.add_record("Lead", LastName="C", Company="X", Phone="+1 330-555-1234"),
+             sandbox.add_record("Lead", LastName="D", Company="X", Phone="1 (330) 555 1234")]
+    found = sf.find_by_phone("+13305551234")
+    assert sorted(r.record_id for r in found) == sorted(typed)
+
+
+def test_find_by_phone_ignores_numbers_that_merely_end_the_same(sandbox, sf):
+    own = sandbox.add_record("Contact", LastName="Own", Phone="(330) 555-1234")
+    sandbox.add_record("Contact", LastName="Uk", Phone="+44 330 555 1234")      # another country
+    sandbox.add_record("Lead", LastName="Ext", Company="X", Phone="+1 (216) 330-5551234")  # longer number
+    assert sf.find_by_phone("+13305551234") == [RecordRef("salesforce", "Contact", own)]
+    assert sf.find_by_phone("+443305551234") != []  # the UK record is found for its own number
+    assert RecordRef("salesforce", "Contact", own) not in sf.find_by_phone("+443305551234")
+
+
+def test_find_by_phone_uses_the_configured_region_for_national_numbers(sandbox, connect):
+    london = sandbox.add_record("Contact", LastName="L", Phone="020 7946 0958")
+    assert connect(default_region="GB").find_by_phone("+442079460958") == \
+        [RecordRef("salesforce", "Contact", london)]
+    assert connect(default_region="US").find_by_phone("+442079460958") == []
 
 
 def test_fields_describe(sandbox, connect):
@@ -478,3 +593,26 @@ def test_changed_since_from_a_plain_timestamp(sandbox, sf):
     with pytest.raises(Permanent):
         sf.changed_since(Watermark(ts='{"Lead": ["2024-01-01T00:00:00Z", "x\' OR Id != \'"]}'),
                          ["DoNotCall"])
+
+
+_US_FORMATS = ["({a}) {b}-{c}", "{a}-{b}-{c}", "{a}.{b}.{c}", "{a}{b}{c}", "1 ({a}) {b}-{c}",
+               "+1 {a} {b} {c}", "+1{a}{b}{c}", "1-{a}-{b}-{c}", " ({a}) {b} {c} "]
+
+
+@settings(max_examples=40, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(area=st.integers(201, 989), exchange=st.integers(200, 999), line=st.integers(0, 9999),
+       form=st.sampled_from(_US_FORMATS),
+       other_cc=st.sampled_from(["44", "49", "33", "61", "86"]))
+def test_find_by_phone_property_us_numbers_as_typed(sandbox, sf, area, exchange, line, form, other_cc):
+    """However a US number is typed, its E.164 finds it; a foreign number that ends with
+    the same ten digits is never taken for it."""
+    import phonenumbers
+
+    e164 = f"+1{area}{exchange}{line:04d}"
+    assume(phonenumbers.is_valid_number(phonenumbers.parse(e164)))
+    sandbox.reset()
+    typed = form.format(a=area, b=exchange, c=f"{line:04d}")
+    own = sandbox.add_record("Contact", LastName="Own", Phone=typed)
+    sandbox.add_record("Lead", LastName="Far", Company="X", MobilePhone=f"+{other_cc} {area}{exchange}{line:04d}")
+    assert sf.find_by_phone(e164) == [RecordRef("salesforce", "Contact", own)]

@@ -66,9 +66,55 @@ def test_session_and_quota(sandbox, http):
     assert resp.status_code == 403
     assert resp.json() == [{"message": "TotalRequests Limit exceeded.",
                             "errorCode": "REQUEST_LIMIT_EXCEEDED"}]
+    assert resp.headers["Sforce-Limit-Info"] == "api-usage=15000/15000"  # errors carry it too
     sandbox.expire_tokens()
     resp = http.get(sandbox.url + V + "/sobjects/Contact/describe")
     assert resp.status_code == 401 and resp.json()[0]["errorCode"] == "INVALID_SESSION_ID"
+
+
+def test_limits_resource(sandbox, http):
+    sandbox.use_quota(40)
+    resp = http.get(sandbox.url + V + "/limits/")
+    assert resp.status_code == 200
+    assert resp.json()["DailyApiRequests"] == {"Max": 15000, "Remaining": 14960}
+    assert resp.headers["Sforce-Limit-Info"] == "api-usage=40/15000"  # assumed not to count itself
+    sandbox.exhaust_quota()
+    assert http.get(sandbox.url + V + "/limits/").json()["DailyApiRequests"] == {"Max": 15000, "Remaining": 0}
+
+
+@pytest.mark.parametrize("limit,message", [
+    ("ConcurrentRequests", "ConcurrentRequests (Concurrent API Requests) Limit exceeded."),
+    ("ConcurrentPerOrgLongTxn", "ConcurrentPerOrgLongTxn Limit exceeded.")])
+def test_concurrent_limit_refusals(sandbox, http, limit, message):
+    sandbox.refuse_concurrent(times=1, limit=limit, retry_after="2")
+    resp = http.get(sandbox.url + V + "/sobjects/Contact/describe")
+    assert resp.status_code == 403 and resp.headers["Retry-After"] == "2"
+    assert resp.json() == [{"message": message, "errorCode": "REQUEST_LIMIT_EXCEEDED"}]
+    assert resp.headers["Sforce-Limit-Info"] == "api-usage=0/15000"  # refused calls are not counted
+    assert http.get(sandbox.url + V + "/sobjects/Contact/describe").status_code == 200
+    with pytest.raises(ValueError):
+        sandbox.refuse_concurrent(limit="TotalRequests")
+
+
+def test_jwt_audience_is_the_login_server(sandbox):
+    import jwt as pyjwt
+    import time as _time
+
+    session = make_session(sandbox.tls.ca_bundle)
+
+    def grant(aud: str):
+        claims = {"iss": sandbox.client_id, "sub": sandbox.username, "aud": aud, "exp": int(_time.time()) + 60}
+        assertion = pyjwt.encode(claims, sandbox.jwt_private_key_pem, algorithm="RS256")
+        return session.post(sandbox.url + "/services/oauth2/token",
+                            data={"grant_type": JWT_GRANT, "assertion": assertion})
+
+    assert grant("https://login.salesforce.com").status_code == 200
+    refused = grant(sandbox.url)  # the org's own URL (My Domain) is not an audience
+    assert refused.status_code == 400
+    assert refused.json() == {"error": "invalid_grant", "error_description": "audience is invalid"}
+    sandbox.sandbox_org = True
+    assert grant("https://test.salesforce.com").status_code == 200
+    assert grant("https://login.salesforce.com").status_code == 400
 
 
 def test_record_read_and_patch(sandbox, http):
@@ -174,15 +220,21 @@ def test_sosl_phone_search(sandbox, http):
             "q": f"FIND {{{digits}}} IN PHONE FIELDS RETURNING Lead(Id), Contact(Id, Phone)"}).json()
         return {r["Id"] for r in body["searchRecords"]}
 
+    uk = sandbox.add_record("Contact", LastName="Uk", Phone="+44 330 555 1234")
     assert found("4911113333444") == {lead}
-    assert found("13305551234") == {contact}  # national format stored, E.164 searched
-    assert found("3305551234") == {contact}
-    assert found("15550001234") == set()  # stored "1234" is too short to be a suffix match
-    sosl = "FIND {13305551234} IN PHONE FIELDS RETURNING Contact(Id, Phone)"
+    # Formatting is ignored and a stored number matches when it ends with the term
+    # (an assumption: Salesforce does not document phone matching), so the E.164
+    # digits miss a number typed without its country code ...
+    assert found("13305551234") == set()
+    # ... the national number finds it, and also a number that merely ends the same
+    assert found("3305551234") == {contact, uk}
+    assert found("13305551234 OR 3305551234") == {contact, uk}  # the documented OR operator
+    assert found("15550001234") == set()  # stored "1234" is shorter than the term
+    sosl = "FIND {3305551234} IN PHONE FIELDS RETURNING Contact(Id, Phone)"
     body = http.get(search, params={"q": sosl}).json()
-    assert body["searchRecords"] == [{
+    assert body["searchRecords"][0] == {
         "attributes": {"type": "Contact", "url": f"{V}/sobjects/Contact/{contact}"},
-        "Id": contact, "Phone": "(330) 555-1234"}]
+        "Id": contact, "Phone": "(330) 555-1234"}
     bad = http.get(search, params={"q": "FIND 123"})
     assert bad.status_code == 400 and bad.json()[0]["errorCode"] == "MALFORMED_SEARCH"
 

@@ -36,6 +36,18 @@ from connectors.sandbox.tls import SandboxTLS
 
 KEY_PREFIXES = {"Lead": "00Q", "Contact": "003"}
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# The JWT bearer flow's accepted audiences (Salesforce Help, "OAuth 2.0 JWT Bearer Flow for
+# Server-to-Server Integration", remoteaccess_oauth_jwt_flow.htm): the login server, not My Domain.
+PRODUCTION_AUDIENCE = "https://login.salesforce.com"
+SANDBOX_AUDIENCE = "https://test.salesforce.com"
+# REQUEST_LIMIT_EXCEEDED texts. The REST API guide ("Status Codes and Error Responses",
+# errorcodes.htm) documents 403 and the errorCode but not the messages; these are the
+# texts Salesforce is widely reported to send (help article 000389067 for the first).
+TOTAL_REQUESTS_EXCEEDED = "TotalRequests Limit exceeded."
+CONCURRENT_LIMIT_MESSAGES = {
+    "ConcurrentRequests": "ConcurrentRequests (Concurrent API Requests) Limit exceeded.",
+    "ConcurrentPerOrgLongTxn": "ConcurrentPerOrgLongTxn Limit exceeded.",
+}
 _ID = re.compile(r"^[a-zA-Z0-9]{15}([a-zA-Z0-9]{3})?\Z")
 _SUFFIX = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
 _UTC = dt.timezone.utc
@@ -397,7 +409,9 @@ class SalesforceSandbox(Sandbox):
         self.api_limit: int = d["api_limit"]
         self.api_usage = 0
         self.clock_offset = 0.0  # the org's clock is real time plus this (see advance())
-        self.jwt_audiences: list[str] = []  # accepted besides this sandbox's own URL
+        self.sandbox_org = False  # a sandbox org: JWT aud must be test.salesforce.com
+        self.jwt_audiences: list[str] = []  # accepted besides the login server's (Experience Cloud sites)
+        self._concurrent_refusals: list[tuple[str, str | None]] = []  # (limit name, Retry-After)
         self.fields_meta: dict[str, dict[str, dict[str, Any]]] = {}
         self.records: dict[str, dict[str, dict[str, Any]]] = {}
         self.deleted: dict[str, set[str]] = {}
@@ -551,6 +565,20 @@ class SalesforceSandbox(Sandbox):
         with self.lock:
             self.api_usage = 0
 
+    def use_quota(self, calls: int) -> None:
+        """Count ``calls`` API requests as made by other integrations of the org."""
+        with self.lock:
+            self.api_usage = min(self.api_limit, self.api_usage + calls)
+
+    def refuse_concurrent(self, times: int = 1, limit: str = "ConcurrentRequests",
+                          retry_after: str | None = None) -> None:
+        """The next ``times`` API requests meet a full concurrency limit (other
+        long-running calls in the org): 403 REQUEST_LIMIT_EXCEEDED naming ``limit``."""
+        if limit not in CONCURRENT_LIMIT_MESSAGES:
+            raise ValueError(f"limit must be one of {', '.join(CONCURRENT_LIMIT_MESSAGES)}")
+        with self.lock:
+            self._concurrent_refusals.extend([(limit, retry_after)] * times)
+
     @property
     def composite_calls(self) -> int:
         return len(self.requests_to(r"/composite/sobjects/?$", "PATCH"))
@@ -609,6 +637,8 @@ class SalesforceSandbox(Sandbox):
     def routes(self, app: Flask) -> None:
         @app.after_request
         def _limit_info(resp: Response) -> Response:
+            # REST API guide, "Limit Info Header" (headers_api_usage.htm): on every REST
+            # answer (errors included), the org's daily usage as api-usage=used/limit.
             if request.path.startswith("/services/data"):
                 resp.headers["Sforce-Limit-Info"] = f"api-usage={self.api_usage}/{self.api_limit}"
             return resp
@@ -649,7 +679,10 @@ class SalesforceSandbox(Sandbox):
                 "issued_at": issued_at}
 
     def _verify_assertion(self, assertion: str) -> None:
-        audiences = [self.url, self.url + "/", *self.jwt_audiences]
+        # Salesforce accepts only its login server as aud (not the org's My Domain URL);
+        # the refusal body is not in Salesforce's docs: "audience is invalid" is what
+        # integrators report (an assumption).
+        audiences = [SANDBOX_AUDIENCE if self.sandbox_org else PRODUCTION_AUDIENCE, *self.jwt_audiences]
         try:
             claims = jwt.decode(assertion, self.jwt_public_key_pem, algorithms=["RS256"],
                                 audience=audiences, options={"require": ["exp", "iss", "sub", "aud"]})
@@ -672,9 +705,19 @@ class SalesforceSandbox(Sandbox):
         with self.lock:
             if scheme not in ("Bearer", "OAuth") or token not in self._tokens:
                 return self._json(_SESSION_INVALID, 401)
-            if self.api_usage >= self.api_limit:
-                raise ApiError(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
-            self.api_usage += 1
+            if self._concurrent_refusals:
+                limit, retry_after = self._concurrent_refusals.pop(0)
+                resp = self._error(ApiError(403, "REQUEST_LIMIT_EXCEEDED", CONCURRENT_LIMIT_MESSAGES[limit]))
+                if retry_after is not None:
+                    resp.headers["Retry-After"] = retry_after
+                return resp
+            # The limits resource is assumed free and answered with the quota spent:
+            # Salesforce does not say whether it counts (the Versions resource "/" does not).
+            free = request.method == "GET" and re.fullmatch(r"v\d+\.\d+/limits/?", rest) is not None
+            if not free:
+                if self.api_usage >= self.api_limit:
+                    raise ApiError(403, "REQUEST_LIMIT_EXCEEDED", TOTAL_REQUESTS_EXCEEDED)
+                self.api_usage += 1
         method = request.method
         routes: list[tuple[str, str, Callable[..., Response]]] = [
             ("GET", r"sobjects/(\w+)/describe", self._describe),
@@ -685,12 +728,20 @@ class SalesforceSandbox(Sandbox):
             ("GET", r"query", self._query),
             ("GET", r"query/([^/]+)", self._query_more),
             ("GET", r"search", self._search),
+            ("GET", r"limits", self._limits),
         ]
         for verb, pattern, handler in routes:
             found = re.fullmatch(pattern, path)
             if found and verb == method:
                 return handler(version, *found.groups())
         return self._json(_NOT_FOUND, 404)
+
+    def _limits(self, version: str) -> Response:
+        """REST API guide, "Limits" (resources_limits.htm): each limit as {Max, Remaining};
+        only the daily API requests are modelled."""
+        with self.lock:
+            daily = {"Max": self.api_limit, "Remaining": max(0, self.api_limit - self.api_usage)}
+        return self._json({"DailyApiRequests": daily})
 
     def _sobject(self, name: str) -> str:
         for sobject in self.fields_meta:
@@ -995,14 +1046,17 @@ class SalesforceSandbox(Sandbox):
         else:
             specs = [(s, ["Id"]) for s in KEY_PREFIXES]
         scope = (scope or "ALL").upper()
-        digits = re.sub(r"\D", "", term)
+        # FIND {a OR b}: the documented OR operator (SOQL and SOSL Reference, "FIND
+        # {SearchQuery}", sforce_api_calls_sosl_find.htm). AND / AND NOT are not modelled.
+        alternatives = [alt.strip().strip('"') for alt in re.split(r"\s+OR\s+", term, flags=re.I)]
         found: list[dict[str, Any]] = []
         with self.lock:
             for name, fields in specs:
                 sobject = self._sobject_for_query(name)
                 select = [self._query_field(sobject, f) for f in fields]
                 for record in self.records[sobject].values():
-                    if self._search_match(sobject, record, scope, term, digits):
+                    if any(self._search_match(sobject, record, scope, alt, re.sub(r"\D", "", alt))
+                           for alt in alternatives if alt):
                         found.append(self._render(sobject, record, select, version))
         if limit:
             found = found[:int(limit)]
@@ -1010,13 +1064,17 @@ class SalesforceSandbox(Sandbox):
 
     def _search_match(self, sobject: str, record: dict[str, Any], scope: str, term: str,
                       digits: str) -> bool:
-        if scope in ("PHONE", "ALL") and digits:
+        # How SOSL matches phone fields is not documented: the reference says only that
+        # IN PHONE FIELDS searches phone fields and that text is split into tokens at
+        # spaces and punctuation. Assumed here: formatting is ignored and a stored number
+        # matches when its digits END WITH the term's digits, so "(330) 555-1234" is found
+        # by 3305551234 but not by 13305551234, and "+44 330 555 1234" is found by
+        # 3305551234 too. Callers must re-check what comes back.
+        if scope in ("PHONE", "ALL") and len(digits) >= 2:
             for name, meta in self.fields_meta[sobject].items():
                 if meta["type"] != "phone" or not record.get(name):
                     continue
-                stored = re.sub(r"\D", "", str(record[name]))
-                if stored and (stored == digits or stored.endswith(digits)
-                               or (len(stored) >= 7 and digits.endswith(stored))):
+                if re.sub(r"\D", "", str(record[name])).endswith(digits):
                     return True
         if scope == "PHONE":
             return False

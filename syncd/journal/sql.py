@@ -239,6 +239,38 @@ class SqlJournal:
                 "INSERT INTO crm_status (crm, last_push_at) VALUES (?, ?) "
                 "ON CONFLICT (crm) DO UPDATE SET last_push_at = excluded.last_push_at"), (crm, now_iso))
 
+    # --- CRM pauses (a spent account-wide quota): one row per CRM, so every replica
+    # honours the same pause and a restart does not forget it. The pusher decides.
+    def crm_pause(self, crm: str) -> tuple[float, str | None] | None:
+        """(paused until, reason) for a paused CRM, else None."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT paused_until, pause_reason FROM crm_status WHERE crm = ?"), (crm,))
+            row = cur.fetchone()
+        if row is None or row[0] is None:
+            return None
+        return float(row[0]), row[1]
+
+    def pause_crm(self, crm: str, until: float, reason: str) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "INSERT INTO crm_status (crm, paused_until, pause_reason) VALUES (?, ?, ?) "
+                "ON CONFLICT (crm) DO UPDATE SET paused_until = excluded.paused_until, "
+                "pause_reason = excluded.pause_reason"), (crm, until, reason))
+
+    def take_pause_probe(self, crm: str, now: float, next_until: float) -> bool:
+        """Whether this process checks an ended pause: the first to move ``paused_until``
+        from the past to ``next_until`` does; the others see the pause go on meanwhile."""
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "UPDATE crm_status SET paused_until = ? "
+                "WHERE crm = ? AND paused_until IS NOT NULL AND paused_until <= ?"), (next_until, crm, now))
+            return (cur.rowcount or 0) == 1
+
+    def resume_crm(self, crm: str) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "UPDATE crm_status SET paused_until = NULL, pause_reason = NULL WHERE crm = ?"), (crm,))
+
     def clocks(self, refs: list[RecordRef]) -> dict[RecordRef, dict[str, Clock]]:
         out: dict[RecordRef, dict[str, Clock]] = {ref: {} for ref in refs}
         if not refs:
@@ -284,8 +316,11 @@ class SqlJournal:
             oldest_delivery = cur.fetchone()[0]
             cur.execute("SELECT MIN(received_at) FROM events WHERE status = 'new' AND event_type = 'consent'")
             oldest_event = cur.fetchone()[0]
-            cur.execute("SELECT crm, last_push_at, last_poll_at FROM crm_status ORDER BY crm")
-            crms = {r[0]: {"last_push_at": r[1], "last_poll_at": r[2]} for r in cur.fetchall()}
+            cur.execute("SELECT crm, last_push_at, last_poll_at, paused_until, pause_reason FROM crm_status "
+                        "ORDER BY crm")
+            crms = {r[0]: {"last_push_at": r[1], "last_poll_at": r[2],
+                           "paused_until": r[3] if r[3] is not None and r[3] > now else None,
+                           "pause_reason": r[4] if r[3] is not None else None} for r in cur.fetchall()}
             reflections = self._reflection_counts(cur)
         oldest = min([t for t in (oldest_delivery, oldest_event) if t], default=None)
         age = None
