@@ -236,12 +236,13 @@ def test_register_opt_out_wire_format_and_signed_notification(sandbox, receiver)
     [sent] = api_requests(sandbox)
     assert sent.path == f"/v1/projects/{sandbox.project_id}/optouts:register"
     assert sent.headers["Authorization"].startswith("Bearer ")
+    # request_id travels in the query, as the official SDK sends it; the body has none.
+    assert sent.query == {"request_id": ["req-out-1"]}
     assert sent.json() == {
         "app_id": sandbox.app_id,
         "channels": ["WHATSAPP"],
         "recipient": {"identified_by": {"channel_identities": [
             {"channel": "WHATSAPP", "identity": "14707864783"}]}},
-        "request_id": "req-out-1",
     }
     assert sandbox.registrations[0]["kind"] == "opt_out"
     assert sandbox.registrations[0]["identities"] == [{"channel": "WHATSAPP", "identity": "14707864783"}]
@@ -261,6 +262,31 @@ def test_register_opt_out_wire_format_and_signed_notification(sandbox, receiver)
     assert note["channel"] == "WHATSAPP" and note["identity"] == "14707864783"
     assert note["status"] == "OPT_OUT_SUCCEEDED" and note["error_details"] is None
     assert note["contact_id"]
+
+
+def test_request_id_is_sent_in_the_query_so_the_notification_carries_ours(sandbox, receiver):
+    """A request_id in the body is not Sinch's contract: the outcome would carry an id
+    Sinch made up and the journal could not join it to the registration."""
+    make_connector(sandbox).register_opt_out(PHONE, "r 42/ü&x=1")
+    [sent] = api_requests(sandbox)
+    assert sent.query == {"request_id": ["r 42/ü&x=1"]}
+    assert "request_id" not in sent.json()
+    [(_, body)] = receiver.wait(1)
+    assert json.loads(body)["opt_out_notification"]["request_id"] == "r 42/ü&x=1"
+
+
+def test_sandbox_reads_request_id_from_the_query_only(sandbox):
+    import requests
+
+    token = requests.post(f"{sandbox.url}/oauth2/token", data={"grant_type": "client_credentials"},
+                          auth=(sandbox.key_id, sandbox.key_secret), timeout=5).json()["access_token"]
+    url = f"{sandbox.url}/v1/projects/{sandbox.project_id}/optouts:register"
+    body = {"app_id": sandbox.app_id, "channels": ["WHATSAPP"], "recipient": {"identified_by": {
+        "channel_identities": [{"channel": "WHATSAPP", "identity": "14707864783"}]}},
+        "request_id": "in-the-body"}
+    answer = requests.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+    assert answer["request_id"] != "in-the-body"
+    assert sandbox.registrations[0]["request_id"] == answer["request_id"]
 
 
 def test_opt_in_failure_outcome_and_several_channels(sandbox, receiver):

@@ -214,7 +214,11 @@ class SinchSandbox(Sandbox):
         problem = self._invalid(data)
         if problem:
             return _error(400, "INVALID_ARGUMENT", problem)
-        request_id = data.get("request_id") or ulid()
+        # request_id is read from the query only, as the official SDK sends it
+        # (sinch-sdk-python v1.1.4, conversation/endpoints/opt_out.py). What Sinch does
+        # with one in the body is undocumented; the simulator ignores it, so an outcome
+        # then carries an id Sinch made up, as a client that puts it there would see.
+        request_id = request.args.get("request_id") or ulid()
         contact_id = data["recipient"].get("contact_id")
         identities = [] if contact_id else data["recipient"]["identified_by"]["channel_identities"]
         registration = {
@@ -245,8 +249,6 @@ class SinchSandbox(Sandbox):
         recipient = data.get("recipient")
         if not isinstance(recipient, dict):
             return "recipient is required."
-        if "request_id" in data and not isinstance(data["request_id"], str):
-            return "request_id must be a string."
         contact_id = recipient.get("contact_id")
         if contact_id:
             return None if isinstance(contact_id, str) else "contact_id must be a string."
