@@ -282,13 +282,18 @@ class SinchSandbox(Sandbox):
                 "event_time": accepted,
                 "message_metadata": "",
                 "correlation_id": "",
+                # Fields as the official SDKs model the notification (sinch-sdk-java
+                # OptOutEventNotificationImpl, sinch-sdk-node opt-out-event.ts);
+                # error_details only when the registration failed, as Sinch omits
+                # unset fields.
                 f"{kind}_notification": {
                     "request_id": registration["request_id"],
                     "contact_id": registration["contact_id"] or _contact_id(identity),
                     "channel": target["channel"],
                     "identity": identity,
                     "status": f"{prefix}_{suffix}",
-                    "error_details": {"description": reason} if reason else None,
+                    "processing_mode": "CONVERSATION",
+                    **({"error_details": {"description": reason}} if reason else {}),
                 },
             }
             url, secret = self.callback_url, self.callback_secret
