@@ -130,7 +130,8 @@ def test_email_opt_out_unsubscribes_the_records_addresses_never_the_webhooks(
 def test_email_opt_out_naming_one_of_the_records_addresses_leaves_the_others(
         close: CloseConnector, sandbox: CloseSandbox) -> None:
     sandbox.add_contact("cont_abc2", "lead_abc123", emails=["ann.work@example.com"])
-    [result] = close.update([RecordUpdate(lead_ref(), {}, email="ANN.work@example.com", email_unsubscribe=True)])
+    named = RecordUpdate(lead_ref(), {}, email="ANN.work@example.com", email_unsubscribe=True)
+    [result] = close.update([named])
     assert result.ok, result.error
     assert set(sandbox.unsubscribed) == {"ann.work@example.com"}
 
@@ -138,7 +139,8 @@ def test_email_opt_out_naming_one_of_the_records_addresses_leaves_the_others(
 def test_opt_in_never_resubscribes_an_address_the_record_does_not_hold(
         close: CloseConnector, sandbox: CloseSandbox) -> None:
     sandbox.unsubscribed["other@example.org"] = {"email": "other@example.org", "date_created": sandbox.now()}
-    [result] = close.update([RecordUpdate(lead_ref(), {}, email="other@example.org", email_unsubscribe=False)])
+    opt_in = RecordUpdate(lead_ref(), {}, email="other@example.org", email_unsubscribe=False)
+    [result] = close.update([opt_in])
     assert isinstance(result.error, Permanent) and "not on the record" in str(result.error)
     assert "other@example.org" in sandbox.unsubscribed
     assert not sandbox.requests_to("/unsubscribe/email/", "DELETE")
@@ -251,8 +253,8 @@ def test_concurrent_writers_stay_under_the_groups_limit(sandbox: CloseSandbox) -
     ids = ["lead_abc123", "lead_other9"] * 12
     start = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
-        results = [r for batch in pool.map(lambda i: close.update([RecordUpdate(lead_ref(i), {"SMS Opt Out": True})]),
-                                           ids) for r in batch]
+        batches = pool.map(lambda i: close.update([RecordUpdate(lead_ref(i), {"SMS Opt Out": True})]), ids)
+        results = [r for batch in batches for r in batch]
     elapsed = time.monotonic() - start
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert sandbox.throttled == 0

@@ -571,6 +571,9 @@ class CloseSandbox(Sandbox):
     def routes(self, app: Flask) -> None:
         p = API_PREFIX
 
+        # Basic auth, API key as username (every endpoint page's "Authentication", e.g.
+        # https://developer.close.com/api/resources/leads/update); limits per endpoint group
+        # (https://developer.close.com/api/overview/rate-limits). The 401 text is not documented: assumed.
         @app.before_request
         def _auth_and_rate() -> Response | None:
             auth = request.authorization
@@ -612,6 +615,7 @@ class CloseSandbox(Sandbox):
             except KeyError:
                 return _json({"error": f"Empty query: {kind} matching query does not exist."}, 404)
 
+        # https://developer.close.com/api/resources/leads/list (?query= is deprecated; search instead)
         @app.get(f"{p}/lead/")
         def list_leads() -> Response:
             if request.args.get("query"):
@@ -619,10 +623,12 @@ class CloseSandbox(Sandbox):
             with self.lock:
                 return paged([self._render_lead(lead) for lead in self.leads.values()])
 
+        # https://developer.close.com/api/resources/leads/get; the 404 text is not documented: assumed
         @app.get(f"{p}/lead/<lead_id>/")
         def get_lead(lead_id: str) -> Response:
             return one("Lead", lead_id, self.lead)
 
+        # https://developer.close.com/api/resources/leads/update (PUT acts as PATCH, custom.<id>: null clears)
         @app.put(f"{p}/lead/<lead_id>/")
         def put_lead(lead_id: str) -> Response:
             with self.lock:
@@ -631,6 +637,8 @@ class CloseSandbox(Sandbox):
                     return _json({"error": "Empty query: Lead matching query does not exist."}, 404)
                 return self._apply_put("lead", lead, request.get_json(silent=True))
 
+        # https://developer.close.com/api/resources/contacts/list, .../get, .../update;
+        # emails[].is_unsubscribed from the 2024-02-15 changelog (https://developer.close.com/api/overview/changelog/2024/2/15)
         @app.get(f"{p}/contact/")
         def list_contacts() -> Response:
             lead_id = request.args.get("lead_id")
@@ -650,6 +658,7 @@ class CloseSandbox(Sandbox):
                     return _json({"error": "Empty query: Contact matching query does not exist."}, 404)
                 return self._apply_put("contact", contact, request.get_json(silent=True))
 
+        # https://developer.close.com/resources/custom-fields/ (lead and contact custom fields)
         @app.get(f"{p}/custom_field/<obj>/")
         def list_custom_fields(obj: str) -> Response:
             if obj not in self.custom_fields:
@@ -665,10 +674,14 @@ class CloseSandbox(Sandbox):
                 return _json({"error": "Empty query: CustomField matching query does not exist."}, 404)
             return _json(copy.deepcopy(meta))
 
+        # https://developer.close.com/resources/advanced-filtering/
         @app.post(f"{p}/data/search/")
         def search() -> Response:
             return self._search(request.get_json(silent=True))
 
+        # https://developer.close.com/api/resources/unsubscribed-emails/list, .../create
+        # (201; the 400 for an address already listed and its text are assumed, not
+        # documented), .../delete (404 if not listed)
         @app.get(f"{p}/unsubscribe/email/")
         def list_unsubscribed() -> Response:
             with self.lock:

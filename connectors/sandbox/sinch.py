@@ -167,6 +167,8 @@ class SinchSandbox(Sandbox):
 
     # --- routes -----------------------------------------------------------------------
     def routes(self, app: Flask) -> None:
+        # sinch/sinch-sdk-python sinch/domains/authentication/endpoints/v1/oauth.py:
+        # POST {auth origin}/oauth2/token, basic auth, grant_type=client_credentials.
         @app.post("/oauth2/token")
         def token():
             auth = request.authorization
@@ -187,6 +189,10 @@ class SinchSandbox(Sandbox):
             return {"access_token": value, "expires_in": self.token_ttl, "scope": "",
                     "token_type": "Bearer"}
 
+        # The Opt-in & Opt-out page (the seed document) and sinch/sinch-sdk-python v1.1.4
+        # sinch/domains/conversation/endpoints/opt_out.py / opt_in.py (?request_id= in the
+        # query; the answer is {"request_id", "opt_out"|"opt_in"}). Error bodies follow
+        # google.rpc.Status; their texts are assumed.
         @app.post("/v1/projects/<project>/optouts:register")
         def opt_out(project: str):
             return self._register("opt_out", project)
