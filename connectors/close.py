@@ -19,6 +19,7 @@ Lookups use the Advanced Filtering API (``POST /data/search/``, cursor paging): 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -52,6 +53,7 @@ _FALSE_WORDS = {"no", "false", "0", "n", "off"}
 
 MAX_PAGE = 200          # Close's largest _limit for lists and searches
 METADATA_TTL = 30.0     # a missed field name refetches metadata at most this often
+MAX_RESET = 86400.0     # a RateLimit reset beyond a day is an epoch stamp (or nonsense)
 
 _RO, _RW = False, True
 BUILTIN_FIELDS: dict[str, dict[str, FieldInfo]] = {
@@ -204,11 +206,12 @@ class _Pacer:
 
 def _rate_state(headers: Any) -> tuple[float | None, float | None, float | None]:
     """(limit, remaining, reset seconds) from ``RateLimit: limit=, remaining=, reset=``
-    or the older split headers Close sent before adopting the IETF draft."""
+    or the older split headers Close sent before adopting the IETF draft. Values that
+    are not finite non-negative numbers are ignored; ``reset`` is at most a day."""
     pairs: dict[str, float] = {}
     combined = headers.get("RateLimit")
     if combined:
-        for key, value in _RATE_PAIR.findall(combined):
+        for key, value in _RATE_PAIR.findall(str(combined)):
             pairs.setdefault(key.lower(), float(value))
     for prefix in ("RateLimit-", "X-RateLimit-", "X-Rate-Limit-"):
         for part in ("limit", "remaining", "reset"):
@@ -218,9 +221,10 @@ def _rate_state(headers: Any) -> tuple[float | None, float | None, float | None]
                     pairs[part] = float(raw)
                 except ValueError:
                     pass
+    pairs = {k: v for k, v in pairs.items() if math.isfinite(v) and v >= 0}
     reset = pairs.get("reset")
-    if reset is not None and reset > 86400:  # an epoch stamp, not a delta
-        reset = max(0.0, reset - time.time())
+    if reset is not None and reset > MAX_RESET:  # an epoch stamp, not a delta
+        reset = min(MAX_RESET, max(0.0, reset - time.time()))
     return pairs.get("limit"), pairs.get("remaining"), reset
 
 

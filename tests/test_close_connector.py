@@ -1,6 +1,7 @@
 """CloseConnector against the Close sandbox over real HTTP on 127.0.0.1."""
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.base import CrmConnector
-from connectors.close import CLOSE_CONTACT, CLOSE_LEAD, CloseConnector, rate_group
+from connectors.close import CLOSE_CONTACT, CLOSE_LEAD, CloseConnector, _Pacer, _rate_state, rate_group
 from connectors.errors import AuthFailed, NotFound, Permanent, RateLimited
 from connectors.sandbox.close import DEFAULT_API_KEY, CloseSandbox
 from connectors.sandbox.close import rate_group as sandbox_rate_group
@@ -228,6 +229,26 @@ def test_rate_group_names_the_endpoint_group() -> None:
     assert rate_group("DELETE", "/unsubscribe/email/a@b.com/") == rate_group("POST", "/unsubscribe/email/")
     assert rate_group("GET", "/custom_field/lead/") == "read /custom_field/lead/"
     assert sandbox_rate_group("PUT", "/api/v1/lead/lead_abc123/") == rate_group("PUT", "/lead/lead_abc123/")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["RateLimit", "RateLimit-Remaining", "RateLimit-Reset", "RateLimit-Limit",
+                                        "X-RateLimit-Reset", "X-Rate-Limit-Remaining"]),
+                       st.one_of(st.text(max_size=60), st.sampled_from(
+                           ["nan", "inf", "-1", "1e999", "limit=9, remaining=0, reset=" + "9" * 400,
+                            "limit=5, remaining=0, reset=1e20", "remaining=0, reset=99999999999"]))))
+def test_rate_headers_from_the_wire_never_break_the_pacer(headers: dict[str, str]) -> None:
+    limit, remaining, reset = _rate_state(headers)
+    for value in (limit, remaining, reset):
+        assert value is None or (math.isfinite(value) and value >= 0)
+    assert reset is None or reset <= 86400
+    pacer = _Pacer(max_wait=0.0)
+    pacer.wait("write /lead/")
+    pacer.done("write /lead/", headers)
+    try:
+        pacer.wait("write /lead/")
+    except RateLimited as exc:
+        assert exc.retry_after is not None and math.isfinite(exc.retry_after)
 
 
 def test_a_spent_group_does_not_hold_back_another(close: CloseConnector, sandbox: CloseSandbox) -> None:
