@@ -118,7 +118,7 @@ def rate_group(method: str, path: str) -> str:
 class _Window:
     """What Close last said about one endpoint group's window, minus our calls since."""
 
-    __slots__ = ("limit", "remaining", "resets_at", "length", "inflight")
+    __slots__ = ("limit", "remaining", "resets_at", "length", "inflight", "answered")
 
     def __init__(self) -> None:
         self.limit: float | None = None
@@ -126,6 +126,7 @@ class _Window:
         self.resets_at = 0.0
         self.length = 0.0
         self.inflight = 0
+        self.answered = False  # an answer came back, with or without a RateLimit header
 
 
 _PROBE_WAIT = 0.05  # while a group's first answer is awaited, others wait this long at most
@@ -151,14 +152,17 @@ class _Pacer:
     def wait(self, group: str) -> None:
         with self._cond:
             while True:
-                delay = self._reserve(self._windows.setdefault(group, _Window()), time.monotonic())
+                w = self._windows.setdefault(group, _Window())
+                if w.remaining is None and w.inflight and not w.answered:
+                    self._cond.wait(_PROBE_WAIT)  # the group's first answer is on its way
+                    continue
+                delay = self._reserve(w, time.monotonic())
                 if delay <= 0:
                     return
                 if delay > self.max_wait:
                     raise RateLimited(f"Close rate limit window of {group} is spent", retry_after=delay,
                                       status=None)
-                if delay > _PROBE_WAIT:
-                    log.info("close: %s window spent, pausing %.2fs", group, delay)
+                log.info("close: %s window spent, pausing %.2fs", group, delay)
                 self._cond.wait(delay)
 
     @staticmethod
@@ -169,8 +173,7 @@ class _Pacer:
             w.remaining = None if w.limit is None else w.limit - w.inflight
             w.resets_at = now + w.length
         if w.remaining is None:
-            if w.inflight:
-                return _PROBE_WAIT
+            pass  # nothing known (or Close sends no header here): go, and learn
         elif w.remaining <= 0:
             return max(w.resets_at - now, 0.001)
         else:
@@ -184,6 +187,7 @@ class _Pacer:
         with self._cond:
             w = self._windows.setdefault(group, _Window())
             w.inflight = max(0, w.inflight - 1)
+            w.answered = w.answered or headers is not None
             if remaining is not None and reset is not None:
                 now = time.monotonic()
                 room = remaining - w.inflight  # others in flight may not be counted yet

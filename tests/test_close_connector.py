@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -249,6 +250,28 @@ def test_rate_headers_from_the_wire_never_break_the_pacer(headers: dict[str, str
         pacer.wait("write /lead/")
     except RateLimited as exc:
         assert exc.retry_after is not None and math.isfinite(exc.retry_after)
+
+
+def test_pacer_probes_a_new_group_once_then_follows_its_header() -> None:
+    pacer = _Pacer(max_wait=5.0)
+    pacer.wait("write /lead/")
+    second = threading.Thread(target=pacer.wait, args=("write /lead/",))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()          # the group's first answer is awaited before a second call
+    pacer.wait("read /lead/")         # another group is not held
+    pacer.done("write /lead/", {"RateLimit": "limit=2, remaining=1, reset=30"})
+    second.join(2)
+    assert not second.is_alive()      # took the last slot of the window
+    pacer.max_wait = 1.0
+    with pytest.raises(RateLimited) as info:  # the window is spent for 30 s: not worth blocking
+        pacer.wait("write /lead/")
+    assert 25 < info.value.retry_after <= 30
+    # Answers without a RateLimit header leave a group unpaced, not serialised.
+    pacer.wait("read /custom_field/lead/")
+    pacer.done("read /custom_field/lead/", {})
+    pacer.wait("read /custom_field/lead/")
+    pacer.wait("read /custom_field/lead/")
 
 
 def test_a_spent_group_does_not_hold_back_another(close: CloseConnector, sandbox: CloseSandbox) -> None:
