@@ -91,5 +91,5 @@ SINCH_REGISTRATION_CHANNELS = {"WHATSAPP"}
 def _sinch_channel_warnings(channels: list[str]) -> list[str]:
     return [f"config: sinch.channels: {ch}: Sinch documents opt-out registration for WHATSAPP only; "
             f"registrations on {ch} will fail (OPT_OUT_STATUS_UNSPECIFIED). Remove it and block sending "
-            "on it with Sinch consent management (see README, Sinch)"
+            "on it with Sinch consent management (README: Reflecting CRM flags to Sinch)"
             for ch in channels if ch.upper() not in SINCH_REGISTRATION_CHANNELS]
