@@ -6,11 +6,12 @@ field by its id (``cf_...``) or by its name, and names are resolved through the 
 field metadata, fetched once per object and cached. Email opt-outs go through Close's
 organisation-wide unsubscribe list rather than a field.
 
-Rate limits: Close reports ``RateLimit: limit=.., remaining=.., reset=<seconds>`` on
-responses. A small pacer waits out ``reset`` once ``remaining`` reaches 0 so a busy
-pusher does not earn 429s; a 429 itself is honoured through ``Retry-After`` (else the
-body's ``error.rate_reset``). Pauses too long to block a worker thread surface as
-``RateLimited(retry_after)`` for the journal to schedule.
+Rate limits: Close limits each endpoint group separately and reports the group of the
+call in ``RateLimit: limit=.., remaining=.., reset=<seconds>``. The pacer keeps one
+window per group (see ``rate_group``), so a spent search window never holds back
+lead updates; a 429 is honoured through ``Retry-After`` (else the deprecated body's
+``error.rate_reset``, else the header's ``reset``). Pauses too long to block a worker
+thread surface as ``RateLimited(retry_after)`` for the journal to schedule.
 
 Lookups use the Advanced Filtering API (``POST /data/search/``, cursor paging): the
 ``?query=`` parameter of ``GET /lead/`` is deprecated by Close.
@@ -18,6 +19,7 @@ Lookups use the Advanced Filtering API (``POST /data/search/``, cursor paging): 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -51,6 +53,7 @@ _FALSE_WORDS = {"no", "false", "0", "n", "off"}
 
 MAX_PAGE = 200          # Close's largest _limit for lists and searches
 METADATA_TTL = 30.0     # a missed field name refetches metadata at most this often
+MAX_RESET = 86400.0     # a RateLimit reset beyond a day is an epoch stamp (or nonsense)
 
 _RO, _RW = False, True
 BUILTIN_FIELDS: dict[str, dict[str, FieldInfo]] = {
@@ -91,55 +94,142 @@ def _parse_ts(value: str) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
+_ID_SEGMENT = re.compile(r"^(?:lead|cont|cf|[a-z]{2}cf)_|@")
+
+
+def rate_group(method: str, path: str) -> str:
+    """The endpoint group a call is paced in: reads or writes of one resource path.
+
+    Close limits "per endpoint group" of URL paths and methods, its example being
+    GETs to ``/lead/`` and POSTs/PUTs to ``/activity/`` as two groups, and does not
+    publish the groups. So a group here is (GET or write, resource path without
+    record ids or addresses): ``read /lead/``, ``write /lead/``, ``write /data/search/``.
+    Should Close fold two of these into one group, a 429's reset still applies.
+    """
+    kind = "read" if method.upper() == "GET" else "write"
+    parts: list[str] = []
+    for segment in path.strip("/").split("/"):
+        if not segment or _ID_SEGMENT.search(segment):
+            break
+        parts.append(segment)
+    return f"{kind} /{'/'.join(parts)}/" if parts else f"{kind} /"
+
+
+class _Window:
+    """What Close last said about one endpoint group's window, minus our calls since."""
+
+    __slots__ = ("limit", "remaining", "resets_at", "length", "inflight", "answered")
+
+    def __init__(self) -> None:
+        self.limit: float | None = None
+        self.remaining: float | None = None
+        self.resets_at = 0.0
+        self.length = 0.0
+        self.inflight = 0
+        self.answered = False  # an answer came back, with or without a RateLimit header
+
+
+_PROBE_WAIT = 0.05  # while a group's first answer is awaited, others wait this long at most
+
+
 class _Pacer:
-    """Client-side pause: after Close says the window is spent, wait ``reset`` seconds
-    before the next call instead of spending a request on a 429. Shared by threads."""
+    """Client-side pacing per endpoint group (``RateLimit: limit, remaining, reset``
+    describes the group of the call that got it), shared by threads.
+
+    A call takes one of its group's ``remaining`` before it is sent; calls still in
+    flight count as spent when an answer is read, and the window only rolls over
+    once every window Close has told of has ended. So concurrent callers never
+    overrun a window, a spent group waits for its ``reset``, and other groups go on.
+    Until a group's first answer is in, one call probes it at a time. A wait longer
+    than ``max_wait`` raises RateLimited for the journal to schedule.
+    """
 
     def __init__(self, max_wait: float):
         self.max_wait = max_wait
-        self._lock = threading.Lock()
-        self._not_before = 0.0
+        self._cond = threading.Condition()
+        self._windows: dict[str, _Window] = {}
 
-    def wait(self) -> None:
-        with self._lock:
-            delay = self._not_before - time.monotonic()
-        if delay <= 0:
-            return
-        if delay > self.max_wait:
-            raise RateLimited("Close rate limit window is spent", retry_after=delay, status=None)
-        log.info("close: rate limit window spent, pausing %.2fs", delay)
-        time.sleep(delay)
+    def wait(self, group: str) -> None:
+        with self._cond:
+            while True:
+                w = self._windows.setdefault(group, _Window())
+                if w.remaining is None and w.inflight and not w.answered:
+                    self._cond.wait(_PROBE_WAIT)  # the group's first answer is on its way
+                    continue
+                delay = self._reserve(w, time.monotonic())
+                if delay <= 0:
+                    return
+                if delay > self.max_wait:
+                    raise RateLimited(f"Close rate limit window of {group} is spent", retry_after=delay,
+                                      status=None)
+                log.info("close: %s window spent, pausing %.2fs", group, delay)
+                self._cond.wait(delay)
 
-    def block(self, seconds: float) -> None:
-        with self._lock:
-            self._not_before = max(self._not_before, time.monotonic() + seconds)
+    @staticmethod
+    def _reserve(w: _Window, now: float) -> float:
+        """Take a slot in the group's window (0.0) or say how long to wait for one."""
+        if now >= w.resets_at and w.remaining is not None:
+            # Every window Close told of has ended: a new one, as long as the longest seen.
+            w.remaining = None if w.limit is None else w.limit - w.inflight
+            w.resets_at = now + w.length
+        if w.remaining is None:
+            pass  # nothing known (or Close sends no header here): go, and learn
+        elif w.remaining <= 0:
+            return max(w.resets_at - now, 0.001)
+        else:
+            w.remaining -= 1
+        w.inflight += 1
+        return 0.0
 
-    def observe(self, headers: Any) -> None:
-        remaining, reset = _rate_state(headers)
-        if remaining is not None and remaining <= 0 and reset is not None and reset > 0:
-            self.block(reset)
+    def done(self, group: str, headers: Any) -> None:
+        """A call of ``group`` ended; ``headers`` (None: no answer) say where the window is."""
+        limit, remaining, reset = _rate_state(headers) if headers is not None else (None, None, None)
+        with self._cond:
+            w = self._windows.setdefault(group, _Window())
+            w.inflight = max(0, w.inflight - 1)
+            w.answered = w.answered or headers is not None
+            if remaining is not None and reset is not None:
+                now = time.monotonic()
+                room = remaining - w.inflight  # others in flight may not be counted yet
+                w.length = max(w.length, reset)
+                if limit is not None:
+                    w.limit = limit
+                if w.remaining is None or now >= w.resets_at:
+                    w.remaining, w.resets_at = room, now + reset
+                else:
+                    w.remaining = min(w.remaining, room)
+                    w.resets_at = max(w.resets_at, now + reset)
+            self._cond.notify_all()
+
+    def block(self, group: str, seconds: float) -> None:
+        with self._cond:
+            w = self._windows.setdefault(group, _Window())
+            w.remaining = 0
+            w.resets_at = max(w.resets_at, time.monotonic() + seconds)
 
 
-def _rate_state(headers: Any) -> tuple[float | None, float | None]:
-    """(remaining, reset seconds) from ``RateLimit: limit=, remaining=, reset=`` or the
-    older split headers Close sent before adopting the IETF draft."""
+def _rate_state(headers: Any) -> tuple[float | None, float | None, float | None]:
+    """(limit, remaining, reset seconds) from ``RateLimit: limit=, remaining=, reset=``
+    or the older split headers Close sent before adopting the IETF draft. Values that
+    are not finite non-negative numbers are ignored; ``reset`` is at most a day."""
     pairs: dict[str, float] = {}
     combined = headers.get("RateLimit")
     if combined:
-        for key, value in _RATE_PAIR.findall(combined):
+        for key, value in _RATE_PAIR.findall(str(combined)):
             pairs.setdefault(key.lower(), float(value))
     for prefix in ("RateLimit-", "X-RateLimit-", "X-Rate-Limit-"):
-        for part in ("remaining", "reset"):
+        for part in ("limit", "remaining", "reset"):
             raw = headers.get(prefix + part)
             if raw and part not in pairs:
                 try:
                     pairs[part] = float(raw)
                 except ValueError:
                     pass
+    pairs = {k: v for k, v in pairs.items() if math.isfinite(v) and v >= 0}
     reset = pairs.get("reset")
-    if reset is not None and reset > 86400:  # an epoch stamp, not a delta
-        reset = max(0.0, reset - time.time())
-    return pairs.get("remaining"), reset
+    if reset is not None and reset > MAX_RESET:  # an epoch stamp, not a delta
+        reset = min(MAX_RESET, max(0.0, reset - time.time()))
+    return pairs.get("limit"), pairs.get("remaining"), reset
 
 
 def _scrub(text: str, secret: str) -> str:
@@ -211,15 +301,17 @@ class CloseConnector:
     # --- transport --------------------------------------------------------------------
     def _call_once(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                    json: Any = None) -> Any:
-        self._pacer.wait()
+        group = rate_group(method, path)
+        self._pacer.wait(group)
         try:
             resp = self._session.request(method, self.base_url + path, params=params, json=json)
         except requests.RequestException as exc:
+            self._pacer.done(group, None)
             # ``from None``: the original text carries the URL, which may hold an email.
             raise wrap_transport_error(exc) from None
-        self._pacer.observe(resp.headers)
+        self._pacer.done(group, resp.headers)
         if resp.status_code >= 400:
-            raise self._error(resp)
+            raise self._error(resp, group)
         if resp.status_code == 204 or not resp.content:
             return {}
         try:
@@ -227,7 +319,7 @@ class CloseConnector:
         except ValueError:
             raise Transient("Close answered with a body that is not JSON", status=resp.status_code) from None
 
-    def _error(self, resp: requests.Response) -> ConnectorError:
+    def _error(self, resp: requests.Response, group: str) -> ConnectorError:
         message = _scrub(_close_message(resp), self._key)
         if resp.status_code != 429:
             return error_for_status(resp, message)
@@ -236,9 +328,9 @@ class CloseConnector:
             try:
                 wait = float(resp.json()["error"]["rate_reset"])
             except (ValueError, KeyError, TypeError):
-                wait = _rate_state(resp.headers)[1]
+                wait = _rate_state(resp.headers)[2]
         if wait is not None:
-            self._pacer.block(wait)
+            self._pacer.block(group, wait)
         return RateLimited(message, retry_after=wait, status=429)
 
     def _search(self, body: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
@@ -380,35 +472,66 @@ class CloseConnector:
         obj = record_object(upd.ref.record_id)
         if str(upd.ref.obj).lower() != obj:
             raise Permanent(f"record id is a Close {obj} id but the ref says {str(upd.ref.obj)[:20]!r}")
-        emails: list[str] = []
+        addresses: dict[str, bool] = {}
         if upd.email_unsubscribe is not None:
-            emails = [str(upd.email)] if upd.email else self._record_emails(obj, upd.ref.record_id)
-            if not emails or not all(_usable_email(e) for e in emails):
-                raise Permanent("email unsubscribe requested but the record has no usable email address")
+            addresses = self._email_targets(obj, upd.ref.record_id, upd.email, upd.email_unsubscribe)
         if upd.fields:
             body = self._body(obj, upd.fields)
             self._call("PUT", f"/{obj}/{upd.ref.record_id}/", json=body)
-        for email in emails:
-            if upd.email_unsubscribe:
-                self._unsubscribe(email)
-            else:
+        for email, unsubscribed in addresses.items():
+            if upd.email_unsubscribe and not unsubscribed:
+                self._unsubscribe(obj, upd.ref.record_id, email)
+            elif not upd.email_unsubscribe:
                 self._resubscribe(email)
 
-    def _record_emails(self, obj: str, record_id: str) -> list[str]:
-        """Every address on the record (a lead's contacts' too): a source such as
-        Apten's email opt-out names the record, not the address."""
+    def _email_targets(self, obj: str, record_id: str, named: str | None,
+                       unsubscribe: bool) -> dict[str, bool]:
+        """{address: already unsubscribed} of the record's own addresses to act on.
+
+        Addresses come from Close, never from the event: a webhook naming another
+        address must not unsubscribe (or resubscribe) someone else. An opt-out for an
+        address the record holds acts on that one; naming none, or one the record does
+        not hold, acts on all of the record's addresses (the record asked to be left
+        alone). An opt-in only ever resubscribes the address it names, or all when it
+        names none.
+        """
+        own = self._record_emails(obj, record_id)
+        if not own or not all(_usable_email(e) for e in own):
+            raise Permanent("email change requested but the record has no usable email address")
+        wanted = named.strip().lower() if isinstance(named, str) and named.strip() else None
+        if wanted is None:
+            return own
+        if wanted in own:
+            return {wanted: own[wanted]}
+        if unsubscribe:
+            log.warning("close: the event's email is not on the record; unsubscribing the record's own")
+            return own
+        raise Permanent("the opt-in names an email address that is not on the record; nothing resubscribed")
+
+    def _record_emails(self, obj: str, record_id: str) -> dict[str, bool]:
+        """{address: is_unsubscribed} for every address on the record (a lead's
+        contacts' too), lower-cased, as Close reports them on the contact."""
         data = self._call("GET", f"/{obj}/{record_id}/")
         people = data.get("contacts") or [] if obj == "lead" else [data]
-        found = [e.get("email") for p in people if isinstance(p, dict)
-                 for e in p.get("emails") or [] if isinstance(e, dict)]
-        return list(dict.fromkeys(str(e).strip().lower() for e in found if e))
+        found: dict[str, bool] = {}
+        for person in people:
+            for entry in (person.get("emails") or []) if isinstance(person, dict) else []:
+                if isinstance(entry, dict) and isinstance(entry.get("email"), str) and entry["email"].strip():
+                    email = entry["email"].strip().lower()
+                    found[email] = found.get(email, False) or entry.get("is_unsubscribed") is True
+        return found
 
-    def _unsubscribe(self, email: str) -> None:
+    def _unsubscribe(self, obj: str, record_id: str, email: str) -> None:
+        """POST to the unsubscribe list. Close documents no error text for an address
+        already on it, so a refusal is checked against the record's own
+        ``emails[].is_unsubscribed`` before it counts as a failure."""
         try:
             self._call("POST", "/unsubscribe/email/", json={"email": email})
         except Permanent as exc:
-            if exc.status in (400, 409) and "already" in exc.message.lower():
-                return  # the state we want
+            if isinstance(exc, NotFound) or exc.status != 400:
+                raise
+            if self._record_emails(obj, record_id).get(email):
+                return  # the state we want, whatever Close's words for it
             raise
 
     def _resubscribe(self, email: str) -> None:

@@ -4,7 +4,16 @@ Used by the reflector to mirror do-not-contact flags set inside a CRM back to
 Sinch. Registration is asynchronous on Sinch's side: the POST answers with the
 registered request, and the real outcome arrives later as an OPT_OUT / OPT_IN
 callback carrying the ``request_id`` sent here, which is how the journal joins
-the two. Authentication is OAuth2 client credentials against ``auth_url``.
+the two. ``request_id`` is a query parameter (``?request_id=``), not a body field:
+the official Python SDK's register endpoints send it so and strip it from the body
+(sinch/sinch-sdk-python v1.1.4, sinch/domains/conversation/endpoints/opt_out.py and
+opt_in.py, ``build_query_params`` / ``request_body``). Authentication is OAuth2
+client credentials against ``auth_url``.
+
+Per Sinch, the opt-in/opt-out service is documented for WhatsApp only and a
+registration does not by itself stop sending: consent management lists
+(OPT_OUT_ALL ...) on the app do. A notification with ``*_STATUS_UNSPECIFIED``
+means the channel does not support registration.
 """
 from __future__ import annotations
 
@@ -106,20 +115,20 @@ class SinchConnector:
             "channels": list(chosen),
             "recipient": {"identified_by": {"channel_identities": [
                 {"channel": ch, "identity": identity} for ch in chosen]}},
-            "request_id": request_id,
         }
+        params = {"request_id": request_id}
         url = f"{self.base_url}/v1/projects/{self.project_id}/{action}"
         refreshed = False
 
         def attempt() -> dict[str, Any]:
             nonlocal refreshed
             token = self._get_token()
-            resp = self._post_api(url, token, body)
+            resp = self._post_api(url, token, body, params)
             if resp.status_code == 401 and not refreshed:
                 # An expired or revoked token: renew once per call, never in a loop.
                 refreshed = True
                 self._invalidate(token)
-                resp = self._post_api(url, self._get_token(), body)
+                resp = self._post_api(url, self._get_token(), body, params)
             if resp.status_code >= 400:
                 raise self._api_error(resp)
             try:
@@ -130,9 +139,10 @@ class SinchConnector:
 
         return short_retry()(attempt)()
 
-    def _post_api(self, url: str, token: str, body: dict[str, Any]) -> requests.Response:
+    def _post_api(self, url: str, token: str, body: dict[str, Any],
+                  params: dict[str, str]) -> requests.Response:
         try:
-            return self._session.post(url, json=body, headers={
+            return self._session.post(url, json=body, params=params, headers={
                 "Authorization": f"Bearer {token}", "Accept": "application/json"})
         except requests.RequestException as exc:
             raise wrap_transport_error(exc) from None

@@ -73,10 +73,23 @@ def _check_field(path: str, crm: str, obj: str, name: str, meta: dict, booleans:
 
 
 def _check_sinch(cfg: Config) -> list[str]:
+    problems = _sinch_channel_warnings(cfg.sinch.channels if cfg.sinch else [])
     try:
         sinch = build_sinch(cfg)
         assert sinch is not None
         sinch.check()
     except (ConnectorError, ValueError) as exc:
-        return [f"config: sinch: {mask_text(str(exc))}"]
-    return []
+        return problems + [f"config: sinch: {mask_text(str(exc))}"]
+    return problems
+
+
+# Sinch documents the Conversation API opt-in/opt-out registration for WhatsApp only;
+# another channel answers OPT_OUT_STATUS_UNSPECIFIED ("doesn't support Opt-out").
+SINCH_REGISTRATION_CHANNELS = {"WHATSAPP"}
+
+
+def _sinch_channel_warnings(channels: list[str]) -> list[str]:
+    return [f"config: sinch.channels: {ch}: Sinch documents opt-out registration for WHATSAPP only; "
+            f"registrations on {ch} will fail (OPT_OUT_STATUS_UNSPECIFIED). Remove it and block sending "
+            "on it with Sinch consent management (README: Reflecting CRM flags to Sinch)"
+            for ch in channels if ch.upper() not in SINCH_REGISTRATION_CHANNELS]

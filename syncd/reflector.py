@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -37,6 +38,9 @@ _START: dict[str, Callable[[datetime], str]] = {
     "close": lambda t: t.isoformat(timespec="seconds"),
 }
 START_OVERLAP_SECONDS = 120.0
+# OPT_OUT_STATUS_UNSPECIFIED / OPT_IN_STATUS_UNSPECIFIED: "the underlying channel doesn't
+# support" it (Sinch, Conversation API opt-in & opt-out page).
+UNSUPPORTED_SUFFIX = "_STATUS_UNSPECIFIED"
 
 
 def flag_set(value: Any) -> bool:
@@ -167,8 +171,21 @@ class Reflector:
 
     # --- notifications ---------------------------------------------------------------
     def reconcile(self, event: StoredEvent) -> bool:
-        """True when the Sinch webhook was a result for a registration (nothing to push)."""
-        outcome = self.journal.reconcile(event, self.policy.max_attempts, self.policy.retry_at)
+        """True when the Sinch webhook was a result for a registration (nothing to push).
+
+        ``*_STATUS_UNSPECIFIED`` is Sinch's "the underlying channel doesn't support
+        Opt-out" (or Opt-in): no retry can help, so the registration fails at once.
+        """
+        max_attempts = self.policy.max_attempts
+        status = str(event.details.get("status") or "")
+        if status.endswith(UNSUPPORTED_SUFFIX):
+            max_attempts = 0
+            if not event.details.get("error_details"):
+                channel = str(event.details.get("sinch_channel") or "?")[:40]
+                what = "opt-in" if status.startswith("OPT_IN") else "opt-out"
+                event = replace(event, details={**event.details, "error_details": {
+                    "description": f"Sinch: channel {channel} does not support {what} registration"}})
+        outcome = self.journal.reconcile(event, max_attempts, self.policy.retry_at)
         if outcome is not None:
             log.info("sinch notification reconciled", extra={"event_id": event.id, "outcome": outcome,
                                                              "status": event.details.get("status")})

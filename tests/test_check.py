@@ -55,6 +55,19 @@ def test_hubspot_without_subscription_id_and_bad_credentials(all_crms):
     assert "wrong-close-key" not in out
 
 
+def test_sinch_channels_other_than_whatsapp_are_reported():
+    st = Stack(crms=("close",), sinch=True,
+               extra_config={"sinch": {"channels": ["WHATSAPP", "SMS", "RCS"]}}).start()
+    try:
+        run = st.syncd("check")
+    finally:
+        st.cleanup()
+    assert run.returncode == 1
+    lines = [x for x in run.stdout.splitlines() if x.startswith("config: sinch.channels:")]
+    assert [x.split(":")[2].strip() for x in lines] == ["SMS", "RCS"]
+    assert all("WHATSAPP only" in x for x in lines)
+
+
 def test_config_problems_are_reported_by_check(tmp_path):
     (tmp_path / "config.yaml").write_text("crm:\n  hubspot: {}\n")
     import subprocess

@@ -1,17 +1,22 @@
 """CloseConnector against the Close sandbox over real HTTP on 127.0.0.1."""
 from __future__ import annotations
 
+import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import pytest
+import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.base import CrmConnector
-from connectors.close import CLOSE_CONTACT, CLOSE_LEAD, CloseConnector
+from connectors.close import CLOSE_CONTACT, CLOSE_LEAD, CloseConnector, _Pacer, _rate_state, rate_group
 from connectors.errors import AuthFailed, NotFound, Permanent, RateLimited
 from connectors.sandbox.close import DEFAULT_API_KEY, CloseSandbox
+from connectors.sandbox.close import rate_group as sandbox_rate_group
 from connectors.types import RecordRef, RecordUpdate, Watermark
 
 SMS_LEAD = "cf_smsOptOutLead01"
@@ -90,8 +95,8 @@ def test_email_unsubscribe_and_resubscribe(close: CloseConnector, sandbox: Close
     assert close.update([unsub])[0].ok
     assert "ann@example.com" in sandbox.unsubscribed
     assert sandbox.contact("cont_abc1")["emails"][0]["is_unsubscribed"] is True
-    assert close.update([unsub])[0].ok  # Close says "already unsubscribed": that is success
-    assert len(sandbox.requests_to("/unsubscribe/email/$", "POST")) == 2
+    assert close.update([unsub])[0].ok  # the record says is_unsubscribed: done, nothing sent
+    assert len(sandbox.requests_to("/unsubscribe/email/$", "POST")) == 1
     assert not sandbox.requests_to("/lead/", "PUT")  # no fields: no PUT
 
     resub = RecordUpdate(lead_ref(), email="ann@example.com", email_unsubscribe=False)
@@ -102,14 +107,69 @@ def test_email_unsubscribe_and_resubscribe(close: CloseConnector, sandbox: Close
         ["/api/v1/unsubscribe/email/ann@example.com/"] * 2
 
 
-def test_unsubscribe_without_usable_email_is_permanent_without_io(close: CloseConnector,
-                                                                  sandbox: CloseSandbox) -> None:
-    sandbox.clear_log()
+def test_an_events_odd_email_never_reaches_close(close: CloseConnector, sandbox: CloseSandbox) -> None:
     for email in ("no-at-sign", "a/b@x.com", "a@b.com/../x", "a@b.com?x=1"):
         [result] = close.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True}, email=email,
                                               email_unsubscribe=True)])
-        assert isinstance(result.error, Permanent)
-    assert sandbox.requests == []
+        assert result.ok, result.error
+    sent = [r for r in sandbox.requests if r.method != "GET"]
+    assert not any(bad in r.path or bad.encode() in r.body for r in sent
+                   for bad in ("no-at-sign", "a/b@x.com", "a@b.com/../x", "a@b.com?x=1"))
+    assert set(sandbox.unsubscribed) == {"ann@example.com"}  # the record's own address
+
+
+def test_email_opt_out_unsubscribes_the_records_addresses_never_the_webhooks(
+        close: CloseConnector, sandbox: CloseSandbox) -> None:
+    """Issue 17: an event for lead_abc123 naming other@... must not unsubscribe other@..."""
+    [result] = close.update([RecordUpdate(lead_ref(), {}, email="other@example.org", email_unsubscribe=True)])
+    assert result.ok, result.error
+    assert "other@example.org" not in sandbox.unsubscribed
+    assert set(sandbox.unsubscribed) == {"ann@example.com"}
+    assert all(r.json() == {"email": "ann@example.com"}
+               for r in sandbox.requests_to("/unsubscribe/email/$", "POST"))
+
+
+def test_email_opt_out_naming_one_of_the_records_addresses_leaves_the_others(
+        close: CloseConnector, sandbox: CloseSandbox) -> None:
+    sandbox.add_contact("cont_abc2", "lead_abc123", emails=["ann.work@example.com"])
+    named = RecordUpdate(lead_ref(), {}, email="ANN.work@example.com", email_unsubscribe=True)
+    [result] = close.update([named])
+    assert result.ok, result.error
+    assert set(sandbox.unsubscribed) == {"ann.work@example.com"}
+
+
+def test_opt_in_never_resubscribes_an_address_the_record_does_not_hold(
+        close: CloseConnector, sandbox: CloseSandbox) -> None:
+    sandbox.unsubscribed["other@example.org"] = {"email": "other@example.org", "date_created": sandbox.now()}
+    opt_in = RecordUpdate(lead_ref(), {}, email="other@example.org", email_unsubscribe=False)
+    [result] = close.update([opt_in])
+    assert isinstance(result.error, Permanent) and "not on the record" in str(result.error)
+    assert "other@example.org" in sandbox.unsubscribed
+    assert not sandbox.requests_to("/unsubscribe/email/", "DELETE")
+
+
+def test_already_unsubscribed_is_done_after_a_status_check_not_by_its_error_text(
+        close: CloseConnector, sandbox: CloseSandbox) -> None:
+    """Close documents no text for a duplicate unsubscribe: whatever it says, the
+    record's ``is_unsubscribed`` decides. Another 400 stays a failure."""
+    sandbox.already_unsubscribed_body = {"errors": [], "field-errors": {"email": "Duplicate entry."}}
+    # Someone unsubscribes the address in Close between our read of the lead and our POST.
+    before = sandbox.lead("lead_abc123")
+    requests.post(sandbox.url + "/api/v1/unsubscribe/email/", json={"email": "ann@example.com"},
+                  auth=(DEFAULT_API_KEY, ""), timeout=5).raise_for_status()
+    sandbox.add_fault("GET", r"/lead/lead_abc123/$", 200, before)
+    sandbox.clear_log()
+    [result] = close.update([RecordUpdate(lead_ref(), {}, email="ann@example.com", email_unsubscribe=True)])
+    assert result.ok, result.error
+    assert len(sandbox.requests_to("/unsubscribe/email/$", "POST")) == 1
+    assert len(sandbox.requests_to("/lead/lead_abc123/$", "GET")) == 2  # read, then the status check
+
+    sandbox.add_fault("POST", r"/unsubscribe/email/$", 400,
+                      {"errors": [], "field-errors": {"email": "Enter a valid email address."}})
+    sandbox.add_lead("lead_fresh1", "Fresh")
+    sandbox.add_contact("cont_fresh1", "lead_fresh1", emails=["fresh@example.com"])
+    [refused] = close.update([RecordUpdate(lead_ref("lead_fresh1"), {}, email_unsubscribe=True)])
+    assert isinstance(refused.error, Permanent) and "Enter a valid email address" in str(refused.error)
 
 
 def test_unsubscribe_without_an_address_uses_the_records_own(close: CloseConnector,
@@ -153,11 +213,99 @@ def test_long_retry_after_becomes_rate_limited(close: CloseConnector, sandbox: C
     assert all(isinstance(r.error, RateLimited) for r in results)
     assert results[0].error.retry_after == 120
     assert len(sandbox.requests_to("/lead/", "PUT")) == 1  # the outage cost one call
-    # The pacer now holds further calls back without spending a request.
+    # The pacer now holds further lead writes back without spending a request...
     sandbox.clear_log()
-    with pytest.raises(RateLimited):
-        close.fields("lead")
+    [held] = close.update([RecordUpdate(lead_ref(), {"SMS Opt Out": True})])
+    assert isinstance(held.error, RateLimited)
     assert sandbox.requests == []
+    # ...while other endpoint groups go on (Close limits each group on its own).
+    assert "SMS Opt Out" in close.fields("lead")
+    assert close.find_by_phone("+15551230001")
+
+
+def test_rate_group_names_the_endpoint_group() -> None:
+    assert rate_group("PUT", "/lead/lead_abc123/") == rate_group("PUT", "/lead/lead_x/") == "write /lead/"
+    assert rate_group("GET", "/lead/lead_abc123/") == "read /lead/"
+    assert rate_group("POST", "/data/search/") == "write /data/search/"
+    assert rate_group("DELETE", "/unsubscribe/email/a@b.com/") == rate_group("POST", "/unsubscribe/email/")
+    assert rate_group("GET", "/custom_field/lead/") == "read /custom_field/lead/"
+    assert sandbox_rate_group("PUT", "/api/v1/lead/lead_abc123/") == rate_group("PUT", "/lead/lead_abc123/")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["RateLimit", "RateLimit-Remaining", "RateLimit-Reset", "RateLimit-Limit",
+                                        "X-RateLimit-Reset", "X-Rate-Limit-Remaining"]),
+                       st.one_of(st.text(max_size=60), st.sampled_from(
+                           ["nan", "inf", "-1", "1e999", "limit=9, remaining=0, reset=" + "9" * 400,
+                            "limit=5, remaining=0, reset=1e20", "remaining=0, reset=99999999999"]))))
+def test_rate_headers_from_the_wire_never_break_the_pacer(headers: dict[str, str]) -> None:
+    limit, remaining, reset = _rate_state(headers)
+    for value in (limit, remaining, reset):
+        assert value is None or (math.isfinite(value) and value >= 0)
+    assert reset is None or reset <= 86400
+    pacer = _Pacer(max_wait=0.0)
+    pacer.wait("write /lead/")
+    pacer.done("write /lead/", headers)
+    try:
+        pacer.wait("write /lead/")
+    except RateLimited as exc:
+        assert exc.retry_after is not None and math.isfinite(exc.retry_after)
+
+
+def test_pacer_probes_a_new_group_once_then_follows_its_header() -> None:
+    pacer = _Pacer(max_wait=5.0)
+    pacer.wait("write /lead/")
+    second = threading.Thread(target=pacer.wait, args=("write /lead/",))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()          # the group's first answer is awaited before a second call
+    pacer.wait("read /lead/")         # another group is not held
+    pacer.done("write /lead/", {"RateLimit": "limit=2, remaining=1, reset=30"})
+    second.join(2)
+    assert not second.is_alive()      # took the last slot of the window
+    pacer.max_wait = 1.0
+    with pytest.raises(RateLimited) as info:  # the window is spent for 30 s: not worth blocking
+        pacer.wait("write /lead/")
+    assert 25 < info.value.retry_after <= 30
+    # Answers without a RateLimit header leave a group unpaced, not serialised.
+    pacer.wait("read /custom_field/lead/")
+    pacer.done("read /custom_field/lead/", {})
+    pacer.wait("read /custom_field/lead/")
+    pacer.wait("read /custom_field/lead/")
+
+
+def test_a_spent_group_does_not_hold_back_another(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    """The search window is spent for a minute: lead writes are neither refused nor held."""
+    close.fields("lead")
+    sandbox.set_rate_limit(1, window=60.0, group="write /data/search/")
+    assert close.find_by_phone("+15551230009") == [lead_ref("lead_other9"),
+                                                  RecordRef("close", "contact", "cont_oth1")]
+    with pytest.raises(RateLimited):  # the search group's window is spent: held without a call
+        close.find_by_phone("+15551230009")
+    assert len(sandbox.requests_to("/data/search/$", "POST")) == 1
+    results = close.update([RecordUpdate(lead_ref(i), {"SMS Opt Out": True})
+                            for i in ("lead_abc123", "lead_other9")])
+    assert all(r.ok for r in results), results
+    assert sandbox.throttled == 0
+
+
+def test_concurrent_writers_stay_under_the_groups_limit(sandbox: CloseSandbox) -> None:
+    """Four threads, 24 lead writes against 6 per second: no 429; the rate is reported."""
+    sandbox.set_rate_limit(6, window=1.0, group="write /lead/")
+    close = CloseConnector(sandbox.url + "/api/v1", DEFAULT_API_KEY, timeout=5.0)
+    close.fields("lead")
+    ids = ["lead_abc123", "lead_other9"] * 12
+    start = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        batches = pool.map(lambda i: close.update([RecordUpdate(lead_ref(i), {"SMS Opt Out": True})]), ids)
+        results = [r for batch in batches for r in batch]
+    elapsed = time.monotonic() - start
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert sandbox.throttled == 0
+    puts = sandbox.requests_to("/lead/", "PUT")
+    assert len(puts) == 24
+    print(f"close pacing: 24 writes in {elapsed:.2f} s = {24 / elapsed:.1f} req/s against 6/s, "
+          f"{sandbox.throttled} x 429")
 
 
 def test_ratelimit_remaining_zero_paces_the_next_call(close: CloseConnector, sandbox: CloseSandbox) -> None:

@@ -73,6 +73,25 @@ def test_failed_notification_is_retried_then_lands(sinch_stack):
         assert daemon.terminate() == 0
 
 
+def test_channel_without_opt_out_support_fails_at_once(sinch_stack):
+    """OPT_OUT_STATUS_UNSPECIFIED: the channel does not support opt-out; retrying cannot help."""
+    st = sinch_stack
+    sf, sinch = st.sandboxes["salesforce"], st.sandboxes["sinch"]
+    sinch.set_outcome("13305551234", "STATUS_UNSPECIFIED")
+    daemon = st.serve()
+    try:
+        assert wait_for(lambda: polled(st) is not None)
+        sf.set_field("Contact", CONTACT, WhatsApp_Opt_Out__c=True)
+        sf.advance(10)
+        assert wait_for(lambda: status(st)["reflections"]["failed"] == 1, timeout=20)
+        assert len(sinch.registrations) == 1
+        rows = [json.loads(line) for line in st.syncd("dead-letters", "--json").stdout.splitlines() if line]
+        [dead] = [d for d in rows if d["type"] == "reflection"]
+        assert "OPT_OUT_STATUS_UNSPECIFIED" in dead["error"] and "does not support" in dead["error"]
+    finally:
+        assert daemon.terminate() == 0
+
+
 def test_restart_between_poll_and_register_loses_nothing_and_registers_once(sinch_stack):
     st = sinch_stack
     sf, sinch = st.sandboxes["salesforce"], st.sandboxes["sinch"]

@@ -5,9 +5,10 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Literal
 
 import pytest
+from pydantic import BaseModel, ConfigDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.serving import make_server
@@ -236,12 +237,13 @@ def test_register_opt_out_wire_format_and_signed_notification(sandbox, receiver)
     [sent] = api_requests(sandbox)
     assert sent.path == f"/v1/projects/{sandbox.project_id}/optouts:register"
     assert sent.headers["Authorization"].startswith("Bearer ")
+    # request_id travels in the query, as the official SDK sends it; the body has none.
+    assert sent.query == {"request_id": ["req-out-1"]}
     assert sent.json() == {
         "app_id": sandbox.app_id,
         "channels": ["WHATSAPP"],
         "recipient": {"identified_by": {"channel_identities": [
             {"channel": "WHATSAPP", "identity": "14707864783"}]}},
-        "request_id": "req-out-1",
     }
     assert sandbox.registrations[0]["kind"] == "opt_out"
     assert sandbox.registrations[0]["identities"] == [{"channel": "WHATSAPP", "identity": "14707864783"}]
@@ -259,8 +261,91 @@ def test_register_opt_out_wire_format_and_signed_notification(sandbox, receiver)
     note = envelope["opt_out_notification"]
     assert note["request_id"] == "req-out-1"
     assert note["channel"] == "WHATSAPP" and note["identity"] == "14707864783"
-    assert note["status"] == "OPT_OUT_SUCCEEDED" and note["error_details"] is None
+    assert note["status"] == "OPT_OUT_SUCCEEDED" and "error_details" not in note
     assert note["contact_id"]
+
+
+def test_request_id_is_sent_in_the_query_so_the_notification_carries_ours(sandbox, receiver):
+    """A request_id in the body is not Sinch's contract: the outcome would carry an id
+    Sinch made up and the journal could not join it to the registration."""
+    make_connector(sandbox).register_opt_out(PHONE, "r 42/ü&x=1")
+    [sent] = api_requests(sandbox)
+    assert sent.query == {"request_id": ["r 42/ü&x=1"]}
+    assert "request_id" not in sent.json()
+    [(_, body)] = receiver.wait(1)
+    assert json.loads(body)["opt_out_notification"]["request_id"] == "r 42/ü&x=1"
+
+
+def test_sandbox_reads_request_id_from_the_query_only(sandbox):
+    import requests
+
+    token = requests.post(f"{sandbox.url}/oauth2/token", data={"grant_type": "client_credentials"},
+                          auth=(sandbox.key_id, sandbox.key_secret), timeout=5).json()["access_token"]
+    url = f"{sandbox.url}/v1/projects/{sandbox.project_id}/optouts:register"
+    body = {"app_id": sandbox.app_id, "channels": ["WHATSAPP"], "recipient": {"identified_by": {
+        "channel_identities": [{"channel": "WHATSAPP", "identity": "14707864783"}]}},
+        "request_id": "in-the-body"}
+    answer = requests.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+    assert answer["request_id"] != "in-the-body"
+    assert sandbox.registrations[0]["request_id"] == answer["request_id"]
+
+
+# --- the simulator against the official SDK's models --------------------------------------
+class _OptNotification(BaseModel):
+    """The opt-out / opt-in notification as the official Python SDK models it from 2.4.0
+    (sinch.domains.conversation.models.v1.sinch_events.opt_in_out.OptOutNotification,
+    https://developers.sinch.com/sdk/sinch-sdk-python/2.4.0/api/sinch.domains.conversation.models.v1.sinch_events.opt_in_out.opt_out_notification.html;
+    sinch/sinch-sdk-java OptOutEventNotificationImpl has the same fields). The sinch
+    release installed here (2.3) has only the envelope, so this transcription stands in
+    for the inner model; ``extra="forbid"``: a field the SDK does not know fails."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    request_id: str | None = None
+    contact_id: str | None = None
+    channel: Literal["WHATSAPP", "RCS", "SMS", "MESSENGER", "VIBERBM", "MMS", "INSTAGRAM", "TELEGRAM",
+                     "KAKAOTALK", "KAKAOTALKCHAT", "LINE", "WECHAT", "APPLEBC"] | None = None
+    identity: str | None = None
+    status: Literal["OPT_OUT_SUCCEEDED", "OPT_OUT_FAILED", "OPT_OUT_STATUS_UNSPECIFIED",
+                    "OPT_IN_SUCCEEDED", "OPT_IN_FAILED", "OPT_IN_STATUS_UNSPECIFIED"] | None = None
+    error_details: dict[Literal["description"], str] | None = None
+    processing_mode: Literal["CONVERSATION", "DISPATCH"] | None = None
+
+
+def _sdk_inner_model(kind: str):
+    """The SDK's own notification model when the installed release has one (2.4+)."""
+    try:
+        from sinch.domains.conversation.models.v1.sinch_events import opt_in_out
+    except ImportError:
+        return _OptNotification
+    return opt_in_out.OptOutNotification if kind == "opt_out" else opt_in_out.OptInNotification
+
+
+@pytest.mark.parametrize("kind,outcome", [("opt_out", "SUCCEEDED"), ("opt_out", "FAILED"),
+                                          ("opt_out", "STATUS_UNSPECIFIED"), ("opt_in", "SUCCEEDED")])
+def test_simulator_notifications_parse_with_the_official_sdk(sandbox, receiver, kind, outcome):
+    """The official sinch SDK verifies the simulator's signature and parses its envelope,
+    so the simulator cannot drift from the vendor's shapes."""
+    from sinch.domains.conversation.models.v1.sinch_events import ConversationSinchEventBase
+    from sinch.domains.conversation.sinch_events.v1.conversation_sinch_event import ConversationSinchEvent
+
+    sandbox.set_outcome(PHONE, outcome, "no such user" if outcome == "FAILED" else None)
+    conn = make_connector(sandbox)
+    (conn.register_opt_out if kind == "opt_out" else conn.register_opt_in)(PHONE, "req-sdk-1")
+    [(headers, body)] = receiver.wait(1)
+
+    handler = ConversationSinchEvent(CALLBACK_SECRET)
+    assert handler.validate_authentication_header(headers, body)
+    assert not ConversationSinchEvent("another-secret").validate_authentication_header(headers, body)
+    event = handler.parse_event(body, headers)
+    assert isinstance(event, ConversationSinchEventBase)
+    assert event.app_id == sandbox.app_id and event.project_id == sandbox.project_id
+    assert event.accepted_time is not None and event.event_time is not None
+
+    inner = json.loads(body)[f"{kind}_notification"]
+    note = _sdk_inner_model(kind).model_validate(inner)
+    assert note.request_id == "req-sdk-1" and note.identity == "14707864783" and note.channel == "WHATSAPP"
+    assert note.status == f"{kind.upper()}_{outcome}"
+    assert (note.error_details is not None) == (outcome == "FAILED")
 
 
 def test_opt_in_failure_outcome_and_several_channels(sandbox, receiver):

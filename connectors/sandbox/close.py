@@ -14,8 +14,13 @@ Close that syncd leans on, with Close's own shapes:
   opaque ``cursor``. Records that share a sort value keep insertion order, as a real
   search engine gives no id order inside a tie.
 * ``POST/GET /unsubscribe/email/`` and ``DELETE /unsubscribe/email/{email}/``.
-* A ``RateLimit: limit=.., remaining=.., reset=..`` header on every response and, past a
-  configurable fixed-window limit, 429 with ``Retry-After`` and ``{"error": {"rate_reset": ..}}``.
+* Rate limits per endpoint group (https://developer.close.com/api/overview/rate-limits):
+  each group has its own fixed window, every response carries that group's
+  ``RateLimit: limit=.., remaining=.., reset=..`` and, past the limit, 429 with
+  ``Retry-After`` and the (deprecated, 2024-04-24 changelog) ``{"error": {"rate_reset": ..}}``
+  body. Close does not publish its groups; the simulator assumes one per (GET or
+  write, resource path without ids), from the docs' example (GETs to ``/lead/`` and
+  POSTs/PUTs to ``/activity/`` are two groups). See ``rate_group``.
 
 Custom fields are seeded with the names in ``DEFAULT_LEAD_FIELDS`` /
 ``DEFAULT_CONTACT_FIELDS`` (fixed ids, so mappings and tests can name them).
@@ -36,6 +41,8 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from connectors.sandbox.base import Sandbox
+
+_ID_SEGMENT = re.compile(r"^(?:lead|cont|cf|[a-z]{2}cf)_|@")
 
 API_PREFIX = "/api/v1"
 DEFAULT_API_KEY = "api_sandboxKey0001.closeSandboxSecret"
@@ -70,6 +77,29 @@ _READ_ONLY = {
 }
 _EMAIL_OK = re.compile(r"^[^\s@]+@[^\s@]+\.[^\s@]+$")
 _CHOICE_ERROR = "Select a valid choice. That choice is not one of the available choices."
+# Close documents only "400 Bad request" for POST /unsubscribe/email/; the text for an
+# address already on the list is not published. This one is assumed; tests replace it.
+ALREADY_UNSUBSCRIBED = {"errors": ["This email address is already unsubscribed."], "field-errors": {}}
+
+
+def rate_group(method: str, path: str) -> str:
+    """The simulator's endpoint group of a call: (GET or write, resource path without
+    ids), e.g. ``read /lead/``, ``write /lead/``, ``write /data/search/``."""
+    kind = "read" if method.upper() == "GET" else "write"
+    parts: list[str] = []
+    for segment in path.removeprefix(API_PREFIX).strip("/").split("/"):
+        if not segment or _ID_SEGMENT.search(segment):
+            break
+        parts.append(segment)
+    return f"{kind} /{'/'.join(parts)}/" if parts else f"{kind} /"
+
+
+class _GroupWindow:
+    """One endpoint group's fixed window."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window = limit, window
+        self.start, self.count = 0.0, 0
 
 
 class _BadRequest(Exception):
@@ -108,8 +138,10 @@ class CloseSandbox(Sandbox):
         self.rate_limit = rate_limit
         self.rate_window = rate_window
         self.throttled = 0
-        self._window_start = 0.0
-        self._window_count = 0
+        self.throttled_by_group: dict[str, int] = {}
+        self.already_unsubscribed_body: dict[str, Any] = ALREADY_UNSUBSCRIBED
+        self._group_limits: dict[str, tuple[int | None, float]] = {}
+        self._windows: dict[str, _GroupWindow] = {}
         self._last_ts = datetime(2000, 1, 1, tzinfo=timezone.utc)
         self._seed_fields = seed_fields
         self._initial_rate = (rate_limit, rate_window)
@@ -127,6 +159,9 @@ class CloseSandbox(Sandbox):
             self.faults.clear()
             self.requests.clear()
             self.throttled = 0
+            self.throttled_by_group.clear()
+            self.already_unsubscribed_body = ALREADY_UNSUBSCRIBED
+            self._group_limits.clear()
             self.set_rate_limit(*self._initial_rate)
             if self._seed_fields:
                 for meta in DEFAULT_LEAD_FIELDS:
@@ -211,10 +246,17 @@ class CloseSandbox(Sandbox):
         with self.lock:
             self._record(record_id)[1]["date_updated"] = stamp
 
-    def set_rate_limit(self, limit: int | None, window: float = 1.0) -> None:
+    def set_rate_limit(self, limit: int | None, window: float = 1.0, group: str | None = None) -> None:
+        """Limit every endpoint group to ``limit`` calls per ``window`` seconds (each
+        group counted on its own), or only ``group`` (see ``rate_group``)."""
         with self.lock:
-            self.rate_limit, self.rate_window = limit, window
-            self._window_start, self._window_count = 0.0, 0
+            if group is None:
+                self.rate_limit, self.rate_window = limit, window
+                self._group_limits.clear()
+                self._windows.clear()
+            else:
+                self._group_limits[group] = (limit, window)
+                self._windows.pop(group, None)
 
     def lead(self, lead_id: str) -> dict[str, Any]:
         with self.lock:
@@ -255,35 +297,47 @@ class CloseSandbox(Sandbox):
         out["contacts"] = [copy.deepcopy(c) for c in self.contacts.values() if c["lead_id"] == lead["id"]]
         return out
 
-    def _rate_check(self) -> Response | None:
-        """Fixed window per API key; the 429 mirrors Close's (headers + ``error.rate_reset``)."""
-        if self.rate_limit is None:
+    def _window(self, group: str) -> _GroupWindow | None:
+        limit, window = self._group_limits.get(group, (self.rate_limit, self.rate_window))
+        if limit is None:
             return None
+        w = self._windows.get(group)
+        if w is None or (w.limit, w.window) != (limit, window):
+            w = self._windows[group] = _GroupWindow(limit, window)
+        return w
+
+    def _rate_check(self, group: str) -> Response | None:
+        """Fixed window per API key and endpoint group; the 429 mirrors Close's."""
         with self.lock:
+            w = self._window(group)
+            if w is None:
+                return None
             now = time.monotonic()
-            if now - self._window_start >= self.rate_window:
-                self._window_start, self._window_count = now, 0
-            self._window_count += 1
-            if self._window_count <= self.rate_limit:
+            if now - w.start >= w.window:
+                w.start, w.count = now, 0
+            w.count += 1
+            if w.count <= w.limit:
                 return None
             self.throttled += 1
-            reset = max(0.0, self._window_start + self.rate_window - now)
+            self.throttled_by_group[group] = self.throttled_by_group.get(group, 0) + 1
+            reset = max(0.0, w.start + w.window - now)
         body = {"error": {
-            "rate_reset": round(reset, 3), "rate_limit": self.rate_limit,
-            "rate_window": self.rate_window, "rate_limit_type": "key",
-            "message": f"API call count exceeded for this {self.rate_window:g} second window"}}
+            "rate_reset": round(reset, 3), "rate_limit": w.limit,
+            "rate_window": w.window, "rate_limit_type": "key",
+            "message": f"API call count exceeded for this {w.window:g} second window"}}
         return _json(body, 429, {"Retry-After": str(max(1, math.ceil(reset)))})
 
-    def _rate_header(self) -> str:
+    def _rate_header(self, group: str) -> str:
         with self.lock:
-            if self.rate_limit is None:
+            w = self._window(group)
+            if w is None:
                 return "limit=1000, remaining=999, reset=1"
             now = time.monotonic()
-            if now - self._window_start >= self.rate_window:
-                return f"limit={self.rate_limit}, remaining={self.rate_limit}, reset={self.rate_window:g}"
-            remaining = max(0, self.rate_limit - self._window_count)
-            reset = max(0.0, self._window_start + self.rate_window - now)
-            return f"limit={self.rate_limit}, remaining={remaining}, reset={reset:.3f}"
+            if now - w.start >= w.window:
+                return f"limit={w.limit}, remaining={w.limit}, reset={w.window:g}"
+            remaining = max(0, w.limit - w.count)
+            reset = max(0.0, w.start + w.window - now)
+            return f"limit={w.limit}, remaining={remaining}, reset={reset:.3f}"
 
     def _validate_custom(self, meta: dict[str, Any], value: Any) -> str | None:
         """Close's per-type validation; returns the field error or None."""
@@ -517,17 +571,20 @@ class CloseSandbox(Sandbox):
     def routes(self, app: Flask) -> None:
         p = API_PREFIX
 
+        # Basic auth, API key as username (every endpoint page's "Authentication", e.g.
+        # https://developer.close.com/api/resources/leads/update); limits per endpoint group
+        # (https://developer.close.com/api/overview/rate-limits). The 401 text is not documented: assumed.
         @app.before_request
         def _auth_and_rate() -> Response | None:
             auth = request.authorization
             if auth is None or auth.type != "basic" or auth.username != self.api_key or auth.password:
                 return _json({"error": "The API key you provided is invalid."}, 401,
                              {"WWW-Authenticate": 'Basic realm="Close API"'})
-            return self._rate_check()
+            return self._rate_check(rate_group(request.method, request.path))
 
         @app.after_request
         def _rate_header(resp: Response) -> Response:
-            resp.headers.setdefault("RateLimit", self._rate_header())
+            resp.headers.setdefault("RateLimit", self._rate_header(rate_group(request.method, request.path)))
             return resp
 
         @app.errorhandler(HTTPException)
@@ -558,6 +615,7 @@ class CloseSandbox(Sandbox):
             except KeyError:
                 return _json({"error": f"Empty query: {kind} matching query does not exist."}, 404)
 
+        # https://developer.close.com/api/resources/leads/list (?query= is deprecated; search instead)
         @app.get(f"{p}/lead/")
         def list_leads() -> Response:
             if request.args.get("query"):
@@ -565,10 +623,12 @@ class CloseSandbox(Sandbox):
             with self.lock:
                 return paged([self._render_lead(lead) for lead in self.leads.values()])
 
+        # https://developer.close.com/api/resources/leads/get; the 404 text is not documented: assumed
         @app.get(f"{p}/lead/<lead_id>/")
         def get_lead(lead_id: str) -> Response:
             return one("Lead", lead_id, self.lead)
 
+        # https://developer.close.com/api/resources/leads/update (PUT acts as PATCH, custom.<id>: null clears)
         @app.put(f"{p}/lead/<lead_id>/")
         def put_lead(lead_id: str) -> Response:
             with self.lock:
@@ -577,6 +637,8 @@ class CloseSandbox(Sandbox):
                     return _json({"error": "Empty query: Lead matching query does not exist."}, 404)
                 return self._apply_put("lead", lead, request.get_json(silent=True))
 
+        # https://developer.close.com/api/resources/contacts/list, .../get, .../update;
+        # emails[].is_unsubscribed from the 2024-02-15 changelog (https://developer.close.com/api/overview/changelog/2024/2/15)
         @app.get(f"{p}/contact/")
         def list_contacts() -> Response:
             lead_id = request.args.get("lead_id")
@@ -596,6 +658,7 @@ class CloseSandbox(Sandbox):
                     return _json({"error": "Empty query: Contact matching query does not exist."}, 404)
                 return self._apply_put("contact", contact, request.get_json(silent=True))
 
+        # https://developer.close.com/resources/custom-fields/ (lead and contact custom fields)
         @app.get(f"{p}/custom_field/<obj>/")
         def list_custom_fields(obj: str) -> Response:
             if obj not in self.custom_fields:
@@ -611,10 +674,14 @@ class CloseSandbox(Sandbox):
                 return _json({"error": "Empty query: CustomField matching query does not exist."}, 404)
             return _json(copy.deepcopy(meta))
 
+        # https://developer.close.com/resources/advanced-filtering/
         @app.post(f"{p}/data/search/")
         def search() -> Response:
             return self._search(request.get_json(silent=True))
 
+        # https://developer.close.com/api/resources/unsubscribed-emails/list, .../create
+        # (201; the 400 for an address already listed and its text are assumed, not
+        # documented), .../delete (404 if not listed)
         @app.get(f"{p}/unsubscribe/email/")
         def list_unsubscribed() -> Response:
             with self.lock:
@@ -628,8 +695,7 @@ class CloseSandbox(Sandbox):
                 return _json({"errors": [], "field-errors": {"email": "Enter a valid email address."}}, 400)
             with self.lock:
                 if email.lower() in self.unsubscribed:
-                    return _json({"errors": ["This email address is already unsubscribed."],
-                                  "field-errors": {}}, 400)
+                    return _json(self.already_unsubscribed_body, 400)
                 self.unsubscribed[email.lower()] = {"email": email, "date_created": self.now()}
                 self._flag_emails(email, True)
             return _json({"email": email}, 201)

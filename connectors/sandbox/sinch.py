@@ -167,6 +167,8 @@ class SinchSandbox(Sandbox):
 
     # --- routes -----------------------------------------------------------------------
     def routes(self, app: Flask) -> None:
+        # sinch/sinch-sdk-python sinch/domains/authentication/endpoints/v1/oauth.py:
+        # POST {auth origin}/oauth2/token, basic auth, grant_type=client_credentials.
         @app.post("/oauth2/token")
         def token():
             auth = request.authorization
@@ -187,6 +189,10 @@ class SinchSandbox(Sandbox):
             return {"access_token": value, "expires_in": self.token_ttl, "scope": "",
                     "token_type": "Bearer"}
 
+        # The Opt-in & Opt-out page (the seed document) and sinch/sinch-sdk-python v1.1.4
+        # sinch/domains/conversation/endpoints/opt_out.py / opt_in.py (?request_id= in the
+        # query; the answer is {"request_id", "opt_out"|"opt_in"}). Error bodies follow
+        # google.rpc.Status; their texts are assumed.
         @app.post("/v1/projects/<project>/optouts:register")
         def opt_out(project: str):
             return self._register("opt_out", project)
@@ -214,7 +220,11 @@ class SinchSandbox(Sandbox):
         problem = self._invalid(data)
         if problem:
             return _error(400, "INVALID_ARGUMENT", problem)
-        request_id = data.get("request_id") or ulid()
+        # request_id is read from the query only, as the official SDK sends it
+        # (sinch-sdk-python v1.1.4, conversation/endpoints/opt_out.py). What Sinch does
+        # with one in the body is undocumented; the simulator ignores it, so an outcome
+        # then carries an id Sinch made up, as a client that puts it there would see.
+        request_id = request.args.get("request_id") or ulid()
         contact_id = data["recipient"].get("contact_id")
         identities = [] if contact_id else data["recipient"]["identified_by"]["channel_identities"]
         registration = {
@@ -245,8 +255,6 @@ class SinchSandbox(Sandbox):
         recipient = data.get("recipient")
         if not isinstance(recipient, dict):
             return "recipient is required."
-        if "request_id" in data and not isinstance(data["request_id"], str):
-            return "request_id must be a string."
         contact_id = recipient.get("contact_id")
         if contact_id:
             return None if isinstance(contact_id, str) else "contact_id must be a string."
@@ -280,13 +288,18 @@ class SinchSandbox(Sandbox):
                 "event_time": accepted,
                 "message_metadata": "",
                 "correlation_id": "",
+                # Fields as the official SDKs model the notification (sinch-sdk-java
+                # OptOutEventNotificationImpl, sinch-sdk-node opt-out-event.ts);
+                # error_details only when the registration failed, as Sinch omits
+                # unset fields.
                 f"{kind}_notification": {
                     "request_id": registration["request_id"],
                     "contact_id": registration["contact_id"] or _contact_id(identity),
                     "channel": target["channel"],
                     "identity": identity,
                     "status": f"{prefix}_{suffix}",
-                    "error_details": {"description": reason} if reason else None,
+                    "processing_mode": "CONVERSATION",
+                    **({"error_details": {"description": reason}} if reason else {}),
                 },
             }
             url, secret = self.callback_url, self.callback_secret
