@@ -324,6 +324,14 @@ class HubSpotConnector:
         return answer if isinstance(answer, dict) else {}
 
     @short_retry()
+    def _definitions(self) -> dict[str, Any]:
+        answer = self._call(
+            self._comm.call_api, "/communication-preferences/v4/definitions", "GET",
+            header_params={"Accept": "application/json"}, response_types_map={200: "object"},
+            auth_settings=["oauth2"], _return_http_data_only=True)
+        return answer if isinstance(answer, dict) else {}
+
+    @short_retry()
     def _properties(self) -> Any:
         return self._call(self._properties_api.get_all, object_type="contacts", archived=False)
 
@@ -499,6 +507,11 @@ class HubSpotConnector:
                                        label=prop.label or "")
         self._types = {name: info.type for name, info in out.items()}
         return out
+
+    def subscription_types(self) -> dict[str, str]:
+        """The account's email subscription types, id -> name (for ``syncd check``)."""
+        return {str(d.get("id")): str(d.get("name") or "") for d in self._definitions().get("results") or []
+                if isinstance(d, dict) and d.get("id") is not None}
 
     # --- helpers ---------------------------------------------------------------------
     def _check_ref(self, ref: RecordRef) -> ConnectorError | None:

@@ -570,6 +570,19 @@ class HubSpotSandbox(Sandbox):
         #   subscription-status/{get,post}-communication-preferences-v4-statuses-subscriberIdString-unsubscribe-all
         # One <path:> route per method; the unsubscribe-all suffix is split off here so an
         # address containing "/" cannot be mistaken for another route.
+        # .../communication-preferences-subscriptions-v4/guide ("Get all subscription types":
+        # GET /communication-preferences/v4/definitions, the types in ``results``)
+        @app.get("/communication-preferences/v4/definitions")
+        def definitions():
+            stamp = iso_ms(0)
+            with self.lock:
+                subs = list(self.subscriptions.values())
+            return ok({"results": [
+                {"id": s.id, "name": s.name, "description": s.description, "purpose": "Marketing",
+                 "communicationMethod": "Email", "isActive": True, "isDefault": s.is_default,
+                 "isInternal": False, "businessUnitId": 0, "createdAt": stamp, "updatedAt": stamp}
+                for s in subs]})
+
         @app.get("/communication-preferences/v4/statuses/<path:subscriber>")
         def get_statuses(subscriber: str):
             email, wide = self._subscriber(subscriber)
