@@ -388,7 +388,8 @@ class HubSpotSandbox(Sandbox):
             return error(405, "VALIDATION_ERROR", "HTTP method not allowed for this resource")
 
         def rate_limit(message: str, policy: str) -> Response:
-            # HubSpot's 429 body (docs: guides/apps/api-usage/usage-details, "Rate limits").
+            # HubSpot's 429 body (developers.hubspot.com/docs/api/usage-details: status, message,
+            # errorType RATE_LIMIT, correlationId, policyName, requestId).
             return Response(json.dumps({
                 "status": "error", "message": message, "errorType": "RATE_LIMIT",
                 "correlationId": str(uuid.uuid4()), "policyName": policy,
@@ -432,7 +433,8 @@ class HubSpotSandbox(Sandbox):
             return resp
 
         # --- contacts -----------------------------------------------------------------
-        # developers.hubspot.com/docs/api-reference/crm-contacts-v3/batch/post-crm-v3-objects-contacts-batch-update
+        # developers.hubspot.com/docs/api-reference/legacy/crm/objects/contacts/batch/update-contacts
+        # (SDK: hubspot/crm/contacts/api/batch_api.py BatchApi.update; 200, or 207 with errors)
         @app.post("/crm/v3/objects/contacts/batch/update")
         def batch_update():
             inputs = body_json().get("inputs")
@@ -481,7 +483,7 @@ class HubSpotSandbox(Sandbox):
                 return ok(body, 207)
             return ok(body)
 
-        # developers.hubspot.com/docs/api-reference/crm-contacts-v3/batch/post-crm-v3-objects-contacts-batch-read
+        # developers.hubspot.com/docs/api/crm/contacts (batch read, <= 100 inputs)
         # (SDK: hubspot/crm/contacts/api/batch_api.py BatchApi.read; 200, or 207 with errors)
         @app.post("/crm/v3/objects/contacts/batch/read")
         def batch_read():
@@ -513,12 +515,14 @@ class HubSpotSandbox(Sandbox):
                 return ok(out, 207)
             return ok(out)
 
-        # developers.hubspot.com/docs/api-reference/search/guide (filters, sorts, paging,
-        # 10,000-result cap, per-account request limit; no rate-limit headers on search)
+        # developers.hubspot.com/docs-beta/crm/search (filters, sorts, paging, 10,000-result
+        # cap, per-account request limit; no rate-limit headers on search answers)
         @app.post("/crm/v3/objects/contacts/search")
         def search():
             return ok(self._search(body_json()))
 
+        # SDK: hubspot/crm/contacts/api/basic_api.py (get_by_id / update); syncd itself no
+        # longer reads or patches single contacts, tests use these routes.
         @app.get("/crm/v3/objects/contacts/<cid>")
         def get_contact(cid: str):
             names = [n for n in request.args.get("properties", "").split(",") if n]
@@ -547,6 +551,8 @@ class HubSpotSandbox(Sandbox):
                 raise HubSpotError(400, "VALIDATION_ERROR",
                                    f"Unable to infer object type from: {object_type}")
 
+        # SDK: hubspot/crm/properties/api/core_api.py CoreApi.get_all / get_by_name
+        # (modificationMetadata.readOnlyValue marks hs_email_optout read-only)
         @app.get("/crm/v3/properties/<object_type>")
         def list_properties(object_type: str):
             _object_type(object_type)
@@ -570,8 +576,8 @@ class HubSpotSandbox(Sandbox):
         #   subscription-status/{get,post}-communication-preferences-v4-statuses-subscriberIdString-unsubscribe-all
         # One <path:> route per method; the unsubscribe-all suffix is split off here so an
         # address containing "/" cannot be mistaken for another route.
-        # .../communication-preferences-subscriptions-v4/guide ("Get all subscription types":
-        # GET /communication-preferences/v4/definitions, the types in ``results``)
+        # developers.hubspot.com/docs/guides/api/marketing/subscriptions ("Get all subscription
+        # types": GET /communication-preferences/v4/definitions, the types in ``results``)
         @app.get("/communication-preferences/v4/definitions")
         def definitions():
             stamp = iso_ms(0)
