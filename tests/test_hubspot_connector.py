@@ -340,8 +340,8 @@ def test_find_by_phone(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
 
 
 def test_concurrent_searchers_share_one_pace_and_meet_no_429(sandbox: HubSpotSandbox) -> None:
-    """Four threads, each with its own connector (as the router and the reflector
-    have), search at once: the process-wide pacer keeps them all under the
+    """Four threads, each with its own connector, run phone lookups (as routing
+    does) and polls (as the reflector does) at once: the process-wide pacer keeps them all under the
     simulator's per-account search limit, which answers 429 beyond it."""
     import threading
 
@@ -350,11 +350,17 @@ def test_concurrent_searchers_share_one_pace_and_meet_no_429(sandbox: HubSpotSan
     hubs = [HubSpotConnector(sandbox.url, TOKEN, timeout=10.0) for _ in range(threads_n)]
     found: list[int] = []
 
-    def work(hub: HubSpotConnector) -> None:
+    def lookups(hub: HubSpotConnector) -> None:
         for _ in range(calls):
             found.append(len(hub.find_by_phone("+14155550123")))
 
-    workers = [threading.Thread(target=work, args=(h,)) for h in hubs]
+    def polls(hub: HubSpotConnector) -> None:
+        hub.fields("contact")  # property metadata is not a search
+        for _ in range(calls):
+            found.append(len(hub.changed_since(Watermark(), ["sms_opt_out"]).records))
+
+    workers = [threading.Thread(target=lookups if n % 2 else polls, args=(h,))
+               for n, h in enumerate(hubs)]
     for w in workers:
         w.start()
     for w in workers:
