@@ -341,9 +341,9 @@ class HubSpotConnector:
         record are merged, HubSpot refuses duplicate ids in a batch), then email
         consent goes through communication preferences for each address the
         contact itself holds (batch/read); ``RecordUpdate.email`` is not used, so a
-        webhook can never name the address that gets unsubscribed. A chunk that fails as a
-        whole gives its error to each of its records; after a retryable failure the
-        remaining calls are not made (they would meet the same limit or outage).
+        webhook can never name the address that gets unsubscribed. A chunk that
+        fails as a whole gives its error to each of its records; after a retryable
+        failure the remaining calls are not made (they would meet the same limit).
         AuthFailed is raised: no call can succeed until the token changes."""
         errors: list[ConnectorError | None] = [None] * len(updates)
         invalid: set[int] = set()
@@ -510,7 +510,8 @@ class HubSpotConnector:
 
     def subscription_types(self) -> dict[str, str]:
         """The account's email subscription types, id -> name (for ``syncd check``)."""
-        return {str(d.get("id")): str(d.get("name") or "") for d in self._definitions().get("results") or []
+        found = self._definitions().get("results") or []
+        return {str(d["id"]): str(d.get("name") or "") for d in found
                 if isinstance(d, dict) and d.get("id") is not None}
 
     # --- helpers ---------------------------------------------------------------------

@@ -573,9 +573,10 @@ class HubSpotSandbox(Sandbox):
         # developers.hubspot.com/docs/api-reference/communication-preferences-subscriptions-v4/
         #   subscription-status/get-communication-preferences-v4-statuses-subscriberIdString
         #   subscription-status/post-communication-preferences-v4-statuses-subscriberIdString
-        #   subscription-status/{get,post}-communication-preferences-v4-statuses-subscriberIdString-unsubscribe-all
-        # One <path:> route per method; the unsubscribe-all suffix is split off here so an
-        # address containing "/" cannot be mistaken for another route.
+        #   subscription-status/get-communication-preferences-v4-statuses-subscriberIdString-unsubscribe-all
+        #   subscription-status/post-communication-preferences-v4-statuses-subscriberIdString-unsubscribe-all
+        # One <path:> route per method; the unsubscribe-all suffix is split off by hand
+        # (the simulator refuses an address containing "/", as it could not be routed).
         # developers.hubspot.com/docs/guides/api/marketing/subscriptions ("Get all subscription
         # types": GET /communication-preferences/v4/definitions, the types in ``results``)
         @app.get("/communication-preferences/v4/definitions")
