@@ -239,6 +239,21 @@ def test_webhook_email_never_overrides_the_contacts_own(sandbox: HubSpotSandbox,
     assert read.json()["inputs"] == [{"id": "51"}]
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(address=st.emails())
+def test_any_valid_address_reaches_its_own_subscriber(sandbox: HubSpotSandbox,
+                                                      address: str) -> None:
+    """The address goes into the v4 URL path: whatever RFC 5322 allows in it
+    (+ % ? # / ...) is encoded by the client and names that subscriber only."""
+    sandbox.reset()
+    hub = HubSpotConnector(sandbox.url, TOKEN, timeout=5.0, email_subscription_id=SUBSCRIPTION)
+    sandbox.add_contact("51", email=address)
+    [result] = hub.update([email_out("51")])
+    assert result.ok, result.error
+    assert [u["email"] for u in sandbox.unsubscribes] == [address.strip().lower()]
+    assert sandbox.email_status(address, SUBSCRIPTION) == "UNSUBSCRIBED"
+
+
 def test_email_consent_reads_own_addresses_in_batches_of_100(sandbox: HubSpotSandbox,
                                                              hub: HubSpotConnector) -> None:
     ids = [sandbox.add_contact(str(n), email=f"p{n}@example.com") for n in range(1, 151)]

@@ -575,8 +575,8 @@ class HubSpotSandbox(Sandbox):
         #   subscription-status/post-communication-preferences-v4-statuses-subscriberIdString
         #   subscription-status/get-communication-preferences-v4-statuses-subscriberIdString-unsubscribe-all
         #   subscription-status/post-communication-preferences-v4-statuses-subscriberIdString-unsubscribe-all
-        # One <path:> route per method; the unsubscribe-all suffix is split off by hand
-        # (the simulator refuses an address containing "/", as it could not be routed).
+        # One <path:> route per method; the unsubscribe-all suffix is split off by hand, so
+        # a local part holding "/" (sent as %2F) still names its own subscriber.
         # developers.hubspot.com/docs/guides/api/marketing/subscriptions ("Get all subscription
         # types": GET /communication-preferences/v4/definitions, the types in ``results``)
         @app.get("/communication-preferences/v4/definitions")
@@ -614,7 +614,7 @@ class HubSpotSandbox(Sandbox):
         """(address, is the unsubscribe-all resource) from the path tail."""
         wide = subscriber.endswith("/unsubscribe-all")
         email = subscriber[: -len("/unsubscribe-all")] if wide else subscriber
-        if not re.fullmatch(r"[^@\s/]+@[^@\s/]+\.[^@\s/]+", email):
+        if not re.fullmatch(r"[^@\s]+@[^@\s/]+\.[^@\s/]+", email):
             # HubSpot documents a 400 but not its text; this wording is assumed.
             raise HubSpotError(400, "VALIDATION_ERROR", f"Invalid email address: {email}")
         return email.strip().lower(), wide
