@@ -1,17 +1,27 @@
 """HubSpot connector: contact properties through hubspot-api-client (CRM v3) and
-email consent through the v3 communication-preferences API.
+email consent through the v4 communication-preferences API.
 
-``hs_email_optout`` is read-only in HubSpot, so an email opt-out is an
-unsubscribe from the configured subscription type, never a property write. The
-client's own urllib3 retries are switched off: retries belong to
+``hs_email_optout`` is read-only in HubSpot, so an email opt-out is never a
+property write: with a subscription type configured it sets that type
+UNSUBSCRIBED (with the mapping's legal basis); with none it unsubscribes the
+address from all email. v3 is legacy, covers one subscription type and cannot
+resubscribe; hubspot-api-client 12 ships only v3, so v4 goes through the
+generated client's generic ``ApiClient.call_api`` (same TLS trust, timeout and
+error type as every other call). The addresses changed are always the
+contact's own, read from HubSpot, never one that only the webhook names.
+
+The client's own urllib3 retries are switched off: retries belong to
 ``connectors.http.short_retry`` (which honours HubSpot's rate-limit window) and,
-beyond that, to the journal's schedule.
+beyond that, to the journal's schedule. Searches are paced by one process-wide
+``SearchPacer``: HubSpot limits search per account and sends no rate-limit
+headers with it.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import threading
 import time
 from datetime import date, datetime, timezone
 from importlib import metadata
@@ -31,12 +41,18 @@ from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordU
                               UpdateResult, Watermark)
 
 HUBSPOT_ID = re.compile(r"^[0-9]+$")
-BATCH_SIZE = 100          # batch/update accepts at most 100 inputs
+BATCH_SIZE = 100          # batch/update and batch/read accept at most 100 inputs
 SEARCH_PAGE = 200         # search accepts limit <= 200
 SEARCH_CAP = 10_000       # search cannot page past 10,000 results of one query
 LEGAL_BASES = ("LEGITIMATE_INTEREST_PQL", "LEGITIMATE_INTEREST_CLIENT", "PERFORMANCE_OF_CONTRACT",
                "CONSENT_WITH_NOTICE", "NON_GDPR", "PROCESS_AND_STORE", "LEGITIMATE_INTEREST_OTHER")
 DEFAULT_EXPLANATION = "Opt-out received through a messaging channel and synced by syncd."
+# HubSpot documents the search limit per account (4/s per token in its changelog,
+# "about 5/s per account" today) and sends no X-HubSpot-RateLimit headers with
+# search answers, so the budget cannot be read: pace below the lower figure.
+SEARCH_RATE = 4.0
+STATUSES = "/communication-preferences/v4/statuses/{subscriberIdString}"
+OWN_EMAILS = ("email", "hs_additional_emails")  # hs_additional_emails: ";"-separated
 _OBJECTS = ("contact", "contacts")
 _API_ERRORS = (hs_contacts.ApiException, hs_properties.ApiException, hs_comm.ApiException)
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
@@ -161,6 +177,44 @@ def _eq(name: str, value: str) -> dict[str, Any]:
     return {"filters": [_flt(name, "EQ", value)]}
 
 
+class SearchPacer:
+    """Spaces search requests at most ``rate`` per second, across threads. One
+    instance (``SEARCH_PACER``) is shared by every connector in the process, so
+    route lookups and reflector polls together stay under the account's limit."""
+
+    def __init__(self, rate: float = SEARCH_RATE,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.rate = rate
+        self._interval = 1.0 / rate
+        self._clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def wait(self) -> None:
+        """Block until this caller's slot; slots are handed out in call order."""
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next)
+            self._next = slot + self._interval
+        if slot > now:
+            self._sleep(slot - now)
+
+
+SEARCH_PACER = SearchPacer()
+
+
+def _split_emails(props: dict[str, Any]) -> list[str]:
+    """A contact's own addresses: ``email`` plus ``hs_additional_emails`` (";"-separated)."""
+    found: dict[str, str] = {}
+    for name in OWN_EMAILS:
+        for address in str(props.get(name) or "").split(";"):
+            address = address.strip()
+            if address:
+                found.setdefault(address.lower(), address)
+    return list(found.values())
+
+
 _BY_STAMP = {"propertyName": "lastmodifieddate", "direction": "ASCENDING"}
 _BY_ID = {"propertyName": "hs_object_id", "direction": "ASCENDING"}
 
@@ -176,7 +230,7 @@ class HubSpotConnector:
                  timeout: float = 30.0, email_subscription_id: str | None = None,
                  legal_basis: str | None = "LEGITIMATE_INTEREST_CLIENT",
                  legal_basis_explanation: str = DEFAULT_EXPLANATION,
-                 poll_lag_seconds: float = 0.0):
+                 poll_lag_seconds: float = 0.0, search_pacer: SearchPacer | None = None):
         if legal_basis is not None and legal_basis not in LEGAL_BASES:
             raise ValueError(f"legal_basis must be one of {', '.join(LEGAL_BASES)}")
         self.timeout = timeout
@@ -186,6 +240,7 @@ class HubSpotConnector:
         # HubSpot's search index trails writes by seconds; a lag > 0 keeps the poll
         # watermark behind records that may not be searchable yet.
         self.poll_lag_seconds = poll_lag_seconds
+        self.search_pacer = search_pacer or SEARCH_PACER
         # Same trust as the requests-based connectors: the configured bundle, else
         # REQUESTS_CA_BUNDLE, else certifi (urllib3 alone would use the OS store).
         trust = (ca_bundle or os.environ.get("REQUESTS_CA_BUNDLE")
@@ -194,12 +249,10 @@ class HubSpotConnector:
         props = self._client(hs_properties, base_url, access_token, trust)
         comm = self._client(hs_comm, base_url, access_token, trust)
         self._cfg = contacts.configuration
-        self._comm_cfg = comm.configuration
+        self._comm = comm
         self._batch_api = hs_contacts.BatchApi(contacts)
         self._search_api = hs_contacts.SearchApi(contacts)
-        self._basic_api = hs_contacts.BasicApi(contacts)
         self._properties_api = hs_properties.CoreApi(props)
-        self._status_api = hs_comm.StatusApi(comm)
         self._types: dict[str, str] | None = None
 
     @staticmethod
@@ -240,29 +293,43 @@ class HubSpotConnector:
         body = hs_contacts.PublicObjectSearchRequest(
             filter_groups=filter_groups, properties=properties, sorts=[sort], limit=limit,
             after=after, local_vars_configuration=self._cfg)
+        self.search_pacer.wait()  # each attempt, retries included, takes a slot
         return self._call(self._search_api.do_search, public_object_search_request=body)
 
     @short_retry()
-    def _set_subscription(self, email: str, unsubscribe: bool) -> Any:
-        body = hs_comm.PublicUpdateSubscriptionStatusRequest(
-            email_address=email, subscription_id=self.email_subscription_id,
-            legal_basis=self.legal_basis, legal_basis_explanation=self.legal_basis_explanation,
-            local_vars_configuration=self._comm_cfg)
-        call = self._status_api.unsubscribe if unsubscribe else self._status_api.subscribe
-        return self._call(call, public_update_subscription_status_request=body)
+    def _read_emails(self, ids: list[str]) -> dict[str, list[str]]:
+        """The own addresses of up to 100 contacts (one batch/read); ids HubSpot
+        does not know are left out of the answer."""
+        body = hs_contacts.BatchReadInputSimplePublicObjectId(
+            inputs=[hs_contacts.SimplePublicObjectId(id=i, local_vars_configuration=self._cfg)
+                    for i in ids],
+            properties=list(OWN_EMAILS), properties_with_history=[],
+            local_vars_configuration=self._cfg)
+        answer = self._call(self._batch_api.read, batch_read_input_simple_public_object_id=body,
+                            archived=False)
+        return {r.id: _split_emails(r.properties or {}) for r in answer.results or []}
 
     @short_retry()
-    def _contact_email(self, record_id: str) -> str | None:
-        """The contact's own address, for opt-outs whose source sent none (Apten's
-        email opt-out carries only the CRM id)."""
-        answer = self._call(self._basic_api.get_by_id, contact_id=record_id, properties=["email"])
-        return (answer.properties or {}).get("email") or None
+    def _preferences(self, method: str, email: str, path: str = "", query: bool = True,
+                     body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One v4 communication-preferences call for ``email`` (path-encoded by the
+        client, never formatted into the URL by hand)."""
+        answer = self._call(
+            self._comm.call_api, STATUSES + path, method,
+            path_params={"subscriberIdString": email},
+            query_params=[("channel", "EMAIL")] if query else [],
+            header_params={"Accept": "application/json", "Content-Type": "application/json"},
+            body=body, response_types_map={200: "object"}, auth_settings=["oauth2"],
+            _return_http_data_only=True)
+        return answer if isinstance(answer, dict) else {}
 
     @short_retry()
-    def _subscription_status(self, email: str) -> str | None:
-        answer = self._call(self._status_api.get_email_status, email_address=email)
-        return next((s.status for s in answer.subscription_statuses or []
-                     if str(s.id) == self.email_subscription_id), None)
+    def _definitions(self) -> dict[str, Any]:
+        answer = self._call(
+            self._comm.call_api, "/communication-preferences/v4/definitions", "GET",
+            header_params={"Accept": "application/json"}, response_types_map={200: "object"},
+            auth_settings=["oauth2"], _return_http_data_only=True)
+        return answer if isinstance(answer, dict) else {}
 
     @short_retry()
     def _properties(self) -> Any:
@@ -272,9 +339,11 @@ class HubSpotConnector:
     def update(self, updates: list[RecordUpdate]) -> list[UpdateResult]:
         """Field writes go out in batch/update chunks of <= 100 (several updates of one
         record are merged, HubSpot refuses duplicate ids in a batch), then email
-        consent goes through communication preferences. A chunk that fails as a
-        whole gives its error to each of its records; after a retryable failure the
-        remaining calls are not made (they would meet the same limit or outage).
+        consent goes through communication preferences for each address the
+        contact itself holds (batch/read); ``RecordUpdate.email`` is not used, so a
+        webhook can never name the address that gets unsubscribed. A chunk that
+        fails as a whole gives its error to each of its records; after a retryable
+        failure the remaining calls are not made (they would meet the same limit).
         AuthFailed is raised: no call can succeed until the token changes."""
         errors: list[ConnectorError | None] = [None] * len(updates)
         invalid: set[int] = set()
@@ -308,15 +377,24 @@ class HubSpotConnector:
                 for i in owners[rid]:
                     errors[i] = errors[i] or err
 
-        for i, upd in enumerate(updates):
-            if i in invalid or upd.email_unsubscribe is None:
-                continue
+        consent = [i for i, u in enumerate(updates)
+                   if i not in invalid and u.email_unsubscribe is not None]
+        own: dict[str, list[str]] = {}
+        if consent and blocked is None:
+            try:
+                own = self._own_emails(sorted({updates[i].ref.record_id for i in consent}))
+            except AuthFailed:
+                raise
+            except ConnectorError as exc:
+                blocked = exc
+        for i in consent:
+            upd = updates[i]
             if blocked is not None:
                 errors[i] = errors[i] or blocked
                 continue
             try:
-                self._email_consent(upd.email or self._contact_email(upd.ref.record_id),
-                                    upd.email_unsubscribe)
+                for address in self._addresses(upd.ref.record_id, own):
+                    self._email_consent(address, bool(upd.email_unsubscribe))
             except AuthFailed:
                 raise
             except ConnectorError as exc:
@@ -430,6 +508,12 @@ class HubSpotConnector:
         self._types = {name: info.type for name, info in out.items()}
         return out
 
+    def subscription_types(self) -> dict[str, str]:
+        """The account's email subscription types, id -> name (for ``syncd check``)."""
+        found = self._definitions().get("results") or []
+        return {str(d["id"]): str(d.get("name") or "") for d in found
+                if isinstance(d, dict) and d.get("id") is not None}
+
     # --- helpers ---------------------------------------------------------------------
     def _check_ref(self, ref: RecordRef) -> ConnectorError | None:
         """Ids that are not HubSpot's never reach a URL or a request body."""
@@ -462,26 +546,54 @@ class HubSpotConnector:
                 outcome[rid] = unnamed
         return {rid: outcome[rid] for rid in chunk}
 
-    def _email_consent(self, email: str | None, unsubscribe: bool) -> None:
-        """Unsubscribe (or subscribe) one address; an address already in the wanted
-        state is success, so replays and retries change nothing."""
-        if not email:
-            raise Permanent("email consent change without an email address")
-        if not self.email_subscription_id:
-            raise Permanent("hubspot email_subscription_id is not configured")
-        try:
-            self._set_subscription(email, unsubscribe)
-        except Permanent as exc:
-            already = "already unsubscribed" if unsubscribe else "already subscribed"
-            if exc.status == 400 and already in exc.message.lower():
-                return
-            want = "NOT_SUBSCRIBED" if unsubscribe else "SUBSCRIBED"
-            try:
-                if exc.status == 400 and self._subscription_status(email) == want:
-                    return
-            except ConnectorError:
-                pass
-            raise
+    def _own_emails(self, ids: list[str]) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for start in range(0, len(ids), BATCH_SIZE):
+            found.update(self._read_emails(ids[start:start + BATCH_SIZE]))
+        return found
+
+    @staticmethod
+    def _addresses(record_id: str, own: dict[str, list[str]]) -> list[str]:
+        if record_id not in own:
+            raise NotFound("contact not found in HubSpot (batch read)", code="OBJECT_NOT_FOUND")
+        if not own[record_id]:
+            raise Permanent("the contact has no email address in HubSpot; nothing to unsubscribe")
+        return own[record_id]
+
+    def _email_consent(self, email: str, unsubscribe: bool) -> None:
+        """Bring one address to the wanted state. The current state is read first
+        (GET statuses), so an address already there is done without a write and
+        replays or retries change nothing."""
+        if self.email_subscription_id:
+            self._set_subscription_state(email, "UNSUBSCRIBED" if unsubscribe else "SUBSCRIBED")
+        elif unsubscribe:
+            if not self._unsubscribed_from_all(email):
+                self._preferences("POST", email, "/unsubscribe-all")
+        elif self._unsubscribed_from_all(email):
+            # v4 has no "resubscribe to all"; an opt-in needs a type to subscribe to.
+            raise Permanent("email opt-in not applied: the address is unsubscribed from all email "
+                            "and email_unsubscribe.subscription_id is not configured, so there is "
+                            "no subscription type to resubscribe it to")
+
+    def _set_subscription_state(self, email: str, state: str) -> None:
+        answer = self._preferences("GET", email)
+        current = next((r.get("status") for r in answer.get("results") or []
+                        if isinstance(r, dict)
+                        and str(r.get("subscriptionId")) == self.email_subscription_id), None)
+        if current == state:
+            return
+        body = {"channel": "EMAIL", "statusState": state,
+                "subscriptionId": int(self.email_subscription_id)
+                if str(self.email_subscription_id).isdigit() else self.email_subscription_id,
+                "legalBasis": self.legal_basis, "legalBasisExplanation": self.legal_basis_explanation}
+        self._preferences("POST", email, query=False,
+                          body={k: v for k, v in body.items() if v is not None})
+
+    def _unsubscribed_from_all(self, email: str) -> bool:
+        """HubSpot answers an empty ``results`` unless the address opted out of all email."""
+        answer = self._preferences("GET", email, "/unsubscribe-all")
+        return any(isinstance(r, dict) and r.get("status") == "UNSUBSCRIBED"
+                   for r in answer.get("results") or [])
 
     def _search_all(self, groups: list[dict[str, Any]], names: list[str]) -> Iterator[Any]:
         after = None

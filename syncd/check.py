@@ -46,10 +46,8 @@ def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
                     if crm == "salesforce":
                         problems.append(f"{mapping.path}: {obj}.{channel}: {UNSUBSCRIBE} is not supported "
                                         "for Salesforce; map a field such as HasOptedOutOfEmail")
-                    elif crm == "hubspot" and not (mapping.email_unsubscribe
-                                                   and mapping.email_unsubscribe.subscription_id):
-                        problems.append(f"{mapping.path}: email_unsubscribe.subscription_id: required for "
-                                        f"{UNSUBSCRIBE} (set HUBSPOT_EMAIL_SUBSCRIPTION_ID or edit the file)")
+                    elif crm == "hubspot":
+                        problems += _hubspot_subscription(mapping, connector)
                     continue
                 problems += _check_field(mapping.path, crm, obj, name, meta, booleans)
         for name in om.audit_fields():
@@ -58,6 +56,45 @@ def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
             if name not in meta:
                 problems.append(f"{mapping.path}: reflect: {obj}.{name}: no such field in {crm}")
     return problems
+
+
+def _subscription_id(mapping: Mapping) -> str | None:
+    return mapping.email_unsubscribe.subscription_id if mapping.email_unsubscribe else None
+
+
+def hubspot_email_mode(cfg: Config) -> list[str]:
+    """The one line ``check`` prints saying how HubSpot email opt-outs are applied
+    (information, not a problem; empty when HubSpot is off or maps no email)."""
+    if not cfg.crm.hubspot:
+        return []
+    try:
+        mapping = load_mappings(cfg)["hubspot"]
+    except (ConfigError, KeyError):
+        return []
+    if not any(UNSUBSCRIBE in names for om in mapping.objects.values() for names in om.channels.values()):
+        return []
+    sub = _subscription_id(mapping)
+    if sub:
+        return [f"hubspot: email mode: subscription type {sub}: an opt-out sets it UNSUBSCRIBED "
+                f"(legal basis {mapping.email_unsubscribe.legal_basis}), a newer opt-in SUBSCRIBED"]
+    return ["hubspot: email mode: unsubscribe from all email (no email_unsubscribe.subscription_id); "
+            "an opt-in cannot undo that: set a subscription type to resubscribe"]
+
+
+def _hubspot_subscription(mapping: Mapping, connector) -> list[str]:
+    """A configured subscription type must exist in the account."""
+    sub = _subscription_id(mapping)
+    if not sub:
+        return []
+    try:
+        types = connector.subscription_types()
+    except ConnectorError as exc:
+        return [f"{mapping.path}: email_unsubscribe: cannot read subscription types from hubspot: "
+                f"{mask_text(str(exc))}"]
+    if str(sub) not in types:
+        return [f"{mapping.path}: email_unsubscribe.subscription_id: {sub} is not a subscription type "
+                f"in hubspot (known: {', '.join(sorted(types)) or 'none'})"]
+    return []
 
 
 def _check_field(path: str, crm: str, obj: str, name: str, meta: dict, booleans: bool) -> list[str]:

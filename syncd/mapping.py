@@ -59,8 +59,15 @@ class ObjectMapping(_Strict):
 
 
 class EmailUnsubscribe(_Strict):
+    """HubSpot email consent (communication preferences v4). ``subscription_id`` set:
+    an opt-out sets that subscription type UNSUBSCRIBED and a newer opt-in sets it
+    SUBSCRIBED, both with the legal basis below. Empty: an opt-out unsubscribes the
+    address from all email, which an opt-in cannot undo (v4 resubscribes to a type)."""
+
     subscription_id: str | None = None
-    legal_basis: str = "LEGITIMATE_INTEREST_CLIENT"
+    legal_basis: Literal["LEGITIMATE_INTEREST_PQL", "LEGITIMATE_INTEREST_CLIENT", "PERFORMANCE_OF_CONTRACT",
+                         "CONSENT_WITH_NOTICE", "NON_GDPR", "PROCESS_AND_STORE",
+                         "LEGITIMATE_INTEREST_OTHER"] = "LEGITIMATE_INTEREST_CLIENT"
     legal_basis_explanation: str = "Recipient asked to stop email through a messaging platform."
 
 

@@ -17,6 +17,8 @@ def test_default_mappings_pass(all_crms):
     run = all_crms.syncd("check")
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip() == "ok: config, mappings and CRM fields agree"
+    assert ("hubspot: email mode: subscription type 1001: an opt-out sets it UNSUBSCRIBED "
+            "(legal basis LEGITIMATE_INTEREST_CLIENT), a newer opt-in SUBSCRIBED") in run.stderr.splitlines()
 
 
 def test_unknown_field_is_named_with_file_and_object(all_crms):
@@ -42,15 +44,24 @@ def test_read_only_and_wrongly_typed_fields_are_reported(all_crms):
     assert any("Contact.Consent_Note__c: field type is string" in x for x in lines)
 
 
-def test_hubspot_without_subscription_id_and_bad_credentials(all_crms):
+def test_hubspot_without_subscription_id_is_the_unsubscribe_all_mode(all_crms):
     hs_map = all_crms.workdir / "mappings" / "hubspot.yaml"
     hs_map.write_text(hs_map.read_text().replace('subscription_id: "1001"', 'subscription_id: ""'))
+    run = all_crms.syncd("check")
+    assert run.returncode == 0, run.stdout + run.stderr
+    [mode] = [x for x in run.stderr.splitlines() if x.startswith("hubspot: email mode:")]
+    assert "unsubscribe from all email" in mode and "subscription_id" in mode
+
+
+def test_unknown_hubspot_subscription_type_and_bad_credentials(all_crms):
+    hs_map = all_crms.workdir / "mappings" / "hubspot.yaml"
+    hs_map.write_text(hs_map.read_text().replace('subscription_id: "1001"', 'subscription_id: "4242"'))
     cfg = all_crms.config_path
     cfg.write_text(cfg.read_text().replace(all_crms.sandboxes["close"].api_key, "wrong-close-key"))
     run = all_crms.syncd("check")
     assert run.returncode == 1
     out = run.stdout
-    assert "email_unsubscribe.subscription_id: required" in out
+    assert f"{hs_map}: email_unsubscribe.subscription_id: 4242 is not a subscription type in hubspot" in out
     assert "close" in out and "cannot read field metadata" in out
     assert "wrong-close-key" not in out
 
@@ -66,6 +77,15 @@ def test_sinch_channels_other_than_whatsapp_are_reported():
     lines = [x for x in run.stdout.splitlines() if x.startswith("config: sinch.channels:")]
     assert [x.split(":")[2].strip() for x in lines] == ["SMS", "RCS"]
     assert all("WHATSAPP only" in x for x in lines)
+
+
+def test_bad_hubspot_legal_basis_is_a_mapping_error(all_crms):
+    hs_map = all_crms.workdir / "mappings" / "hubspot.yaml"
+    hs_map.write_text(hs_map.read_text().replace("legal_basis: LEGITIMATE_INTEREST_CLIENT",
+                                                 "legal_basis: BECAUSE_WE_SAY_SO"))
+    run = all_crms.syncd("check")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "email_unsubscribe.legal_basis" in run.stdout
 
 
 def test_config_problems_are_reported_by_check(tmp_path):

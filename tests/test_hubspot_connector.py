@@ -21,7 +21,9 @@ SUBSCRIPTION = "1001"
 EMAIL = "ann.example@example.com"
 BATCH = r"/crm/v3/objects/contacts/batch/update$"
 SEARCH = r"/crm/v3/objects/contacts/search$"
-UNSUBSCRIBE = r"/communication-preferences/v3/unsubscribe$"
+STATUSES = r"/communication-preferences/v4/statuses/[^/]+$"
+UNSUBSCRIBE_ALL = r"/communication-preferences/v4/statuses/[^/]+/unsubscribe-all$"
+OTHER = "other.person@example.com"
 
 
 @pytest.fixture(scope="module")
@@ -132,44 +134,142 @@ def test_transient_5xx_is_retried_and_lands(sandbox: HubSpotSandbox, hub: HubSpo
     assert result.ok and len(sandbox.requests_to(BATCH)) == 2
 
 
-# --- email consent ----------------------------------------------------------------------
-def test_email_unsubscribe_uses_communication_preferences(sandbox: HubSpotSandbox,
-                                                          hub: HubSpotConnector) -> None:
+# --- email consent (communication preferences v4) -----------------------------------------
+def email_out(record_id: str, email: str | None = None) -> RecordUpdate:
+    return RecordUpdate(ref=ref(record_id), email=email, email_unsubscribe=True)
+
+
+def email_in(record_id: str) -> RecordUpdate:
+    return RecordUpdate(ref=ref(record_id), email_unsubscribe=False)
+
+
+def test_email_opt_out_leaves_the_configured_subscription_through_v4(
+        sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
     sandbox.add_contact("51", email=EMAIL)
 
-    [result] = hub.update([RecordUpdate(ref=ref("51"), email=EMAIL, email_unsubscribe=True)])
+    [result] = hub.update([email_out("51", EMAIL)])
 
     assert result.ok
-    [call] = sandbox.requests_to(UNSUBSCRIBE, "POST")
-    body = call.json()
-    assert body["emailAddress"] == EMAIL and body["subscriptionId"] == SUBSCRIPTION
-    assert body["legalBasis"] == "LEGITIMATE_INTEREST_CLIENT" and body["legalBasisExplanation"]
-    assert sandbox.email_status(EMAIL, SUBSCRIPTION) == "NOT_SUBSCRIBED"
+    check, [write] = sandbox.requests_to(STATUSES, "GET"), sandbox.requests_to(STATUSES, "POST")
+    assert len(check) == 1 and check[0].query == {"channel": ["EMAIL"]}
+    assert write.path.endswith("/statuses/" + EMAIL)
+    assert write.json() == {"channel": "EMAIL", "statusState": "UNSUBSCRIBED",
+                            "subscriptionId": int(SUBSCRIPTION),
+                            "legalBasis": "LEGITIMATE_INTEREST_CLIENT",
+                            "legalBasisExplanation": write.json()["legalBasisExplanation"]}
+    assert write.json()["legalBasisExplanation"]
+    assert sandbox.email_status(EMAIL, SUBSCRIPTION) == "UNSUBSCRIBED"
     assert [u["subscriptionId"] for u in sandbox.unsubscribes] == [SUBSCRIPTION]
-    assert sandbox.get_contact("51")["hs_email_optout"] == "true"
-    assert sandbox.requests_to(BATCH) == []  # no property write for an email-only change
+    assert sandbox.get_contact("51")[f"hs_email_optout_{SUBSCRIPTION}"] == "true"
+    assert sandbox.requests_to(BATCH) == [] and sandbox.requests_to(UNSUBSCRIBE_ALL) == []
 
 
-def test_already_unsubscribed_is_success(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
+def test_email_opt_out_without_subscription_id_unsubscribes_from_all_email(
+        sandbox: HubSpotSandbox) -> None:
+    hub = HubSpotConnector(sandbox.url, TOKEN, timeout=5.0)  # no subscription type configured
     sandbox.add_contact("51", email=EMAIL)
-    update = RecordUpdate(ref=ref("51"), email=EMAIL, email_unsubscribe=True)
-    assert hub.update([update])[0].ok
-    assert hub.update([update])[0].ok  # HubSpot answers 400 "already unsubscribed"
-    assert len(sandbox.requests_to(UNSUBSCRIBE)) == 2 and len(sandbox.unsubscribes) == 1
+
+    [result] = hub.update([email_out("51")])
+
+    assert result.ok, result.error
+    assert sandbox.is_unsubscribed_from_all(EMAIL)
+    assert sandbox.get_contact("51")["hs_email_optout"] == "true"
+    assert [r.method for r in sandbox.requests_to(UNSUBSCRIBE_ALL)] == ["GET", "POST"]
+    assert sandbox.requests_to(STATUSES) == []
 
 
-def test_refused_resubscribe_is_permanent_without_the_address(sandbox: HubSpotSandbox,
-                                                              hub: HubSpotConnector) -> None:
-    sandbox.set_email_status(EMAIL, SUBSCRIPTION, "NOT_SUBSCRIBED")
-    [result] = hub.update([RecordUpdate(ref=ref("51"), email=EMAIL, email_unsubscribe=False)])
-    assert type(result.error) is Permanent and result.error.status == 400
-    assert EMAIL not in str(result.error) and "<email>" in result.error.message
+def test_already_unsubscribed_is_done_after_a_status_check(sandbox: HubSpotSandbox,
+                                                           hub: HubSpotConnector) -> None:
+    sandbox.add_contact("51", email=EMAIL)
+    sandbox.set_email_status(EMAIL, SUBSCRIPTION, "UNSUBSCRIBED")
+    assert hub.update([email_out("51")])[0].ok
+    assert len(sandbox.requests_to(STATUSES, "GET")) == 1
+    assert sandbox.requests_to(STATUSES, "POST") == [] and sandbox.unsubscribes == []
+
+    sandbox.set_unsubscribed_from_all(EMAIL)
+    all_mode = HubSpotConnector(sandbox.url, TOKEN, timeout=5.0)
+    assert all_mode.update([email_out("51")])[0].ok
+    assert [r.method for r in sandbox.requests_to(UNSUBSCRIBE_ALL)] == ["GET"]
 
 
-def test_email_change_without_subscription_id_is_permanent(sandbox: HubSpotSandbox) -> None:
-    hub = HubSpotConnector(sandbox.url, TOKEN)
-    [result] = hub.update([RecordUpdate(ref=ref("51"), email=EMAIL, email_unsubscribe=True)])
-    assert isinstance(result.error, Permanent) and sandbox.requests == []
+def test_newer_email_opt_in_resubscribes_through_v4(sandbox: HubSpotSandbox,
+                                                    hub: HubSpotConnector) -> None:
+    sandbox.add_contact("51", email=EMAIL)
+    assert hub.update([email_out("51")])[0].ok
+
+    [result] = hub.update([email_in("51")])
+
+    assert result.ok, result.error
+    assert sandbox.email_status(EMAIL, SUBSCRIPTION) == "SUBSCRIBED"
+    [sub] = sandbox.subscribes
+    assert sub["legalBasis"] == "LEGITIMATE_INTEREST_CLIENT" and sub["email"] == EMAIL
+    assert sandbox.get_contact("51")[f"hs_email_optout_{SUBSCRIPTION}"] == "false"
+
+
+def test_opt_in_without_subscription_id_is_a_dead_letter_that_says_why(
+        sandbox: HubSpotSandbox) -> None:
+    hub = HubSpotConnector(sandbox.url, TOKEN, timeout=5.0)
+    sandbox.add_contact("51", email=EMAIL)
+    sandbox.add_contact("52", email=OTHER)
+    sandbox.set_unsubscribed_from_all(EMAIL)
+
+    opted_out_of_all, never_opted_out = hub.update([email_in("51"), email_in("52")])
+
+    assert type(opted_out_of_all.error) is Permanent
+    assert "subscription_id is not configured" in opted_out_of_all.error.message
+    assert EMAIL not in str(opted_out_of_all.error)
+    assert never_opted_out.ok  # nothing was unsubscribed, so the opt-in already holds
+    assert sandbox.is_unsubscribed_from_all(EMAIL) and sandbox.subscribes == []
+    assert [r.method for r in sandbox.requests_to(UNSUBSCRIBE_ALL)] == ["GET", "GET"]
+
+
+def test_webhook_email_never_overrides_the_contacts_own(sandbox: HubSpotSandbox,
+                                                        hub: HubSpotConnector) -> None:
+    """An email opt-out for contact 51 that carries someone else's address changes
+    only the addresses contact 51 holds in HubSpot."""
+    sandbox.add_contact("51", email=EMAIL, hs_additional_emails="ann+work@example.com; ")
+    sandbox.add_contact("52", email=OTHER)
+
+    [result] = hub.update([email_out("51", OTHER)])
+
+    assert result.ok, result.error
+    assert sandbox.email_status(OTHER, SUBSCRIPTION) is None
+    assert sorted(u["email"] for u in sandbox.unsubscribes) == ["ann+work@example.com", EMAIL]
+    [read] = sandbox.requests_to(r"/crm/v3/objects/contacts/batch/read$", "POST")
+    assert read.json()["inputs"] == [{"id": "51"}]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(address=st.emails())
+def test_any_valid_address_reaches_its_own_subscriber(sandbox: HubSpotSandbox,
+                                                      address: str) -> None:
+    """The address goes into the v4 URL path: whatever RFC 5322 allows in it
+    (+ % ? # / ...) is encoded by the client and names that subscriber only."""
+    sandbox.reset()
+    hub = HubSpotConnector(sandbox.url, TOKEN, timeout=5.0, email_subscription_id=SUBSCRIPTION)
+    sandbox.add_contact("51", email=address)
+    [result] = hub.update([email_out("51")])
+    assert result.ok, result.error
+    assert [u["email"] for u in sandbox.unsubscribes] == [address.strip().lower()]
+    assert sandbox.email_status(address, SUBSCRIPTION) == "UNSUBSCRIBED"
+
+
+def test_email_consent_reads_own_addresses_in_batches_of_100(sandbox: HubSpotSandbox,
+                                                             hub: HubSpotConnector) -> None:
+    ids = [sandbox.add_contact(str(n), email=f"p{n}@example.com") for n in range(1, 151)]
+    sandbox.add_contact("900")  # no address at all
+    results = hub.update([email_out(rid) for rid in ids] + [email_out("900"), email_out("999")])
+    assert all(r.ok for r in results[:150])
+    no_address, missing = results[150:]
+    assert type(no_address.error) is Permanent and "no email address" in no_address.error.message
+    assert isinstance(missing.error, NotFound)
+    reads = sandbox.requests_to(r"/contacts/batch/read$", "POST")
+    assert sorted(len(r.json()["inputs"]) for r in reads) == [52, 100]
+
+
+def test_invalid_legal_basis_is_refused_at_construction(sandbox: HubSpotSandbox) -> None:
+    with pytest.raises(ValueError):
+        HubSpotConnector(sandbox.url, TOKEN, legal_basis="BECAUSE")
 
 
 # --- rate limits and auth ---------------------------------------------------------------
@@ -196,8 +296,7 @@ def test_long_retry_after_is_left_to_the_journal(sandbox: HubSpotSandbox,
                                            "message": "You have reached your daily limit.",
                                            "policyName": "DAILY", "correlationId": "x"},
                       headers={"Retry-After": "60"}, times=5)
-    results = hub.update([sms_out("51"), RecordUpdate(ref=ref("52"), email=EMAIL,
-                                                      email_unsubscribe=True)])
+    results = hub.update([sms_out("51"), email_out("52", EMAIL)])
     assert all(isinstance(r.error, RateLimited) and r.error.retry_after == 60 for r in results)
     assert len(sandbox.requests) == 1  # one refusal, nothing after it
 
@@ -229,8 +328,7 @@ _NOT_AN_ID = st.one_of(
 @given(record_id=_NOT_AN_ID)
 def test_invalid_ids_never_produce_a_request(sandbox: HubSpotSandbox, record_id: str) -> None:
     hub = HubSpotConnector(sandbox.url, TOKEN, email_subscription_id=SUBSCRIPTION)
-    results = hub.update([sms_out(record_id),
-                          RecordUpdate(ref=ref(record_id), email=EMAIL, email_unsubscribe=True)])
+    results = hub.update([sms_out(record_id), email_out(record_id, EMAIL)])
     assert all(type(r.error) is Permanent for r in results)
     assert {r.error.message for r in results} == {ID_REFUSED}  # the id is never echoed
     assert sandbox.requests == []
@@ -254,6 +352,57 @@ def test_find_by_phone(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
     assert {"propertyName": "phone", "operator": "EQ", "value": "+14155550123"} in \
         [f for g in body["filterGroups"] for f in g["filters"]]
     assert hub.find_by_phone("+15005550000") == []
+
+
+def test_concurrent_searchers_share_one_pace_and_meet_no_429(sandbox: HubSpotSandbox) -> None:
+    """Four threads, each with its own connector, run phone lookups (as routing
+    does) and polls (as the reflector does) at once: the process-wide pacer keeps them all under the
+    simulator's per-account search limit, which answers 429 beyond it."""
+    import threading
+
+    sandbox.add_contact("1", phone="+14155550123")
+    threads_n, calls = 4, 4
+    hubs = [HubSpotConnector(sandbox.url, TOKEN, timeout=10.0) for _ in range(threads_n)]
+    found: list[int] = []
+
+    def lookups(hub: HubSpotConnector) -> None:
+        for _ in range(calls):
+            found.append(len(hub.find_by_phone("+14155550123")))
+
+    def polls(hub: HubSpotConnector) -> None:
+        hub.fields("contact")  # property metadata is not a search
+        for _ in range(calls):
+            found.append(len(hub.changed_since(Watermark(), ["sms_opt_out"]).records))
+
+    workers = [threading.Thread(target=lookups if n % 2 else polls, args=(h,))
+               for n, h in enumerate(hubs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+
+    assert found == [1] * threads_n * calls
+    assert sandbox.search_rate_limited == []
+    stamps = sorted(r.at for r in sandbox.requests_to(SEARCH, "POST"))
+    assert len(stamps) == threads_n * calls
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    print(f"\nsearch pacing: {len(stamps)} searches from {threads_n} threads, "
+          f"{rate:.2f} req/s against a limit of {sandbox.search_limit_per_second}/s, 0 x 429")
+
+
+def test_search_pacer_hands_out_evenly_spaced_slots() -> None:
+    from connectors.hubspot import SEARCH_PACER, SearchPacer
+
+    now = [100.0]
+    slept: list[float] = []
+    pacer = SearchPacer(rate=4.0, clock=lambda: now[0], sleep=slept.append)
+    for _ in range(5):
+        pacer.wait()
+    assert slept == [0.25, 0.5, 0.75, 1.0]
+    now[0] = 200.0  # idle long enough: the next caller goes at once
+    pacer.wait()
+    assert slept == [0.25, 0.5, 0.75, 1.0]
+    assert HubSpotConnector("https://api.hubapi.com", TOKEN).search_pacer is SEARCH_PACER
 
 
 def _drain(hub: HubSpotConnector, mark: Watermark, limit: int) -> tuple[list[list[str]], Watermark]:
@@ -382,12 +531,20 @@ def test_sandbox_speaks_hubspot_shapes(sandbox: HubSpotSandbox) -> None:
     wide = requests.post(f"{sandbox.url}/crm/v3/objects/contacts/search", headers=auth,
                          json={"limit": 201}, timeout=5)
     assert wide.status_code == 400
-    status = requests.get(f"{sandbox.url}/communication-preferences/v3/status/email/{EMAIL}",
-                          headers=auth, timeout=5).json()
-    assert status["recipient"] == EMAIL and status["subscriptionStatuses"][0]["id"] == SUBSCRIPTION
-    defs = requests.get(f"{sandbox.url}/communication-preferences/v3/definitions", headers=auth,
-                        timeout=5).json()["subscriptionDefinitions"]
-    assert SUBSCRIPTION in {d["id"] for d in defs}
+    v4 = f"{sandbox.url}/communication-preferences/v4/statuses/{EMAIL}"
+    status = requests.get(v4, params={"channel": "EMAIL"}, headers=auth, timeout=5).json()
+    assert status["status"] == "COMPLETE"
+    assert {r["subscriptionId"] for r in status["results"]} >= {int(SUBSCRIPTION)}
+    assert all(r["status"] == "NOT_SPECIFIED" for r in status["results"])
+    assert requests.get(v4, headers=auth, timeout=5).status_code == 400  # channel is required
+    bad = requests.post(v4, headers=auth, timeout=5, json={"channel": "EMAIL", "statusState": "OFF",
+                                                          "subscriptionId": 1001})
+    assert bad.status_code == 400 and bad.json()["category"] == "VALIDATION_ERROR"
+    wide = requests.get(f"{v4}/unsubscribe-all", params={"channel": "EMAIL"}, headers=auth,
+                        timeout=5).json()
+    assert wide["results"] == []
+    for legacy in ("/communication-preferences/v3/unsubscribe", "/communication-preferences/v3/subscribe"):
+        assert requests.post(sandbox.url + legacy, headers=auth, json={}, timeout=5).status_code == 404
     assert iso_ms(1_700_000_000_123) == "2023-11-14T22:13:20.123Z"
     bad = requests.get(f"{sandbox.url}/crm/v3/properties/contacts", timeout=5)
     assert bad.status_code == 401 and bad.json()["category"] == "INVALID_AUTHENTICATION"

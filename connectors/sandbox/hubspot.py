@@ -1,7 +1,10 @@
-"""HubSpot simulator: CRM v3 contacts (batch update, read, patch, search), contact
-property metadata, the v3 communication-preferences API and the rolling
-ten-second rate limit, close enough that the real ``hubspot-api-client`` talks
-to it unchanged with ``host`` set to :attr:`HubSpotSandbox.url`.
+"""HubSpot simulator: CRM v3 contacts (batch update, batch read, read, patch,
+search), contact property metadata, the v4 communication-preferences API, the
+rolling ten-second rate limit and the per-account search limit, close enough
+that the real ``hubspot-api-client`` talks to it unchanged with ``host`` set to
+:attr:`HubSpotSandbox.url`. The legacy v3 communication-preferences paths are
+not served (syncd no longer calls them). Every route names the HubSpot page it
+follows; connectors/sandbox/SOURCES.md lists them with what is assumed.
 
 Shapes follow HubSpot's documented answers: batch updates answer 200 when every
 input landed and 207 with grouped ``errors`` (``context.ids``) otherwise; search
@@ -12,6 +15,7 @@ State is in memory; helpers at the bottom let tests arrange and inspect it.
 from __future__ import annotations
 
 import fnmatch
+import hmac
 import json
 import re
 import time
@@ -32,6 +36,9 @@ SEARCH_CAP = 10_000
 MAX_FILTER_GROUPS = 5
 MAX_FILTERS_PER_GROUP = 10
 MAX_FILTERS = 25
+SEARCH_LIMIT_PER_SECOND = 5   # "about 5 requests per second per account" for CRM search
+STATUS_STATES = ("SUBSCRIBED", "UNSUBSCRIBED", "NOT_SPECIFIED")
+SEARCH_PATH = "/crm/v3/objects/contacts/search"
 LEGAL_BASES = ("LEGITIMATE_INTEREST_PQL", "LEGITIMATE_INTEREST_CLIENT", "PERFORMANCE_OF_CONTRACT",
                "CONSENT_WITH_NOTICE", "NON_GDPR", "PROCESS_AND_STORE", "LEGITIMATE_INTEREST_OTHER")
 DEFAULT_SEARCH_PROPERTIES = ("createdate", "email", "firstname", "hs_object_id", "lastmodifieddate",
@@ -112,6 +119,7 @@ def _bool_options() -> list[dict[str, Any]]:
 def _default_properties() -> dict[str, PropertyDef]:
     defs = [
         PropertyDef("email", label="Email"),
+        PropertyDef("hs_additional_emails", label="Additional email addresses", read_only=True),
         PropertyDef("firstname", label="First Name"),
         PropertyDef("lastname", label="Last Name"),
         PropertyDef("phone", label="Phone Number", field_type="phonenumber"),
@@ -171,8 +179,10 @@ class HubSpotSandbox(Sandbox):
     https = False
 
     def __init__(self, token: str = "pat-sandbox-0000", *, rate_limit_max: int = 10_000,
-                 rate_limit_interval_ms: int = 10_000, search_cap: int = SEARCH_CAP) -> None:
+                 rate_limit_interval_ms: int = 10_000, search_cap: int = SEARCH_CAP,
+                 search_limit_per_second: int = SEARCH_LIMIT_PER_SECOND) -> None:
         self.token = token
+        self.search_limit_per_second = search_limit_per_second
         self.rate_limit_max = rate_limit_max
         self.rate_limit_interval_ms = rate_limit_interval_ms
         self.search_cap = search_cap
@@ -187,10 +197,13 @@ class HubSpotSandbox(Sandbox):
         self.properties = _default_properties()
         self.subscriptions: dict[str, Subscription] = {}
         self.statuses: dict[tuple[str, str], dict[str, Any]] = {}
-        self.unsubscribes: list[dict[str, Any]] = []
+        self.unsubscribed_all: dict[str, str] = {}  # address -> when it opted out of all email
+        self.unsubscribes: list[dict[str, Any]] = []  # subscriptionId None: unsubscribe-all
         self.rate_limited: list[float] = []  # when each 429 was answered
+        self.search_rate_limited: list[float] = []  # when each search 429 was answered
         self.subscribes: list[dict[str, Any]] = []
         self._window: deque[float] = deque()
+        self._search_window: deque[float] = deque()
         self._last_ms = 0
         self._next_id = 1000
         self.add_subscription("1001", "Marketing Information", "Marketing offers and updates.",
@@ -204,6 +217,7 @@ class HubSpotSandbox(Sandbox):
             self._reset_state()
             self.rate_limit_max, self.rate_limit_interval_ms = 10_000, 10_000
             self.search_cap = SEARCH_CAP
+            self.search_limit_per_second = SEARCH_LIMIT_PER_SECOND
             self.clock, self.unique_stamps = time.time, True
             self.faults.clear()
             self.requests.clear()
@@ -255,7 +269,7 @@ class HubSpotSandbox(Sandbox):
                 field_type="select", read_only=True)
 
     def email_status(self, email: str, subscription_id: str) -> str | None:
-        """SUBSCRIBED / NOT_SUBSCRIBED when the address has an explicit status, else None."""
+        """SUBSCRIBED / UNSUBSCRIBED when the address has an explicit status, else None."""
         with self.lock:
             entry = self.statuses.get((email.strip().lower(), str(subscription_id)))
             return entry["status"] if entry else None
@@ -263,7 +277,16 @@ class HubSpotSandbox(Sandbox):
     def set_email_status(self, email: str, subscription_id: str, status: str) -> None:
         with self.lock:
             self.statuses[(email.strip().lower(), str(subscription_id))] = {
-                "status": status, "legalBasis": None, "legalBasisExplanation": None}
+                "status": status, "legalBasis": None, "legalBasisExplanation": None,
+                "timestamp": iso_ms(int(self.clock() * 1000))}
+
+    def is_unsubscribed_from_all(self, email: str) -> bool:
+        with self.lock:
+            return email.strip().lower() in self.unsubscribed_all
+
+    def set_unsubscribed_from_all(self, email: str) -> None:
+        with self.lock:
+            self.unsubscribed_all[email.strip().lower()] = iso_ms(int(self.clock() * 1000))
 
     # --- state internals ----------------------------------------------------------------
     @staticmethod
@@ -319,13 +342,20 @@ class HubSpotSandbox(Sandbox):
     # --- rate limit ---------------------------------------------------------------------
     def _admit(self) -> bool:
         """Count this request in the rolling window; False when the window is full."""
+        return self._take(self._window, self.rate_limit_max, self.rate_limit_interval_ms / 1000)
+
+    def _admit_search(self) -> bool:
+        """The separate per-account search limit: a rolling second."""
+        return self._take(self._search_window, self.search_limit_per_second, 1.0)
+
+    @staticmethod
+    def _take(window: deque[float], limit: int, seconds: float) -> bool:
         now = time.monotonic()
-        horizon = now - self.rate_limit_interval_ms / 1000
-        while self._window and self._window[0] <= horizon:
-            self._window.popleft()
-        if len(self._window) >= self.rate_limit_max:
+        while window and window[0] <= now - seconds:
+            window.popleft()
+        if len(window) >= limit:
             return False
-        self._window.append(now)
+        window.append(now)
         return True
 
     # --- app ----------------------------------------------------------------------------
@@ -357,27 +387,40 @@ class HubSpotSandbox(Sandbox):
         def _not_allowed(_exc):
             return error(405, "VALIDATION_ERROR", "HTTP method not allowed for this resource")
 
+        def rate_limit(message: str, policy: str) -> Response:
+            # HubSpot's 429 body (developers.hubspot.com/docs/api/usage-details: status, message,
+            # errorType RATE_LIMIT, correlationId, policyName, requestId).
+            return Response(json.dumps({
+                "status": "error", "message": message, "errorType": "RATE_LIMIT",
+                "correlationId": str(uuid.uuid4()), "policyName": policy,
+                "requestId": str(uuid.uuid4())}), status=429, content_type="application/json")
+
         @app.before_request
         def _auth_and_limit():
             header = request.headers.get("Authorization", "")
-            if header != f"Bearer {self.token}":
+            if not hmac.compare_digest(header.encode(), f"Bearer {self.token}".encode()):
+                # The 401 text HubSpot sends for a missing/invalid token (observed wording,
+                # not on a reference page; the category is documented).
                 return error(401, "INVALID_AUTHENTICATION",
                              "Authentication credentials not found. This API supports OAuth 2.0 "
                              "authentication and you can find more details at "
                              "https://developers.hubspot.com/docs/methods/auth/oauth-overview")
             with self.lock:
                 admitted = self._admit()
+                search_ok = request.path != SEARCH_PATH or not admitted or self._admit_search()
             if not admitted:
                 self.rate_limited.append(time.time())
-                return Response(json.dumps({
-                    "status": "error", "message": "You have reached your ten_secondly_rolling limit.",
-                    "errorType": "RATE_LIMIT", "correlationId": str(uuid.uuid4()),
-                    "policyName": "TEN_SECONDLY_ROLLING", "groupName": "sandbox:private-app"}),
-                    status=429, content_type="application/json")
+                return rate_limit("You have reached your ten_secondly_rolling limit.",
+                                  "TEN_SECONDLY_ROLLING")
+            if not search_ok:
+                self.search_rate_limited.append(time.time())
+                return rate_limit("You have reached your secondly limit.", "SECONDLY")
             return None
 
         @app.after_request
         def _rate_headers(resp: Response) -> Response:
+            if request.path == SEARCH_PATH:
+                return resp  # the search endpoints send no X-HubSpot-RateLimit-* headers
             with self.lock:
                 remaining = max(0, self.rate_limit_max - len(self._window))
                 limits = {"X-HubSpot-RateLimit-Max": str(self.rate_limit_max),
@@ -390,6 +433,8 @@ class HubSpotSandbox(Sandbox):
             return resp
 
         # --- contacts -----------------------------------------------------------------
+        # developers.hubspot.com/docs/api-reference/legacy/crm/objects/contacts/batch/update-contacts
+        # (SDK: hubspot/crm/contacts/api/batch_api.py BatchApi.update; 200, or 207 with errors)
         @app.post("/crm/v3/objects/contacts/batch/update")
         def batch_update():
             inputs = body_json().get("inputs")
@@ -438,10 +483,46 @@ class HubSpotSandbox(Sandbox):
                 return ok(body, 207)
             return ok(body)
 
+        # developers.hubspot.com/docs/api/crm/contacts (batch read, <= 100 inputs)
+        # (SDK: hubspot/crm/contacts/api/batch_api.py BatchApi.read; 200, or 207 with errors)
+        @app.post("/crm/v3/objects/contacts/batch/read")
+        def batch_read():
+            body = body_json()
+            inputs = body.get("inputs")
+            if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+                raise HubSpotError(400, "VALIDATION_ERROR",
+                                   "Invalid input JSON: some of required attributes are not set [inputs]")
+            if len(inputs) > BATCH_LIMIT:
+                raise HubSpotError(400, "VALIDATION_ERROR",
+                                   f"Batch input size {len(inputs)} exceeds the limit of {BATCH_LIMIT}")
+            if body.get("idProperty") not in (None, "hs_object_id"):
+                raise HubSpotError(400, "VALIDATION_ERROR", "the sandbox reads by record id only")
+            names = list(dict.fromkeys(list(body.get("properties") or DEFAULT_SEARCH_PROPERTIES)
+                                       + list(ALWAYS_RETURNED)))
+            started = iso_ms(int(self.clock() * 1000))
+            with self.lock:
+                ids = list(dict.fromkeys(str(i.get("id", "")) for i in inputs))
+                results = [self._object(cid, names) for cid in ids if cid in self.contacts]
+                missing = [cid for cid in ids if cid not in self.contacts]
+            out: dict[str, Any] = {"status": "COMPLETE", "results": results, "startedAt": started,
+                                   "completedAt": iso_ms(int(self.clock() * 1000))}
+            if missing:
+                out.update(numErrors=1, errors=[{
+                    "status": "error", "category": "OBJECT_NOT_FOUND",
+                    "message": "Could not get some CONTACT objects, they may be deleted or not exist. "
+                               "Check that ids are valid.", "context": {"ids": missing},
+                    "errors": [], "links": {}}])
+                return ok(out, 207)
+            return ok(out)
+
+        # developers.hubspot.com/docs-beta/crm/search (filters, sorts, paging, 10,000-result
+        # cap, per-account request limit; no rate-limit headers on search answers)
         @app.post("/crm/v3/objects/contacts/search")
         def search():
             return ok(self._search(body_json()))
 
+        # SDK: hubspot/crm/contacts/api/basic_api.py (get_by_id / update); syncd itself no
+        # longer reads or patches single contacts, tests use these routes.
         @app.get("/crm/v3/objects/contacts/<cid>")
         def get_contact(cid: str):
             names = [n for n in request.args.get("properties", "").split(",") if n]
@@ -470,6 +551,8 @@ class HubSpotSandbox(Sandbox):
                 raise HubSpotError(400, "VALIDATION_ERROR",
                                    f"Unable to infer object type from: {object_type}")
 
+        # SDK: hubspot/crm/properties/api/core_api.py CoreApi.get_all / get_by_name
+        # (modificationMetadata.readOnlyValue marks hs_email_optout read-only)
         @app.get("/crm/v3/properties/<object_type>")
         def list_properties(object_type: str):
             _object_type(object_type)
@@ -486,81 +569,141 @@ class HubSpotSandbox(Sandbox):
                     return error(404, "OBJECT_NOT_FOUND", f"Unable to find property {name}")
                 return ok(prop.to_json(iso_ms(0)))
 
-        # --- communication preferences ----------------------------------------------------
-        @app.get("/communication-preferences/v3/definitions")
+        # --- communication preferences v4 -------------------------------------------------
+        # developers.hubspot.com/docs/api-reference/communication-preferences-subscriptions-v4/
+        #   subscription-status/get-communication-preferences-v4-statuses-subscriberIdString
+        #   subscription-status/post-communication-preferences-v4-statuses-subscriberIdString
+        #   subscription-status/get-communication-preferences-v4-statuses-subscriberIdString-unsubscribe-all
+        #   subscription-status/post-communication-preferences-v4-statuses-subscriberIdString-unsubscribe-all
+        # One <path:> route per method; the unsubscribe-all suffix is split off by hand, so
+        # a local part holding "/" (sent as %2F) still names its own subscriber.
+        # developers.hubspot.com/docs/guides/api/marketing/subscriptions ("Get all subscription
+        # types": GET /communication-preferences/v4/definitions, the types in ``results``)
+        @app.get("/communication-preferences/v4/definitions")
         def definitions():
             stamp = iso_ms(0)
             with self.lock:
                 subs = list(self.subscriptions.values())
-            return ok({"subscriptionDefinitions": [
+            return ok({"results": [
                 {"id": s.id, "name": s.name, "description": s.description, "purpose": "Marketing",
                  "communicationMethod": "Email", "isActive": True, "isDefault": s.is_default,
-                 "isInternal": False, "createdAt": stamp, "updatedAt": stamp} for s in subs]})
+                 "isInternal": False, "businessUnitId": 0, "createdAt": stamp, "updatedAt": stamp}
+                for s in subs]})
 
-        @app.get("/communication-preferences/v3/status/email/<path:email>")
-        def email_status(email: str):
+        @app.get("/communication-preferences/v4/statuses/<path:subscriber>")
+        def get_statuses(subscriber: str):
+            email, wide = self._subscriber(subscriber)
+            self._channel_query(required=True)
             with self.lock:
-                statuses = [self._status_json(email, s) for s in self.subscriptions.values()]
-            return ok({"recipient": email, "subscriptionStatuses": statuses})
+                if wide:
+                    return ok(self._batch_answer(self._wide_results(email)))
+                return ok(self._batch_answer(
+                    [self._status_json(email, sub) for sub in self.subscriptions.values()]))
 
-        @app.post("/communication-preferences/v3/unsubscribe")
-        def unsubscribe():
-            return ok(self._set_status(body_json(), "NOT_SUBSCRIBED"))
-
-        @app.post("/communication-preferences/v3/subscribe")
-        def subscribe():
-            return ok(self._set_status(body_json(), "SUBSCRIBED"))
+        @app.post("/communication-preferences/v4/statuses/<path:subscriber>")
+        def post_statuses(subscriber: str):
+            email, wide = self._subscriber(subscriber)
+            if wide:
+                self._channel_query(required=True)
+                return ok(self._unsubscribe_all(email, request.args.get("verbose") == "true"))
+            return ok(self._set_status(email, body_json()))
 
     # --- communication preferences internals -----------------------------------------
-    def _status_json(self, email: str, sub: Subscription) -> dict[str, Any]:
-        entry = self.statuses.get((email.strip().lower(), sub.id)) or {}
-        return {"id": sub.id, "name": sub.name, "description": sub.description,
-                "status": entry.get("status", "NOT_SUBSCRIBED"),
-                "sourceOfStatus": "SUBSCRIPTION_STATUS", "legalBasis": entry.get("legalBasis"),
-                "legalBasisExplanation": entry.get("legalBasisExplanation"),
-                "preferenceGroupName": None, "brandId": None}
+    @staticmethod
+    def _subscriber(subscriber: str) -> tuple[str, bool]:
+        """(address, is the unsubscribe-all resource) from the path tail."""
+        wide = subscriber.endswith("/unsubscribe-all")
+        email = subscriber[: -len("/unsubscribe-all")] if wide else subscriber
+        if not re.fullmatch(r"[^@\s]+@[^@\s/]+\.[^@\s/]+", email):
+            # HubSpot documents a 400 but not its text; this wording is assumed.
+            raise HubSpotError(400, "VALIDATION_ERROR", f"Invalid email address: {email}")
+        return email.strip().lower(), wide
 
-    def _set_status(self, body: dict[str, Any], status: str) -> dict[str, Any]:
-        email, sub_id = body.get("emailAddress"), body.get("subscriptionId")
-        if not email or not sub_id:
+    @staticmethod
+    def _channel_query(required: bool) -> None:
+        channel = request.args.get("channel")
+        if (channel is None and required) or (channel is not None and channel != "EMAIL"):
             raise HubSpotError(400, "VALIDATION_ERROR",
-                               "Invalid input JSON on line 1, column 2: Cannot build "
-                               "PublicUpdateSubscriptionStatusRequest, some of required attributes "
-                               "are not set [emailAddress, subscriptionId]")
+                               "channel is required and the only supported channel is EMAIL")
+
+    def _batch_answer(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        stamp = iso_ms(int(self.clock() * 1000))
+        return {"status": "COMPLETE", "results": results, "requestedAt": stamp,
+                "startedAt": stamp, "completedAt": stamp}
+
+    def _status_json(self, email: str, sub: Subscription) -> dict[str, Any]:
+        entry = self.statuses.get((email, sub.id)) or {}
+        out = {"channel": "EMAIL", "subscriberIdString": email, "subscriptionId": int(sub.id),
+               "subscriptionName": sub.name, "status": entry.get("status", "NOT_SPECIFIED"),
+               "source": "syncd-sandbox", "businessUnitId": 0,
+               "legalBasis": entry.get("legalBasis"),
+               "legalBasisExplanation": entry.get("legalBasisExplanation"),
+               "timestamp": entry.get("timestamp") or iso_ms(0)}
+        if "reason" in entry:
+            out["setStatusSuccessReason"] = entry["reason"]
+        return out
+
+    def _wide_results(self, email: str) -> list[dict[str, Any]]:
+        """Empty unless the address opted out of all email (as HubSpot documents)."""
+        when = self.unsubscribed_all.get(email)
+        if when is None:
+            return []
+        return [{"channel": "EMAIL", "subscriberIdString": email, "wideStatusType": "PORTAL_WIDE",
+                 "status": "UNSUBSCRIBED", "businessUnitId": 0, "timestamp": when}]
+
+    def _set_status(self, email: str, body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("channel") != "EMAIL":
+            raise HubSpotError(400, "VALIDATION_ERROR",
+                               "channel is required and the only supported channel is EMAIL")
+        state = body.get("statusState")
+        if state not in STATUS_STATES:
+            raise HubSpotError(400, "VALIDATION_ERROR",
+                               f"statusState must be one of {', '.join(STATUS_STATES)}")
         legal_basis = body.get("legalBasis")
         if legal_basis is not None and legal_basis not in LEGAL_BASES:
             raise HubSpotError(400, "VALIDATION_ERROR", f"Invalid legalBasis: {legal_basis}")
-        sub_id = str(sub_id)
+        sub_id = body.get("subscriptionId")
+        if isinstance(sub_id, bool) or not isinstance(sub_id, (int, str)) \
+                or not str(sub_id).isdigit():
+            raise HubSpotError(400, "VALIDATION_ERROR", "subscriptionId must be an integer")
+        sub_id = str(int(sub_id))
         with self.lock:
             sub = self.subscriptions.get(sub_id)
-            if sub is None:
+            if sub is None:  # the status and text HubSpot uses here are not documented
                 raise HubSpotError(400, "VALIDATION_ERROR", f"Invalid subscription id {sub_id}")
-            key = (str(email).strip().lower(), sub_id)
-            current = (self.statuses.get(key) or {}).get("status")
-            if status == "NOT_SUBSCRIBED" and current == "NOT_SUBSCRIBED":
-                raise HubSpotError(400, "VALIDATION_ERROR",
-                                   f"{email} is already unsubscribed from subscription {sub_id}")
-            if status == "SUBSCRIBED" and current == "SUBSCRIBED":
-                raise HubSpotError(400, "VALIDATION_ERROR",
-                                   f"{email} is already subscribed to subscription {sub_id}")
-            if status == "SUBSCRIBED" and current == "NOT_SUBSCRIBED":
-                # v3 never resubscribes an address that opted out (v4 can).
-                raise HubSpotError(400, "VALIDATION_ERROR",
-                                   f"{email} has opted out of subscription {sub_id} and cannot be "
-                                   "resubscribed")
-            self.statuses[key] = {"status": status, "legalBasis": legal_basis,
-                                  "legalBasisExplanation": body.get("legalBasisExplanation")}
-            record = {"email": str(email), "subscriptionId": sub_id, "legalBasis": legal_basis,
+            key = (email, sub_id)
+            current = (self.statuses.get(key) or {}).get("status", "NOT_SPECIFIED")
+            reason = "NO_STATUS_CHANGE" if current == state else (
+                "RESUBSCRIBE_OCCURRED" if state == "SUBSCRIBED" and current == "UNSUBSCRIBED"
+                else "REQUESTED_CHANGE_OCCURRED")
+            self.statuses[key] = {"status": state, "legalBasis": legal_basis,
+                                  "legalBasisExplanation": body.get("legalBasisExplanation"),
+                                  "timestamp": iso_ms(int(self.clock() * 1000)), "reason": reason}
+            record = {"email": email, "subscriptionId": sub_id, "legalBasis": legal_basis,
                       "legalBasisExplanation": body.get("legalBasisExplanation"), "at": time.time()}
-            (self.unsubscribes if status == "NOT_SUBSCRIBED" else self.subscribes).append(record)
-            flag = "true" if status == "NOT_SUBSCRIBED" else "false"
-            for cid, contact in self.contacts.items():
-                if contact.get("email", "").strip().lower() == key[0]:
-                    props = {f"hs_email_optout_{sub_id}": flag}
-                    if status == "NOT_SUBSCRIBED":
-                        props["hs_email_optout"] = "true"
-                    self._write(cid, props, self._stamp())
-            return self._status_json(key[0], sub)
+            if state == "UNSUBSCRIBED":
+                self.unsubscribes.append(record)
+            elif state == "SUBSCRIBED":
+                self.subscribes.append(record)
+            flag = {"UNSUBSCRIBED": "true", "SUBSCRIBED": "false"}.get(state, "")
+            self._mark_contacts(email, {f"hs_email_optout_{sub_id}": flag})
+            return self._batch_answer([self._status_json(email, sub)])
+
+    def _unsubscribe_all(self, email: str, verbose: bool) -> dict[str, Any]:
+        with self.lock:
+            if email not in self.unsubscribed_all:
+                self.unsubscribed_all[email] = iso_ms(int(self.clock() * 1000))
+                self.unsubscribes.append({"email": email, "subscriptionId": None, "legalBasis": None,
+                                          "legalBasisExplanation": None, "at": time.time()})
+                self._mark_contacts(email, {"hs_email_optout": "true"})
+            # Without verbose=true HubSpot documents an empty answer.
+            return self._batch_answer(self._wide_results(email) if verbose else [])
+
+    def _mark_contacts(self, email: str, props: dict[str, str]) -> None:
+        for cid, contact in self.contacts.items():
+            if email in {a.strip().lower() for a in
+                         [contact.get("email", ""), *contact.get("hs_additional_emails", "").split(";")]}:
+                self._write(cid, props, self._stamp())
 
     # --- search -----------------------------------------------------------------------
     def _search(self, body: dict[str, Any]) -> dict[str, Any]:
