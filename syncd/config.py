@@ -97,6 +97,7 @@ class ReceiverConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1024 * 1024)
+    max_stored_body_bytes: int = Field(65_536, ge=0, le=64 * 1024 * 1024)  # beyond it, the body's hash
     threads: int = Field(8, ge=1, le=256)
     status_token: OptionalOwnSecret = None
 
