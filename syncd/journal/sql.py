@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent, iso, utcnow
 from syncd.journal.group_commit import GroupCommit
+from syncd.masking import mask_text
 from syncd.journal.base import (Clock, Delivery, Outcome, Recorded, Reflection, ReflectionCandidate,
                                 ReflectionOutcome, StoredEvent)
 
@@ -454,7 +455,10 @@ class SqlJournal:
                         "UPDATE reflections SET state = 'done', done_at = ?, last_error = NULL, lease_until = 0 "
                         "WHERE id = ? AND state IN ('registered', 'pending')"), (now_iso, rid))
                 else:
-                    error = f"{status}: {json.dumps(d.get('error_details'), default=str)[:500]}"
+                    # Sinch's reason text can echo the phone or email: masked before it is
+                    # stored, since dead-letters, export and the status page print it.
+                    reason = json.dumps(d.get("error_details"), default=str, ensure_ascii=False)
+                    error = mask_text(f"{status}: {reason}")[:500]
                     if attempts >= max_attempts:
                         self._kill_reflection(cur, rid, f"gave up after {attempts} attempts: {error}")
                     else:
