@@ -26,7 +26,7 @@ MIN_SECRET_LENGTH = 24
 GENERATE_SECRET = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 # The sandbox stack's webhook secrets (``syncd demo``, the tests and benchmarks sign with
 # them). They are published with the source, so a config carrying one is refused unless
-# the process runs under the demo stack, which sets DEMO_ENV in its children's environment.
+# DEMO_ENV=1, which the demo stack (syncd.stack) sets for itself and its child processes.
 DEMO_SECRETS = {"apten": "syncd-demo-apten-secret-do-not-use",
                 "lox24": "syncd-demo-lox24-token-do-not-use",
                 "sinch": "syncd-demo-sinch-secret-do-not-use"}
