@@ -6,15 +6,72 @@ so ``syncd`` can exit with a clear message instead of a traceback.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+# Secrets syncd itself checks (webhook secrets and tokens, the status page's token): the
+# operator chooses them, so they must be long enough not to be guessed. Credentials a
+# vendor issues (CRM client secrets, API keys, Sinch key secrets) are the vendor's to shape.
+MIN_SECRET_LENGTH = 24
+GENERATE_SECRET = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+# The sandbox stack's webhook secrets (``syncd demo``, the tests and benchmarks sign with
+# them). They are published with the source, so a config carrying one is refused unless
+# DEMO_ENV=1, which the demo stack (syncd.stack) sets for itself and its child processes.
+DEMO_SECRETS = {"apten": "syncd-demo-apten-secret-do-not-use",
+                "lox24": "syncd-demo-lox24-token-do-not-use",
+                "sinch": "syncd-demo-sinch-secret-do-not-use"}
+DEMO_ENV = "SYNCD_DEMO"
+
+
+def _own_secret(value: str) -> str:
+    if len(value) < MIN_SECRET_LENGTH:
+        raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters (this one has {len(value)}); "
+                         f"generate one with: {GENERATE_SECRET}")
+    if value in DEMO_SECRETS.values() and os.environ.get(DEMO_ENV) != "1":
+        raise ValueError(f"is the published value of syncd demo and works only there; "
+                         f"generate your own with: {GENERATE_SECRET}")
+    return value
+
+
+def _empty_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+OwnSecret = Annotated[str, AfterValidator(_own_secret)]
+OptionalOwnSecret = Annotated[OwnSecret | None, BeforeValidator(_empty_is_none)]  # empty: the feature is off
+
+
+def _outbound_url(value: str) -> str:
+    """Outbound calls carry credentials: https only, except to this machine (the sandboxes)."""
+    parts = urlsplit(value)
+    host = parts.hostname or ""
+    if host and (parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(host))):
+        return value
+    where = f"{parts.scheme}://{host}" if parts.scheme else repr(value[:60])
+    raise ValueError(f"must be an https:// URL (http:// only for a loopback host such as 127.0.0.1); "
+                     f"got {where}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+OutboundUrl = Annotated[str, AfterValidator(_outbound_url)]
 
 
 class ConfigError(Exception):
@@ -40,8 +97,9 @@ class ReceiverConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1024 * 1024)
+    max_stored_body_bytes: int = Field(65_536, ge=0, le=64 * 1024 * 1024)  # beyond it, the body's hash
     threads: int = Field(8, ge=1, le=256)
-    status_token: str | None = None
+    status_token: OptionalOwnSecret = None
 
 
 class HttpConfig(_Strict):
@@ -70,15 +128,15 @@ class PhoneConfig(_Strict):
 
 
 class AptenSource(_Strict):
-    secret: str = Field(min_length=8)
+    secret: OwnSecret
 
 
 class Lox24Source(_Strict):
-    token: str = Field(min_length=8)
+    token: OwnSecret
 
 
 class SinchSource(_Strict):
-    secret: str = Field(min_length=8)
+    secret: OwnSecret
     max_skew_seconds: int = Field(300, ge=1, le=3600)
 
 
@@ -90,7 +148,7 @@ class SourcesConfig(_Strict):
 
 class SalesforceAuth(_Strict):
     flow: Literal["client_credentials", "jwt", "password", "access_token"]
-    login_url: str | None = None
+    login_url: OutboundUrl | None = None
     client_id: str | None = None
     client_secret: str | None = None
     username: str | None = None
@@ -114,7 +172,7 @@ class SalesforceAuth(_Strict):
 
 
 class SalesforceConfig(_Strict):
-    instance_url: str
+    instance_url: OutboundUrl
     api_version: str = "62.0"
     auth: SalesforceAuth
     mapping: str = "mappings/salesforce.yaml"
@@ -132,13 +190,13 @@ class SalesforceConfig(_Strict):
 
 
 class HubSpotConfig(_Strict):
-    base_url: str = "https://api.hubapi.com"
+    base_url: OutboundUrl = "https://api.hubapi.com"
     access_token: str
     mapping: str = "mappings/hubspot.yaml"
 
 
 class CloseConfig(_Strict):
-    base_url: str = "https://api.close.com/api/v1"
+    base_url: OutboundUrl = "https://api.close.com/api/v1"
     api_key: str
     mapping: str = "mappings/close.yaml"
 
@@ -153,8 +211,8 @@ class CrmConfig(_Strict):
 
 
 class SinchConfig(_Strict):
-    base_url: str = "https://us.conversation.api.sinch.com"
-    auth_url: str = "https://auth.sinch.com/oauth2/token"
+    base_url: OutboundUrl = "https://us.conversation.api.sinch.com"
+    auth_url: OutboundUrl = "https://auth.sinch.com/oauth2/token"
     project_id: str
     app_id: str
     key_id: str

@@ -5,9 +5,17 @@ from __future__ import annotations
 import re
 import threading
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# Unicode-aware (``\w`` is any letter or digit): internationalised addresses such as
+# jürgen.müller@exämple.de or ivan@пример.рф are personal data too. The last label is
+# letters only, or an IDNA ``xn--`` label.
+_EMAIL = re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.(?:[^\W\d_]{2,}|xn--[\w-]+)")
 # Phone-like runs: optional +, then 7+ digits possibly split by space, dot, dash, parens.
-_PHONE = re.compile(r"(?<![A-Za-z0-9])\+?\(?\d(?:[\s().-]{0,2}\d){6,18}(?![A-Za-z0-9])")
+_PHONE = r"(?<![A-Za-z0-9])\+?\(?\d(?:[\s().-]{0,2}\d){6,18}(?![A-Za-z0-9])"
+# Dates and times (ISO 8601 and logging's ``2026-12-02 13:38:58,627``) are never masked:
+# matched first, they are kept as they are and no phone match can start inside them.
+_DATE_TIME = (r"(?<![\d+])(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+              r"(?:[T ](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:[.,]\d{1,9})?)?(?:Z|[+-]\d\d:?\d\d)?)?(?!\d)")
+_PHONE_OR_DATE = re.compile(f"(?P<date>{_DATE_TIME})|{_PHONE}")
 _BEARER = re.compile(r"(?i)(bearer\s+|access_token[\"'=:\s]+|authorization[\"'=:\s]+)[^\s\"',}]+")
 
 _lock = threading.Lock()
@@ -48,5 +56,9 @@ def mask_text(text: str) -> str:
             text = text.replace(secret, "***")
     text = _BEARER.sub(lambda m: m.group(1) + "***", text)
     text = _EMAIL.sub(lambda m: mask_email(m.group(0)) or "", text)
-    text = _PHONE.sub(lambda m: mask_phone(m.group(0)) or "", text)
+    text = _PHONE_OR_DATE.sub(_mask_phone_match, text)
     return text
+
+
+def _mask_phone_match(m: re.Match[str]) -> str:
+    return m.group(0) if m.group("date") else (mask_phone(m.group(0)) or "")

@@ -14,6 +14,9 @@ class Metrics:
         self.events_received = Counter(
             "syncd_events_received", "Webhooks received, by source and outcome",
             ["source", "outcome"], registry=self.registry)
+        self.body_bytes = Counter(
+            "syncd_webhook_body_bytes", "Bytes of webhook bodies received, by source",
+            ["source"], registry=self.registry)
         self.crm_requests = Counter(
             "syncd_crm_requests", "CRM write calls by CRM and result",
             ["crm", "status"], registry=self.registry)

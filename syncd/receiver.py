@@ -54,6 +54,15 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
             counter = counters[(source, outcome)] = metrics.events_received.labels(source, outcome)
         counter.inc()
 
+    volumes: dict[str, Any] = {}
+
+    def volume(source: str) -> Any:
+        """Bytes received per enabled source (a bounded label), authenticated or not."""
+        counter = volumes.get(source)
+        if counter is None:
+            counter = volumes[source] = metrics.body_bytes.labels(source)
+        return counter
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         status = exc.code or 500
@@ -76,6 +85,7 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
             count(name, "unsupported_media_type")
             return _error(415, f"content type {ctype[:60]!r} is not JSON")
         body = request.get_data(cache=False)
+        volume(name).inc(len(body))
         try:
             source.authenticate(body, request.headers, request.args)
         except Unauthorized as exc:

@@ -81,7 +81,8 @@ def open_runtime(cfg: Config) -> Runtime:
     register_secrets(cfg.secrets())
     mappings = load_mappings(cfg)
     connectors = build_connectors(cfg, mappings)
-    journal = open_journal(cfg.journal.url, base_dir=str(cfg.base_dir))
+    journal = open_journal(cfg.journal.url, base_dir=str(cfg.base_dir),
+                           max_stored_body_bytes=cfg.receiver.max_stored_body_bytes)
     router = Router.from_config(cfg)
     metrics = Metrics()
     quotas = {}

@@ -23,9 +23,12 @@ from typing import Any
 import requests
 import yaml
 
-APTEN_SECRET = "demo-apten-secret"
-LOX24_TOKEN = "demo-lox24-token"
-SINCH_SECRET = "demo-sinch-secret"
+from syncd.config import DEMO_ENV, DEMO_SECRETS
+
+# Published with the source: a config carrying them works only under this stack (DEMO_ENV).
+APTEN_SECRET = DEMO_SECRETS["apten"]
+LOX24_TOKEN = DEMO_SECRETS["lox24"]
+SINCH_SECRET = DEMO_SECRETS["sinch"]
 HUBSPOT_SUBSCRIPTION = "1001"  # the sandbox's "Marketing Information" subscription type
 ALL_CRMS = ("salesforce", "hubspot", "close")
 
@@ -56,6 +59,8 @@ class Stack:
     poll_interval: float = 1.0
 
     def start(self) -> "Stack":
+        # This process and its children run the demo stack: its published secrets are accepted.
+        os.environ[DEMO_ENV] = "1"
         if "salesforce" in self.crms:
             from connectors.sandbox.salesforce import SalesforceSandbox
 
@@ -154,7 +159,7 @@ class Stack:
     def syncd(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "syncd.cli", "-c", str(self.config_path), *args],
                               capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
-                              env={**os.environ, **(env or {})})
+                              env={**os.environ, DEMO_ENV: "1", **(env or {})})
 
     def serve(self, log_name: str = "serve.log") -> "DaemonProcess":
         return DaemonProcess.start(self.config_path, self.workdir / log_name, self.url, cwd=self.workdir)
@@ -211,7 +216,7 @@ class DaemonProcess:
     def start(cls, config_path: Path, log_path: Path, url: str, cwd: Path, wait: float = 30) -> "DaemonProcess":
         log = open(log_path, "ab")
         proc = subprocess.Popen([sys.executable, "-m", "syncd.cli", "-c", str(config_path), "serve"],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, DEMO_ENV: "1"})
         log.close()
         daemon = cls(proc, log_path, url)
         daemon.wait_ready(wait)

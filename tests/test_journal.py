@@ -402,3 +402,21 @@ def test_crm_pause_is_shared_and_one_process_checks_its_end(journal):
     journal.resume_crm("salesforce")
     assert journal.crm_pause("salesforce") is None
     assert not journal.take_pause_probe("salesforce", now=5_000.0, next_until=5_300.0)
+
+
+def test_sinch_error_details_are_stored_masked(journal):
+    from syncd.journal.base import ReflectionCandidate, ReflectionOutcome
+
+    journal.add_reflections([ReflectionCandidate(REF, "+4911113333444", "opt_out")], ["WHATSAPP"])
+    (r,) = journal.claim_reflections(10, 60)
+    journal.settle_reflections([ReflectionOutcome(r.id, "registered", at=time.time() + 60)])
+    failed = event(6, source="sinch", event_type="reflection_result", kind="opt_out", channel="whatsapp",
+                   details={"status": "OPT_OUT_FAILED", "request_id": r.request_id, "sinch_channel": "WHATSAPP",
+                            "error_details": {"description": "4911113333444 (jürgen.müller@exämple.de) "
+                                                             "is not a WhatsApp user"}})
+    stored = journal.get_event(journal.record(failed).event_id)
+    assert journal.reconcile(stored, 1, lambda attempts: time.time()) == "reflection"
+    (dead,) = [x for x in journal.dead_letters() if x["type"] == "reflection"]
+    assert "is not a WhatsApp user" in dead["error"] and "OPT_OUT_FAILED" in dead["error"]
+    assert "4911113333444" not in dead["error"] and "jürgen.müller" not in dead["error"]
+    assert "49********444" in dead["error"] and "j***@exämple.de" in dead["error"]

@@ -6,8 +6,16 @@ from __future__ import annotations
 from syncd.journal.base import (Delivery, Journal, JournalBusy, Outcome, Recorded, StoredEvent)
 
 
-def open_journal(url: str, *, base_dir: str | None = None) -> Journal:
-    """Open (and migrate) the journal named by ``journal.url``."""
+def open_journal(url: str, *, base_dir: str | None = None, max_stored_body_bytes: int | None = None) -> Journal:
+    """Open (and migrate) the journal named by ``journal.url``; raw bodies larger than
+    ``max_stored_body_bytes`` are stored as their hash (see ``sql.stored_body``)."""
+    journal = _open(url, base_dir)
+    if max_stored_body_bytes is not None:
+        journal.max_stored_body_bytes = max_stored_body_bytes  # type: ignore[attr-defined]
+    return journal
+
+
+def _open(url: str, base_dir: str | None) -> Journal:
     if url.startswith("sqlite:///"):
         from syncd.journal.sqlite import SqliteJournal
 

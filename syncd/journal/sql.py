@@ -6,6 +6,7 @@ statement, which is where engines differ (SKIP LOCKED vs. SQLite's single writer
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -18,10 +19,26 @@ from typing import Any, Callable, Iterator
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent, iso, utcnow
 from syncd.journal.group_commit import GroupCommit
+from syncd.masking import mask_text
 from syncd.journal.base import (Clock, Delivery, Outcome, Recorded, Reflection, ReflectionCandidate,
                                 ReflectionOutcome, StoredEvent)
 
 SCHEMA_VERSION = 2  # 2: owners of routing and reflection leases
+
+DEFAULT_MAX_STORED_BODY_BYTES = 65536
+# Stands in for a raw body over the cap. Every stored body is a JSON object (sources
+# refuse anything else), so text that starts with this marker is never a body.
+OVERSIZED_BODY_MARKER = b"syncd:raw-body-not-stored"
+
+
+def stored_body(raw: bytes, cap: int) -> bytes:
+    """``raw`` itself up to ``cap`` bytes; beyond it, the marker with the body's SHA-256
+    and size, so an authenticated sender cannot grow the journal by a megabyte a post.
+    Dedupe keys are computed by the sources from the full body, before this."""
+    if len(raw) <= cap:
+        return raw
+    digest = hashlib.sha256(raw).hexdigest()
+    return OVERSIZED_BODY_MARKER + f" sha256={digest} bytes={len(raw)} cap={cap}".encode()
 
 EVENT_COLUMNS = ("id, source, source_event_id, event_type, kind, channel, external_lead_id, phone, "
                  "phone_raw, email, reason, occurred_at, received_at, status, status_reason, "
@@ -41,6 +58,7 @@ def new_owner() -> str:
 
 class SqlJournal:
     owner: str
+    max_stored_body_bytes: int = DEFAULT_MAX_STORED_BODY_BYTES   # receiver.max_stored_body_bytes
 
     # --- engine hooks ----------------------------------------------------------------
     def _write(self) -> AbstractContextManager[Any]:  # pragma: no cover - abstract
@@ -71,13 +89,13 @@ class SqlJournal:
                       "details, raw, status, status_reason, updated_at) VALUES ")
     _EVENT_VALUES = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
-    @staticmethod
-    def _event_row(event: ConsentEvent, now: str) -> tuple[Any, ...]:
+    def _event_row(self, event: ConsentEvent, now: str) -> tuple[Any, ...]:
         status = "quarantined" if event.quarantine_reason and event.event_type == "consent" else "new"
         return (event.source, event.source_event_id, event.event_type, event.kind, event.channel,
                 event.external_lead_id, event.phone, event.phone_raw, event.email, event.reason,
                 event.message, iso(event.occurred_at), iso(event.received_at),
-                json.dumps(event.details, default=str, ensure_ascii=False), event.raw, status,
+                json.dumps(event.details, default=str, ensure_ascii=False),
+                stored_body(event.raw, self.max_stored_body_bytes), status,
                 event.quarantine_reason, now)
 
     def _ingest_write(self) -> AbstractContextManager[Any]:
@@ -472,7 +490,10 @@ class SqlJournal:
                         "UPDATE reflections SET state = 'done', done_at = ?, last_error = NULL, lease_until = 0 "
                         "WHERE id = ? AND state IN ('registered', 'pending')"), (now_iso, rid))
                 else:
-                    error = f"{status}: {json.dumps(d.get('error_details'), default=str)[:500]}"
+                    # Sinch's reason text can echo the phone or email: masked before it is
+                    # stored, since dead-letters, export and the status page print it.
+                    reason = json.dumps(d.get("error_details"), default=str, ensure_ascii=False)
+                    error = mask_text(f"{status}: {reason}")[:500]
                     if attempts >= max_attempts:
                         self._kill_reflection(cur, rid, f"gave up after {attempts} attempts: {error}")
                     else:

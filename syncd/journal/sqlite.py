@@ -11,8 +11,10 @@ kernel when the process dies, even by ``kill -9``).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
+import stat
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,8 @@ from typing import Any, Iterator
 from syncd.journal.base import JournalBusy
 from syncd.journal.group_commit import GroupCommit
 from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
+
+log = logging.getLogger("syncd.journal")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -122,6 +126,43 @@ RETURNING id
 """
 
 
+def make_private_dirs(folder: Path) -> None:
+    """Create the missing folders of ``folder`` as 0700 (whatever the umask); folders
+    that already exist are the operator's and left as they are."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)  # mkdir's mode passes through the umask
+
+
+def make_private_files(db: Path) -> None:
+    """The journal holds phones, emails and message texts: its file is created 0600
+    before SQLite opens it (SQLite creates ``-wal`` and ``-shm`` with the database
+    file's mode), and an existing file readable by others is narrowed to 0600."""
+    fd = os.open(db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            try:
+                os.chmod(path, 0o600)
+            except PermissionError:  # not ours to change: say so, keep working
+                log.warning("journal file is readable by other users", extra={"path": str(path),
+                                                                              "mode": oct(mode)})
+            else:
+                log.warning("journal file was readable by other users; narrowed to 0600",
+                            extra={"path": str(path), "mode": oct(mode)})
+
+
 class SqliteJournal(SqlJournal):
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -133,7 +174,8 @@ class SqliteJournal(SqlJournal):
         self._write_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
         self._group = GroupCommit(self, sqlite3.Error)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.path.parent)
+        make_private_files(self.path)
         self._migrate()
 
     @classmethod
