@@ -14,6 +14,10 @@ class Metrics:
         self.events_received = Counter(
             "syncd_events_received", "Webhooks received, by source and outcome",
             ["source", "outcome"], registry=self.registry)
+        self.unmodelled_values = Counter(
+            "syncd_source_unmodelled_values",
+            "Events kept with a value syncd does not model (e.g. Apten channel manual), by source and field",
+            ["source", "field"], registry=self.registry)
         self.crm_requests = Counter(
             "syncd_crm_requests", "CRM write calls by CRM and result",
             ["crm", "status"], registry=self.registry)
