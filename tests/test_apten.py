@@ -87,8 +87,11 @@ def test_future_timestamp_does_not_outrank_later_events():
     assert "source_time_in_future" in ev.details
 
 
+# Text with every code point, lone surrogates and NUL included: json.dumps writes them as
+# "\ud800" / "\u0000" escapes, as a sender's JSON encoder would.
+any_text = st.text(st.characters(exclude_categories=()), max_size=30) | st.sampled_from(["\ud800", "a\x00b", "x" * 10_000])
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | any_text,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=20)
 
@@ -97,9 +100,9 @@ json_values = st.recursive(
 @given(event=st.sampled_from(["optOut", "doNotContact", "x"]) | st.text(max_size=20),
        data=st.dictionaries(st.sampled_from(["leadId", "externalLeadId", "phone", "email", "channel",
                                              "optOutReason", "isTwilioOptOut", "optOutMessage",
-                                             "isDoNotContact"]) | st.text(max_size=8),
+                                             "isDoNotContact"]) | st.text(st.characters(exclude_categories=()), max_size=8),
                             json_values, max_size=9),
-       timestamp=st.none() | st.text(max_size=30) | st.integers())
+       timestamp=st.none() | any_text | st.integers())
 def test_any_json_either_parses_or_is_a_clear_bad_payload(event, data, timestamp):
     doc = {"event": event, "data": data}
     if timestamp is not None:

@@ -19,7 +19,9 @@ from tests.conftest import consent_or_none, fixture_bytes
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 LOX = Lox24Source("lox24-test-token")
 SINCH = SinchSource("sinch-test-secret")
-json_leaf = st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20) | st.text(max_size=20)
+# Any code point, lone surrogates and NUL included (json.dumps writes them as JSON escapes).
+any_text = st.text(st.characters(exclude_categories=()), max_size=20) | st.sampled_from(["\udfff", "\x00", "y" * 10_000])
+json_leaf = st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20) | any_text
 json_value = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
                                                                                            max_size=3), max_leaves=10)
 
@@ -90,7 +92,7 @@ def test_lox24_any_json_parses_or_is_bad_payload(top, data):
 @given(note=st.dictionaries(st.sampled_from(["contact_id", "channel", "identity", "status", "request_id",
                                              "error_details"]), json_value, max_size=6),
        envelope=st.sampled_from([None, "opt_out_notification", "opt_in_notification"]),
-       event_time=st.none() | st.text(max_size=30))
+       event_time=st.none() | any_text)
 def test_sinch_any_json_parses_or_is_bad_payload(note, envelope, event_time):
     doc = {envelope: note} if envelope else dict(note)
     if event_time is not None:
