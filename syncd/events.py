@@ -41,7 +41,7 @@ def utcnow() -> datetime:
 def canonical_hash(obj: Any) -> str:
     """sha256 of canonical JSON (sorted keys, no whitespace): a dedupe key for sources
     that send no event id, stable across key order and formatting. A lone surrogate
-    (from a ``\ud800`` escape) is hashed as its code point, not refused; valid text
+    (from a JSON escape such as backslash-u-d800) is hashed as its code point, not refused; valid text
     hashes exactly as before."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

@@ -182,3 +182,15 @@ def test_fuzz_json_escapes_in_every_string_field_never_5xx_never_lose_free_text(
         assert resp.status_code in (200, 202), (path, resp.text)   # the opt-out is kept
     elif role == "id" and not_text:
         assert resp.status_code == 400 and ".".join(path) in resp.json()["error"], resp.text
+
+
+def test_deeply_nested_valid_json_is_never_a_5xx(receiver):
+    # json.loads accepts nesting close to the interpreter's recursion limit; everything
+    # after it (cleaning, hashing, storing) runs deeper in the stack.
+    for depth in range(800, 1000, 8):
+        nested = '{"a":' * depth + "1" + "}" * depth
+        apten = f'{{"event":"optOut","data":{{"phone":"+13305551234","x":{nested}}}}}'.encode()
+        sinch = json.loads(_sinch("WHATSAPP"))
+        sinch_body = json.dumps(sinch).replace('"status"', f'"x":{nested},"status"', 1).encode()
+        for resp in (post_apten(receiver, apten), post_sinch(receiver, sinch_body)):
+            assert resp.status_code in (200, 400), (depth, resp.text)
