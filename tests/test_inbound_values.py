@@ -194,3 +194,34 @@ def test_deeply_nested_valid_json_is_never_a_5xx(receiver):
         sinch_body = json.dumps(sinch).replace('"status"', f'"x":{nested},"status"', 1).encode()
         for resp in (post_apten(receiver, apten), post_sinch(receiver, sinch_body)):
             assert resp.status_code in (200, 400), (depth, resp.text)
+
+
+def test_status_and_export_commands_show_ignored_and_raw_channels(receiver, tmp_path):
+    import csv
+    import io
+    import subprocess
+    import sys
+
+    from syncd.config import RetryConfig
+    from syncd.pusher import Pusher
+    from syncd.routing import Router
+
+    viber = post_sinch(receiver, _sinch("VIBERBM")).json()["event_id"]
+    manual = post_apten(receiver, _apten(channel="manual")).json()["event_id"]
+    Pusher(receiver.journal, {}, {}, Router([], []), RetryConfig()).run_once()
+    (tmp_path / "cli.yaml").write_text(
+        "journal:\n  url: sqlite:///r.db\nsources:\n  apten:\n    secret: " + uuid.uuid4().hex + "\n")
+
+    def syncd(*args: str) -> str:
+        run = subprocess.run([sys.executable, "-m", "syncd.cli", "-c", str(tmp_path / "cli.yaml"), *args],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    status = json.loads(syncd("status", "--json"))
+    assert status["ignored"] == 1 and {"deliveries", "quarantined", "reflections"} <= set(status)
+    assert "ignored 1" in syncd("status")
+    rows = {int(r["event_id"]): r for r in csv.DictReader(io.StringIO(syncd("export")))}
+    assert (rows[viber]["state"], rows[viber]["raw_channel"]) == ("ignored", "VIBERBM")
+    assert (rows[manual]["channel"], rows[manual]["raw_channel"], rows[manual]["unmodelled"]) == \
+        ("all", "manual", "channel=manual")
