@@ -93,7 +93,8 @@ class Pusher:
             return
         if ignored:
             self.journal.ignore(event.id, str(ignored))
-            log.info("event ignored", extra={"event_id": event.id, "source": event.source, "reason": ignored})
+            log.info("event ignored", extra={"event_id": event.id, "source": event.source,
+                                             "reason": mask_text(str(ignored))})
             return
         ref = self.router.route_id(event.external_lead_id)
         if ref is not None:

@@ -114,7 +114,7 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
         if ignored:
             count(name, "stored_ignored")
             log.info("webhook stored, ignored", extra={"source": name, "event_id": recorded.event_id,
-                                                       "status": 200, "reason": ignored})
+                                                       "status": 200, "reason": mask_text(ignored)})
             return _answer({"status": "ignored", "event_id": recorded.event_id, "reason": ignored})
         if event.quarantine_reason:
             count(name, "quarantined")
