@@ -108,7 +108,7 @@ def status(c: Ctx, as_json: bool) -> None:
     d, r = counts["deliveries"], counts["reflections"]
     click.echo(f"deliveries   pending {d['pending']} (retrying {d['retrying']})  done {d['done']}  dead {d['dead']}")
     click.echo(f"events       received {counts['events']['received']}  unrouted {counts['events']['unrouted']}"
-               f"  quarantined {counts['quarantined']}")
+               f"  quarantined {counts['quarantined']}  ignored {counts.get('ignored', 0)}")
     click.echo(f"reflections  pending {r['pending']}  done {r['done']}  failed {r['failed']}")
     age = counts["oldest_pending_age_seconds"]
     click.echo(f"oldest pending: {'-' if age is None else f'{age:.0f} s'}")
@@ -151,7 +151,8 @@ def replay(c: Ctx, ids: tuple[str, ...], all_dead: bool) -> None:
 
 EXPORT_COLUMNS = ["event_id", "source", "source_event_id", "received_at", "occurred_at", "kind", "channel",
                   "target_crm", "target_object", "target_record", "state", "delivered_at", "attempts",
-                  "error", "outcome", "reflection", "reflection_at", "reflection_error"]
+                  "error", "outcome", "reflection", "reflection_at", "reflection_error", "raw_channel",
+                  "unmodelled"]
 
 
 @cli.command()

@@ -16,7 +16,7 @@ class ConsentEvent:
     source: str
     source_event_id: str
     kind: Kind
-    channel: Channel
+    channel: Channel | None           # None: a channel syncd does not model (kept, never routed)
     occurred_at: datetime
     received_at: datetime
     raw: bytes
@@ -26,7 +26,10 @@ class ConsentEvent:
     email: str | None = None
     reason: str | None = None
     message: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)  # source-specific audit extras
+    # Source-specific audit extras. ``unmodelled``: {field: raw value} the source sent
+    # that syncd does not model (counted by the receiver); ``ignored``: why this
+    # event writes no CRM field (a channel syncd does not model).
+    details: dict[str, Any] = field(default_factory=dict)
     event_type: str = "consent"       # "consent" or "reflection_result"
     quarantine_reason: str | None = None
 
@@ -37,9 +40,11 @@ def utcnow() -> datetime:
 
 def canonical_hash(obj: Any) -> str:
     """sha256 of canonical JSON (sorted keys, no whitespace): a dedupe key for sources
-    that send no event id, stable across key order and formatting."""
+    that send no event id, stable across key order and formatting. A lone surrogate
+    (from a JSON escape such as backslash-u-d800) is hashed as its code point, not refused; valid text
+    hashes exactly as before."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def iso(dt: datetime | None) -> str | None:

@@ -17,6 +17,10 @@ class Metrics:
         self.body_bytes = Counter(
             "syncd_webhook_body_bytes", "Bytes of webhook bodies received, by source",
             ["source"], registry=self.registry)
+        self.unmodelled_values = Counter(
+            "syncd_source_unmodelled_values",
+            "Events kept with a value syncd does not model (e.g. Apten channel manual), by source and field",
+            ["source", "field"], registry=self.registry)
         self.crm_requests = Counter(
             "syncd_crm_requests", "CRM write calls by CRM and result",
             ["crm", "status"], registry=self.registry)

@@ -95,7 +95,15 @@ class Pusher:
         return len(events)
 
     def _route(self, event: StoredEvent, stats: TickStats, by_id: list[tuple[int, list[RecordRef]]]) -> None:
-        if event.source == "sinch" and self.reconcile(event):
+        ignored = event.details.get("ignored")  # a channel syncd does not model: kept, no CRM field written
+        # A notification may still answer a registration of ours (joined by request_id or phone).
+        could_answer = not ignored or event.phone or event.details.get("request_id")
+        if event.source == "sinch" and could_answer and self.reconcile(event):
+            return
+        if ignored:
+            self.journal.ignore(event.id, str(ignored))
+            log.info("event ignored", extra={"event_id": event.id, "source": event.source,
+                                             "reason": mask_text(str(ignored))})
             return
         ref = self.router.route_id(event.external_lead_id)
         if ref is not None:

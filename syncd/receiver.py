@@ -104,7 +104,8 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
             log.info("webhook ignored", extra={"source": name, "status": 200, "reason": parsed.reason})
             return _answer({"status": "ignored", "reason": parsed.reason})
         event: ConsentEvent = parsed
-        if event.event_type == "consent":
+        ignored = event.details.get("ignored")
+        if event.event_type == "consent" and not ignored:
             event.quarantine_reason = router.unroutable_reason(event.external_lead_id, event.phone,
                                                                event.phone_raw)
         try:
@@ -117,6 +118,14 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
             count(name, "duplicate")
             log.info("webhook duplicate", extra={"source": name, "event_id": recorded.event_id, "status": 200})
             return _answer({"status": "duplicate", "event_id": recorded.event_id})
+        for field in event.details.get("unmodelled") or ():
+            # Field names come from each parser's fixed list: a small, bounded label set.
+            metrics.unmodelled_values.labels(name, field).inc()
+        if ignored:
+            count(name, "stored_ignored")
+            log.info("webhook stored, ignored", extra={"source": name, "event_id": recorded.event_id,
+                                                       "status": 200, "reason": mask_text(ignored)})
+            return _answer({"status": "ignored", "event_id": recorded.event_id, "reason": ignored})
         if event.quarantine_reason:
             count(name, "quarantined")
             log.warning("webhook quarantined", extra={"source": name, "event_id": recorded.event_id,

@@ -19,7 +19,9 @@ from tests.conftest import consent_or_none, fixture_bytes
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 LOX = Lox24Source("lox24-test-token")
 SINCH = SinchSource("sinch-test-secret")
-json_leaf = st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20) | st.text(max_size=20)
+# Any code point, lone surrogates and NUL included (json.dumps writes them as JSON escapes).
+any_text = st.text(st.characters(exclude_categories=()), max_size=20) | st.sampled_from(["\udfff", "\x00", "y" * 10_000])
+json_leaf = st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20) | any_text
 json_value = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
                                                                                            max_size=3), max_leaves=10)
 
@@ -90,7 +92,7 @@ def test_lox24_any_json_parses_or_is_bad_payload(top, data):
 @given(note=st.dictionaries(st.sampled_from(["contact_id", "channel", "identity", "status", "request_id",
                                              "error_details"]), json_value, max_size=6),
        envelope=st.sampled_from([None, "opt_out_notification", "opt_in_notification"]),
-       event_time=st.none() | st.text(max_size=30))
+       event_time=st.none() | any_text)
 def test_sinch_any_json_parses_or_is_bad_payload(note, envelope, event_time):
     doc = {envelope: note} if envelope else dict(note)
     if event_time is not None:
@@ -124,3 +126,98 @@ def test_mask_text_hides_phones_emails_and_secrets(digits, local, prefix):
     assert digits.lstrip("+") not in masked
     assert f"{local}@example.com" not in masked
     assert "s3cr3t-value-xyz" not in masked
+
+
+# --- text that is not text, values syncd does not model ----------------------------------
+
+def _lox24_with(path: tuple[str, ...], escaped: str) -> bytes:
+    """The LOX24 seed with the string at ``path`` written as raw JSON text (escapes kept)."""
+    doc = json.loads(fixture_bytes("lox24_phone_unsubscribe.json"))
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = "@@X@@"
+    return json.dumps(doc).replace('"@@X@@"', f'"{escaped}"').encode()
+
+
+@pytest.mark.parametrize("path,attr", [(("data", "additional_data", "additional_text"), "message"),
+                                       (("data", "additional_data", "reason", "label"), "reason")])
+@pytest.mark.parametrize("escaped", ["\\ud800", "nein\\u0000", "x" * 10_000])
+def test_lox24_free_text_never_costs_the_opt_out(path, attr, escaped):
+    ev = LOX.parse(_lox24_with(path, escaped), NOW)
+    assert ev.kind == "opt_out" and ev.phone == "+4911113333444"
+    value = getattr(ev, attr)
+    value.encode("utf-8")
+    assert "\x00" not in value and ("\ufffd" in value or value.startswith("x"))
+
+
+def test_lox24_long_label_is_clipped_and_noted():
+    ev = LOX.parse(_lox24_with(("data", "additional_data", "reason", "label"), "y" * 10_000), NOW)
+    assert len(ev.reason) == 500 and ev.details["clipped"] == ["reason_label"]
+
+
+@pytest.mark.parametrize("path,name", [(("data", "phone"), "data.phone"), (("id",), "id")])
+def test_lox24_identifier_holding_a_lone_surrogate_is_a_400_naming_it(path, name):
+    with pytest.raises(BadPayload) as err:
+        LOX.parse(_lox24_with(path, "\\ud800"), NOW)
+    assert name in str(err.value)
+
+
+def test_lox24_undocumented_reason_id_is_kept_and_listed():
+    doc = json.loads(fixture_bytes("lox24_phone_unsubscribe.json"))
+    doc["data"]["additional_data"]["reason"]["id"] = 1234
+    ev = LOX.parse(json.dumps(doc).encode(), NOW)
+    assert ev.details["reason_id"] == 1234 and ev.details["unmodelled"] == {"reason.id": "1234"}
+
+
+# Every channel of the Conversation API (official Python SDK, sinch/sinch-sdk-python:
+# sinch/domains/conversation/models/v1/types/conversation_channel_type.py); syncd models three.
+SINCH_CHANNELS = ["WHATSAPP", "RCS", "SMS", "MESSENGER", "VIBERBM", "MMS", "INSTAGRAM", "TELEGRAM",
+                  "KAKAOTALK", "KAKAOTALKCHAT", "LINE", "WECHAT", "APPLEBC"]
+MODELLED = {"WHATSAPP": "whatsapp", "SMS": "sms", "MMS": "sms"}
+
+
+def test_sinch_channel_list_matches_the_installed_sdk():
+    sdk = pytest.importorskip("sinch.domains.conversation.models.v1.types.conversation_channel_type")
+    import typing
+
+    literal = next(a for a in typing.get_args(sdk.ConversationChannelType) if typing.get_origin(a) is typing.Literal)
+    assert sorted(typing.get_args(literal)) == sorted(SINCH_CHANNELS)
+
+
+@pytest.mark.parametrize("channel", [c for c in SINCH_CHANNELS if c not in MODELLED] + ["VIBER", "FUTURE_X"])
+def test_sinch_unmodelled_channel_is_kept_but_writes_nothing(channel):
+    body = json.dumps({"opt_out_notification": {"channel": channel, "identity": "46712312312",
+                                                "status": "OPT_OUT_SUCCEEDED"}}).encode()
+    ev = SINCH.parse(body, NOW)
+    assert ev.event_type == "consent" and ev.kind == "opt_out"
+    assert ev.channel is None  # never "whatsapp": no WhatsApp flag for a Viber opt-out
+    assert ev.details["unmodelled"] == {"channel": channel}
+    assert channel in ev.details["ignored"]
+
+
+@pytest.mark.parametrize("channel", sorted(MODELLED))
+def test_sinch_modelled_channels(channel):
+    body = json.dumps({"channel": channel, "identity": "46712312312", "status": "OPT_OUT_SUCCEEDED"}).encode()
+    ev = SINCH.parse(body, NOW)
+    assert ev.channel == MODELLED[channel] and "ignored" not in ev.details
+
+
+def test_sinch_free_text_with_lone_surrogate_is_kept():
+    body = (b'{"opt_out_notification": {"channel": "WHATSAPP", "identity": "46712312312", '
+            b'"status": "OPT_OUT_FAILED", "error_details": {"description": "bad \\ud800 \\u0000"}}}')
+    ev = SINCH.parse(body, NOW)
+    assert ev.details["error_details"] == {"description": "bad \ufffd \ufffd"}
+
+
+@pytest.mark.parametrize("body,name", [
+    (b'{"opt_out_notification": {"channel": "WHATSAPP", "identity": "4671\\ud800", "status": "OPT_OUT_SUCCEEDED"}}',
+     "opt_out_notification.identity"),
+    (b'{"channel": "WHATSAPP", "contact_id": "\\u0000", "status": "OPT_OUT_SUCCEEDED"}', "contact_id"),
+    (b'{"correlation_id": "\\udfff", "opt_in_notification": {"channel": "SMS", "status": "OPT_IN_SUCCEEDED"}}',
+     "correlation_id"),
+])
+def test_sinch_identifier_holding_a_lone_surrogate_or_nul_is_a_400_naming_it(body, name):
+    with pytest.raises(BadPayload) as err:
+        SINCH.parse(body, NOW)
+    assert str(err.value).startswith(name)

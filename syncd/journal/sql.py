@@ -191,6 +191,13 @@ class SqlJournal:
                 "UPDATE events SET status = 'quarantined', status_reason = ?, updated_at = ? "
                 "WHERE id = ? AND status = 'new'"), (reason, iso(utcnow()), event_id))
 
+    def ignore(self, event_id: int, reason: str) -> None:
+        """Kept but never routed (a channel syncd does not model): no delivery, shown as ignored."""
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "UPDATE events SET status = 'ignored', status_reason = ?, updated_at = ? "
+                "WHERE id = ? AND status = 'new'"), (reason, iso(utcnow()), event_id))
+
     def defer_routing(self, event_id: int, error: str, retry_at: float) -> None:
         with self._write() as cur:
             cur.execute(self._sql(
@@ -350,6 +357,7 @@ class SqlJournal:
             "events": {"received": sum(by_status.values()), "unrouted": by_status.get("new", 0),
                        "routed": by_status.get("routed", 0), "reconciled": by_status.get("reconciled", 0)},
             "quarantined": by_status.get("quarantined", 0),
+            "ignored": by_status.get("ignored", 0),   # kept, never routed: a channel syncd does not model
             "reflections": reflections,
             "oldest_pending_age_seconds": age,
             "crms": crms,
@@ -613,21 +621,27 @@ class SqlJournal:
                 "SELECT e.id, e.source, e.source_event_id, e.received_at, e.occurred_at, e.kind, "
                 "e.channel, e.status, e.status_reason, d.crm, d.obj, d.record_id, d.state, "
                 "d.delivered_at, d.attempts, d.last_error, d.outcome, r.state, "
-                "COALESCE(r.done_at, r.registered_at, r.created_at), r.last_error "
+                "COALESCE(r.done_at, r.registered_at, r.created_at), r.last_error, e.details "
                 "FROM events e LEFT JOIN deliveries d ON d.event_id = e.id "
                 "LEFT JOIN reflections r ON r.id = (SELECT MAX(x.id) FROM reflections x WHERE x.crm = d.crm "
                 "AND x.obj = d.obj AND x.record_id = d.record_id) "
                 "WHERE e.event_type = 'consent' AND e.received_at >= ? ORDER BY e.id, d.id"), (since_iso,))
             rows = cur.fetchall()
         for r in rows:
-            state = r[12] or (r[7] if r[7] in ("quarantined", "reconciled") else "unrouted")
+            state = r[12] or (r[7] if r[7] in ("quarantined", "reconciled", "ignored") else "unrouted")
+            details = json.loads(r[20] or "{}")
+            unmodelled = details.get("unmodelled") or {}
             yield {"event_id": r[0], "source": r[1], "source_event_id": r[2], "received_at": r[3],
                    "occurred_at": r[4], "kind": r[5], "channel": r[6], "target_crm": r[9],
                    "target_object": r[10], "target_record": r[11], "state": state,
                    "delivered_at": r[13], "attempts": r[14],
                    "error": r[15] if r[12] else r[8], "outcome": r[16],
                    "reflection": {"dead": "failed", "registered": "pending"}.get(r[17], r[17]),
-                   "reflection_at": r[18], "reflection_error": r[19]}
+                   "reflection_at": r[18], "reflection_error": r[19],
+                   # The source's own channel value (Apten ``manual``, Sinch ``VIBERBM``...)
+                   # and the fields syncd kept without modelling them.
+                   "raw_channel": details.get("raw_channel") or details.get("sinch_channel"),
+                   "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None}
 
     # --- watermarks & health ---------------------------------------------------------
     def get_watermark(self, name: str) -> tuple[str | None, str | None]:

@@ -3,23 +3,37 @@
 Signature: header ``X-Signature-SHA256`` = hex HMAC-SHA256 of the raw body.
 Apten sends no event id, so the dedupe key is the hash of the canonical body:
 a retried delivery of the same event hashes the same.
+
+Apten documents no retry, so an authentic, well-formed opt-out is never refused for
+a value syncd does not model: ``channel`` ``manual`` (documented on
+https://docs.apten.ai/webhooks/overview) or one never seen is kept with its raw value
+and treated as ``all``, the conservative reading of an opt-out; an ``optOutReason``
+outside the documented four is kept as sent. Both are listed in
+``details["unmodelled"]`` (counted in a metric, shown by ``export``).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 from datetime import datetime
-from typing import Literal, Mapping
+from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
 from syncd.events import ConsentEvent, canonical_hash, parse_iso
 from syncd.phones import to_e164
-from syncd.sources.base import (BadPayload, Ignored, Unauthorized, bounded_occurred_at,
-                                load_json_object, validated)
+from syncd.sources.base import (BadPayload, Ignored, Unauthorized, bounded_occurred_at, clip,
+                                load_json, validated)
 
 SIGNATURE_HEADER = "X-Signature-SHA256"
 CONSENT_EVENTS = ("optOut", "doNotContact")
+# https://docs.apten.ai/webhooks/opt-out: sms, email, call. ``whatsapp`` is not in
+# Apten's docs; syncd has accepted it since its first release and keeps doing so.
+# ``manual`` (webhooks overview) names no channel syncd can write: it reads as ``all``.
+CHANNELS = {"sms": "sms", "email": "email", "call": "call", "whatsapp": "whatsapp"}
+REASONS = ("MANUAL", "COMPLAINT", "BOUNCE", "UNSUBSCRIBE_LINK")  # the opt-out page's list
+IDENTIFIERS = ("data.leadId", "data.externalLeadId", "data.phone", "data.email")
+MAX_LABEL, MAX_MESSAGE = 500, 10_000
 
 
 class _Envelope(BaseModel):
@@ -35,8 +49,8 @@ class _OptOutData(BaseModel):
     externalLeadId: str | None = None
     phone: str | None = None
     email: str | None = None
-    # Apten's first payloads were SMS-only and carried no channel.
-    channel: Literal["sms", "email", "call", "whatsapp"] = "sms"
+    # Apten's first payloads were SMS-only and carried no channel; null is unknown.
+    channel: str | None = "sms"
     optOutReason: str | None = None
     isTwilioOptOut: bool | None = None
     optOutMessage: str | None = None
@@ -70,13 +84,15 @@ class AptenSource:
             raise Unauthorized(f"missing or invalid {SIGNATURE_HEADER}")
 
     def parse(self, body: bytes, received_at: datetime) -> ConsentEvent | Ignored:
-        doc = load_json_object(body)
+        loaded = load_json(body)
+        doc = loaded.doc
         env = validated(_Envelope, doc)
         if env.event not in CONSENT_EVENTS:
             return Ignored(f"apten event {env.event[:40]!r} carries no consent change")
         model = _OptOutData if env.event == "optOut" else _DoNotContactData
         data = validated(model, env.data, ("data",))
-        details: dict = {"apten_event": env.event, "lead_id": data.leadId}
+        loaded.require_text(*IDENTIFIERS)
+        details: dict[str, Any] = {"apten_event": env.event, "lead_id": data.leadId}
         if env.timestamp is None:
             occurred = received_at
             details["timestamp_missing"] = True
@@ -87,25 +103,44 @@ class AptenSource:
                 raise BadPayload("timestamp: not an ISO 8601 date-time") from None
             occurred = bounded_occurred_at(occurred, received_at, details)
         if isinstance(data, _OptOutData):
-            kind, channel = "opt_out", data.channel
-            reason = data.optOutReason
+            kind = "opt_out"
+            channel = self._channel(data.channel, details)
+            reason = self._reason(data.optOutReason, details)
             details.update(is_twilio_opt_out=data.isTwilioOptOut, is_do_not_contact=data.isDoNotContact)
         else:
             kind, channel, reason = "do_not_contact", "all", "DO_NOT_CONTACT"
         phone_raw = data.phone or None
         return ConsentEvent(
             source=self.name,
-            source_event_id=canonical_hash(doc),
+            source_event_id=canonical_hash(loaded.original),
             kind=kind,
-            channel=channel,
+            channel=channel,  # type: ignore[arg-type]
             occurred_at=occurred,
             received_at=received_at,
             raw=body,
             external_lead_id=(data.externalLeadId or "").strip() or None,
             phone=to_e164(phone_raw, self.default_region),
             phone_raw=phone_raw,
-            email=data.email or None,
+            email=(data.email or "").strip() or None,  # doNotContact carries it: the email channel's address
             reason=reason,
-            message=data.optOutMessage,
+            message=clip(data.optOutMessage, MAX_MESSAGE, "optOutMessage", details),
             details=details,
         )
+
+    @staticmethod
+    def _channel(raw: str | None, details: dict[str, Any]) -> str:
+        """The channel syncd writes: a documented one, else ``all`` with the raw value kept."""
+        shown = "null" if raw is None else raw[:100]
+        details["raw_channel"] = shown
+        channel = CHANNELS.get((raw or "").strip().lower())
+        if channel is None:
+            details.setdefault("unmodelled", {})["channel"] = shown
+            return "all"
+        return channel
+
+    @staticmethod
+    def _reason(raw: str | None, details: dict[str, Any]) -> str | None:
+        reason = clip(raw, MAX_LABEL, "optOutReason", details)
+        if reason is not None and reason not in REASONS:
+            details.setdefault("unmodelled", {})["optOutReason"] = reason[:100]
+        return reason

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Mapping, Protocol, TypeVar
@@ -42,16 +43,88 @@ class Source(Protocol):
         ...
 
 
-def load_json_object(body: bytes) -> dict[str, Any]:
+# Code points that are not text: a lone UTF-16 surrogate (a JSON escape such as
+# "\ud800", or an undecodable byte) cannot be encoded or stored, and PostgreSQL
+# refuses NUL in TEXT. Free text keeps its place with U+FFFD; identifiers refuse.
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+@dataclass
+class Loaded:
+    """A webhook body as a JSON object, made safe to store.
+
+    ``doc`` has every string (and key) with non-text code points replaced by U+FFFD;
+    ``original`` is the document as decoded (the dedupe hash is taken over it, so
+    two bodies that differ only in those code points stay distinct); ``dirty``
+    holds the dotted path of every string that needed a replacement."""
+
+    doc: dict[str, Any]
+    original: dict[str, Any]
+    dirty: frozenset[str]
+
+    def require_text(self, *paths: str) -> None:
+        """An identifier (id, phone, email) must be real text: 400 naming the field."""
+        for path in paths:
+            if path in self.dirty:
+                raise BadPayload(f"{path}: holds a lone surrogate or NUL character (an identifier must be text)")
+
+
+def _clean(value: Any, path: str, dirty: set[str]) -> Any:
+    if isinstance(value, str):
+        if _NOT_TEXT.search(value):
+            dirty.add(path)
+            return _NOT_TEXT.sub(REPLACEMENT, value)
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            clean_key = _NOT_TEXT.sub(REPLACEMENT, key)
+            sub = f"{path}.{clean_key}" if path else clean_key
+            if clean_key != key:
+                dirty.add(sub)
+            out[clean_key] = _clean(item, sub, dirty)
+        return out
+    if isinstance(value, list):
+        return [_clean(item, f"{path}.{i}", dirty) for i, item in enumerate(value)]
+    return value
+
+
+def load_json(body: bytes) -> Loaded:
+    """Parse a JSON-object body. Bytes that are not UTF-8 inside an otherwise valid
+    JSON body are read as lone surrogates (and then handled like a JSON escape of one), so a bad
+    byte in a message does not cost the opt-out; a body that is not JSON is a 400."""
     try:
-        data = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadPayload("body is not UTF-8") from None
-    except (json.JSONDecodeError, RecursionError):
+        text = body.decode("utf-8", "surrogateescape")
+        if not text.lstrip().startswith("{"):
+            raise BadPayload("body is not UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
         raise BadPayload("body is not valid JSON") from None
+    except RecursionError:
+        raise BadPayload("body is not valid JSON (nested too deeply)") from None
+    except ValueError:  # an integer of more than 4,300 digits (Python's int conversion limit)
+        raise BadPayload("body is not valid JSON (a number is too long)") from None
     if not isinstance(data, dict):
         raise BadPayload("body must be a JSON object")
-    return data
+    dirty: set[str] = set()
+    try:
+        doc = _clean(data, "", dirty)
+    except RecursionError:  # json.loads allows nearly the interpreter's limit; we are deeper in the stack
+        raise BadPayload("body is not valid JSON (nested too deeply)") from None
+    return Loaded(doc, data, frozenset(dirty))
+
+
+def clip(text: str | None, limit: int, name: str, details: dict[str, Any]) -> str | None:
+    """Free text longer than we store is cut (and noted); the raw body keeps it all.
+    Refusing it would lose the opt-out that carried it."""
+    if text is None or len(text) <= limit:
+        return text
+    details.setdefault("clipped", []).append(name)
+    return text[:limit]
 
 
 def describe_validation_error(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:

@@ -14,23 +14,28 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from syncd.events import ConsentEvent
 from syncd.phones import to_e164
-from syncd.sources.base import Ignored, Unauthorized, bounded_occurred_at, load_json_object, validated
+from syncd.sources.base import Ignored, Unauthorized, bounded_occurred_at, clip, load_json, validated
 
 TOKEN_HEADER = "X-LOX24-Token"
 # Unix seconds between 2000 and 2100: anything else is not a real event time.
 _MIN_TS, _MAX_TS = 946684800, 4102444800
+# Identifiers must be text (400 otherwise); every other string is free text, kept
+# with non-text code points replaced and cut to a stored length, never refused.
+IDENTIFIERS = ("id", "data.phone")
+MAX_LABEL, MAX_TEXT, MAX_CODE = 500, 10_000, 200
+REASON_IDS = range(1, 7)  # the schema's reason.id: 1 never subscribed ... 6 other
 
 
 class _Reason(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
-    id: int | None = Field(default=None, ge=0, le=1000)
-    label: str | None = Field(default=None, max_length=500)
+    id: int | None = None   # documented 1-6; any other is kept and listed as unmodelled
+    label: str | None = None
 
 
 class _AdditionalData(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     reason: _Reason | None = None
-    additional_text: str | None = Field(default=None, max_length=10000)
+    additional_text: str | None = None
 
 
 class _Data(BaseModel):
@@ -38,10 +43,10 @@ class _Data(BaseModel):
     phone: str = Field(min_length=1, max_length=64)
     user_id: int | None = Field(default=None, ge=0, le=2**53)
     created_at: int | None = Field(default=None, ge=_MIN_TS, le=_MAX_TS)
-    campaign_code: str | None = Field(default=None, max_length=200)
+    campaign_code: str | None = None
     additional_data: _AdditionalData | None = None
-    additional_text: str | None = Field(default=None, max_length=10000)
-    short_link_code: str | None = Field(default=None, max_length=200)
+    additional_text: str | None = None
+    short_link_code: str | None = None
     unsubscribe_request_id: int | None = Field(default=None, ge=0, le=2**53)
     group_id: int | None = Field(default=None, ge=0, le=2**53)
 
@@ -50,7 +55,7 @@ class _Envelope(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
     name: str = Field(max_length=100)
-    api_version: str | None = Field(default=None, max_length=40)
+    api_version: str | None = None
     created_at: int | None = Field(default=None, ge=_MIN_TS, le=_MAX_TS)
     attempt_number: int | None = Field(default=None, ge=0, le=1000)
     attempts_total: int | None = Field(default=None, ge=0, le=1000)  # the example's spelling
@@ -71,20 +76,29 @@ class Lox24Source:
             raise Unauthorized(f"missing or invalid {TOKEN_HEADER} (or ?token=)")
 
     def parse(self, body: bytes, received_at: datetime) -> ConsentEvent | Ignored:
-        doc = load_json_object(body)
-        env = validated(_Envelope, doc)
+        loaded = load_json(body)
+        loaded.require_text("id")
+        env = validated(_Envelope, loaded.doc)
         if env.name != "phone.unsubscribe":
             return Ignored(f"lox24 event {env.name[:40]!r} carries no consent change")
         data = validated(_Data, env.data, ("data",))
+        loaded.require_text(*IDENTIFIERS)
         extra = data.additional_data or _AdditionalData()
         reason = extra.reason or _Reason()
-        details: dict[str, Any] = {
-            "reason_id": reason.id, "reason_label": reason.label, "campaign_code": data.campaign_code,
-            "short_link_code": data.short_link_code, "unsubscribe_request_id": data.unsubscribe_request_id,
-            "user_id": data.user_id, "group_id": data.group_id, "api_version": env.api_version,
+        details: dict[str, Any] = {}
+        label = clip(reason.label, MAX_LABEL, "reason_label", details)
+        details.update({
+            "reason_id": reason.id, "reason_label": label,
+            "campaign_code": clip(data.campaign_code, MAX_CODE, "campaign_code", details),
+            "short_link_code": clip(data.short_link_code, MAX_CODE, "short_link_code", details),
+            "unsubscribe_request_id": data.unsubscribe_request_id,
+            "user_id": data.user_id, "group_id": data.group_id,
+            "api_version": clip(env.api_version, MAX_CODE, "api_version", details),
             "attempt_number": env.attempt_number,
             "attempts_total": env.attempts_total if env.attempts_total is not None else env.attempt_total,
-        }
+        })
+        if reason.id is not None and reason.id not in REASON_IDS:
+            details["unmodelled"] = {"reason.id": str(reason.id)[:40]}
         stamp = data.created_at or env.created_at
         if stamp is None:
             occurred = received_at
@@ -101,7 +115,7 @@ class Lox24Source:
             raw=body,
             phone=to_e164(data.phone, self.default_region),
             phone_raw=data.phone,
-            reason=reason.label,
-            message=extra.additional_text or data.additional_text,
+            reason=label,
+            message=clip(extra.additional_text or data.additional_text, MAX_TEXT, "additional_text", details),
             details=details,
         )

@@ -10,6 +10,14 @@ A SUCCEEDED notification is a consent change for that phone on that channel
 (routed by phone like LOX24); it is also how the reflector learns that its own
 ``optouts:register`` request landed. FAILED / UNSPECIFIED results change no
 consent: they are kept as reflection results only.
+
+Channels: the Conversation API names many (the official SDK's
+``ConversationChannelType``: WHATSAPP, RCS, SMS, MESSENGER, VIBERBM, MMS, INSTAGRAM,
+TELEGRAM, KAKAOTALK, KAKAOTALKCHAT, LINE, WECHAT, APPLEBC, and it stays open to new
+ones). syncd models WhatsApp and SMS (MMS is the same number's carrier messaging).
+A notification for any other channel is kept (answered 200, stored, shown as
+``ignored`` by ``status`` and ``export``) but writes no CRM field: an opt-out of
+Viber or Messenger is not a WhatsApp or SMS opt-out.
 """
 from __future__ import annotations
 
@@ -23,9 +31,10 @@ from connectors.sinch_signing import (ALGORITHM, HEADER_ALGORITHM, HEADER_NONCE,
 from syncd.events import ConsentEvent, canonical_hash, parse_iso
 from syncd.phones import to_e164
 from syncd.sources.base import (BadPayload, Ignored, Unauthorized, bounded_occurred_at,
-                                load_json_object, validated)
+                                load_json, validated)
 
-CHANNELS = {"WHATSAPP": "whatsapp", "SMS": "sms", "RCS": "sms", "MMS": "sms"}
+CHANNELS = {"WHATSAPP": "whatsapp", "SMS": "sms", "MMS": "sms"}
+IDENTIFIERS = ("contact_id", "identity", "request_id")
 
 
 class _Notification(BaseModel):
@@ -57,13 +66,15 @@ class SinchSource:
             raise Unauthorized(f"{HEADER_TIMESTAMP} is more than {self.max_skew_seconds:g} s from now")
 
     def parse(self, body: bytes, received_at: datetime) -> ConsentEvent | Ignored:
-        doc = load_json_object(body)
+        loaded = load_json(body)
+        doc = loaded.doc
         kind, inner, path = self._locate(doc)
         if inner is None:
             return Ignored("sinch callback carries no opt-in or opt-out notification")
         if not isinstance(inner, dict):
             raise BadPayload(f"{path or 'body'}: must be an object")
         note = validated(_Notification, inner, (path,) if path else ())
+        loaded.require_text("correlation_id", *(f"{path}.{name}" if path else name for name in IDENTIFIERS))
         if kind is None:
             kind = "opt_in" if note.status.startswith("OPT_IN") else "opt_out"
         succeeded = note.status in ("OPT_OUT_SUCCEEDED", "OPT_IN_SUCCEEDED")
@@ -76,6 +87,12 @@ class SinchSource:
                                    "error_details": note.error_details,
                                    "correlation_id": doc.get("correlation_id") if isinstance(
                                        doc.get("correlation_id"), str) else None}
+        channel = CHANNELS.get(note.channel.strip().upper())
+        if channel is None:
+            details["unmodelled"] = {"channel": note.channel}
+            if succeeded:  # a failed result changes no consent anyway: it is only reconciled
+                details["ignored"] = (f"sinch channel {note.channel!r} is not modelled by syncd: "
+                                      "no CRM field is written")
         occurred = received_at
         event_time = doc.get("event_time") or doc.get("accepted_time")
         if isinstance(event_time, str):
@@ -85,9 +102,9 @@ class SinchSource:
                 raise BadPayload("event_time: not an ISO 8601 date-time") from None
         return ConsentEvent(
             source=self.name,
-            source_event_id=canonical_hash(doc),
+            source_event_id=canonical_hash(loaded.original),
             kind=kind,  # type: ignore[arg-type]
-            channel=CHANNELS.get(note.channel.upper(), "whatsapp"),  # type: ignore[arg-type]
+            channel=channel,  # type: ignore[arg-type]
             occurred_at=occurred,
             received_at=received_at,
             raw=body,
