@@ -2,6 +2,8 @@
 only source names, outcomes, CRM names, states and HTTP status classes."""
 from __future__ import annotations
 
+import threading
+import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -34,10 +36,11 @@ class Metrics:
             ["job", "result"], registry=self.registry)
         self._journal_counts: Callable[[], dict] | None = None
 
-    def watch_journal(self, counts: Callable[[], dict]) -> None:
-        """Journal gauges are read at scrape time, so every replica reports the truth."""
+    def watch_journal(self, counts: Callable[[], dict], max_age_seconds: float = 5.0) -> None:
+        """Journal gauges are read from the journal, so every replica reports the truth;
+        at most once per ``max_age_seconds`` (the counts scan whole tables)."""
         if self._journal_counts is None:
-            self.registry.register(_JournalCollector(counts))
+            self.registry.register(_JournalCollector(CachedCounts(counts, max_age_seconds)))
         self._journal_counts = counts
 
     @staticmethod
@@ -50,6 +53,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CachedCounts:
+    """``counts()`` remembered for ``max_age`` seconds; concurrent callers share one read."""
+
+    def __init__(self, counts: Callable[[], dict], max_age: float):
+        self._counts = counts
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._value: dict | None = None
+        self._read_at = 0.0
+
+    def __call__(self) -> dict:
+        with self._lock:
+            if self._value is None or time.monotonic() - self._read_at >= self.max_age:
+                self._value = self._counts()
+                self._read_at = time.monotonic()
+            return self._value
 
 
 class _JournalCollector:

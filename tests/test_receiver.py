@@ -172,12 +172,11 @@ def test_unroutable_id_is_quarantined_202_and_visible(receiver):
     assert receiver.journal.dead_letters()[0]["type"] == "quarantine"
 
 
-def test_health_and_metrics(receiver):
+def test_public_port_has_health_but_no_admin_paths(receiver):
     assert requests.get(f"{receiver.url}/healthz", timeout=10).json() == {"status": "ok"}
-    post_apten(receiver, fixture_bytes("apten_optout_sms.json"))
-    text = requests.get(f"{receiver.url}/metrics", timeout=10).text
-    assert 'syncd_events_received_total{outcome="accepted",source="apten"} 1.0' in text
-    assert 'syncd_deliveries{state="pending"}' in text
+    for path in ("/metrics", "/readyz", "/status", "/status/login"):
+        resp = requests.get(f"{receiver.url}{path}", timeout=10)
+        assert resp.status_code == 404 and resp.json()["status"] == 404, path
 
 
 json_leaf = st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | \
