@@ -3,7 +3,7 @@ and ``/healthz``, served on ``admin.host``/``admin.port``, apart from the public
 webhook port.
 
 Nothing here may slow the webhooks down: the journal gauges behind ``/metrics``
-are read at most every few seconds (:class:`syncd.metrics.CachedCounts`), and
+are read at most every few seconds (:class:`syncd.metrics.CachedRead`), as are the status page's, and
 ``/readyz`` writes no probe of its own while webhooks are committing anyway.
 """
 from __future__ import annotations
@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify
+from flask.templating import Environment
 from werkzeug.exceptions import HTTPException
 
 from syncd.masking import mask_text
-from syncd.metrics import Metrics
+from syncd.metrics import CachedRead, Metrics
 from syncd.status_page import register_status_page
 
 log = logging.getLogger("syncd.admin")
 
 GAUGE_MAX_AGE_SECONDS = 5.0   # journal gauges in /metrics are at most this old
+STATUS_MAX_AGE_SECONDS = 2.0  # the status page's journal reads are at most this old
 PROBE_MAX_AGE_SECONDS = 10.0  # /readyz writes at most one probe per this, none while webhooks commit
 
 
@@ -101,9 +103,53 @@ class Readiness:
         return None
 
 
+class StatusReads:
+    """The status page's journal reads, each remembered for ``max_age`` seconds:
+    however often the page is reloaded, the journal is read at most once per interval."""
+
+    def __init__(self, journal: Any, max_age: float = STATUS_MAX_AGE_SECONDS):
+        self._journal = journal
+        self._max_age = max_age
+        self.counts = CachedRead(journal.counts, max_age)
+        self.dead_letters = CachedRead(journal.dead_letters, max_age)
+        self._recent: dict[int, CachedRead] = {}
+
+    def recent_activity(self, limit: int = 50) -> Any:
+        read = self._recent.get(limit)
+        if read is None:
+            read = self._recent.setdefault(
+                limit, CachedRead(lambda: self._journal.recent_activity(limit), self._max_age))
+        return read()
+
+
+class _TemplatesCompiledOnce(Environment):
+    """Flask's ``render_template_string`` compiles its source on every call (about 50 ms
+    for the status page on a busy 2-core machine, all of it holding the GIL the webhook
+    threads need). The pages' sources are module constants: compile each once."""
+
+    def from_string(self, source: Any, globals: Any = None, template_class: Any = None) -> Any:
+        if globals is not None or template_class is not None or not isinstance(source, str):
+            return super().from_string(source, globals, template_class)
+        compiled = self._compiled.get(source)
+        if compiled is None:
+            compiled = self._compiled[source] = super().from_string(source)
+        return compiled
+
+    @property
+    def _compiled(self) -> dict[str, Any]:
+        cache = self.__dict__.get("_compiled_sources")
+        if cache is None:
+            cache = self.__dict__["_compiled_sources"] = {}
+        return cache
+
+
+class _AdminFlask(Flask):
+    jinja_environment = _TemplatesCompiledOnce
+
+
 def create_admin_app(journal: Any, metrics: Metrics, readiness: Readiness, *,
                      status_token: str | None = None) -> Flask:
-    app = Flask("syncd.admin")
+    app = _AdminFlask("syncd.admin")
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024  # only the status login form is ever posted
     app.json.sort_keys = False  # type: ignore[attr-defined]
     metrics.watch_journal(journal.counts, max_age_seconds=GAUGE_MAX_AGE_SECONDS)
@@ -133,5 +179,5 @@ def create_admin_app(journal: Any, metrics: Metrics, readiness: Readiness, *,
     def metrics_view():
         return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
-    register_status_page(app, journal, status_token)
+    register_status_page(app, StatusReads(journal), status_token)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -40,7 +40,7 @@ class Metrics:
         """Journal gauges are read from the journal, so every replica reports the truth;
         at most once per ``max_age_seconds`` (the counts scan whole tables)."""
         if self._journal_counts is None:
-            self.registry.register(_JournalCollector(CachedCounts(counts, max_age_seconds)))
+            self.registry.register(_JournalCollector(CachedRead(counts, max_age_seconds)))
         self._journal_counts = counts
 
     @staticmethod
@@ -55,20 +55,20 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class CachedCounts:
-    """``counts()`` remembered for ``max_age`` seconds; concurrent callers share one read."""
+class CachedRead:
+    """A journal read remembered for ``max_age`` seconds; concurrent callers share one read."""
 
-    def __init__(self, counts: Callable[[], dict], max_age: float):
-        self._counts = counts
+    def __init__(self, read: Callable[[], Any], max_age: float):
+        self._read = read
         self.max_age = max_age
         self._lock = threading.Lock()
-        self._value: dict | None = None
+        self._value: Any = None
         self._read_at = 0.0
 
-    def __call__(self) -> dict:
+    def __call__(self) -> Any:
         with self._lock:
             if self._value is None or time.monotonic() - self._read_at >= self.max_age:
-                self._value = self._counts()
+                self._value = self._read()
                 self._read_at = time.monotonic()
             return self._value
 

@@ -12,30 +12,33 @@ from syncd.stack import Stack
 from tests.conftest import LiveReceiver, fixture_bytes
 from tests.test_receiver import post_apten
 
+STATUS_TOKEN = "admin-test-status-token-0123"
+
 
 class Spy:
-    """A journal that counts the calls the admin endpoints make."""
+    """A journal that counts the calls the admin endpoints make (``healthcheck_error``:
+    what its write probe raises)."""
 
     def __init__(self, journal, healthcheck_error: Exception | None = None):
         self.journal = journal
         self.calls: dict[str, int] = {}
         self.healthcheck_error = healthcheck_error
 
-    def _count(self, name: str) -> None:
-        self.calls[name] = self.calls.get(name, 0) + 1
-
-    def counts(self):
-        self._count("counts")
-        return self.journal.counts()
-
     def healthcheck(self):
-        self._count("healthcheck")
+        self.calls["healthcheck"] = self.calls.get("healthcheck", 0) + 1
         if self.healthcheck_error is not None:
             raise self.healthcheck_error
         return self.journal.healthcheck()
 
     def __getattr__(self, name):
-        return getattr(self.journal, name)
+        attr = getattr(self.journal, name)
+        if not callable(attr) or name == "last_ingest_commit":
+            return attr
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*args, **kwargs)
+        return counted
 
 
 @pytest.fixture
@@ -45,7 +48,8 @@ def admin(tmp_path, receiver):
     from syncd.metrics import Metrics
 
     spy = Spy(receiver.journal)
-    live = LiveReceiver(create_admin_app(spy, Metrics(), Readiness(spy, disk_path=tmp_path)))
+    live = LiveReceiver(create_admin_app(spy, Metrics(), Readiness(spy, disk_path=tmp_path),
+                                         status_token=STATUS_TOKEN))
     live.spy = spy
     yield live
     live.close()
@@ -63,6 +67,13 @@ def test_metrics_gauges_are_read_once_for_many_scrapes(admin):
         text = requests.get(f"{admin.url}/metrics", timeout=10).text
         assert 'syncd_deliveries{state="pending"} 0.0' in text
     assert admin.spy.calls["counts"] == 1
+
+
+def test_status_page_reads_the_journal_once_for_many_reloads(admin):
+    for _ in range(10):
+        resp = requests.get(f"{admin.url}/status", headers={"Authorization": f"Bearer {STATUS_TOKEN}"}, timeout=10)
+        assert resp.status_code == 200
+    assert (admin.spy.calls["counts"], admin.spy.calls["recent_activity"], admin.spy.calls["dead_letters"]) == (1, 1, 1)
 
 
 def test_readiness_writes_no_probe_per_call(admin, receiver):
