@@ -24,7 +24,13 @@ from syncd.scheduler import Scheduler
 
 log = logging.getLogger("syncd.daemon")
 CIRCUIT_READY_SECONDS = 900.0  # /readyz fails once a CRM has been paused this long
-ADMIN_THREADS = 2  # scrapes and the status page never take a webhook's thread
+ADMIN_SERVER_OPTIONS: dict[str, Any] = {
+    "threads": 2,  # scrapes and the status page never take a webhook's thread
+    "ident": "syncd-admin", "max_request_body_size": 16 * 1024, "asyncore_use_poll": True,
+    # A TLS proxy on this host may say the browser spoke HTTPS: the status session
+    # cookie then gets its Secure flag (the header can only make the cookie stricter).
+    "trusted_proxy": "127.0.0.1", "trusted_proxy_headers": {"x-forwarded-proto"},
+}
 
 
 def public_server_options(cfg: Config) -> dict[str, Any]:
@@ -61,8 +67,7 @@ class Daemon:
         self.admin_app = create_admin_app(self.rt.journal, self.rt.metrics, readiness,
                                           status_token=cfg.admin.status_token)
         self.admin_server: Any = create_server(self.admin_app, host=cfg.admin.host, port=cfg.admin.port,
-                                               threads=ADMIN_THREADS, ident="syncd-admin",
-                                               max_request_body_size=16 * 1024, asyncore_use_poll=True)
+                                               **ADMIN_SERVER_OPTIONS)
         self._stopped = threading.Event()
 
     def extra_jobs(self) -> list[tuple[str, float, Any]]:

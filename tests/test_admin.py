@@ -170,6 +170,13 @@ def test_status_page_under_the_old_key_is_served_on_the_admin_port():
                                 headers={"Authorization": "Bearer old-place-token-0123456789"})
             assert resp.status_code == 200 and "<h1>syncd status</h1>" in resp.text
             assert "receiver.status_token is deprecated" in daemon.log()
+            # Behind a TLS proxy on the same host, the session cookie is Secure.
+            for proto, secure in (("https", True), (None, False)):
+                login = requests.post(f"{st.admin_url}/status/login", data={"token": "old-place-token-0123456789"},
+                                      headers={"X-Forwarded-Proto": proto} if proto else {},
+                                      allow_redirects=False, timeout=10)
+                attributes = [a.strip().lower() for a in login.headers["Set-Cookie"].split(";")]
+                assert ("secure" in attributes) is secure and "httponly" in attributes
         finally:
             assert daemon.terminate() == 0
     finally:
