@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -42,6 +43,23 @@ def public_server_options(cfg: Config) -> dict[str, Any]:
     return {"threads": r.threads, "ident": "syncd", "max_request_body_size": r.max_body_bytes * 2 + 1024,
             "connection_limit": r.connection_limit, "channel_timeout": r.channel_timeout_seconds,
             "cleanup_interval": max(1, min(30, r.channel_timeout_seconds // 3)), "asyncore_use_poll": True}
+
+
+def raise_open_file_limit(connection_limit: int) -> None:
+    """Lift the soft open-file limit (often 1,024) to what ``connection_limit``
+    connections can need (a connection takes up to three descriptors in waitress; two
+    is the common case), within the hard limit; warn when the hard limit is lower."""
+    needed = 2 * connection_limit + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("open-file limit raised", extra={"from": soft, "to": target})
+    if target < needed:
+        log.warning("open-file hard limit is below what receiver.connection_limit needs; raise LimitNOFILE",
+                    extra={"hard_limit": hard, "needed": needed})
 
 
 class Daemon:
@@ -127,6 +145,7 @@ class Daemon:
 
 
 def serve(cfg: Config) -> int:
+    raise_open_file_limit(cfg.receiver.connection_limit)
     try:
         daemon = Daemon(cfg)
     except JournalBusy as exc:

@@ -5,6 +5,7 @@ With waitress's own defaults (100 connections, 120 s) the first test's webhooks 
 from __future__ import annotations
 
 import contextlib
+import resource
 import socket
 import time
 
@@ -81,5 +82,23 @@ def test_stalled_clients_are_dropped_after_channel_timeout(stack_with_contacts):
             # 2 s idle plus at most one cleanup interval; far below waitress's default 120 s.
             assert wait_for(lambda: all(closed_by_server(s) for s in socks), timeout=30, interval=0.5)
         assert st.post_apten(optout(st.contact_ids[0], 1), timeout=10).status_code == 200
+    finally:
+        assert daemon.terminate() == 0
+
+
+def test_serve_lifts_a_low_open_file_limit_to_fit_the_connection_limit(stack_with_contacts):
+    st = stack_with_contacts
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * 1000 + 256:
+        pytest.skip(f"the hard open-file limit here ({hard}) is below what the test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the child inherits it
+    try:
+        daemon = st.serve()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        limits = open(f"/proc/{daemon.proc.pid}/limits", encoding="ascii").read()
+        (line,) = [x for x in limits.splitlines() if x.startswith("Max open files")]
+        assert int(line.split()[3]) >= 2 * 1000 + 256, line
     finally:
         assert daemon.terminate() == 0
