@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent
@@ -256,6 +258,21 @@ def test_a_forged_or_foreign_session_cookie_is_refused(page, tmp_path):
                    other_token.decode()):
         resp = requests.get(f"{page.url}/status", cookies={"syncd_status": forged}, timeout=5)
         assert resp.status_code == 401, forged
+
+
+COOKIE_CHARS = st.characters(min_codepoint=0x21, max_codepoint=0x7e, exclude_characters='";,\\')
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(token=st.text(max_size=80), cookie=st.text(COOKIE_CHARS, max_size=120), accept=st.sampled_from(
+    ["*/*", "application/json", "text/html"]))
+def test_any_other_token_or_cookie_is_refused_without_5xx(page, token, cookie, accept):
+    if token.strip() != TOKEN:
+        resp = login(page, token)
+        assert resp.status_code == 401 and "Set-Cookie" not in resp.headers
+    resp = requests.get(f"{page.url}/status", cookies={"syncd_status": cookie}, headers={"Accept": accept},
+                        allow_redirects=False, timeout=5)
+    assert resp.status_code in (401, 303)  # 303: a browser is sent to the login form
 
 
 def test_logout_clears_the_cookie(page):
