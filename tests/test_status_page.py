@@ -367,13 +367,15 @@ class Browser:
         while time.monotonic() < deadline:
             self.events.clear()
             try:
-                if self.url().endswith(url_suffix) and self.call(
-                        "Runtime.evaluate", session=True, expression="document.readyState")["result"]["value"] == "complete":
+                if self.url().endswith(url_suffix) and self.ready_state() == "complete":
                     return
             except BrowserError:  # between two documents: nothing to ask yet
                 pass
             time.sleep(0.1)
         pytest.fail(f"page did not load {url_suffix!r}; at {self.url()!r}")
+
+    def ready_state(self) -> str:
+        return self.call("Runtime.evaluate", session=True, expression="document.readyState")["result"]["value"]
 
     def url(self) -> str:
         return self.call("Page.getNavigationHistory", session=True)["entries"][-1]["url"]
