@@ -7,6 +7,7 @@ so ``syncd`` can exit with a clear message instead of a traceback.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 from pathlib import Path
@@ -99,7 +100,19 @@ class ReceiverConfig(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1024 * 1024)
     max_stored_body_bytes: int = Field(65_536, ge=0, le=64 * 1024 * 1024)  # beyond it, the body's hash
     threads: int = Field(8, ge=1, le=256)
+    # waitress's own defaults (100 connections, 120 s idle) let ~100 stalled clients lock
+    # everyone else out; these are passed to waitress as connection_limit / channel_timeout.
+    connection_limit: int = Field(1000, ge=10, le=100_000)
+    channel_timeout_seconds: int = Field(15, ge=1, le=3600)
+    status_token: OptionalOwnSecret = None  # deprecated: admin.status_token (moved with the page)
+
+
+class AdminConfig(_Strict):
+    """The private listener: /metrics, /readyz, /status (and /healthz)."""
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
     status_token: OptionalOwnSecret = None
+    min_free_disk_mb: int = Field(512, ge=0)  # /readyz fails below this; 0 turns the check off
 
 
 class HttpConfig(_Strict):
@@ -133,6 +146,7 @@ class AptenSource(_Strict):
 
 class Lox24Source(_Strict):
     token: OwnSecret
+    allow_query_token: bool = False  # ?token= ends up in proxy logs and histories: weaker
 
 
 class SinchSource(_Strict):
@@ -271,6 +285,7 @@ class LoggingConfig(_Strict):
 class Config(_Strict):
     journal: JournalConfig = JournalConfig()
     receiver: ReceiverConfig = ReceiverConfig()
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     http: HttpConfig = HttpConfig()
     phone: PhoneConfig = PhoneConfig()
     sources: SourcesConfig = SourcesConfig()
@@ -283,6 +298,17 @@ class Config(_Strict):
 
     # Where the file lives: relative mapping and journal paths resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _admin(self) -> "Config":
+        """``receiver.status_token`` still works (the page moved to the admin listener)."""
+        if self.receiver.status_token and not self.admin.status_token:
+            logging.getLogger("syncd.config").warning(
+                "receiver.status_token is deprecated: set admin.status_token instead")
+            self.admin.status_token = self.receiver.status_token
+        if self.admin.port and (self.admin.host, self.admin.port) == (self.receiver.host, self.receiver.port):
+            raise ValueError("admin.port: must differ from receiver.port (the admin listener is a second port)")
+        return self
 
     def resolve(self, path: str) -> Path:
         p = Path(path)

@@ -1,4 +1,5 @@
-"""``syncd serve``: the receiver (waitress) and the scheduler in one process.
+"""``syncd serve``: the receiver (waitress), the admin listener and the scheduler
+in one process.
 
 SIGTERM/SIGINT: stop accepting, let the tick in hand finish (or give its leases
 back), close the journal, exit 0 - all within about 10 seconds.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -14,6 +16,7 @@ from typing import Any
 
 from waitress.server import create_server
 
+from syncd.admin import Readiness, create_admin_app
 from syncd.config import Config
 from syncd.journal.base import JournalBusy
 from syncd.receiver import create_app
@@ -22,6 +25,41 @@ from syncd.scheduler import Scheduler
 
 log = logging.getLogger("syncd.daemon")
 CIRCUIT_READY_SECONDS = 900.0  # /readyz fails once a CRM has been paused this long
+ADMIN_SERVER_OPTIONS: dict[str, Any] = {
+    "threads": 2,  # scrapes and the status page never take a webhook's thread
+    "ident": "syncd-admin", "max_request_body_size": 16 * 1024, "asyncore_use_poll": True,
+    # A TLS proxy on this host may say the browser spoke HTTPS: the status session
+    # cookie then gets its Secure flag (the header can only make the cookie stricter).
+    "trusted_proxy": "127.0.0.1", "trusted_proxy_headers": {"x-forwarded-proto"},
+}
+
+
+def public_server_options(cfg: Config) -> dict[str, Any]:
+    """waitress adjustments for the webhook port (docs.pylonsproject.org/projects/waitress,
+    "Arguments"). ``channel_timeout`` closes a connection that has neither sent nor
+    received anything for that long, checked every ``cleanup_interval``; poll() because
+    select() cannot watch descriptors above 1024."""
+    r = cfg.receiver
+    return {"threads": r.threads, "ident": "syncd", "max_request_body_size": r.max_body_bytes * 2 + 1024,
+            "connection_limit": r.connection_limit, "channel_timeout": r.channel_timeout_seconds,
+            "cleanup_interval": max(1, min(30, r.channel_timeout_seconds // 3)), "asyncore_use_poll": True}
+
+
+def raise_open_file_limit(connection_limit: int) -> None:
+    """Lift the soft open-file limit (often 1,024) to what ``connection_limit``
+    connections can need (a connection takes up to three descriptors in waitress; two
+    is the common case), within the hard limit; warn when the hard limit is lower."""
+    needed = 2 * connection_limit + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("open-file limit raised", extra={"from": soft, "to": target})
+    if target < needed:
+        log.warning("open-file hard limit is below what receiver.connection_limit needs; raise LimitNOFILE",
+                    extra={"hard_limit": hard, "needed": needed})
 
 
 class Daemon:
@@ -36,13 +74,18 @@ class Daemon:
         for name, interval, fn in self.extra_jobs():
             self.scheduler.every(name, interval, fn)
         self.app = create_app(self.rt.journal, self.rt.sources, self.rt.router,
-                              max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics,
-                              scheduler_alive=lambda: self.scheduler.running,
-                              extra_ready=lambda: self.rt.pusher.circuit_problem(CIRCUIT_READY_SECONDS),
-                              status_token=cfg.receiver.status_token)
+                              max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics)
         self.server: Any = create_server(self.app, host=cfg.receiver.host, port=cfg.receiver.port,
-                                         threads=cfg.receiver.threads, ident="syncd",
-                                         max_request_body_size=cfg.receiver.max_body_bytes * 2 + 1024)
+                                         **public_server_options(cfg))
+        journal_file = getattr(self.rt.journal, "path", None)  # SQLite; a PostgreSQL disk is not ours to watch
+        readiness = Readiness(self.rt.journal, scheduler_alive=lambda: self.scheduler.running,
+                              extra_ready=lambda: self.rt.pusher.circuit_problem(CIRCUIT_READY_SECONDS),
+                              disk_path=journal_file.parent if journal_file else None,
+                              min_free_disk_mb=cfg.admin.min_free_disk_mb)
+        self.admin_app = create_admin_app(self.rt.journal, self.rt.metrics, readiness,
+                                          status_token=cfg.admin.status_token)
+        self.admin_server: Any = create_server(self.admin_app, host=cfg.admin.host, port=cfg.admin.port,
+                                               **ADMIN_SERVER_OPTIONS)
         self._stopped = threading.Event()
 
     def extra_jobs(self) -> list[tuple[str, float, Any]]:
@@ -59,7 +102,10 @@ class Daemon:
 
     def run(self) -> int:
         self.scheduler.start()
+        threading.Thread(target=self._run_admin, name="syncd-admin", daemon=True).start()
         log.info("syncd serving", extra={"host": self.cfg.receiver.host, "port": self.port,
+                                         "admin_host": self.cfg.admin.host,
+                                         "admin_port": int(self.admin_server.effective_port),
                                          "sources": sorted(self.rt.sources), "crms": sorted(self.rt.connectors),
                                          "pid": os.getpid()})
         try:
@@ -67,6 +113,14 @@ class Daemon:
         finally:
             self.shutdown()
         return 0
+
+    def _run_admin(self) -> None:
+        """The admin listener's own loop, so a flood on the webhook port cannot starve it."""
+        try:
+            self.admin_server.run()
+        except (OSError, ValueError):  # its socket closed under it at shutdown
+            if not self._stopped.is_set():
+                log.exception("admin listener stopped")
 
     def request_stop(self, *_: Any) -> None:
         """Signal handler: waitress's loop exits on SystemExit raised in the main thread."""
@@ -77,10 +131,12 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.rt.pusher.stopping.set()
-        try:
-            self.server.close()
-        except Exception:  # already closed by waitress
-            pass
+        self._stopped.set()
+        for server in (self.server, self.admin_server):
+            try:
+                server.close()
+            except Exception:  # already closed by waitress
+                pass
         finished = self.scheduler.stop(timeout=6.0)
         released = self.rt.journal.release_leases()
         log.info("syncd stopped", extra={"tick_finished": finished, "leases_released": released})
@@ -89,6 +145,7 @@ class Daemon:
 
 
 def serve(cfg: Config) -> int:
+    raise_open_file_limit(cfg.receiver.connection_limit)
     try:
         daemon = Daemon(cfg)
     except JournalBusy as exc:

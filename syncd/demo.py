@@ -117,6 +117,7 @@ def run_demo(keep: bool = False) -> int:
     daemon = stack.serve()
     try:
         echo(f"  syncd serve         {stack.url}  pid {daemon.proc.pid}  log {daemon.log_path}")
+        echo(f"  admin listener      {stack.admin_url}  (/metrics, /readyz, /status)")
         echo("")
         echo("before:")
         for line in _records(stack):
@@ -153,7 +154,7 @@ def run_demo(keep: bool = False) -> int:
         echo("syncd status --json")
         echo("  " + json.dumps(json.loads(status.stdout)))
         if keep:
-            echo(f"\nserving on {stack.url} (Ctrl-C to stop)")
+            echo(f"\nserving webhooks on {stack.url}, admin on {stack.admin_url} (Ctrl-C to stop)")
             try:
                 daemon.proc.wait()
             except KeyboardInterrupt:

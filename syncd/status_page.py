@@ -1,9 +1,12 @@
 """A read-only status page at ``GET /status``, for operators.
 
-Off unless ``receiver.status_token`` is set. The token travels as
-``Authorization: Bearer <token>`` or ``?token=<token>`` (so a browser can open
-the page) and is compared in constant time; a wrong or missing one gets the
-receiver's 401 JSON answer.
+Served on the admin listener; off unless ``admin.status_token`` is set. Scripts
+send ``Authorization: Bearer <token>``; a browser signs in once with the form at
+``/status/login`` (POST), which sets a session cookie: HttpOnly, SameSite=Strict,
+Secure when the request came over HTTPS, holding a signed timestamp (never the
+token). Tokens are compared in constant time and never accepted in the URL, where
+proxies and histories would keep them. A wrong or missing token gets a 401 JSON
+answer (a browser is sent to the login form instead).
 
 The page is plain server-rendered HTML with no JavaScript. It shows the journal's
 counts, the newest consent events with each target's delivery state and CRM error,
@@ -19,7 +22,8 @@ import logging
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from flask import Flask, Response, jsonify, render_template_string, request
+from flask import Flask, Response, jsonify, redirect, render_template_string, request
+from itsdangerous import BadSignature, TimestampSigner
 
 from syncd.masking import mask_text
 
@@ -28,8 +32,11 @@ log = logging.getLogger("syncd.status_page")
 RECENT_EVENTS = 50
 MAX_DEAD_LETTERS = 500  # the page stays small; `syncd dead-letters` lists them all
 
+SESSION_COOKIE = "syncd_status"
+SESSION_SECONDS = 8 * 3600  # a signed-in browser asks again after a working day
+
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
@@ -44,25 +51,75 @@ class StatusJournal(Protocol):
 
 
 def register_status_page(app: Flask, journal: StatusJournal, token: str | None) -> None:
-    """Add ``GET /status`` to ``app`` when ``token`` is set; do nothing otherwise
-    (the path then gets the app's JSON 404)."""
+    """Add ``GET /status`` and its login/logout to ``app`` when ``token`` is set; do
+    nothing otherwise (the paths then get the app's JSON 404)."""
     if not token:
         return
     expected = token.encode("utf-8")
+    # The cookie is a timestamp signed with a key derived from the token: rotating the
+    # token ends every session, and the cookie reveals nothing about the token.
+    signer = TimestampSigner(token, salt="syncd.status-session")
 
     def answer(resp: Response, status: int) -> tuple[Response, int]:
         resp.headers.update(SECURITY_HEADERS)
         return resp, status
 
+    def token_matches(supplied: str) -> bool:
+        return hmac.compare_digest(supplied.encode("utf-8"), expected)
+
+    def signed_in() -> bool:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if not cookie:
+            return False
+        try:
+            signer.unsign(cookie, max_age=SESSION_SECONDS)
+        except BadSignature:  # also an expired one
+            return False
+        return True
+
+    def refused(reason: str) -> tuple[Response, int]:
+        log.warning("status page refused", extra={"status": 401, "reason": reason})
+        resp = jsonify({"error": f"{reason}: send Authorization: Bearer <token>, or sign in at /status/login "
+                                 "(?token= is not accepted)", "status": 401})
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="syncd status"'
+        return answer(resp, 401)
+
     def status_page() -> tuple[Response, int]:
-        supplied = _supplied_token()
-        if supplied is None or not hmac.compare_digest(supplied.encode("utf-8"), expected):
-            reason = "missing" if supplied is None else "wrong"
-            log.warning("status page refused", extra={"status": 401, "reason": f"{reason} token"})
-            resp = jsonify({"error": f"{reason} status token: send Authorization: Bearer <token> "
-                                     f"or ?token=<token>", "status": 401})
-            resp.headers["WWW-Authenticate"] = 'Bearer realm="syncd status"'
-            return answer(resp, 401)
+        bearer = _bearer_token()
+        if bearer is not None:  # a script: the header, when sent, decides
+            if not token_matches(bearer):
+                return refused("wrong status token")
+        elif not signed_in():
+            if _wants_html():
+                return answer(redirect("/status/login", 303), 303)
+            return refused("missing status token")
+        return render_page()
+
+    def login_form() -> tuple[Response, int]:
+        return login_page("", 200)
+
+    def login() -> tuple[Response, int]:
+        supplied = request.form.get("token", "")
+        if not supplied or not token_matches(supplied.strip()):
+            log.warning("status login refused", extra={"status": 401, "reason": "wrong status token"})
+            return login_page("That token is not the status token.", 401)
+        resp = redirect("/status", 303)
+        resp.set_cookie(SESSION_COOKIE, signer.sign(b"status").decode("ascii"), path="/status",
+                        httponly=True, samesite="Strict", secure=request.is_secure)
+        log.info("status login", extra={"status": 303})
+        return answer(resp, 303)
+
+    def logout() -> tuple[Response, int]:
+        resp = redirect("/status/login", 303)
+        resp.delete_cookie(SESSION_COOKIE, path="/status", httponly=True, samesite="Strict",
+                           secure=request.is_secure)
+        return answer(resp, 303)
+
+    def login_page(message: str, status: int) -> tuple[Response, int]:
+        html = render_template_string(LOGIN_PAGE, message=message)
+        return answer(Response(html, content_type="text/html; charset=utf-8"), status)
+
+    def render_page() -> tuple[Response, int]:
         try:
             counts = journal.counts()
             activity = journal.recent_activity(RECENT_EVENTS)
@@ -84,14 +141,50 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
         return answer(Response(html, content_type="text/html; charset=utf-8"), 200)
 
     app.add_url_rule("/status", "status_page", status_page, methods=["GET"])
+    app.add_url_rule("/status/login", "status_login_form", login_form, methods=["GET"])
+    app.add_url_rule("/status/login", "status_login", login, methods=["POST"])
+    app.add_url_rule("/status/logout", "status_logout", logout, methods=["POST"])
 
 
-def _supplied_token() -> str | None:
-    """The bearer token if an Authorization header carries one, else ``?token=``."""
-    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.args.get("token") or None
+def _bearer_token() -> str | None:
+    """The token of an ``Authorization: Bearer`` header, if one is sent."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def _wants_html() -> bool:
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+
+
+LOGIN_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex, nofollow">
+<title>syncd status: sign in</title>
+<style>
+body { font: 14px/1.4 system-ui, "Liberation Sans", Arial, sans-serif; margin: 1.5em; color: #1b1f24; }
+h1 { font-size: 1.5em; margin: 0 0 .6em; }
+label { display: block; margin: 0 0 .6em; }
+input { font: inherit; padding: .3em; width: 24em; max-width: 100%; }
+p.error { color: #82071e; font-weight: 600; }
+</style>
+</head>
+<body>
+<h1>syncd status</h1>
+{% if message %}<p class="error" id="login-error">{{ message }}</p>{% endif %}
+<form method="post" action="/status/login">
+<label for="token">Status token (<code>admin.status_token</code>)</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<button type="submit">Sign in</button>
+</form>
+</body>
+</html>
+"""
 
 
 def _text(value: Any) -> str:

@@ -660,6 +660,11 @@ class SqlJournal:
             "ON CONFLICT (name) DO UPDATE SET ts = excluded.ts, last_id = excluded.last_id, "
             "updated_at = excluded.updated_at"), (name, ts, last_id, now_iso))
 
+    def last_ingest_commit(self) -> tuple[float, float]:
+        """``time.monotonic()`` of the newest webhook commit that succeeded and of the
+        newest that failed (0.0: none since start)."""
+        return self._group.last_ok, self._group.last_failed
+
     def healthcheck(self) -> None:
         """Raises unless a write transaction can commit."""
         with self._write() as cur:
