@@ -1,7 +1,14 @@
 """``syncd check``: config, mappings and each CRM's own field metadata agree."""
 from __future__ import annotations
 
-from connectors.errors import ConnectorError
+import re
+import socket
+from typing import Callable
+
+import requests
+
+from connectors.errors import AuthFailed, ConnectorError
+from connectors.http import make_session
 from syncd.config import Config, ConfigError
 from syncd.mapping import UNSUBSCRIBE, Mapping
 from syncd.masking import mask_text, register_secrets
@@ -11,8 +18,9 @@ from syncd.runtime import build_connectors, build_sinch, load_mappings
 BOOLEAN_TYPES = {"boolean", "bool", "checkbox", "booleancheckbox", "choices"}
 
 
-def run_check(cfg: Config) -> list[str]:
-    """One line per problem; an empty list means all is well."""
+def run_check(cfg: Config, progress: Callable[[str], None] = lambda line: None) -> list[str]:
+    """One line per problem; an empty list means all is well. ``progress`` hears what is
+    being waited on, and which Salesforce instance the token answer pointed at."""
     register_secrets(cfg.secrets())
     problems: list[str] = []
     if not cfg.crm.enabled():
@@ -25,10 +33,97 @@ def run_check(cfg: Config) -> list[str]:
         return problems + str(exc).splitlines()
     connectors = build_connectors(cfg, mappings)
     for crm, mapping in mappings.items():
-        problems += _check_mapping(crm, mapping, connectors[crm])
+        unreachable = _unreachable(cfg, _endpoints(cfg, crm), progress)
+        if unreachable:
+            problems += unreachable
+            continue
+        progress(f"{crm}: reading field metadata")
+        try:
+            problems += _check_mapping(crm, mapping, connectors[crm])
+        except AuthFailed as exc:
+            key, url = _credentials(cfg, crm)
+            problems.append(f"config: {key}: {crm} refused the credentials ({url}): {mask_text(str(exc))}")
+            continue
+        used = getattr(connectors[crm], "instance_in_use", None)
+        if used:
+            progress(f"{crm}: instance in use {used}")
     if cfg.sinch is not None:
-        problems += _check_sinch(cfg)
+        unreachable = _unreachable(cfg, [("sinch.auth_url", cfg.sinch.auth_url),
+                                         ("sinch.base_url", cfg.sinch.base_url)], progress)
+        problems += unreachable or _check_sinch(cfg)
     return problems
+
+
+def _endpoints(cfg: Config, crm: str) -> list[tuple[str, str]]:
+    """(config key, URL) of the first server each CRM's connector talks to."""
+    if crm == "salesforce":
+        sf = cfg.crm.salesforce
+        assert sf is not None
+        if sf.auth.flow != "access_token" and sf.auth.login_url:
+            return [("crm.salesforce.auth.login_url", sf.auth.login_url)]
+        return [("crm.salesforce.instance_url", sf.instance_url)]
+    return [(f"crm.{crm}.base_url", getattr(cfg.crm, crm).base_url)]
+
+
+def _credentials(cfg: Config, crm: str) -> tuple[str, str]:
+    """(config key of the credentials, URL that judged them)."""
+    if crm == "salesforce":
+        sf = cfg.crm.salesforce
+        assert sf is not None
+        if sf.auth.flow == "access_token":
+            return "crm.salesforce.auth.access_token", sf.instance_url
+        return "crm.salesforce.auth", f"{(sf.auth.login_url or sf.instance_url).rstrip('/')}/services/oauth2/token"
+    key = "crm.hubspot.access_token" if crm == "hubspot" else "crm.close.api_key"
+    return key, getattr(cfg.crm, crm).base_url
+
+
+def _unreachable(cfg: Config, endpoints: list[tuple[str, str]], progress: Callable[[str], None]) -> list[str]:
+    """One problem line per URL whose server does not answer HTTP at all."""
+    problems = []
+    session = make_session(cfg.http.ca_bundle, min(cfg.http.timeout_seconds, 15.0))
+    for key, url in endpoints:
+        progress(f"connecting to {url} ({key})")
+        cause = connection_cause(session, url)
+        if cause:
+            problems.append(f"config: {key}: cannot reach {url}: {cause}")
+    return problems
+
+
+def connection_cause(session: requests.Session, url: str) -> str | None:
+    """None when the server answers HTTP (any status); else why not, in words:
+    connection refused, DNS, TLS certificate, timeout."""
+    try:
+        session.get(url, allow_redirects=False)
+        return None
+    except requests.exceptions.SSLError as exc:
+        found = re.search(r"certificate verify failed: ([^(')\]]+)", str(exc))
+        return f"TLS certificate not trusted: {found.group(1).strip()}" if found else "TLS handshake failed"
+    except requests.exceptions.Timeout:
+        return "timed out (http.timeout_seconds)"
+    except requests.exceptions.RequestException as exc:
+        return _transport_cause(exc)
+
+
+def _transport_cause(exc: BaseException) -> str:
+    seen: list[BaseException] = []
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, socket.gaierror) or "NameResolutionError" in type(e).__name__:
+            return "DNS: host name not found"
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        stack += [e.__cause__, e.__context__, *[a for a in e.args if isinstance(a, BaseException)],
+                  getattr(e, "reason", None)]
+    text = str(exc)
+    if "Name or service not known" in text or "getaddrinfo failed" in text or "nodename nor servname" in text:
+        return "DNS: host name not found"
+    if "Connection refused" in text:
+        return "connection refused"
+    return type(exc).__name__
 
 
 def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
@@ -36,6 +131,8 @@ def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
     for obj, om in mapping.objects.items():
         try:
             meta = connector.fields(obj)
+        except AuthFailed:
+            raise  # one line against the credentials' config key, not per object
         except ConnectorError as exc:
             problems.append(f"{mapping.path}: {obj}: cannot read field metadata from {crm}: {mask_text(str(exc))}")
             continue
