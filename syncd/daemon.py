@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from typing import Any
 
 from waitress.server import create_server
 
-from syncd.config import Config
+from syncd.config import Config, ConfigError
 from syncd.journal.base import JournalBusy
 from syncd.receiver import create_app
 from syncd.runtime import Runtime, open_runtime
@@ -22,6 +23,10 @@ from syncd.scheduler import Scheduler
 
 log = logging.getLogger("syncd.daemon")
 CIRCUIT_READY_SECONDS = 900.0  # /readyz fails once a CRM has been paused this long
+
+
+class CannotListen(Exception):
+    """The receiver's address cannot be bound (in use, not local, no permission)."""
 
 
 class Daemon:
@@ -40,9 +45,14 @@ class Daemon:
                               scheduler_alive=lambda: self.scheduler.running,
                               extra_ready=lambda: self.rt.pusher.circuit_problem(CIRCUIT_READY_SECONDS),
                               status_token=cfg.receiver.status_token)
-        self.server: Any = create_server(self.app, host=cfg.receiver.host, port=cfg.receiver.port,
-                                         threads=cfg.receiver.threads, ident="syncd",
-                                         max_request_body_size=cfg.receiver.max_body_bytes * 2 + 1024)
+        try:
+            self.server: Any = create_server(self.app, host=cfg.receiver.host, port=cfg.receiver.port,
+                                             threads=cfg.receiver.threads, ident="syncd",
+                                             max_request_body_size=cfg.receiver.max_body_bytes * 2 + 1024)
+        except OSError as exc:
+            self.rt.journal.close()
+            reason = (exc.strerror or str(exc)).lower()
+            raise CannotListen(f"cannot listen on {cfg.receiver.host}:{cfg.receiver.port}: {reason}") from None
         self._stopped = threading.Event()
 
     def extra_jobs(self) -> list[tuple[str, float, Any]]:
@@ -83,17 +93,33 @@ class Daemon:
             pass
         finished = self.scheduler.stop(timeout=6.0)
         released = self.rt.journal.release_leases()
+        if self.rt.pusher.alerts is not None:
+            self.rt.pusher.alerts.close(timeout=2.0)  # post what is queued, briefly
         log.info("syncd stopped", extra={"tick_finished": finished, "leases_released": released})
         if finished:
             self.rt.journal.close()
 
 
 def serve(cfg: Config) -> int:
+    """Exit 2 with one line for an operator's mistake (config, mapping, journal, port);
+    3 when another ``serve`` holds the journal."""
     try:
         daemon = Daemon(cfg)
     except JournalBusy as exc:
         print(f"syncd: {exc}", file=sys.stderr)
         return 3
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"syncd: config error: {line}", file=sys.stderr)
+        return 2
+    except CannotListen as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError, sqlite3.Error) as exc:
+        from syncd.masking import mask_text
+
+        print(f"syncd: cannot start: {mask_text(str(exc))}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     code = daemon.run()
