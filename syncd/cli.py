@@ -241,6 +241,46 @@ def export(c: Ctx, fmt: str, since: str | None) -> None:
         writer.writerow(row)
 
 
+@cli.command("send-test")
+@click.argument("source", type=click.Choice(["apten", "lox24", "sinch"]))
+@click.option("--phone", default=None, metavar="E164", help="Put this phone in the example.")
+@click.option("--record", default=None, metavar="ID", help="Put this CRM record id in the example (apten).")
+@click.option("--url", "base_url", default=None, metavar="URL",
+              help="Receiver base URL (default: http://receiver.host:receiver.port).")
+@click.option("--json", "as_json", is_flag=True, help='One JSON object: {"url", "status", "answer"}.')
+@pass_ctx
+def send_test(c: Ctx, source: str, phone: str | None, record: str | None, base_url: str | None,
+              as_json: bool) -> None:
+    """Post SOURCE's documented example, signed with the configured secret, to the running receiver."""
+    import requests
+
+    from syncd.check import connection_cause
+    from syncd.send_test import receiver_url, send
+
+    cfg = c.config()
+    try:
+        answer = send(cfg, source, phone, record, base_url)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except ConfigError as exc:
+        click.echo(f"syncd: config error: {exc}", err=True)
+        sys.exit(2)
+    except requests.RequestException:
+        url = base_url or receiver_url(cfg)
+        cause = connection_cause(requests.Session(), url) or "no answer"
+        click.echo(f"syncd: cannot reach the receiver at {url}: {cause} (is syncd serve running?)", err=True)
+        sys.exit(2)
+    try:
+        parsed: Any = json.loads(answer.body)
+    except ValueError:
+        parsed = answer.body
+    if as_json:
+        _echo_json({"url": answer.url, "status": answer.status, "answer": parsed})
+    else:
+        click.echo(f"POST {answer.url} -> {answer.status} {answer.body}")
+    sys.exit(0 if 200 <= answer.status < 300 else 1)
+
+
 @cli.command()
 @click.option("--keep", is_flag=True, help="Keep serving after the demo (Ctrl-C to stop).")
 def demo(keep: bool) -> None:
