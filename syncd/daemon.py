@@ -20,6 +20,7 @@ from syncd.journal.base import JournalBusy
 from syncd.receiver import create_app
 from syncd.runtime import Runtime, open_runtime
 from syncd.scheduler import Scheduler
+from syncd.status_page import CRM_HEALTH_KEY
 
 log = logging.getLogger("syncd.daemon")
 CIRCUIT_READY_SECONDS = 900.0  # /readyz fails once a CRM has been paused this long
@@ -45,6 +46,7 @@ class Daemon:
                               scheduler_alive=lambda: self.scheduler.running,
                               extra_ready=lambda: self.rt.pusher.circuit_problem(CIRCUIT_READY_SECONDS),
                               status_token=cfg.receiver.status_token)
+        self.app.config[CRM_HEALTH_KEY] = self.rt.pusher.health_report  # the status page's CRM health
         try:
             self.server: Any = create_server(self.app, host=cfg.receiver.host, port=cfg.receiver.port,
                                              threads=cfg.receiver.threads, ident="syncd",

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from connectors.base import CrmConnector
 from connectors.errors import ConnectorError, RateLimited
@@ -268,6 +268,20 @@ class Pusher:
                 self.paused_since[crm] = now
             self.paused_until[crm] = now + (exc.retry_after or 3600.0)
             log.error("CRM paused", extra={"crm": crm, "until": self.paused_until[crm], "error": _error_text(exc)})
+
+    def health_report(self) -> dict[str, dict[str, Any]]:
+        """Per CRM, for the status page: epoch seconds (or None) and the last error text."""
+        now = time.time()
+        report: dict[str, dict[str, Any]] = {}
+        for crm in sorted(set(self.connectors) | set(self.health)):
+            h = self.health.get(crm, CrmHealth())
+            paused = self.paused_until.get(crm)
+            report[crm] = {"last_success": h.last_success, "last_error": h.last_error,
+                           "last_error_at": h.last_error_at,
+                           "failing_since": h.failing_since if h.consecutive_failures else None,
+                           "consecutive_failures": h.consecutive_failures,
+                           "paused_until": paused if paused and paused > now else None}
+        return report
 
     def circuit_problem(self, longer_than: float) -> str | None:
         """For /readyz: a CRM paused (open circuit) for longer than ``longer_than`` seconds."""
