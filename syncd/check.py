@@ -33,7 +33,7 @@ def run_check(cfg: Config, progress: Callable[[str], None] = lambda line: None) 
         return problems + str(exc).splitlines()
     connectors = build_connectors(cfg, mappings)
     for crm, mapping in mappings.items():
-        unreachable = _unreachable(cfg, _endpoints(cfg, crm), progress)
+        unreachable = _unreachable(cfg, crm_endpoints(cfg, crm), progress)
         if unreachable:
             problems += unreachable
             continue
@@ -54,7 +54,7 @@ def run_check(cfg: Config, progress: Callable[[str], None] = lambda line: None) 
     return problems
 
 
-def _endpoints(cfg: Config, crm: str) -> list[tuple[str, str]]:
+def crm_endpoints(cfg: Config, crm: str) -> list[tuple[str, str]]:
     """(config key, URL) of the first server each CRM's connector talks to."""
     if crm == "salesforce":
         sf = cfg.crm.salesforce

@@ -216,7 +216,8 @@ EXPORT_COLUMNS = ["event_id", "source", "source_event_id", "received_at", "occur
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "json"]), default="csv", show_default=True,
+              help="json: one array; jsonl: one object per line.")
 @click.option("--since", default=None, metavar="ISO", help="Only events received at or after this time.")
 @pass_ctx
 def export(c: Ctx, fmt: str, since: str | None) -> None:
@@ -234,6 +235,12 @@ def export(c: Ctx, fmt: str, since: str | None) -> None:
     if fmt == "jsonl":
         for row in rows:
             out.write(json.dumps(row, sort_keys=True) + "\n")
+        return
+    if fmt == "json":  # one document, streamed row by row
+        out.write("[")
+        for n, row in enumerate(rows):
+            out.write(("," if n else "") + "\n" + json.dumps(row, sort_keys=True))
+        out.write("\n]\n")
         return
     writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, extrasaction="ignore")
     writer.writeheader()

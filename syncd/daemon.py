@@ -69,8 +69,22 @@ class Daemon:
     def port(self) -> int:
         return int(self.server.effective_port)
 
+    def probe_crms(self) -> None:
+        """At start, name each CRM URL that does not answer (config key, URL, cause:
+        refused, DNS, certificate, timeout) in the log; runs beside the receiver."""
+        from connectors.http import make_session
+        from syncd.check import connection_cause, crm_endpoints
+
+        session = make_session(self.cfg.http.ca_bundle, min(self.cfg.http.timeout_seconds, 15.0))
+        for crm in sorted(self.rt.connectors):
+            for key, url in crm_endpoints(self.cfg, crm):
+                cause = connection_cause(session, url)
+                if cause:
+                    log.error("CRM unreachable", extra={"crm": crm, "key": key, "url": url, "cause": cause})
+
     def run(self) -> int:
         self.scheduler.start()
+        threading.Thread(target=self.probe_crms, name="syncd-crm-probe", daemon=True).start()
         log.info("syncd serving", extra={"host": self.cfg.receiver.host, "port": self.port,
                                          "sources": sorted(self.rt.sources), "crms": sorted(self.rt.connectors),
                                          "pid": os.getpid()})

@@ -235,3 +235,33 @@ def test_check_prints_the_instance_it_used(sf_stack):
     assert run.returncode == 0, run.stdout + run.stderr
     used = sf_stack.sandboxes["salesforce"].url
     assert f"salesforce: instance in use {used}" in run.stderr
+
+
+def test_serve_names_an_unreachable_crm_url_at_start(sf_stack):
+    import yaml
+
+    cfg = yaml.safe_load(sf_stack.config_path.read_text())
+    port = free_port()
+    cfg["crm"]["salesforce"]["auth"]["login_url"] = f"https://127.0.0.1:{port}"
+    sf_stack.config_path.write_text(yaml.safe_dump(cfg))
+    daemon = sf_stack.serve()
+    try:
+        def probed() -> list[dict]:
+            return [x for x in daemon.log_lines() if x.get("msg") == "CRM unreachable"]
+        from syncd.stack import wait_for
+
+        assert wait_for(probed, timeout=20)
+    finally:
+        assert daemon.terminate() == 0
+    (line,) = probed()
+    assert (line["level"], line["key"], line["url"], line["cause"]) == (
+        "error", "crm.salesforce.auth.login_url", f"https://127.0.0.1:{port}", "connection refused")
+
+
+def test_export_json_is_one_array(tmp_path):
+    path = _config(tmp_path)
+    open_journal(f"sqlite:///{tmp_path}/j.db").close()
+    assert json.loads(_run("-c", str(path), "export", "--format", "json").stdout) == []
+    _dead_letter(tmp_path / "j.db")
+    (row,) = json.loads(_run("export", "--format", "json", "-c", str(path)).stdout)
+    assert row["state"] == "dead" and row["target_record"] == "003XX000004DHPYYA4"
