@@ -265,3 +265,31 @@ def test_export_json_is_one_array(tmp_path):
     _dead_letter(tmp_path / "j.db")
     (row,) = json.loads(_run("export", "--format", "json", "-c", str(path)).stdout)
     assert row["state"] == "dead" and row["target_record"] == "003XX000004DHPYYA4"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NAMES = st.from_regex(r"[A-Z][A-Z0-9_]{0,10}", fullmatch=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(refs=st.lists(_NAMES, min_size=1, max_size=6, unique=True), data=st.data())
+def test_every_unset_variable_is_reported_once_in_one_run(refs, data):
+    """Whatever mix of set and unset variables the secrets reference, one run names
+    exactly the unset ones, each against the key that references it."""
+    keys = ["apten.secret", "lox24.token", "sinch.secret"][:len(refs)]
+    refs = refs[:len(keys)]
+    set_names = data.draw(st.sets(st.sampled_from(refs)))
+    env = {n: "a-long-enough-value" for n in set_names}
+    sources = {k.split(".")[0]: {k.split(".")[1]: f"${{{n}}}"} for k, n in zip(keys, refs)}
+    unset = [(k, n) for k, n in zip(keys, refs) if n not in set_names]
+    if not unset:
+        parse_config({"sources": sources}, env=env)
+        return
+    with pytest.raises(ConfigError) as err:
+        parse_config({"sources": sources}, env=env)
+    lines = str(err.value).splitlines()
+    assert len(lines) == len(unset)
+    for (key, name), line in zip(unset, lines):
+        assert line.startswith(f"sources.{key}: environment variable {name} is not set")
