@@ -1,14 +1,12 @@
 """``syncd check``: config, mappings and each CRM's own field metadata agree."""
 from __future__ import annotations
 
-import re
-import socket
 from typing import Callable
 
 import requests
 
 from connectors.errors import AuthFailed, ConnectorError
-from connectors.http import make_session
+from connectors.http import make_session, transport_cause
 from syncd.config import Config, ConfigError
 from syncd.mapping import UNSUBSCRIBE, Mapping
 from syncd.masking import mask_text, register_secrets
@@ -95,35 +93,10 @@ def connection_cause(session: requests.Session, url: str) -> str | None:
     try:
         session.get(url, allow_redirects=False)
         return None
-    except requests.exceptions.SSLError as exc:
-        found = re.search(r"certificate verify failed: ([^(')\]]+)", str(exc))
-        return f"TLS certificate not trusted: {found.group(1).strip()}" if found else "TLS handshake failed"
     except requests.exceptions.Timeout:
         return "timed out (http.timeout_seconds)"
     except requests.exceptions.RequestException as exc:
-        return _transport_cause(exc)
-
-
-def _transport_cause(exc: BaseException) -> str:
-    seen: list[BaseException] = []
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or e in seen:
-            continue
-        seen.append(e)
-        if isinstance(e, socket.gaierror) or "NameResolutionError" in type(e).__name__:
-            return "DNS: host name not found"
-        if isinstance(e, ConnectionRefusedError):
-            return "connection refused"
-        stack += [e.__cause__, e.__context__, *[a for a in e.args if isinstance(a, BaseException)],
-                  getattr(e, "reason", None)]
-    text = str(exc)
-    if "Name or service not known" in text or "getaddrinfo failed" in text or "nodename nor servname" in text:
-        return "DNS: host name not found"
-    if "Connection refused" in text:
-        return "connection refused"
-    return type(exc).__name__
+        return transport_cause(exc)
 
 
 def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
@@ -174,6 +147,10 @@ def _check_sinch(cfg: Config) -> list[str]:
         sinch = build_sinch(cfg)
         assert sinch is not None
         sinch.check()
+    except AuthFailed as exc:
+        assert cfg.sinch is not None
+        return [f"config: sinch.key_id/sinch.key_secret: Sinch refused the credentials ({cfg.sinch.auth_url}): "
+                f"{mask_text(str(exc))}"]
     except (ConnectorError, ValueError) as exc:
         return [f"config: sinch: {mask_text(str(exc))}"]
     return []

@@ -65,3 +65,15 @@ def test_config_problems_are_reported_by_check(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "crm.hubspot.access_token: required key is missing" in out.stderr
+
+
+def test_refused_sinch_credentials_name_the_keys_and_auth_url(all_crms):
+    sn = all_crms.sandboxes["sinch"]
+    cfg = all_crms.config_path
+    cfg.write_text(cfg.read_text().replace(sn.key_secret, "wrong-sinch-key-secret"))
+    run = all_crms.syncd("check")
+    assert run.returncode == 1
+    (line,) = [x for x in run.stdout.splitlines() if "sinch" in x]
+    assert line.startswith(f"config: sinch.key_id/sinch.key_secret: Sinch refused the credentials "
+                           f"({sn.url}/oauth2/token): ")
+    assert "invalid_client" in line and "wrong-sinch-key-secret" not in run.stdout + run.stderr

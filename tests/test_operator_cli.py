@@ -293,3 +293,22 @@ def test_every_unset_variable_is_reported_once_in_one_run(refs, data):
     assert len(lines) == len(unset)
     for (key, name), line in zip(unset, lines):
         assert line.startswith(f"sources.{key}: environment variable {name} is not set")
+
+
+def test_connector_transport_errors_name_host_and_cause(sf_stack, monkeypatch):
+    """What reaches dead letters and logs at run time: host and cause, never path or query."""
+    from connectors.close import CloseConnector
+    from connectors.errors import Transient
+    from connectors.salesforce import SalesforceConnector
+
+    port = free_port()
+    with pytest.raises(Transient) as refused:
+        CloseConnector(base_url=f"http://127.0.0.1:{port}/api/v1", api_key="k-123456").fields("lead")
+    assert str(refused.value) == f"ConnectionError talking to the remote API http://127.0.0.1:{port}: connection refused"
+    sf = sf_stack.sandboxes["salesforce"]
+    untrusted = SalesforceConnector(instance_url=sf.url, api_version="62.0", ca_bundle=None, auth={
+        "flow": "client_credentials", "login_url": sf.url, "client_id": sf.client_id, "client_secret": sf.client_secret})
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    with pytest.raises(Transient) as tls:
+        untrusted.fields("Contact")
+    assert str(tls.value).startswith(f"SSLError talking to the remote API {sf.url}: TLS certificate not trusted")
