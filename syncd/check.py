@@ -39,7 +39,7 @@ def run_check(cfg: Config, progress: Callable[[str], None] = lambda line: None) 
         try:
             problems += _check_mapping(crm, mapping, connectors[crm])
         except AuthFailed as exc:
-            key, url = _credentials(cfg, crm)
+            key, url = crm_credentials(cfg, crm)
             problems.append(f"config: {key}: {crm} refused the credentials ({url}): {mask_text(str(exc))}")
             continue
         used = getattr(connectors[crm], "instance_in_use", None)
@@ -63,7 +63,7 @@ def crm_endpoints(cfg: Config, crm: str) -> list[tuple[str, str]]:
     return [(f"crm.{crm}.base_url", getattr(cfg.crm, crm).base_url)]
 
 
-def _credentials(cfg: Config, crm: str) -> tuple[str, str]:
+def crm_credentials(cfg: Config, crm: str) -> tuple[str, str]:
     """(config key of the credentials, URL that judged them)."""
     if crm == "salesforce":
         sf = cfg.crm.salesforce

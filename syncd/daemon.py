@@ -70,17 +70,31 @@ class Daemon:
         return int(self.server.effective_port)
 
     def probe_crms(self) -> None:
-        """At start, name each CRM URL that does not answer (config key, URL, cause:
-        refused, DNS, certificate, timeout) in the log; runs beside the receiver."""
+        """At start, log each CRM whose URL does not answer (config key, URL, cause:
+        refused, DNS, certificate, timeout) or that refuses the credentials (one
+        read-only field-metadata call); runs beside the receiver, never stops it."""
+        from connectors.errors import AuthFailed, ConnectorError
         from connectors.http import make_session
-        from syncd.check import connection_cause, crm_endpoints
+        from syncd.check import connection_cause, crm_credentials, crm_endpoints
+        from syncd.masking import mask_text
 
         session = make_session(self.cfg.http.ca_bundle, min(self.cfg.http.timeout_seconds, 15.0))
-        for crm in sorted(self.rt.connectors):
-            for key, url in crm_endpoints(self.cfg, crm):
-                cause = connection_cause(session, url)
+        for crm, connector in sorted(self.rt.connectors.items()):
+            causes = [(key, url, connection_cause(session, url)) for key, url in crm_endpoints(self.cfg, crm)]
+            for key, url, cause in causes:
                 if cause:
                     log.error("CRM unreachable", extra={"crm": crm, "key": key, "url": url, "cause": cause})
+            objects = list(self.rt.mappings[crm].objects) if crm in self.rt.mappings else []
+            if any(cause for _, _, cause in causes) or not objects:
+                continue
+            try:
+                connector.fields(objects[0])
+            except AuthFailed as exc:
+                key, url = crm_credentials(self.cfg, crm)
+                log.error("CRM refused the credentials", extra={"crm": crm, "key": key, "url": url,
+                                                                "cause": mask_text(str(exc))})
+            except ConnectorError:
+                pass  # other failures show in the pusher's own log lines and health
 
     def run(self) -> int:
         self.scheduler.start()

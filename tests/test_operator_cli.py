@@ -312,3 +312,25 @@ def test_connector_transport_errors_name_host_and_cause(sf_stack, monkeypatch):
     with pytest.raises(Transient) as tls:
         untrusted.fields("Contact")
     assert str(tls.value).startswith(f"SSLError talking to the remote API {sf.url}: TLS certificate not trusted")
+
+
+def test_serve_names_refused_credentials_at_start(sf_stack):
+    import yaml
+
+    from syncd.stack import wait_for
+
+    cfg = yaml.safe_load(sf_stack.config_path.read_text())
+    cfg["crm"]["salesforce"]["auth"]["client_secret"] = "wrong-secret-value"
+    sf_stack.config_path.write_text(yaml.safe_dump(cfg))
+    sf_url = sf_stack.sandboxes["salesforce"].url
+    daemon = sf_stack.serve()
+    try:
+        def refused() -> list[dict]:
+            return [x for x in daemon.log_lines() if x.get("msg") == "CRM refused the credentials"]
+        assert wait_for(refused, timeout=20)
+    finally:
+        assert daemon.terminate() == 0
+    (line,) = refused()
+    assert (line["key"], line["url"]) == ("crm.salesforce.auth", f"{sf_url}/services/oauth2/token")
+    assert line["cause"] == "[400 invalid_client] invalid client credentials"
+    assert "wrong-secret-value" not in daemon.log()
