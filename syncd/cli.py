@@ -170,44 +170,51 @@ def replay(c: Ctx, ids: tuple[str, ...], all_dead: bool, dry_run: bool, as_json:
     """Re-queue dead letters by id (d<N>, q<N>, r<N>) or all of them.
 
     One line per id; exits 1 if any id is malformed, unknown or not dead."""
-    from syncd.journal.sql import parse_letter_id
-
     if bool(ids) == all_dead:
         raise click.UsageError("give dead-letter ids or --all-dead (not both)")
     journal = c.journal()
     dead = {row["id"]: row for row in journal.dead_letters()}
+    results = _replay_plan(dead, list(dead) if all_dead else list(ids), dry_run)
+    due = [r["id"] for r in results if r["result"] == "requeued"]
+    if due:
+        journal.replay(due)  # one transaction; a row only changes while it is still dead
+    if as_json:
+        _echo_json(results)
+    else:
+        _print_replay(results)
+    sys.exit(1 if any(r["result"] in ("invalid", "not-dead") for r in results) else 0)
+
+
+def _replay_plan(dead: dict[str, dict[str, Any]], ids: list[str], dry_run: bool) -> list[dict[str, Any]]:
+    """What happens to each id: requeued / would-requeue, or invalid / not-dead with why."""
+    from syncd.journal.sql import parse_letter_id
+
     results: list[dict[str, Any]] = []
-    due: list[str] = []
-    for raw in (list(dead) if all_dead else ids):
+    for raw in ids:
         try:
             kind, num = parse_letter_id(raw)
         except ValueError as exc:
             results.append({"id": raw, "result": "invalid", "detail": str(exc)})
             continue
-        key = f"{kind}{num}"
-        row = dead.get(key)
+        row = dead.get(f"{kind}{num}")
         if row is None:
-            results.append({"id": key, "result": "not-dead",
+            results.append({"id": f"{kind}{num}", "result": "not-dead",
                             "detail": "no dead letter with this id (unknown, or not dead; see syncd dead-letters)"})
             continue
-        results.append({"id": key, "result": "would-requeue" if dry_run else "requeued",
+        results.append({"id": row["id"], "result": "would-requeue" if dry_run else "requeued",
                         "target": _target(row), "detail": row["error"]})
-        due.append(key)
-    if due and not dry_run:
-        journal.replay(due)  # one transaction; rows only change while still dead
-    failed = [r for r in results if r["result"] in ("invalid", "not-dead")]
-    if as_json:
-        _echo_json(results)
-    else:
-        verbs = {"requeued": "re-queued", "would-requeue": "would re-queue", "invalid": "not re-queued",
-                 "not-dead": "not re-queued"}
-        for r in results:
-            where = f"  {r['target']}" if r.get("target") else ""
-            click.echo(f"{r['id']}: {verbs[r['result']]}{where}  ({r['detail']})" if r["detail"] else
-                       f"{r['id']}: {verbs[r['result']]}{where}")
-        if not results:
-            click.echo("no dead letters")
-    sys.exit(1 if failed else 0)
+    return results
+
+
+def _print_replay(results: list[dict[str, Any]]) -> None:
+    verbs = {"requeued": "re-queued", "would-requeue": "would re-queue", "invalid": "not re-queued",
+             "not-dead": "not re-queued"}
+    if not results:
+        click.echo("no dead letters")
+    for r in results:
+        where = f"  {r['target']}" if r.get("target") else ""
+        detail = f"  ({r['detail']})" if r["detail"] else ""
+        click.echo(f"{r['id']}: {verbs[r['result']]}{where}{detail}")
 
 
 EXPORT_COLUMNS = ["event_id", "source", "source_event_id", "received_at", "occurred_at", "kind", "channel",

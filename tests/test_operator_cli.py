@@ -43,9 +43,9 @@ def _run(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-def _dead_letter(db: Path) -> str:
+def _dead_letter(db: Path, n: int = 1) -> str:
     j = open_journal(f"sqlite:///{db}")
-    rec = j.record(ConsentEvent(source="apten", source_event_id="ev-1", kind="opt_out", channel="sms",
+    rec = j.record(ConsentEvent(source="apten", source_event_id=f"ev-{n}", kind="opt_out", channel="sms",
                                 occurred_at=datetime(2024, 2, 18, tzinfo=timezone.utc),
                                 received_at=datetime.now(timezone.utc), raw=b"{}",
                                 external_lead_id="003XX000004DHPY", phone="+13305551234"))
@@ -169,6 +169,16 @@ def test_replay_says_what_happened_per_id(tmp_path):
     again = _run("-c", str(path), "replay", dead, "--json")
     assert again.exit_code == 1
     assert [r["result"] for r in json.loads(again.stdout)] == ["not-dead"]
+
+
+def test_replay_all_dead_lists_each(tmp_path):
+    path = _config(tmp_path)
+    first, second = _dead_letter(tmp_path / "j.db", 1), _dead_letter(tmp_path / "j.db", 2)
+    run = _run("-c", str(path), "replay", "--all-dead")
+    assert run.exit_code == 0
+    assert [x.split(":")[0] for x in run.stdout.splitlines()] == [first, second]
+    assert json.loads(_run("-c", str(path), "dead-letters", "--json").stdout) == []
+    assert _run("-c", str(path), "replay", "--all-dead").stdout.strip() == "no dead letters"
 
 
 def test_dead_letters_json_is_one_array(tmp_path):
