@@ -344,3 +344,12 @@ def test_serve_names_refused_credentials_at_start(sf_stack):
     assert (line["key"], line["url"]) == ("crm.salesforce.auth", f"{sf_url}/services/oauth2/token")
     assert line["cause"] == "[400 invalid_client] invalid client credentials"
     assert "wrong-secret-value" not in daemon.log()
+
+
+def test_shell_completion_as_documented():
+    script = _syncd(env={"_SYNCD_COMPLETE": "bash_source"})
+    assert script.returncode == 0 and "_syncd_completion()" in script.stdout
+    done = _syncd(env={"_SYNCD_COMPLETE": "bash_complete", "COMP_WORDS": "syncd dead", "COMP_CWORD": "1"})
+    assert done.stdout.strip() == "plain,dead-letters"
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert 'eval "$(_SYNCD_COMPLETE=bash_source syncd)"' in readme
