@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from connectors.base import CrmConnector
+from syncd.alerts import Alerts
 from syncd.config import Config, ConfigError
 from syncd.journal import Journal, open_journal
 from syncd.mapping import Mapping, load_mapping
@@ -80,6 +81,7 @@ class Runtime:
     pusher: Pusher
     metrics: Metrics = field(default_factory=Metrics)
     reflector: Reflector | None = None
+    alerts: Alerts | None = None  # alerts.webhook_url; the compliance check calls alerts.opt_out_at_risk
 
 
 def open_runtime(cfg: Config) -> Runtime:
@@ -92,8 +94,6 @@ def open_runtime(cfg: Config) -> Runtime:
     pusher = Pusher(journal, connectors, mappings, router, cfg.retry, batch_size=cfg.schedule.batch_size,
                     lease_seconds=cfg.schedule.lease_seconds, metrics=metrics)
     if cfg.alerts.webhook_url:
-        from syncd.alerts import Alerts
-
         pusher.alerts = Alerts(cfg.alerts.webhook_url, cooldown_seconds=cfg.alerts.cooldown_seconds,
                                timeout=min(cfg.http.timeout_seconds, 10.0), ca_bundle=cfg.http.ca_bundle)
     reflector = None
@@ -102,4 +102,5 @@ def open_runtime(cfg: Config) -> Runtime:
         reflector = Reflector(journal, connectors, mappings, sinch, cfg, metrics=metrics)
         pusher.reconcile = reflector.reconcile
     return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
-                   connectors=connectors, pusher=pusher, metrics=metrics, reflector=reflector)
+                   connectors=connectors, pusher=pusher, metrics=metrics, reflector=reflector,
+                   alerts=pusher.alerts)
