@@ -239,6 +239,11 @@ class SalesforceConnector:
         self._generation = 0
         self._fields: dict[str, dict[str, FieldInfo]] = {}
 
+    @property
+    def instance_in_use(self) -> str | None:
+        """The instance the last token answer named (it can differ from ``instance_url``)."""
+        return f"https://{self._sf.sf_instance}" if self._sf is not None else None
+
     # --- auth ---------------------------------------------------------------------
     def _authenticate(self) -> None:
         """Fetch a token (or take the configured one) and build a fresh client."""

@@ -1,7 +1,12 @@
 """``syncd check``: config, mappings and each CRM's own field metadata agree."""
 from __future__ import annotations
 
-from connectors.errors import ConnectorError
+from typing import Callable
+
+import requests
+
+from connectors.errors import AuthFailed, ConnectorError
+from connectors.http import make_session, transport_cause
 from syncd.config import Config, ConfigError
 from syncd.mapping import UNSUBSCRIBE, Mapping
 from syncd.masking import mask_text, register_secrets
@@ -11,8 +16,9 @@ from syncd.runtime import build_connectors, build_sinch, load_mappings
 BOOLEAN_TYPES = {"boolean", "bool", "checkbox", "booleancheckbox", "choices"}
 
 
-def run_check(cfg: Config) -> list[str]:
-    """One line per problem; an empty list means all is well."""
+def run_check(cfg: Config, progress: Callable[[str], None] = lambda line: None) -> list[str]:
+    """One line per problem; an empty list means all is well. ``progress`` hears what is
+    being waited on, and which Salesforce instance the token answer pointed at."""
     register_secrets(cfg.secrets())
     problems: list[str] = []
     if not cfg.crm.enabled():
@@ -25,10 +31,72 @@ def run_check(cfg: Config) -> list[str]:
         return problems + str(exc).splitlines()
     connectors = build_connectors(cfg, mappings)
     for crm, mapping in mappings.items():
-        problems += _check_mapping(crm, mapping, connectors[crm])
+        unreachable = _unreachable(cfg, crm_endpoints(cfg, crm), progress)
+        if unreachable:
+            problems += unreachable
+            continue
+        progress(f"{crm}: reading field metadata")
+        try:
+            problems += _check_mapping(crm, mapping, connectors[crm])
+        except AuthFailed as exc:
+            key, url = crm_credentials(cfg, crm)
+            problems.append(f"config: {key}: {crm} refused the credentials ({url}): {mask_text(str(exc))}")
+            continue
+        used = getattr(connectors[crm], "instance_in_use", None)
+        if used:
+            progress(f"{crm}: instance in use {used}")
     if cfg.sinch is not None:
-        problems += _check_sinch(cfg)
+        unreachable = _unreachable(cfg, [("sinch.auth_url", cfg.sinch.auth_url),
+                                         ("sinch.base_url", cfg.sinch.base_url)], progress)
+        problems += unreachable or _check_sinch(cfg)
     return problems
+
+
+def crm_endpoints(cfg: Config, crm: str) -> list[tuple[str, str]]:
+    """(config key, URL) of the first server each CRM's connector talks to."""
+    if crm == "salesforce":
+        sf = cfg.crm.salesforce
+        assert sf is not None
+        if sf.auth.flow != "access_token" and sf.auth.login_url:
+            return [("crm.salesforce.auth.login_url", sf.auth.login_url)]
+        return [("crm.salesforce.instance_url", sf.instance_url)]
+    return [(f"crm.{crm}.base_url", getattr(cfg.crm, crm).base_url)]
+
+
+def crm_credentials(cfg: Config, crm: str) -> tuple[str, str]:
+    """(config key of the credentials, URL that judged them)."""
+    if crm == "salesforce":
+        sf = cfg.crm.salesforce
+        assert sf is not None
+        if sf.auth.flow == "access_token":
+            return "crm.salesforce.auth.access_token", sf.instance_url
+        return "crm.salesforce.auth", f"{(sf.auth.login_url or sf.instance_url).rstrip('/')}/services/oauth2/token"
+    key = "crm.hubspot.access_token" if crm == "hubspot" else "crm.close.api_key"
+    return key, getattr(cfg.crm, crm).base_url
+
+
+def _unreachable(cfg: Config, endpoints: list[tuple[str, str]], progress: Callable[[str], None]) -> list[str]:
+    """One problem line per URL whose server does not answer HTTP at all."""
+    problems = []
+    session = make_session(cfg.http.ca_bundle, min(cfg.http.timeout_seconds, 15.0))
+    for key, url in endpoints:
+        progress(f"connecting to {url} ({key})")
+        cause = connection_cause(session, url)
+        if cause:
+            problems.append(f"config: {key}: cannot reach {url}: {cause}")
+    return problems
+
+
+def connection_cause(session: requests.Session, url: str) -> str | None:
+    """None when the server answers HTTP (any status); else why not, in words:
+    connection refused, DNS, TLS certificate, timeout."""
+    try:
+        session.get(url, allow_redirects=False)
+        return None
+    except requests.exceptions.Timeout:
+        return "timed out (http.timeout_seconds)"
+    except requests.exceptions.RequestException as exc:
+        return transport_cause(exc)
 
 
 def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
@@ -36,6 +104,8 @@ def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
     for obj, om in mapping.objects.items():
         try:
             meta = connector.fields(obj)
+        except AuthFailed:
+            raise  # one line against the credentials' config key, not per object
         except ConnectorError as exc:
             problems.append(f"{mapping.path}: {obj}: cannot read field metadata from {crm}: {mask_text(str(exc))}")
             continue
@@ -115,6 +185,10 @@ def _check_sinch(cfg: Config) -> list[str]:
         sinch = build_sinch(cfg)
         assert sinch is not None
         sinch.check()
+    except AuthFailed as exc:
+        assert cfg.sinch is not None
+        return [f"config: sinch.key_id/sinch.key_secret: Sinch refused the credentials ({cfg.sinch.auth_url}): "
+                f"{mask_text(str(exc))}"]
     except (ConnectorError, ValueError) as exc:
         return problems + [f"config: sinch: {mask_text(str(exc))}"]
     return problems

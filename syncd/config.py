@@ -6,6 +6,7 @@ so ``syncd`` can exit with a clear message instead of a traceback.
 """
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import logging
 import os
@@ -54,11 +55,14 @@ OptionalOwnSecret = Annotated[OwnSecret | None, BeforeValidator(_empty_is_none)]
 
 def _outbound_url(value: str) -> str:
     """Outbound calls carry credentials: https only, except to this machine (the sandboxes)."""
+    value = value.strip()
     parts = urlsplit(value)
     host = parts.hostname or ""
-    if host and (parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(host))):
+    if parts.scheme not in ("http", "https") or not host:  # ``api.hubapi.com`` alone is a typo
+        raise ValueError(f"{value!r} is not a URL: it must start with https:// and name a host")
+    if parts.scheme == "https" or _is_loopback(host):
         return value
-    where = f"{parts.scheme}://{host}" if parts.scheme else repr(value[:60])
+    where = f"{parts.scheme}://{host}"
     raise ValueError(f"must be an https:// URL (http:// only for a loopback host such as 127.0.0.1); "
                      f"got {where}")
 
@@ -171,6 +175,7 @@ class SalesforceAuth(_Strict):
     audience: str | None = None  # jwt aud; default: login.salesforce.com / test.salesforce.com
     access_token: str | None = None
 
+
     @model_validator(mode="after")
     def _needs(self) -> "SalesforceAuth":
         needs = {
@@ -195,6 +200,7 @@ class SalesforceConfig(_Strict):
     api_budget_percent: float = Field(90.0, gt=0, le=100)
     limits_probe_seconds: float = Field(300.0, gt=0, le=3600)
 
+
     @field_validator("api_version")
     @classmethod
     def _version(cls, v: str) -> str:
@@ -209,10 +215,12 @@ class HubSpotConfig(_Strict):
     mapping: str = "mappings/hubspot.yaml"
 
 
+
 class CloseConfig(_Strict):
     base_url: OutboundUrl = "https://api.close.com/api/v1"
     api_key: str
     mapping: str = "mappings/close.yaml"
+
 
 
 class CrmConfig(_Strict):
@@ -235,6 +243,7 @@ class SinchConfig(_Strict):
     reflect_opt_in: bool = False
     reflect_backfill: bool = False       # first poll reads every flag already set
     notification_timeout_seconds: float = Field(600.0, gt=0)
+
 
     @field_validator("channels")
     @classmethod
@@ -277,6 +286,12 @@ class RoutingConfig(_Strict):
     rules: list[RoutingRule] = []
 
 
+class AlertsConfig(_Strict):
+    webhook_url: OutboundUrl | None = None  # Slack-compatible incoming webhook; None: no alerts
+    cooldown_seconds: float = Field(3600.0, ge=0, le=7 * 86400)  # one message per cause per this long
+
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -295,6 +310,7 @@ class Config(_Strict):
     retry: RetryConfig = RetryConfig()
     routing: RoutingConfig = RoutingConfig()
     logging: LoggingConfig = LoggingConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     # Where the file lives: relative mapping and journal paths resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -329,11 +345,13 @@ class Config(_Strict):
         return [s for s in found if s]
 
 
-def interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
+def interpolate(value: Any, path: str, env: dict[str, str], missing: list[tuple[str, str]] | None = None) -> Any:
+    """Substitute ``${VAR}`` references. With ``missing``, unset variables are collected
+    there as ``(key path, name)`` (and left empty) instead of raising at the first."""
     if isinstance(value, dict):
-        return {k: interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+        return {k: interpolate(v, f"{path}.{k}" if path else str(k), env, missing) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+        return [interpolate(v, f"{path}[{i}]", env, missing) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -343,16 +361,44 @@ def interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(f"{path}: environment variable {name} is not set")
+        if missing is None:
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+        missing.append((path, name))
+        return ""
 
     return _ENV_REF.sub(sub, value)
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config model that holds the key at ``loc`` (for "did you mean")."""
+    import typing
+
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int) or str(part).startswith("function-"):
+            continue
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [a for c in candidates for a in typing.get_args(c)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
 
 
 def _format_error(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        model = _model_at(tuple(err["loc"]))
+        msg = "unknown key" + (_did_you_mean(str(err["loc"][-1]), model.model_fields) if model else "")
     elif err["type"] == "missing":
         msg = "required key is missing"
     msg = msg.removeprefix("Value error, ")
@@ -360,15 +406,28 @@ def _format_error(err: dict[str, Any]) -> str:
 
 
 def parse_config(data: Any, base_dir: Path | str = ".", env: dict[str, str] | None = None) -> Config:
+    """Validate; every problem (unset variables and invalid or unknown keys alike) is
+    reported in one :class:`ConfigError`, one line each."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping of keys")
-    data = interpolate(data, "", dict(os.environ) if env is None else env)
+    env = dict(os.environ) if env is None else env
+    missing: list[tuple[str, str]] = []
+    data = interpolate(data, "", env, missing)
+    problems = [f"{path}: environment variable {name} is not set{_did_you_mean(name, env)}"
+                for path, name in missing]
+    unset = {path for path, _ in missing}
+    cfg = None
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_format_error(e) for e in exc.errors())) from None
+        for e in exc.errors():
+            line = _format_error(e)
+            if line.split(": ", 1)[0] not in unset:  # already reported as an unset variable
+                problems.append(line)
+    if problems or cfg is None:
+        raise ConfigError("\n".join(problems))
     cfg.base_dir = Path(base_dir)
     return cfg
 

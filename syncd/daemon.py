@@ -10,6 +10,7 @@ import logging
 import os
 import resource
 import signal
+import sqlite3
 import sys
 import threading
 from typing import Any
@@ -17,11 +18,12 @@ from typing import Any
 from waitress.server import create_server
 
 from syncd.admin import Readiness, create_admin_app
-from syncd.config import Config
+from syncd.config import Config, ConfigError
 from syncd.journal.base import JournalBusy
 from syncd.receiver import create_app
 from syncd.runtime import Runtime, open_runtime
 from syncd.scheduler import Scheduler
+from syncd.status_page import CRM_HEALTH_KEY
 
 log = logging.getLogger("syncd.daemon")
 CIRCUIT_READY_SECONDS = 900.0  # /readyz fails once a CRM has been paused this long
@@ -62,6 +64,10 @@ def raise_open_file_limit(connection_limit: int) -> None:
                     extra={"hard_limit": hard, "needed": needed})
 
 
+class CannotListen(Exception):
+    """The receiver's address cannot be bound (in use, not local, no permission)."""
+
+
 class Daemon:
     def __init__(self, cfg: Config, runtime: Runtime | None = None):
         self.cfg = cfg
@@ -75,8 +81,6 @@ class Daemon:
             self.scheduler.every(name, interval, fn)
         self.app = create_app(self.rt.journal, self.rt.sources, self.rt.router,
                               max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics)
-        self.server: Any = create_server(self.app, host=cfg.receiver.host, port=cfg.receiver.port,
-                                         **public_server_options(cfg))
         journal_file = getattr(self.rt.journal, "path", None)  # SQLite; a PostgreSQL disk is not ours to watch
         readiness = Readiness(self.rt.journal, scheduler_alive=lambda: self.scheduler.running,
                               extra_ready=lambda: self.rt.pusher.circuit_problem(CIRCUIT_READY_SECONDS),
@@ -84,9 +88,22 @@ class Daemon:
                               min_free_disk_mb=cfg.admin.min_free_disk_mb)
         self.admin_app = create_admin_app(self.rt.journal, self.rt.metrics, readiness,
                                           status_token=cfg.admin.status_token)
-        self.admin_server: Any = create_server(self.admin_app, host=cfg.admin.host, port=cfg.admin.port,
-                                               **ADMIN_SERVER_OPTIONS)
+        self.admin_app.config[CRM_HEALTH_KEY] = self.rt.pusher.health_report  # the status page's CRM health
+        self.server: Any = self._listen(self.app, cfg.receiver.host, cfg.receiver.port, public_server_options(cfg))
+        self.admin_server: Any = self._listen(self.admin_app, cfg.admin.host, cfg.admin.port, ADMIN_SERVER_OPTIONS)
         self._stopped = threading.Event()
+
+    def _listen(self, app: Any, host: str, port: int, options: dict[str, Any]) -> Any:
+        """A waitress server bound to ``host:port``; a port that cannot be bound is one
+        clear line for the operator (CannotListen), not a traceback."""
+        try:
+            return create_server(app, host=host, port=port, **options)
+        except OSError as exc:
+            if getattr(self, "server", None) is not None:
+                self.server.close()
+            self.rt.journal.close()
+            reason = (exc.strerror or str(exc)).lower()
+            raise CannotListen(f"cannot listen on {host}:{port}: {reason}") from None
 
     def extra_jobs(self) -> list[tuple[str, float, Any]]:
         """Jobs beyond the pusher: the reflector's CRM poll and Sinch registrations."""
@@ -100,9 +117,37 @@ class Daemon:
     def port(self) -> int:
         return int(self.server.effective_port)
 
+    def probe_crms(self) -> None:
+        """At start, log each CRM whose URL does not answer (config key, URL, cause:
+        refused, DNS, certificate, timeout) or that refuses the credentials (one
+        read-only field-metadata call); runs beside the receiver, never stops it."""
+        from connectors.errors import AuthFailed, ConnectorError
+        from connectors.http import make_session
+        from syncd.check import connection_cause, crm_credentials, crm_endpoints
+        from syncd.masking import mask_text
+
+        session = make_session(self.cfg.http.ca_bundle, min(self.cfg.http.timeout_seconds, 15.0))
+        for crm, connector in sorted(self.rt.connectors.items()):
+            causes = [(key, url, connection_cause(session, url)) for key, url in crm_endpoints(self.cfg, crm)]
+            for key, url, cause in causes:
+                if cause:
+                    log.error("CRM unreachable", extra={"crm": crm, "key": key, "url": url, "cause": cause})
+            objects = list(self.rt.mappings[crm].objects) if crm in self.rt.mappings else []
+            if any(cause for _, _, cause in causes) or not objects:
+                continue
+            try:
+                connector.fields(objects[0])
+            except AuthFailed as exc:
+                key, url = crm_credentials(self.cfg, crm)
+                log.error("CRM refused the credentials", extra={"crm": crm, "key": key, "url": url,
+                                                                "cause": mask_text(str(exc))})
+            except ConnectorError:
+                pass  # other failures show in the pusher's own log lines and health
+
     def run(self) -> int:
         self.scheduler.start()
         threading.Thread(target=self._run_admin, name="syncd-admin", daemon=True).start()
+        threading.Thread(target=self.probe_crms, name="syncd-crm-probe", daemon=True).start()
         log.info("syncd serving", extra={"host": self.cfg.receiver.host, "port": self.port,
                                          "admin_host": self.cfg.admin.host,
                                          "admin_port": int(self.admin_server.effective_port),
@@ -139,18 +184,34 @@ class Daemon:
                 pass
         finished = self.scheduler.stop(timeout=6.0)
         released = self.rt.journal.release_leases()
+        if self.rt.pusher.alerts is not None:
+            self.rt.pusher.alerts.close(timeout=2.0)  # post what is queued, briefly
         log.info("syncd stopped", extra={"tick_finished": finished, "leases_released": released})
         if finished:
             self.rt.journal.close()
 
 
 def serve(cfg: Config) -> int:
+    """Exit 2 with one line for an operator's mistake (config, mapping, journal, port);
+    3 when another ``serve`` holds the journal."""
     raise_open_file_limit(cfg.receiver.connection_limit)
     try:
         daemon = Daemon(cfg)
     except JournalBusy as exc:
         print(f"syncd: {exc}", file=sys.stderr)
         return 3
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"syncd: config error: {line}", file=sys.stderr)
+        return 2
+    except CannotListen as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError, sqlite3.Error) as exc:
+        from syncd.masking import mask_text
+
+        print(f"syncd: cannot start: {mask_text(str(exc))}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     code = daemon.run()

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from connectors.base import CrmConnector
 from connectors.errors import ConnectorError, QuotaExhausted
@@ -22,6 +22,7 @@ from syncd.backoff import RetryPolicy
 from syncd.config import RetryConfig
 from syncd.journal.base import Delivery, Journal, Outcome, StoredEvent
 from syncd.mapping import Mapping, RecordPlan, plan_record
+from syncd.alerts import Alerts
 from syncd.masking import mask_phone, mask_text
 from syncd.metrics import Metrics
 from syncd.routing import Router
@@ -48,6 +49,20 @@ class TickStats:
     dead: int = 0
 
 
+FAILING_AFTER = 3  # consecutive failed calls before a CRM counts as failing (and alerts)
+
+
+@dataclass
+class CrmHealth:
+    """What the pusher saw of one CRM (for the status page and the failing/recovered alerts)."""
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    failing_since: float | None = None   # first call of the current run of failures
+    consecutive_failures: int = 0
+    alerted: bool = False                # a "failing" alert went out; recovery will say so
+
+
 def _error_text(exc: BaseException) -> str:
     return mask_text(str(exc))[:2000]
 
@@ -66,6 +81,8 @@ class Pusher:
         self.policy = RetryPolicy(retry)
         self.quotas = quotas or {}
         self.paused_since: dict[str, float] = {}  # when this process first saw each pause
+        self.health: dict[str, CrmHealth] = {}
+        self.alerts: Alerts | None = None  # set by the runtime when alerts.webhook_url is configured
         self.stopping = threading.Event()  # set on SIGTERM: finish the batch in hand, take no more
         # Sinch webhooks first settle the registration they answer (the reflector
         # replaces this with its own, which also logs); what is left is a consent change.
@@ -194,6 +211,20 @@ class Pusher:
                 "delivery_id": o.delivery_id, "state": o.state, "note": o.note,
                 "crm": o.ref.crm if o.ref else None,
                 "record": f"{o.ref.obj}:{o.ref.record_id}" if o.ref else None, "error": o.error})
+            if o.state == "dead":
+                self._dead_lettered(o)
+
+    def _dead_lettered(self, o: Outcome) -> None:
+        """An operator must act on a dead letter: a warning carrying the CRM's own text
+        (masked), and the alert hook."""
+        crm = o.ref.crm if o.ref else None
+        log.warning("delivery dead-lettered", extra={
+            "delivery_id": o.delivery_id, "dead_letter": f"d{o.delivery_id}", "crm": crm,
+            "record": f"{o.ref.obj}:{o.ref.record_id}" if o.ref else None, "reason": o.note,
+            "error": mask_text(o.error or "")})
+        if self.alerts is not None:
+            self.alerts.dead_letter(f"d{o.delivery_id}", crm, o.ref.obj if o.ref else None,
+                                    o.ref.record_id if o.ref else None, o.error or "")
 
     def _push_crm(self, crm: str, deliveries: list[Delivery]) -> list[Outcome]:
         connector, mapping = self.connectors.get(crm), self.mappings.get(crm)
@@ -321,6 +352,21 @@ class Pusher:
         self.paused_since.setdefault(crm, time.time())
         log.error("CRM paused", extra={"crm": crm, "until": until, "reason": reason})
 
+    def health_report(self) -> dict[str, dict[str, Any]]:
+        """Per CRM, for the status page: epoch seconds (or None) and the last error text."""
+        now = time.time()
+        report: dict[str, dict[str, Any]] = {}
+        for crm in sorted(set(self.connectors) | set(self.health)):
+            h = self.health.get(crm, CrmHealth())
+            pause = self.journal.crm_pause(crm)
+            paused = pause[0] if pause is not None else None
+            report[crm] = {"last_success": h.last_success, "last_error": h.last_error,
+                           "last_error_at": h.last_error_at,
+                           "failing_since": h.failing_since if h.consecutive_failures else None,
+                           "consecutive_failures": h.consecutive_failures,
+                           "paused_until": paused if paused and paused > now else None}
+        return report
+
     def circuit_problem(self, longer_than: float) -> str | None:
         """For /readyz: a CRM paused (open circuit) for longer than ``longer_than`` seconds
         (counted from when this process first saw the pause)."""
@@ -336,9 +382,36 @@ class Pusher:
         return None
 
     def _count_lookup(self, crm: str, exc: ConnectorError | None) -> None:
+        self._observe(crm, exc)
         if self.metrics:
             self.metrics.crm_lookups.labels(crm, Metrics.call_status(exc)).inc()
 
     def _count(self, crm: str, exc: ConnectorError | None) -> None:
+        self._observe(crm, exc)
         if self.metrics:
             self.metrics.crm_requests.labels(crm, Metrics.call_status(exc)).inc()
+
+    def _observe(self, crm: str, exc: ConnectorError | None) -> None:
+        """Track each whole CRM call: ``FAILING_AFTER`` failures in a row make the CRM
+        failing (logged, alerted once); the next success is its recovery."""
+        health = self.health.setdefault(crm, CrmHealth())
+        now = time.time()
+        if exc is None:
+            if health.alerted:
+                down = now - (health.failing_since or now)
+                log.warning("CRM recovered", extra={"crm": crm, "failing_seconds": round(down, 1)})
+                if self.alerts is not None:
+                    self.alerts.crm_recovered(crm, down)
+            health.last_success, health.consecutive_failures = now, 0
+            health.failing_since, health.alerted = None, False
+            return
+        health.last_error, health.last_error_at = _error_text(exc), now
+        if health.consecutive_failures == 0:
+            health.failing_since = now
+        health.consecutive_failures += 1
+        if health.consecutive_failures >= FAILING_AFTER and not health.alerted:
+            health.alerted = True
+            log.error("CRM failing", extra={"crm": crm, "failures": health.consecutive_failures,
+                                            "error": health.last_error})
+            if self.alerts is not None:
+                self.alerts.crm_failing(crm, health.last_error)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from connectors.base import CrmConnector
-from syncd.config import Config
+from syncd.alerts import Alerts
+from syncd.config import Config, ConfigError
 from syncd.journal import Journal, open_journal
 from syncd.mapping import Mapping, load_mapping
 from syncd.masking import register_secrets
@@ -16,7 +17,13 @@ from syncd.sources import Source, build_sources
 
 
 def load_mappings(cfg: Config) -> dict[str, Mapping]:
-    return {name: load_mapping(cfg.resolve(getattr(cfg.crm, name).mapping)) for name in cfg.crm.enabled()}
+    found: dict[str, Mapping] = {}
+    for name in cfg.crm.enabled():
+        path = cfg.resolve(getattr(cfg.crm, name).mapping)
+        if not path.is_file():  # name the config key that points at it
+            raise ConfigError(f"crm.{name}.mapping: mapping file not found: {path}")
+        found[name] = load_mapping(path)
+    return found
 
 
 def build_connectors(cfg: Config, mappings: dict[str, Mapping]) -> dict[str, CrmConnector]:
@@ -75,6 +82,7 @@ class Runtime:
     pusher: Pusher
     metrics: Metrics = field(default_factory=Metrics)
     reflector: Reflector | None = None
+    alerts: Alerts | None = None  # alerts.webhook_url; the compliance check calls alerts.opt_out_at_risk
 
 
 def open_runtime(cfg: Config) -> Runtime:
@@ -91,10 +99,14 @@ def open_runtime(cfg: Config) -> Runtime:
                                            probe_seconds=cfg.crm.salesforce.limits_probe_seconds)
     pusher = Pusher(journal, connectors, mappings, router, cfg.retry, batch_size=cfg.schedule.batch_size,
                     lease_seconds=cfg.schedule.lease_seconds, metrics=metrics, quotas=quotas)
+    if cfg.alerts.webhook_url:
+        pusher.alerts = Alerts(cfg.alerts.webhook_url, cooldown_seconds=cfg.alerts.cooldown_seconds,
+                               timeout=min(cfg.http.timeout_seconds, 10.0), ca_bundle=cfg.http.ca_bundle)
     reflector = None
     sinch = build_sinch(cfg)
     if sinch is not None:
         reflector = Reflector(journal, connectors, mappings, sinch, cfg, metrics=metrics)
         pusher.reconcile = reflector.reconcile
     return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
-                   connectors=connectors, pusher=pusher, metrics=metrics, reflector=reflector)
+                   connectors=connectors, pusher=pusher, metrics=metrics, reflector=reflector,
+                   alerts=pusher.alerts)

@@ -9,8 +9,10 @@ proxies and histories would keep them. A wrong or missing token gets a 401 JSON
 answer (a browser is sent to the login form instead).
 
 The page is plain server-rendered HTML with no JavaScript. It shows the journal's
-counts, the newest consent events with each target's delivery state and CRM error,
-and the dead letters. Every value is autoescaped (error texts come from CRMs), and
+counts, each CRM's health, two inline SVG charts (:mod:`syncd.status_charts`), the
+newest consent events with each target's delivery state and CRM error, and the dead
+letters. Wide tables scroll inside their own box, so the page fits 390 px phones.
+Every value is autoescaped (error texts come from CRMs), and
 no phone, email or message text is queried or shown. Error texts were masked when
 they were written to the journal; they are masked again here in case an older row
 was not.
@@ -22,7 +24,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from flask import Flask, Response, jsonify, redirect, render_template_string, request
+from flask import Flask, Response, current_app, jsonify, redirect, render_template_string, request
 from itsdangerous import BadSignature, TimestampSigner
 
 from syncd.masking import mask_text
@@ -124,6 +126,7 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
             counts = journal.counts()
             activity = journal.recent_activity(RECENT_EVENTS)
             letters = journal.dead_letters()
+            extras = _extras(journal, counts)
         except Exception as exc:  # journal locked beyond its timeout, database down...
             log.error("status page could not read the journal", extra={"error": mask_text(repr(exc))})
             return answer(jsonify({"error": "journal unavailable, please retry", "status": 503}), 503)
@@ -137,6 +140,7 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
             recent_events=RECENT_EVENTS,
             letters=[_letter_row(r) for r in letters[:MAX_DEAD_LETTERS]],
             letters_total=len(letters),
+            **extras,
         )
         return answer(Response(html, content_type="text/html; charset=utf-8"), 200)
 
@@ -187,8 +191,28 @@ p.error { color: #82071e; font-weight: 600; }
 """
 
 
+# The daemon puts its pusher's per-CRM health report here (a callable); without it
+# the health table shows what the journal knows.
+CRM_HEALTH_KEY = "SYNCD_CRM_HEALTH"
+
+
+def _extras(journal: Any, counts: dict[str, Any]) -> dict[str, Any]:
+    from syncd.status_charts import page_extras
+
+    return page_extras(journal, current_app.config.get(CRM_HEALTH_KEY), counts.get("crms") or {})
+
+
+
 def _text(value: Any) -> str:
     return "" if value is None else str(value)
+
+
+def _time(value: Any) -> str:
+    """``2026-12-02T14:03:42.810536Z`` -> ``2026-12-02 14:03:42Z``: narrower columns."""
+    text = _text(value)
+    if len(text) >= 19 and text[10:11] == "T":
+        return f"{text[:10]} {text[11:19]}Z"
+    return text
 
 
 def _error(value: Any) -> str:
@@ -217,7 +241,7 @@ def _event_fields(r: dict[str, Any]) -> dict[str, str]:
         "source": _text(r.get("source")),
         "event_kind": _text(r.get("kind")),
         "channel": _text(r.get("channel")),
-        "received_at": _text(r.get("received_at")),
+        "received_at": _time(r.get("received_at")),
         "target": _target(r.get("crm"), r.get("object"), r.get("record_id")),
         "attempts": _text(r.get("attempts")),
     }
@@ -238,7 +262,7 @@ def _activity_row(r: dict[str, Any]) -> dict[str, str]:
         "delivery_id": _text(r.get("delivery_id")),
         "record_id": _text(r.get("record_id")),
         "state": state,
-        "delivered_at": _text(r.get("delivered_at")),
+        "delivered_at": _time(r.get("delivered_at")),
         "error": error,
     }
 
@@ -263,6 +287,7 @@ PAGE = """<!doctype html>
 body { font: 14px/1.4 system-ui, "Liberation Sans", Arial, sans-serif; margin: 1.5em; color: #1b1f24; }
 h1 { font-size: 1.5em; margin: 0 0 .2em; }
 h2 { font-size: 1.15em; margin: 1.6em 0 .5em; }
+h3 { font-size: 1em; margin: 1em 0 .4em; color: #57606a; }
 p.meta { color: #57606a; margin: 0 0 1em; }
 table { border-collapse: collapse; }
 th, td { border: 1px solid #d0d7de; padding: .3em .6em; text-align: left; vertical-align: top; }
@@ -270,7 +295,15 @@ th { background: #f6f8fa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.id, td.target, td.time { font-family: ui-monospace, "Liberation Mono", monospace; font-size: 12px; }
 td.time { white-space: nowrap; }
-td.error { max-width: 36em; overflow-wrap: anywhere; color: #82071e; }
+td.error { min-width: 16em; max-width: 36em; overflow-wrap: anywhere; color: #82071e; }
+.scroll { overflow-x: auto; max-width: 100%; }
+svg.chart { display: block; width: 100%; max-width: 900px; height: auto; }
+.health-ok td.state { color: #116329; font-weight: 600; }
+.health-failing td.state, .health-paused td.state { color: #82071e; font-weight: 600; }
+@media (max-width: 600px) {
+  body { margin: .6em; font-size: 13px; }
+  th, td { padding: .25em .4em; }
+}
 .state-done td.state { color: #116329; font-weight: 600; }
 .state-dead td.state, .status-quarantined td.state { color: #82071e; font-weight: 600; }
 .state-pending td.state, .status-unrouted td.state { color: #7d4e00; }
@@ -284,6 +317,7 @@ p.empty { color: #57606a; font-style: italic; }
 
 <section id="counts">
 <h2>Counts</h2>
+<div class="scroll">
 <table class="counts">
 <tr><th>Deliveries</th>
 <td>pending <span data-count="deliveries-pending">{{ counts.deliveries.pending }}</span></td>
@@ -306,11 +340,43 @@ p.empty { color: #57606a; font-style: italic; }
 <td colspan="2">last poll <span class="time">{{ info.last_poll_at or "never" }}</span></td></tr>
 {% endfor %}
 </table>
+</div>
+</section>
+
+<section id="health">
+<h2>CRM health</h2>
+{% if health %}
+<div class="scroll">
+<table class="health">
+<thead><tr><th>CRM</th><th>State</th><th>Last success</th><th>Last error</th><th>Failing since</th>
+<th>Next attempt</th><th>Paused until</th></tr></thead>
+<tbody>
+{% for h in health %}
+<tr class="health-row health-{{ h.state }}" data-crm="{{ h.crm }}">
+<td>{{ h.crm }}</td><td class="state">{{ h.state }}</td><td class="time">{{ h.last_success or "never" }}</td>
+<td class="error">{{ h.last_error }}{% if h.last_error_at %} <span class="time">({{ h.last_error_at }})</span>{% endif %}</td>
+<td class="time">{{ h.failing_since }}</td><td class="time">{{ h.next_attempt }}</td><td class="time">{{ h.paused_until }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+</div>
+{% else %}
+<p class="empty">No CRM enabled.</p>
+{% endif %}
+</section>
+
+<section id="charts">
+<h2>Last 7 days</h2>
+<h3>Events received per hour</h3>
+{{ events_chart }}
+<h3>Time to honour an opt-out, per CRM</h3>
+{{ honour_chart }}
 </section>
 
 <section id="recent">
 <h2>Recent events and deliveries <small>(newest {{ recent_events }} events)</small></h2>
 {% if rows %}
+<div class="scroll">
 <table class="activity">
 <thead><tr><th>Event</th><th>Source</th><th>Kind</th><th>Channel</th><th>Received</th>
 <th>Target (crm:object:record)</th><th>State</th><th>Attempts</th><th>Delivered</th><th>Error</th></tr></thead>
@@ -327,6 +393,7 @@ p.empty { color: #57606a; font-style: italic; }
 {% endfor %}
 </tbody>
 </table>
+</div>
 {% else %}
 <p class="empty">No events yet.</p>
 {% endif %}
@@ -338,6 +405,7 @@ p.empty { color: #57606a; font-style: italic; }
 {% if letters_total > letters|length %}
 <p class="meta">Showing the first {{ letters|length }} of {{ letters_total }}; <code>syncd dead-letters</code> lists them all.</p>
 {% endif %}
+<div class="scroll">
 <table class="dead-letters">
 <thead><tr><th>Id</th><th>Type</th><th>Event</th><th>Source</th><th>Kind</th><th>Channel</th><th>Received</th>
 <th>Target (crm:object:record)</th><th>Attempts</th><th>Error</th></tr></thead>
@@ -350,6 +418,7 @@ p.empty { color: #57606a; font-style: italic; }
 {% endfor %}
 </tbody>
 </table>
+</div>
 <p class="meta">Re-queue with <code>syncd replay ID</code> once the cause is fixed.</p>
 {% else %}
 <p class="empty">No dead letters.</p>

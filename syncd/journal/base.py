@@ -9,6 +9,10 @@ from connectors.types import RecordRef
 from syncd.events import ConsentEvent
 
 
+class JournalMissing(Exception):
+    """A read-only command named a journal that does not exist (a typo must not create one)."""
+
+
 class JournalBusy(Exception):
     """Another process holds the journal (a second ``serve`` on one SQLite file)."""
 

@@ -40,7 +40,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from syncd.journal.base import Delivery, Reflection, StoredEvent
+from syncd.journal.base import Delivery, JournalMissing, Reflection, StoredEvent
 from syncd.journal.group_commit import GroupCommit
 from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
 
@@ -186,7 +186,7 @@ class PostgresJournal(SqlJournal):
     and set as ``search_path`` on every pooled connection."""
 
     def __init__(self, url: str, *, schema: str | None = None, min_size: int = 1,
-                 max_size: int = 10, timeout: float = 30.0):
+                 max_size: int = 10, timeout: float = 30.0, must_exist: bool = False):
         url, url_schema = _split_schema(url)
         self.schema = schema or url_schema or "public"
         if not _IDENT.match(self.schema) or self.schema.startswith("pg_"):
@@ -206,7 +206,7 @@ class PostgresJournal(SqlJournal):
         self._group = GroupCommit(self, psycopg.Error)
         self._next_takeover = 0.0
 
-        self._migrate()
+        self._migrate(must_exist)
         pool = ConnectionPool(self._conninfo, min_size=min_size, max_size=max_size, open=True,
                               configure=self._configure, check=ConnectionPool.check_connection,
                               name=f"syncd-journal-{self.schema}", timeout=timeout)
@@ -291,7 +291,7 @@ class PostgresJournal(SqlJournal):
         return _convert(sql_text)
 
     # --- schema ----------------------------------------------------------------------
-    def _migrate(self) -> None:
+    def _migrate(self, must_exist: bool = False) -> None:
         """Create the schema and tables if missing. Serialized across replicas by an
         advisory transaction lock; a no-op when the schema version is current."""
         with self._connect(autocommit=False) as conn:
@@ -300,8 +300,14 @@ class PostgresJournal(SqlJournal):
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))",
                                  (MIGRATE_LOCK_CLASS, self.schema))
-                    if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
-                                    (self.schema,)).fetchone() is None:
+                    schema_missing = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                                                  (self.schema,)).fetchone() is None
+                    if must_exist and (schema_missing or conn.execute(
+                            "SELECT to_regclass(%s)", (f'"{self.schema}".schema_version',)).fetchone()[0] is None):
+                        raise JournalMissing(f"journal not found: PostgreSQL {self.where} has no syncd tables "
+                                             "(journal.url); check the URL and schema, or run `syncd serve` "
+                                             "once to create them")
+                    if schema_missing:
                         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
                     conn.execute("SELECT set_config('search_path', %s, true)", (self._search_path,))
                     version = 0

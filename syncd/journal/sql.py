@@ -597,6 +597,25 @@ class SqlJournal:
         self._set_sinch_state(cur, row[0], row[1], row[2], rid, now_iso)
         return 1
 
+    def page_stats(self, since_iso: str, limit: int = 100_000) -> dict[str, Any]:
+        """For the status page's charts and health table: events received per hour
+        (``YYYY-MM-DDTHH`` -> n), ``(crm, received_at, delivered_at)`` of the newest
+        ``limit`` deliveries done since ``since_iso``, and each CRM's next retry time."""
+        with self._read() as cur:
+            cur.execute(self._sql(
+                "SELECT substr(received_at, 1, 13), COUNT(*) FROM events WHERE received_at >= ? "
+                "GROUP BY substr(received_at, 1, 13)"), (since_iso,))
+            per_hour = {str(r[0]): int(r[1]) for r in cur.fetchall()}
+            cur.execute(self._sql(
+                "SELECT d.crm, e.received_at, d.delivered_at FROM deliveries d JOIN events e ON e.id = d.event_id "
+                "WHERE d.state = 'done' AND d.delivered_at >= ? ORDER BY d.id DESC LIMIT ?"), (since_iso, limit))
+            done = [(str(r[0]), str(r[1]), str(r[2])) for r in cur.fetchall()]
+            cur.execute(self._sql(
+                "SELECT crm, MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND attempts > 0 "
+                "GROUP BY crm"))
+            next_attempt = {str(r[0]): float(r[1]) for r in cur.fetchall()}
+        return {"per_hour": per_hour, "done": done, "next_attempt": next_attempt}
+
     def recent_activity(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest consent events with their targets' delivery state (status page)."""
         with self._read() as cur:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from syncd.journal.base import JournalBusy
+from syncd.journal.base import JournalBusy, JournalMissing
 from syncd.journal.group_commit import GroupCommit
 from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
 
@@ -179,13 +179,16 @@ class SqliteJournal(SqlJournal):
         self._migrate()
 
     @classmethod
-    def from_url(cls, url: str, base_dir: str | Path | None = None) -> "SqliteJournal":
+    def from_url(cls, url: str, base_dir: str | Path | None = None, must_exist: bool = False) -> "SqliteJournal":
         raw = url[len("sqlite:///"):]
         if not raw:
             raise ValueError("journal.url: sqlite:/// needs a file path")
         path = Path(raw)
         if not path.is_absolute() and base_dir is not None:
             path = Path(base_dir) / path
+        if must_exist and not path.is_file():
+            raise JournalMissing(f"journal not found: {path} (journal.url); check the path, "
+                                 "or run `syncd serve` once to create it")
         return cls(path)
 
     # --- connections -----------------------------------------------------------------
