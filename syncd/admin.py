@@ -113,6 +113,7 @@ class StatusReads:
         self.counts = CachedRead(journal.counts, max_age)
         self.dead_letters = CachedRead(journal.dead_letters, max_age)
         self._recent: dict[int, CachedRead] = {}
+        self._stats: tuple[str, CachedRead] | None = None  # (since, read): the charts' window moves hourly
 
     def recent_activity(self, limit: int = 50) -> Any:
         read = self._recent.get(limit)
@@ -120,6 +121,11 @@ class StatusReads:
             read = self._recent.setdefault(
                 limit, CachedRead(lambda: self._journal.recent_activity(limit), self._max_age))
         return read()
+
+    def page_stats(self, since: str) -> Any:
+        if self._stats is None or self._stats[0] != since:
+            self._stats = (since, CachedRead(lambda: self._journal.page_stats(since), self._max_age))
+        return self._stats[1]()
 
 
 class _TemplatesCompiledOnce(Environment):

@@ -33,7 +33,7 @@ def test_demo_keep_cleans_up_on_sigterm():
     seen: list[str] = []
     deadline = time.monotonic() + 120
     try:
-        while not any(x.startswith("serving on") for x in seen):
+        while not any(x.startswith("serving webhooks on") for x in seen):
             assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
             try:
                 seen.append(lines.get(timeout=1).strip())

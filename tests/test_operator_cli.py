@@ -28,7 +28,7 @@ REF = RecordRef("salesforce", "Contact", "003XX000004DHPYYA4")
 def _config(tmp_path: Path, journal: str = "sqlite:///j.db", extra: str = "") -> Path:
     (tmp_path / "hs.yaml").write_text(default_mapping_text("hubspot"))
     path = tmp_path / "config.yaml"
-    path.write_text(f"journal: {{url: \"{journal}\"}}\nsources:\n  apten: {{secret: abcdefghij}}\n"
+    path.write_text(f"journal: {{url: \"{journal}\"}}\nsources:\n  apten: {{secret: abcdefghij0123456789abcdef}}\n"
                     f"crm:\n  hubspot: {{base_url: \"http://127.0.0.1:1\", access_token: tok, mapping: hs.yaml}}\n"
                     + extra)
     return path
@@ -291,7 +291,7 @@ def test_every_unset_variable_is_reported_once_in_one_run(refs, data):
     keys = ["apten.secret", "lox24.token", "sinch.secret"][:len(refs)]
     refs = refs[:len(keys)]
     set_names = data.draw(st.sets(st.sampled_from(refs)))
-    env = {n: "a-long-enough-value" for n in set_names}
+    env = {n: "a-long-enough-value-0123456789" for n in set_names}  # 24+ characters
     sources = {k.split(".")[0]: {k.split(".")[1]: f"${{{n}}}"} for k, n in zip(keys, refs)}
     unset = [(k, n) for k, n in zip(keys, refs) if n not in set_names]
     if not unset:

@@ -123,12 +123,12 @@ def look(devtools: DevTools, url: str, width: int, shot: Path) -> dict:
 
 
 def status_url(stack: Stack) -> str:
-    return f"{stack.url}/status"
+    return f"{stack.admin_url}/status"
 
 
 def test_status_page_fits_1280_and_390_with_health_and_charts(tmp_path):
     chromium = find_chromium()
-    stack = Stack(extra_config={"receiver": {"status_token": TOKEN}}).start()
+    stack = Stack(extra_config={"admin": {"status_token": TOKEN}}).start()
     try:
         sf = stack.sandboxes["salesforce"]
         daemon = stack.serve()
