@@ -22,12 +22,13 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar, cast
+from typing import Any, Callable, Iterable, Literal, TypeVar, cast
 from urllib.parse import urlparse
 
 import jwt
 import phonenumbers
 import requests
+from pydantic import Field, field_validator, model_validator
 from simple_salesforce import Salesforce, SFType
 from simple_salesforce.exceptions import SalesforceError
 
@@ -35,6 +36,8 @@ from connectors.errors import AuthFailed, ConnectorError, NotFound, Permanent, Q
     Transient
 from connectors.http import error_for_status, make_session, parse_retry_after, short_retry, \
     wrap_transport_error
+from connectors.plugin import BuildContext, CrmPlugin, IdRule, QuotaLimits
+from connectors.settings import CrmSettings, OutboundUrl, Strict
 from connectors.types import ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult, \
     Watermark
 
@@ -688,3 +691,80 @@ class SalesforceConnector:
             except (TypeError, ValueError):
                 pass
         return dt.datetime.now(dt.timezone.utc)
+
+
+# --- the plugin ------------------------------------------------------------------------
+
+class SalesforceAuth(Strict):
+    flow: Literal["client_credentials", "jwt", "password", "access_token"]
+    login_url: OutboundUrl | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    username: str | None = None
+    password: str | None = None
+    private_key_file: str | None = None
+    audience: str | None = None  # jwt aud; default: login.salesforce.com / test.salesforce.com
+    access_token: str | None = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> "SalesforceAuth":
+        needs = {
+            "client_credentials": ("login_url", "client_id", "client_secret"),
+            "jwt": ("login_url", "client_id", "username", "private_key_file"),
+            "password": ("login_url", "client_id", "client_secret", "username", "password"),
+            "access_token": ("access_token",),
+        }[self.flow]
+        missing = [k for k in needs if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"flow {self.flow} needs {', '.join(missing)}")
+        return self
+
+
+class SalesforceSettings(CrmSettings):
+    """``crm.salesforce`` in config.yaml."""
+
+    instance_url: OutboundUrl
+    api_version: str = "62.0"
+    auth: SalesforceAuth
+    mapping: str = "mappings/salesforce.yaml"
+    # Share of the org's daily API quota syncd may use (other integrations need the rest);
+    # at it, pushes pause and /limits is checked every limits_probe_seconds until quota is back.
+    api_budget_percent: float = Field(90.0, gt=0, le=100)
+    limits_probe_seconds: float = Field(300.0, gt=0, le=3600)
+
+    @field_validator("api_version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not re.fullmatch(r"\d{2,3}\.0", v):
+            raise ValueError("must look like \"62.0\"")
+        return v
+
+
+def build(settings: SalesforceSettings, ctx: BuildContext) -> SalesforceConnector:
+    auth = settings.auth.model_dump()
+    if settings.auth.private_key_file:
+        auth["private_key_file"] = ctx.resolve(settings.auth.private_key_file)
+    return SalesforceConnector(instance_url=settings.instance_url, api_version=settings.api_version, auth=auth,
+                               ca_bundle=ctx.ca_bundle, timeout=ctx.timeout, default_region=ctx.default_region)
+
+
+def _routable_id(ext_id: str) -> str | None:
+    """The 18-char id; None for anything a (possibly looser) routing rule let through
+    that is not a Salesforce id."""
+    return to_18(ext_id) if SF_ID.fullmatch(ext_id) else None
+
+
+PLUGIN = CrmPlugin(
+    name="salesforce",
+    title="Salesforce",
+    settings=SalesforceSettings,
+    build=build,
+    watermark=lambda t: t.strftime("%Y-%m-%dT%H:%M:%S.000+0000"),
+    # The object comes from the key prefix. Broad: all-digit ids are HubSpot's when HubSpot is on.
+    id_rules=(IdRule(SF_ID.pattern, broad=True),),
+    normalise_id=_routable_id,
+    object_for_id=object_for_id,
+    # No separate unsubscribe API: email consent is a field on the record.
+    unsubscribe_hint="map a field such as HasOptedOutOfEmail",
+    quota=lambda s: QuotaLimits(budget_percent=s.api_budget_percent, probe_seconds=s.limits_probe_seconds),
+)
