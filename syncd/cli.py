@@ -79,12 +79,12 @@ def serve(c: Ctx) -> None:
 @pass_ctx
 def check(c: Ctx) -> None:
     """Validate config and mappings against each enabled CRM's own field metadata."""
-    from syncd.check import hubspot_email_mode, run_check
+    from syncd.check import email_modes, run_check
 
     try:
         cfg = c.config()
         problems = run_check(cfg)
-        for line in hubspot_email_mode(cfg):
+        for line in email_modes(cfg):
             click.echo(line, err=True)  # information: stdout stays one line per problem
     except ConfigError as exc:
         problems = str(exc).splitlines()
