@@ -22,15 +22,12 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, TypeVar, cast
 from urllib.parse import urlparse
 
-import jwt
 import phonenumbers
 import requests
 from pydantic import Field, field_validator, model_validator
-from simple_salesforce import Salesforce, SFType
-from simple_salesforce.exceptions import SalesforceError
 
 from connectors.errors import AuthFailed, ConnectorError, NotFound, Permanent, QuotaExhausted, RateLimited, \
     Transient
@@ -40,6 +37,13 @@ from connectors.plugin import BuildContext, CrmPlugin, IdRule, QuotaLimits
 from connectors.settings import CrmSettings, OutboundUrl, Strict
 from connectors.types import ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult, \
     Watermark
+
+if TYPE_CHECKING:
+    from simple_salesforce import Salesforce
+    from simple_salesforce.exceptions import SalesforceError
+
+# simple-salesforce (with zeep) and PyJWT load on first use, not on import: every
+# ``syncd`` command imports this module for its settings model (the CRM registry).
 
 T = TypeVar("T")
 
@@ -245,6 +249,8 @@ class SalesforceConnector:
     # --- auth ---------------------------------------------------------------------
     def _authenticate(self) -> None:
         """Fetch a token (or take the configured one) and build a fresh client."""
+        from simple_salesforce import Salesforce
+
         if self.flow == "access_token":
             token, instance = str(self._auth["access_token"]), self.instance_url
         else:
@@ -289,6 +295,8 @@ class SalesforceConnector:
         return token, instance
 
     def _jwt_assertion(self) -> str:
+        import jwt
+
         a = self._auth
         key = a.get("private_key")
         if not key:
@@ -328,6 +336,8 @@ class SalesforceConnector:
         self._last.headers = {k: resp.headers.get(k) for k in ("Retry-After", "Date")}
         info = resp.headers.get("Sforce-Limit-Info")
         if info:
+            from simple_salesforce import Salesforce
+
             usage = Salesforce.parse_api_usage(info).get("api-usage")
             if usage is not None and usage[1] > 0:
                 self._usage = (int(usage[0]), int(usage[1]))
@@ -367,6 +377,8 @@ class SalesforceConnector:
         return self._retry(attempt)()
 
     def _mapped(self, op: Callable[[Salesforce], T], sf: Salesforce) -> T:
+        from simple_salesforce.exceptions import SalesforceError
+
         try:
             return op(sf)
         except SalesforceError as exc:
@@ -429,6 +441,8 @@ class SalesforceConnector:
         cached = self._fields.get(obj)
         if cached is not None:
             return cached
+        from simple_salesforce import SFType
+
         described = self._call(lambda sf: SFType(obj, sf.session_id, sf.sf_instance, self.api_version,
                                                  session=self._session, salesforce=sf).describe())
         result = {str(f["name"]): FieldInfo(name=str(f["name"]), type=str(f.get("type", "")),
