@@ -33,7 +33,7 @@ from connectors.errors import (ConnectorError, NotFound, Permanent, RateLimited,
 from connectors.http import (error_for_status, make_session, parse_retry_after, short_retry,
                              wrap_transport_error)
 from connectors.plugin import BuildContext, CrmPlugin, IdRule
-from connectors.settings import CrmSettings, OutboundUrl
+from connectors.settings import CrmSettings, OutboundUrl, Secret
 from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate,
                               UpdateResult, Watermark)
 
@@ -694,7 +694,7 @@ class CloseSettings(CrmSettings):
     """``crm.close`` in config.yaml."""
 
     base_url: OutboundUrl = "https://api.close.com/api/v1"
-    api_key: str
+    api_key: Secret
     mapping: str = "mappings/close.yaml"
 
 

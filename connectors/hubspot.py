@@ -38,7 +38,7 @@ from connectors.errors import (AuthFailed, ConnectorError, NotFound, Permanent, 
                                Transient)
 from connectors.http import USER_AGENT, parse_retry_after, short_retry
 from connectors.plugin import BuildContext, CrmPlugin, IdRule
-from connectors.settings import CrmSettings, OutboundUrl
+from connectors.settings import CrmSettings, OutboundUrl, Secret
 from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate,
                               UpdateResult, Watermark)
 
@@ -639,7 +639,7 @@ class HubSpotSettings(CrmSettings):
     """``crm.hubspot`` in config.yaml."""
 
     base_url: OutboundUrl = "https://api.hubapi.com"
-    access_token: str
+    access_token: Secret
     mapping: str = "mappings/hubspot.yaml"
 
 

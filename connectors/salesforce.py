@@ -34,7 +34,7 @@ from connectors.errors import AuthFailed, ConnectorError, NotFound, Permanent, Q
 from connectors.http import error_for_status, make_session, parse_retry_after, short_retry, \
     wrap_transport_error
 from connectors.plugin import BuildContext, CrmPlugin, IdRule, QuotaLimits
-from connectors.settings import CrmSettings, OutboundUrl, Strict
+from connectors.settings import CrmSettings, OptionalSecret, OutboundUrl, Strict
 from connectors.types import ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult, \
     Watermark
 
@@ -713,12 +713,12 @@ class SalesforceAuth(Strict):
     flow: Literal["client_credentials", "jwt", "password", "access_token"]
     login_url: OutboundUrl | None = None
     client_id: str | None = None
-    client_secret: str | None = None
+    client_secret: OptionalSecret = None
     username: str | None = None
-    password: str | None = None
+    password: OptionalSecret = None
     private_key_file: str | None = None
     audience: str | None = None  # jwt aud; default: login.salesforce.com / test.salesforce.com
-    access_token: str | None = None
+    access_token: OptionalSecret = None
 
     @model_validator(mode="after")
     def _needs(self) -> "SalesforceAuth":

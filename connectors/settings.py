@@ -35,6 +35,19 @@ def is_loopback(host: str) -> bool:
 OutboundUrl = Annotated[str, AfterValidator(_outbound_url)]
 
 
+class SecretMark:
+    """Marks a settings field as a credential: syncd masks its value in logs and errors
+    whatever the key is called."""
+
+    def __repr__(self) -> str:
+        return "SECRET"
+
+
+SECRET = SecretMark()
+Secret = Annotated[str, SECRET]
+OptionalSecret = Annotated[str | None, SECRET]
+
+
 class Strict(BaseModel):
     """A settings block that refuses unknown keys (a typo is an error, not a silent default)."""
 

@@ -18,7 +18,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from connectors.plugin import CrmPlugin
 from connectors.registry import CRM_PLUGINS
-from connectors.settings import CrmSettings, OutboundUrl
+from connectors.settings import SECRET, CrmSettings, OutboundUrl
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -244,11 +244,12 @@ class Config(_Strict):
         """Every configured secret value, for log masking."""
         found: list[str] = []
 
-        def walk(obj: Any, key: str = "") -> None:
+        def walk(obj: Any, key: str = "", marked: bool = False) -> None:
             if isinstance(obj, BaseModel):
-                for name in type(obj).model_fields:
-                    walk(getattr(obj, name), name)
-            elif isinstance(obj, str) and any(w in key for w in ("secret", "token", "password", "api_key")):
+                for name, info in type(obj).model_fields.items():
+                    walk(getattr(obj, name), name, SECRET in info.metadata)
+            elif isinstance(obj, str) and (marked or any(w in key for w in ("secret", "token", "password",
+                                                                              "api_key"))):
                 found.append(obj)
 
         walk(self)

@@ -23,7 +23,7 @@ import requests
 from connectors.errors import AuthFailed, ConnectorError, NotFound, Permanent
 from connectors.plugin import BuildContext, CrmPlugin, IdRule
 from connectors.registry import CRM_PLUGINS
-from connectors.settings import CrmSettings, OutboundUrl
+from connectors.settings import CrmSettings, OutboundUrl, Secret
 from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult,
                               Watermark)
 from syncd.config import ConfigError, parse_config
@@ -166,12 +166,12 @@ class TinyConnector:
 
 class TinySettings(CrmSettings):
     base_url: OutboundUrl
-    api_key: str
+    credential: Secret          # a key name syncd does not know as secret: the type says so
     mapping: str = "mappings/tinycrm.yaml"
 
 
 def build(settings: TinySettings, ctx: BuildContext) -> TinyConnector:
-    return TinyConnector(settings.base_url, settings.api_key, ctx.timeout)
+    return TinyConnector(settings.base_url, settings.credential, ctx.timeout)
 
 
 PLUGIN = CrmPlugin(name="tinycrm", title="TinyCRM", settings=TinySettings, build=build,
@@ -207,7 +207,7 @@ def tiny_config(tmp_path, url: str, sinch: bool = True):
     data: dict[str, Any] = {
         "journal": {"url": "sqlite:///syncd.db"},
         "sources": {"apten": {"secret": APTEN_SECRET}},
-        "crm": {"tinycrm": {"base_url": url, "api_key": API_KEY}},
+        "crm": {"tinycrm": {"base_url": url, "credential": API_KEY}},
         "retry": {"initial_backoff_seconds": 0.1, "max_backoff_seconds": 1},
     }
     if sinch:  # the reflector runs when Sinch is configured; this test never registers anything
@@ -225,14 +225,15 @@ def test_a_fourth_crm_is_one_module_one_mapping_one_registry_line(tmp_path, tiny
     from syncd.runtime import open_runtime
 
     monkeypatch.setitem(CRM_PLUGINS, PLUGIN.name, PLUGIN)           # the registry line
-    with pytest.raises(ConfigError, match=r"crm\.tinycrm\.api_key: required key is missing"):
+    with pytest.raises(ConfigError, match=r"crm\.tinycrm\.credential: required key is missing"):
         parse_config({"crm": {"tinycrm": {"base_url": tiny.url}}}, env={})
     with pytest.raises(ConfigError, match=r"crm\.tinycrm\.base_url: must be an https:// URL"):
-        parse_config({"crm": {"tinycrm": {"base_url": "http://tiny.example", "api_key": "k"}}}, env={})
+        parse_config({"crm": {"tinycrm": {"base_url": "http://tiny.example", "credential": "k"}}}, env={})
     assert run_check(tiny_config(tmp_path, tiny.url, sinch=False)) == []  # fields read over HTTP
     assert ("GET", "/v1/fields") in tiny.requests
     cfg = tiny_config(tmp_path, tiny.url)
     assert cfg.crm.enabled() == ["tinycrm"]
+    assert API_KEY in cfg.secrets()                                   # masked in logs and errors
 
     rt = open_runtime(cfg)
     try:
