@@ -691,6 +691,7 @@ PLUGIN = CrmPlugin(
     email_unsubscribe=True,
     check_email_unsubscribe=check_subscription,
     email_mode=email_mode,
+    client_loggers=("hubspot",),
 )
 
 

@@ -81,6 +81,7 @@ class CrmPlugin:
     email_mode: Callable[[dict[str, Any] | None], str] | None = None
     quota: Callable[[Any], QuotaLimits] | None = None
     flag_types: frozenset[str] = field(default_factory=frozenset)  # field types beyond booleans a flag may use
+    client_loggers: tuple[str, ...] = ()        # the client library's loggers (full URLs at DEBUG): kept quiet
 
     def initial_watermark(self, at: datetime) -> str:
         """Where a first poll starts when it starts at ``at``."""

@@ -780,5 +780,6 @@ PLUGIN = CrmPlugin(
     object_for_id=object_for_id,
     # No separate unsubscribe API: email consent is a field on the record.
     unsubscribe_hint="map a field such as HasOptedOutOfEmail",
+    client_loggers=("simple_salesforce",),
     quota=lambda s: QuotaLimits(budget_percent=s.api_budget_percent, probe_seconds=s.limits_probe_seconds),
 )
