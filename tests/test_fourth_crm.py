@@ -267,3 +267,23 @@ def test_a_fourth_crm_is_one_module_one_mapping_one_registry_line(tmp_path, tiny
             ("tc-42", "+13305551234", "opt_out"), ("tc-43", "+13305559876", "opt_out")]
     finally:
         rt.journal.close()
+
+
+def test_a_new_crms_narrow_ids_are_tried_before_salesforces_broad_pattern(monkeypatch):
+    """Salesforce's 15/18 alphanumerics also match other CRMs' ids: a plugin's narrow
+    rule wins wherever it sits in the registry, and config rules still come first."""
+    from connectors.salesforce import to_18
+    from syncd.routing import Router
+
+    narrow = CrmPlugin(name="tinycrm", title="TinyCRM", settings=TinySettings, build=build,
+                       watermark=lambda t: str(int(t.timestamp())),
+                       id_rules=(IdRule(r"^TC[0-9]{13}\Z", "person"),))
+    monkeypatch.setitem(CRM_PLUGINS, narrow.name, narrow)
+    crm = {"salesforce": {"instance_url": "https://x.example", "auth": {"flow": "access_token", "access_token": "t"}},
+           "tinycrm": {"base_url": "https://tiny.example", "credential": "k"}}
+    router = Router.from_config(parse_config({"crm": crm}, env={}))
+    assert router.route_id("TC0000000000042") == RecordRef("tinycrm", "person", "TC0000000000042")
+    assert router.route_id("003XX000004DHPY") == RecordRef("salesforce", "Contact", "003XX000004DHPYYA4")
+    rules = [{"pattern": r"^TC[0-9]{13}$", "crm": "salesforce", "object": "Contact"}]
+    router = Router.from_config(parse_config({"crm": crm, "routing": {"rules": rules}}, env={}))
+    assert router.route_id("TC0000000000042") == RecordRef("salesforce", "Contact", to_18("TC0000000000042"))
