@@ -99,7 +99,7 @@ def serve(c: Ctx) -> None:
 @pass_ctx
 def check(c: Ctx, as_json: bool) -> None:
     """Validate config and mappings against each enabled CRM's own field metadata."""
-    from syncd.check import hubspot_email_mode, run_check
+    from syncd.check import email_modes, run_check
 
     def progress(line: str) -> None:
         click.echo(f"syncd check: {line}", err=True)
@@ -107,7 +107,7 @@ def check(c: Ctx, as_json: bool) -> None:
     try:
         cfg = c.config()
         problems = run_check(cfg, progress=progress)
-        for line in hubspot_email_mode(cfg):
+        for line in email_modes(cfg):
             click.echo(line, err=True)  # information: stdout stays one line per problem
     except ConfigError as exc:
         problems = str(exc).splitlines()

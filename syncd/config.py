@@ -7,17 +7,20 @@ so ``syncd`` can exit with a clear message instead of a traceback.
 from __future__ import annotations
 
 import difflib
-import ipaddress
+import functools
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+                      create_model, field_validator, model_validator)
+
+from connectors.plugin import CrmPlugin
+from connectors.registry import CRM_PLUGINS
+from connectors.settings import SECRET, CrmSettings, OutboundUrl
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -53,30 +56,10 @@ OwnSecret = Annotated[str, AfterValidator(_own_secret)]
 OptionalOwnSecret = Annotated[OwnSecret | None, BeforeValidator(_empty_is_none)]  # empty: the feature is off
 
 
-def _outbound_url(value: str) -> str:
-    """Outbound calls carry credentials: https only, except to this machine (the sandboxes)."""
-    value = value.strip()
-    parts = urlsplit(value)
-    host = parts.hostname or ""
-    if parts.scheme not in ("http", "https") or not host:  # ``api.hubapi.com`` alone is a typo
-        raise ValueError(f"{value!r} is not a URL: it must start with https:// and name a host")
-    if parts.scheme == "https" or _is_loopback(host):
-        return value
-    where = f"{parts.scheme}://{host}"
-    raise ValueError(f"must be an https:// URL (http:// only for a loopback host such as 127.0.0.1); "
-                     f"got {where}")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-OutboundUrl = Annotated[str, AfterValidator(_outbound_url)]
+def one_of(words: Iterable[str], quote: str = "") -> str:
+    """``'a', 'b' or 'c'``: a list of choices as a message says it."""
+    items = [f"{quote}{w}{quote}" for w in words]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
 
 
 class ConfigError(Exception):
@@ -164,72 +147,27 @@ class SourcesConfig(_Strict):
     sinch: SinchSource | None = None
 
 
-class SalesforceAuth(_Strict):
-    flow: Literal["client_credentials", "jwt", "password", "access_token"]
-    login_url: OutboundUrl | None = None
-    client_id: str | None = None
-    client_secret: str | None = None
-    username: str | None = None
-    password: str | None = None
-    private_key_file: str | None = None
-    audience: str | None = None  # jwt aud; default: login.salesforce.com / test.salesforce.com
-    access_token: str | None = None
-
-
-    @model_validator(mode="after")
-    def _needs(self) -> "SalesforceAuth":
-        needs = {
-            "client_credentials": ("login_url", "client_id", "client_secret"),
-            "jwt": ("login_url", "client_id", "username", "private_key_file"),
-            "password": ("login_url", "client_id", "client_secret", "username", "password"),
-            "access_token": ("access_token",),
-        }[self.flow]
-        missing = [k for k in needs if not getattr(self, k)]
-        if missing:
-            raise ValueError(f"flow {self.flow} needs {', '.join(missing)}")
-        return self
-
-
-class SalesforceConfig(_Strict):
-    instance_url: OutboundUrl
-    api_version: str = "62.0"
-    auth: SalesforceAuth
-    mapping: str = "mappings/salesforce.yaml"
-    # Share of the org's daily API quota syncd may use (other integrations need the rest);
-    # at it, pushes pause and /limits is checked every limits_probe_seconds until quota is back.
-    api_budget_percent: float = Field(90.0, gt=0, le=100)
-    limits_probe_seconds: float = Field(300.0, gt=0, le=3600)
-
-
-    @field_validator("api_version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not re.fullmatch(r"\d{2,3}\.0", v):
-            raise ValueError("must look like \"62.0\"")
-        return v
-
-
-class HubSpotConfig(_Strict):
-    base_url: OutboundUrl = "https://api.hubapi.com"
-    access_token: str
-    mapping: str = "mappings/hubspot.yaml"
-
-
-
-class CloseConfig(_Strict):
-    base_url: OutboundUrl = "https://api.close.com/api/v1"
-    api_key: str
-    mapping: str = "mappings/close.yaml"
-
-
-
-class CrmConfig(_Strict):
-    salesforce: SalesforceConfig | None = None
-    hubspot: HubSpotConfig | None = None
-    close: CloseConfig | None = None
+class CrmBlocks(_Strict):
+    """``crm:``: one optional block per CRM plugin (``connectors.registry``), each
+    validated by that plugin's settings model."""
 
     def enabled(self) -> list[str]:
-        return [name for name in ("salesforce", "hubspot", "close") if getattr(self, name) is not None]
+        return [name for name in type(self).model_fields if getattr(self, name) is not None]
+
+    def blocks(self) -> dict[str, CrmSettings]:
+        """The enabled CRMs' settings, in registry order."""
+        return {name: getattr(self, name) for name in self.enabled()}
+
+
+def crm_config_model(plugins: Iterable[CrmPlugin]) -> type[CrmBlocks]:
+    fields: dict[str, Any] = {p.name: (p.settings | None, None) for p in plugins}
+    return create_model("CrmConfig", __base__=CrmBlocks, **fields)
+
+
+if TYPE_CHECKING:
+    CrmConfig = CrmBlocks
+else:
+    CrmConfig = crm_config_model(CRM_PLUGINS.values())
 
 
 class SinchConfig(_Strict):
@@ -269,8 +207,15 @@ class RetryConfig(_Strict):
 
 class RoutingRule(_Strict):
     pattern: str
-    crm: Literal["salesforce", "hubspot", "close"]
+    crm: str
     object: str | None = None
+
+    @field_validator("crm")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in CRM_PLUGINS:
+            raise ValueError(f"Input should be {one_of(CRM_PLUGINS, quote=chr(39))}")
+        return v
 
     @field_validator("pattern")
     @classmethod
@@ -304,7 +249,7 @@ class Config(_Strict):
     http: HttpConfig = HttpConfig()
     phone: PhoneConfig = PhoneConfig()
     sources: SourcesConfig = SourcesConfig()
-    crm: CrmConfig = CrmConfig()
+    crm: CrmConfig = Field(default_factory=CrmConfig)
     sinch: SinchConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()
     retry: RetryConfig = RetryConfig()
@@ -334,11 +279,12 @@ class Config(_Strict):
         """Every configured secret value, for log masking."""
         found: list[str] = []
 
-        def walk(obj: Any, key: str = "") -> None:
+        def walk(obj: Any, key: str = "", marked: bool = False) -> None:
             if isinstance(obj, BaseModel):
-                for name in type(obj).model_fields:
-                    walk(getattr(obj, name), name)
-            elif isinstance(obj, str) and any(w in key for w in ("secret", "token", "password", "api_key")):
+                for name, info in type(obj).model_fields.items():
+                    walk(getattr(obj, name), name, SECRET in info.metadata)
+            elif isinstance(obj, str) and (marked or any(w in key for w in ("secret", "token", "password",
+                                                                              "api_key"))):
                 found.append(obj)
 
         walk(self)
@@ -405,6 +351,16 @@ def _format_error(err: dict[str, Any]) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+@functools.lru_cache(maxsize=8)
+def _config_model(plugins: tuple[CrmPlugin, ...]) -> type[Config]:
+    """``Config``, or, for a plugin registered after start-up, a subclass whose
+    ``crm:`` block has that plugin's key too."""
+    if tuple(p.name for p in plugins) == tuple(CrmConfig.model_fields):
+        return Config
+    crm = crm_config_model(plugins)
+    return create_model("Config", __base__=Config, crm=(crm, Field(default_factory=crm)))
+
+
 def parse_config(data: Any, base_dir: Path | str = ".", env: dict[str, str] | None = None) -> Config:
     """Validate; every problem (unset variables and invalid or unknown keys alike) is
     reported in one :class:`ConfigError`, one line each."""
@@ -420,7 +376,7 @@ def parse_config(data: Any, base_dir: Path | str = ".", env: dict[str, str] | No
     unset = {path for path, _ in missing}
     cfg = None
     try:
-        cfg = Config.model_validate(data)
+        cfg = _config_model(tuple(CRM_PLUGINS.values())).model_validate(data)
     except ValidationError as exc:
         for e in exc.errors():
             line = _format_error(e)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from connectors.base import CrmConnector
+from connectors.plugin import BuildContext
+from connectors.registry import CRM_PLUGINS
 from syncd.alerts import Alerts
 from syncd.config import Config, ConfigError
 from syncd.journal import Journal, open_journal
@@ -18,45 +20,36 @@ from syncd.sources import Source, build_sources
 
 def load_mappings(cfg: Config) -> dict[str, Mapping]:
     found: dict[str, Mapping] = {}
-    for name in cfg.crm.enabled():
-        path = cfg.resolve(getattr(cfg.crm, name).mapping)
+    for name, block in cfg.crm.blocks().items():
+        path = cfg.resolve(block.mapping)
         if not path.is_file():  # name the config key that points at it
             raise ConfigError(f"crm.{name}.mapping: mapping file not found: {path}")
         found[name] = load_mapping(path)
     return found
 
 
+def build_context(cfg: Config, mapping: Mapping | None) -> BuildContext:
+    """What every CRM plugin's builder gets besides its own ``crm.<name>`` block."""
+    unsub = mapping.email_unsubscribe if mapping is not None else None
+    return BuildContext(ca_bundle=cfg.http.ca_bundle, timeout=cfg.http.timeout_seconds,
+                        default_region=cfg.phone.default_region, resolve=lambda path: str(cfg.resolve(path)),
+                        email_unsubscribe=unsub.model_dump() if unsub is not None else None)
+
+
 def build_connectors(cfg: Config, mappings: dict[str, Mapping]) -> dict[str, CrmConnector]:
     """One connector per enabled CRM. Constructors do no network I/O."""
-    found: dict[str, CrmConnector] = {}
-    ca, timeout = cfg.http.ca_bundle, cfg.http.timeout_seconds
-    if cfg.crm.salesforce:
-        from connectors.salesforce import SalesforceConnector
+    return {name: CRM_PLUGINS[name].build(block, build_context(cfg, mappings.get(name)))
+            for name, block in cfg.crm.blocks().items()}
 
-        sf = cfg.crm.salesforce
-        auth = sf.auth.model_dump()
-        if sf.auth.private_key_file:
-            auth["private_key_file"] = str(cfg.resolve(sf.auth.private_key_file))
-        found["salesforce"] = SalesforceConnector(instance_url=sf.instance_url, api_version=sf.api_version,
-                                                  auth=auth, ca_bundle=ca, timeout=timeout,
-                                                  default_region=cfg.phone.default_region)
-    if cfg.crm.hubspot:
-        from connectors.hubspot import HubSpotConnector
 
-        hs = cfg.crm.hubspot
-        unsub = mappings["hubspot"].email_unsubscribe if "hubspot" in mappings else None
-        kwargs = {}
-        if unsub is not None:
-            kwargs = {"email_subscription_id": unsub.subscription_id, "legal_basis": unsub.legal_basis,
-                      "legal_basis_explanation": unsub.legal_basis_explanation}
-        # HubSpot's search index trails writes by seconds: poll a little behind.
-        found["hubspot"] = HubSpotConnector(base_url=hs.base_url, access_token=hs.access_token,
-                                            ca_bundle=ca, timeout=timeout, poll_lag_seconds=30.0, **kwargs)
-    if cfg.crm.close:
-        from connectors.close import CloseConnector
-
-        cl = cfg.crm.close
-        found["close"] = CloseConnector(base_url=cl.base_url, api_key=cl.api_key, ca_bundle=ca, timeout=timeout)
+def quota_policies(cfg: Config) -> dict[str, QuotaPolicy]:
+    """API budgets of the enabled CRMs whose plugin has a daily quota."""
+    found = {}
+    for name, block in cfg.crm.blocks().items():
+        quota = CRM_PLUGINS[name].quota
+        if quota is not None:
+            limits = quota(block)
+            found[name] = QuotaPolicy(budget_percent=limits.budget_percent, probe_seconds=limits.probe_seconds)
     return found
 
 
@@ -93,12 +86,8 @@ def open_runtime(cfg: Config) -> Runtime:
                            max_stored_body_bytes=cfg.receiver.max_stored_body_bytes)
     router = Router.from_config(cfg)
     metrics = Metrics()
-    quotas = {}
-    if cfg.crm.salesforce:
-        quotas["salesforce"] = QuotaPolicy(budget_percent=cfg.crm.salesforce.api_budget_percent,
-                                           probe_seconds=cfg.crm.salesforce.limits_probe_seconds)
     pusher = Pusher(journal, connectors, mappings, router, cfg.retry, batch_size=cfg.schedule.batch_size,
-                    lease_seconds=cfg.schedule.lease_seconds, metrics=metrics, quotas=quotas)
+                    lease_seconds=cfg.schedule.lease_seconds, metrics=metrics, quotas=quota_policies(cfg))
     if cfg.alerts.webhook_url:
         pusher.alerts = Alerts(cfg.alerts.webhook_url, cooldown_seconds=cfg.alerts.cooldown_seconds,
                                timeout=min(cfg.http.timeout_seconds, 10.0), ca_bundle=cfg.http.ca_bundle)

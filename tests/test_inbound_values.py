@@ -10,7 +10,6 @@ import uuid
 from datetime import datetime, timezone
 
 import pytest
-import requests
 from prometheus_client import generate_latest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
