@@ -203,7 +203,7 @@ class PostgresJournal(SqlJournal):
         self._leaders: dict[str, psycopg.Connection] = {}
         self._leader_lock = threading.Lock()
         self._pool: ConnectionPool | None = None
-        self._group = GroupCommit(self, psycopg.Error)
+        self._group = GroupCommit(self._insert_batch, psycopg.Error)
         self._next_takeover = 0.0
 
         self._migrate()

@@ -102,8 +102,10 @@ class SqlJournal:
         """The transaction a group commit inserts in (PostgreSQL saves round trips)."""
         return self._write()
 
-    def _insert_event(self, cur: Any, event: ConsentEvent) -> Recorded:
-        return self._insert_events(cur, [event])[0]
+    def _insert_batch(self, events: list[ConsentEvent]) -> list[Recorded]:
+        """Group commit's batch insert: one transaction of its own."""
+        with self._ingest_write() as cur:
+            return self._insert_events(cur, events)
 
     def _insert_events(self, cur: Any, events: list[ConsentEvent]) -> list[Recorded]:
         """Insert many events with one statement (group commit: one round of the

@@ -173,7 +173,7 @@ class SqliteJournal(SqlJournal):
         self._all_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
-        self._group = GroupCommit(self, sqlite3.Error)
+        self._group = GroupCommit(self._insert_batch, sqlite3.Error)
         make_private_dirs(self.path.parent)
         make_private_files(self.path)
         self._migrate()
