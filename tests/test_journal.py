@@ -361,33 +361,6 @@ def test_a_bad_row_in_the_same_batch_as_good_ones_fails_alone(journal):
     assert journal.counts()["events"]["received"] == 2
 
 
-def test_a_version_1_sqlite_journal_is_migrated_in_place(tmp_path):
-    """Schema 2 adds the owners of routing and reflection leases (used by PostgreSQL
-    replicas); a SQLite journal created by schema 1 gets the columns on start."""
-    import sqlite3
-
-    from syncd.journal import sqlite as sqlite_journal
-
-    path = tmp_path / "old.db"
-    v1 = sqlite_journal.SCHEMA.replace("  route_owner TEXT,\n", "").replace(",\n  lease_owner TEXT\n);", "\n);")
-    assert "route_owner" not in v1 and v1.count("lease_owner") == 1       # deliveries keep theirs
-    conn = sqlite3.connect(path)
-    conn.executescript(v1)
-    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
-    conn.execute("INSERT INTO events (source, source_event_id, occurred_at, received_at, raw, status, updated_at) "
-                 "VALUES ('apten', 'old-1', 'x', 'x', x'00', 'new', 'x')")
-    conn.commit()
-    conn.close()
-    j = open_journal(f"sqlite:///{path}")
-    try:
-        cols = {t: {r[1] for r in j._conn().execute(f"PRAGMA table_info({t})")} for t in ("events", "reflections")}
-        assert "route_owner" in cols["events"] and "lease_owner" in cols["reflections"]
-        assert j._conn().execute("SELECT version FROM schema_version").fetchall() == [(2,)]
-        assert [e.source_event_id for e in j.events_to_route(10)] == ["old-1"]
-    finally:
-        j.close()
-
-
 def test_crm_pause_is_shared_and_one_process_checks_its_end(journal):
     assert journal.crm_pause("salesforce") is None
     journal.pause_crm("salesforce", 2_000_000_000.0, "quota exhausted: TotalRequests Limit exceeded.")

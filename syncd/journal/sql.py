@@ -23,8 +23,6 @@ from syncd.masking import mask_text
 from syncd.journal.base import (Clock, Delivery, Outcome, Recorded, Reflection, ReflectionCandidate,
                                 ReflectionOutcome, StoredEvent)
 
-SCHEMA_VERSION = 2  # 2: owners of routing and reflection leases
-
 DEFAULT_MAX_STORED_BODY_BYTES = 65536
 # Stands in for a raw body over the cap. Every stored body is a JSON object (sources
 # refuse anything else), so text that starts with this marker is never a body.
@@ -85,15 +83,15 @@ class SqlJournal:
         return self._group.submit(event)
 
     _INSERT_EVENTS = ("INSERT INTO events (source, source_event_id, event_type, kind, channel, "
-                      "external_lead_id, phone, phone_raw, email, reason, message, occurred_at, received_at, "
+                      "external_lead_id, phone, phone_raw, email, reason, occurred_at, received_at, "
                       "details, raw, status, status_reason, updated_at) VALUES ")
-    _EVENT_VALUES = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    _EVENT_VALUES = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
     def _event_row(self, event: ConsentEvent, now: str) -> tuple[Any, ...]:
         status = "quarantined" if event.quarantine_reason and event.event_type == "consent" else "new"
         return (event.source, event.source_event_id, event.event_type, event.kind, event.channel,
                 event.external_lead_id, event.phone, event.phone_raw, event.email, event.reason,
-                event.message, iso(event.occurred_at), iso(event.received_at),
+                iso(event.occurred_at), iso(event.received_at),
                 json.dumps(event.details, default=str, ensure_ascii=False),
                 stored_body(event.raw, self.max_stored_body_bytes), status,
                 event.quarantine_reason, now)

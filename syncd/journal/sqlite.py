@@ -22,89 +22,10 @@ from typing import Any, Iterator
 
 from syncd.journal.base import JournalBusy
 from syncd.journal.group_commit import GroupCommit
-from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
+from syncd.journal import migrate
+from syncd.journal.sql import SqlJournal, new_owner
 
 log = logging.getLogger("syncd.journal")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  source TEXT NOT NULL,
-  source_event_id TEXT NOT NULL,
-  event_type TEXT NOT NULL DEFAULT 'consent',
-  kind TEXT, channel TEXT,
-  external_lead_id TEXT, phone TEXT, phone_raw TEXT, email TEXT, reason TEXT, message TEXT,
-  occurred_at TEXT NOT NULL,
-  received_at TEXT NOT NULL,
-  details TEXT NOT NULL DEFAULT '{}',
-  raw BLOB NOT NULL,
-  status TEXT NOT NULL,
-  status_reason TEXT,
-  route_attempts INTEGER NOT NULL DEFAULT 0,
-  next_route_at REAL NOT NULL DEFAULT 0,
-  updated_at TEXT NOT NULL,
-  route_owner TEXT,
-  UNIQUE (source, source_event_id)
-);
-CREATE INDEX IF NOT EXISTS events_status ON events (status, next_route_at);
-CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
-CREATE TABLE IF NOT EXISTS deliveries (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  event_id INTEGER NOT NULL REFERENCES events (id),
-  crm TEXT NOT NULL, obj TEXT NOT NULL, record_id TEXT NOT NULL,
-  state TEXT NOT NULL,
-  attempts INTEGER NOT NULL DEFAULT 0,
-  next_attempt_at REAL NOT NULL,
-  lease_until REAL NOT NULL DEFAULT 0,
-  lease_owner TEXT,
-  last_error TEXT,
-  outcome TEXT,
-  created_at TEXT NOT NULL,
-  delivered_at TEXT,
-  UNIQUE (event_id, crm, obj, record_id)
-);
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS deliveries_record ON deliveries (crm, obj, record_id, state);
-CREATE TABLE IF NOT EXISTS field_clocks (
-  crm TEXT NOT NULL, obj TEXT NOT NULL, record_id TEXT NOT NULL, field TEXT NOT NULL,
-  occurred_at TEXT NOT NULL, value TEXT, event_id INTEGER,
-  PRIMARY KEY (crm, obj, record_id, field)
-);
-CREATE TABLE IF NOT EXISTS watermarks (
-  name TEXT PRIMARY KEY, ts TEXT, last_id TEXT, updated_at TEXT
-);
-CREATE TABLE IF NOT EXISTS crm_status (
-  crm TEXT PRIMARY KEY, last_push_at TEXT, last_poll_at TEXT, paused_until REAL, pause_reason TEXT
-);
-CREATE TABLE IF NOT EXISTS reflections (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  crm TEXT NOT NULL, obj TEXT NOT NULL, record_id TEXT NOT NULL,
-  phone TEXT NOT NULL, channel TEXT NOT NULL, kind TEXT NOT NULL,
-  request_id TEXT NOT NULL UNIQUE,
-  state TEXT NOT NULL,
-  attempts INTEGER NOT NULL DEFAULT 0,
-  next_attempt_at REAL NOT NULL,
-  lease_until REAL NOT NULL DEFAULT 0,
-  last_error TEXT,
-  flagged_at TEXT,
-  created_at TEXT NOT NULL,
-  registered_at TEXT,
-  done_at TEXT,
-  lease_owner TEXT
-);
-CREATE INDEX IF NOT EXISTS reflections_due ON reflections (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS reflections_phone ON reflections (phone, channel, state);
-CREATE INDEX IF NOT EXISTS reflections_record ON reflections (crm, obj, record_id);
-CREATE TABLE IF NOT EXISTS sinch_state (
-  phone TEXT NOT NULL, channel TEXT NOT NULL, kind TEXT NOT NULL, reflection_id INTEGER,
-  updated_at TEXT NOT NULL,
-  PRIMARY KEY (phone, channel)
-);
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-"""
-
-# Columns added after schema version 1, for journals created before them.
-ADDED_COLUMNS = (("events", "route_owner", "TEXT"), ("reflections", "lease_owner", "TEXT"))
 
 CLAIM_REFLECTIONS = """
 UPDATE reflections SET lease_until = ?, lease_owner = ?, attempts = attempts + 1
@@ -238,22 +159,14 @@ class SqliteJournal(SqlJournal):
             cur.close()
 
     def _migrate(self) -> None:
-        conn = self._conn()
-        conn.executescript(SCHEMA)
+        """Apply the schema's migrations this file has not seen (one transaction)."""
         with self._write() as cur:
-            cur.execute("SELECT version FROM schema_version")
-            row = cur.fetchone()
-            if row is None:
-                cur.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise RuntimeError(f"journal {self.path} has schema version {row[0]}, newer than this "
-                                   f"syncd understands ({SCHEMA_VERSION}); upgrade syncd")
-            elif row[0] < SCHEMA_VERSION:
-                for table, column, ctype in ADDED_COLUMNS:
-                    cur.execute(f"PRAGMA table_info({table})")
-                    if column not in {r[1] for r in cur.fetchall()}:
-                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ctype}")
-                cur.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'")
+            current = 0
+            if cur.fetchone() is not None:
+                cur.execute("SELECT MAX(version) FROM schema_version")
+                current = cur.fetchone()[0] or 0
+            migrate.apply(cur.execute, "sqlite", current, str(self.path))
 
     def _claim_ids(self, cur: Any, now: float, limit: int, until: float, crm: str | None = None) -> list[int]:
         cur.execute(CLAIM, (until, self.owner, now, now, crm, crm, now, limit))
