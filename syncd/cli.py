@@ -101,7 +101,7 @@ def check(c: Ctx) -> None:
 @pass_ctx
 def status(c: Ctx, as_json: bool) -> None:
     """Counts by state, oldest pending age, last push per CRM."""
-    counts = c.journal().counts()
+    counts = c.journal().reports.counts()
     if as_json:
         click.echo(json.dumps(counts, sort_keys=True))
         return
@@ -121,7 +121,7 @@ def status(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def dead_letters(c: Ctx, as_json: bool) -> None:
     """Dead deliveries (d<N>) and quarantined events (q<N>), with the reason."""
-    rows = c.journal().dead_letters()
+    rows = c.journal().reports.dead_letters()
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, sort_keys=True))
@@ -169,7 +169,7 @@ def export(c: Ctx, fmt: str, since: str | None) -> None:
             when = parse_iso(since)
         except ValueError:
             raise click.BadParameter(f"not an ISO 8601 date-time: {since!r}", param_hint="--since") from None
-    rows = c.journal().export_rows(when)
+    rows = c.journal().reports.export_rows(when)
     out = click.get_text_stream("stdout")
     if fmt == "jsonl":
         for row in rows:

@@ -28,17 +28,15 @@ class Daemon:
     def __init__(self, cfg: Config, runtime: Runtime | None = None):
         self.cfg = cfg
         self.rt = runtime or open_runtime(cfg)
-        acquire = getattr(self.rt.journal, "acquire_serve_lock", None)
-        if acquire is not None:
-            acquire()  # raises JournalBusy
+        self.rt.journal.ops.acquire_serve_lock()  # raises JournalBusy
         self.scheduler = Scheduler(self.rt.metrics)
-        self.scheduler.every("push", cfg.schedule.push_interval_seconds, self.rt.pusher.run_once)
+        self.scheduler.every("push", cfg.schedule.push_interval_seconds, self.rt.tick)
         for name, interval, fn in self.extra_jobs():
             self.scheduler.every(name, interval, fn)
         self.app = create_app(self.rt.journal, self.rt.sources, self.rt.router,
                               max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics,
                               scheduler_alive=lambda: self.scheduler.running,
-                              extra_ready=lambda: self.rt.pusher.circuit_problem(CIRCUIT_READY_SECONDS),
+                              extra_ready=lambda: self.rt.pauses.circuit_problem(CIRCUIT_READY_SECONDS),
                               status_token=cfg.receiver.status_token)
         self.server: Any = create_server(self.app, host=cfg.receiver.host, port=cfg.receiver.port,
                                          threads=cfg.receiver.threads, ident="syncd",
@@ -76,13 +74,13 @@ class Daemon:
             raise SystemExit(0)
 
     def shutdown(self) -> None:
-        self.rt.pusher.stopping.set()
+        self.rt.stop_ticking()
         try:
             self.server.close()
         except Exception:  # already closed by waitress
             pass
         finished = self.scheduler.stop(timeout=6.0)
-        released = self.rt.journal.release_leases()
+        released = self.rt.journal.deliveries.release_leases()
         log.info("syncd stopped", extra={"tick_finished": finished, "leases_released": released})
         if finished:
             self.rt.journal.close()

@@ -44,7 +44,7 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     metrics = metrics or Metrics()
-    metrics.watch_journal(journal.counts)
+    metrics.watch_journal(journal.reports.counts)
 
     counters: dict[tuple[str, str], Any] = {}
 
@@ -109,7 +109,7 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
             event.quarantine_reason = router.unroutable_reason(event.external_lead_id, event.phone,
                                                                event.phone_raw)
         try:
-            recorded = journal.record(event)
+            recorded = journal.events.record(event)
         except Exception as exc:  # disk full, locked beyond the busy timeout...
             count(name, "journal_error")
             log.error("journal write failed", extra={"source": name, "error": mask_text(repr(exc))})
@@ -145,7 +145,7 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
     def readyz():
         problems = []
         try:
-            journal.healthcheck()
+            journal.ops.healthcheck()
         except Exception as exc:
             problems.append(f"journal not writable: {mask_text(type(exc).__name__)}")
         if scheduler_alive is not None and not scheduler_alive():
@@ -162,5 +162,5 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
     def metrics_view():
         return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
-    register_status_page(app, journal, status_token)
+    register_status_page(app, journal.reports, status_token)
     return app

@@ -8,9 +8,12 @@ from syncd.config import Config
 from syncd.journal import Journal, open_journal
 from syncd.mapping import Mapping, load_mapping
 from syncd.masking import register_secrets
+from syncd.backoff import RetryPolicy
 from syncd.metrics import Metrics
-from syncd.pusher import Pusher, QuotaPolicy
-from syncd.reflector import Reflector
+from syncd.pauses import CrmPauses, QuotaPolicy
+from syncd.pusher import Pusher, TickStats
+from syncd.reflector import Reflector, SinchNotifications
+from syncd.router import EventRouter
 from syncd.routing import Router
 from syncd.sources import Source, build_sources
 
@@ -72,9 +75,23 @@ class Runtime:
     router: Router
     mappings: dict[str, Mapping]
     connectors: dict[str, CrmConnector]
+    routing: EventRouter
     pusher: Pusher
+    pauses: CrmPauses
     metrics: Metrics = field(default_factory=Metrics)
     reflector: Reflector | None = None
+
+    def tick(self) -> TickStats:
+        """The scheduled work, in order: route new events, then push due deliveries."""
+        routed = self.routing.tick()
+        stats = self.pusher.run_once()
+        stats.routed, stats.quarantined = routed.routed, routed.quarantined
+        return stats
+
+    def stop_ticking(self) -> None:
+        """SIGTERM: each step finishes the batch in hand and takes no more."""
+        self.routing.stopping.set()
+        self.pusher.stopping.set()
 
 
 def open_runtime(cfg: Config) -> Runtime:
@@ -89,12 +106,18 @@ def open_runtime(cfg: Config) -> Runtime:
     if cfg.crm.salesforce:
         quotas["salesforce"] = QuotaPolicy(budget_percent=cfg.crm.salesforce.api_budget_percent,
                                            probe_seconds=cfg.crm.salesforce.limits_probe_seconds)
-    pusher = Pusher(journal, connectors, mappings, router, cfg.retry, batch_size=cfg.schedule.batch_size,
-                    lease_seconds=cfg.schedule.lease_seconds, metrics=metrics, quotas=quotas)
+    policy = RetryPolicy(cfg.retry)
+    pauses = CrmPauses(journal.ops, connectors, quotas)
+    batch, lease = cfg.schedule.batch_size, cfg.schedule.lease_seconds
+    pusher = Pusher(journal.deliveries, journal.ops, connectors, mappings, pauses, policy, batch_size=batch,
+                    lease_seconds=lease, metrics=metrics)
+    notifications = SinchNotifications(journal.reflections, journal.events, policy)
+    routing = EventRouter(journal.events, journal.deliveries, journal.ops, router, connectors, pauses, policy,
+                          notifications.reconcile, batch_size=batch, lease_seconds=lease, metrics=metrics)
     reflector = None
     sinch = build_sinch(cfg)
     if sinch is not None:
-        reflector = Reflector(journal, connectors, mappings, sinch, cfg, metrics=metrics)
-        pusher.reconcile = reflector.reconcile
+        reflector = Reflector(journal.reflections, journal.ops, connectors, mappings, sinch, cfg, metrics=metrics)
     return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
-                   connectors=connectors, pusher=pusher, metrics=metrics, reflector=reflector)
+                   connectors=connectors, routing=routing, pusher=pusher, pauses=pauses, metrics=metrics,
+                   reflector=reflector)

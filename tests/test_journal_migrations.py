@@ -141,46 +141,46 @@ def test_every_row_of_an_old_journal_survives_and_works(old_journal):
     try:
         assert query("SELECT version FROM schema_version") == [(migrate.latest_version(),)]
         assert query("SELECT raw FROM events ORDER BY id") == [(RAW,)] * 3
-        counts = j.counts()
+        counts = j.reports.counts()
         assert counts["deliveries"] == {"pending": 1, "retrying": 0, "done": 1, "dead": 1}
         assert counts["events"]["received"] == 3 and counts["quarantined"] == 1
         assert counts["reflections"] == {"pending": 2, "done": 0, "failed": 1}
         assert counts["crms"]["hubspot"]["pause_reason"] == "quota exhausted"
-        assert j.crm_pause("hubspot") == (FAR, "quota exhausted")
-        assert j.get_watermark("reflector:salesforce") == ("2024-02-18T09:00:00Z", "003OLD")
-        assert j.clocks([RecordRef("close", "lead", "lead_1")])[RecordRef("close", "lead", "lead_1")][
+        assert j.ops.crm_pause("hubspot") == (FAR, "quota exhausted")
+        assert j.ops.get_watermark("reflector:salesforce") == ("2024-02-18T09:00:00Z", "003OLD")
+        assert j.deliveries.clocks([RecordRef("close", "lead", "lead_1")])[RecordRef("close", "lead", "lead_1")][
             "sms_opt_out"].value is True
 
-        (routable,) = j.events_to_route(10)          # takes a routing lease (route_owner: new in v2)
+        (routable,) = j.events.to_route(10)          # takes a routing lease (route_owner: new in v2)
         assert (routable.id, routable.source_event_id, routable.phone, routable.phone_raw, routable.email,
                 routable.external_lead_id, routable.details) == (
             ids["new"], "old-new", "+13305551234", "(330) 555-1234", "jane@example.com", "003XX000004DHPY",
             {"raw_channel": "sms"})
-        j.add_targets(routable.id, [RecordRef("close", "lead", "lead_2")])
+        j.deliveries.add_targets(routable.id, [RecordRef("close", "lead", "lead_2")])
 
-        assert {d["id"] for d in j.dead_letters()} == {f"d{ids['dead']}", f"q{ids['quarantined']}",
+        assert {d["id"] for d in j.reports.dead_letters()} == {f"d{ids['dead']}", f"q{ids['quarantined']}",
                                                          f"r{ids['r_dead']}"}
-        (pending,) = j.claim(10, 60, crm="salesforce")
+        (pending,) = j.deliveries.claim(10, 60, crm="salesforce")
         assert (pending.id, pending.event_id, pending.ref, pending.email) == (
             ids["pending"], ids["routed"], REF, "jane@example.com")
-        j.settle([Outcome(pending.id, "done", ref=REF, applied={"sms_opt_out": True},
+        j.deliveries.settle([Outcome(pending.id, "done", ref=REF, applied={"sms_opt_out": True},
                           applied_at=pending.occurred_at, applied_event_id=pending.event_id)])
-        assert j.clocks([REF])[REF]["sms_opt_out"].value is True
+        assert j.deliveries.clocks([REF])[REF]["sms_opt_out"].value is True
 
         assert j.replay([f"d{ids['dead']}", f"r{ids['r_dead']}"]) == 2
-        assert [d.id for d in j.claim(10, 60, crm="hubspot")] == [ids["dead"]]
-        assert [d.event_id for d in j.claim(10, 60, crm="close")] == [ids["new"]]
-        claimed = j.claim_reflections(10, 60)          # takes a reflection lease (lease_owner: new in v2)
+        assert [d.id for d in j.deliveries.claim(10, 60, crm="hubspot")] == [ids["dead"]]
+        assert [d.event_id for d in j.deliveries.claim(10, 60, crm="close")] == [ids["new"]]
+        claimed = j.reflections.claim(10, 60)          # takes a reflection lease (lease_owner: new in v2)
         assert sorted(r.id for r in claimed) == sorted([ids["r_pending"], ids["r_dead"]])
-        j.settle_reflections([ReflectionOutcome(r.id, "registered", at=FAR) for r in claimed])
+        j.reflections.settle([ReflectionOutcome(r.id, "registered", at=FAR) for r in claimed])
 
-        rows = list(j.export_rows(None))
+        rows = list(j.reports.export_rows(None))
         by_target = {(r["event_id"], r["target_crm"]): r for r in rows}
         assert by_target[(ids["routed"], "salesforce")]["state"] == "done"
         assert by_target[(ids["quarantined"], "close")]["outcome"] == "applied"
         assert by_target[(ids["routed"], "salesforce")]["raw_channel"] == "sms"
 
-        fresh = j.record(ConsentEvent(source="apten", source_event_id="after-migration", kind="opt_out",
+        fresh = j.events.record(ConsentEvent(source="apten", source_event_id="after-migration", kind="opt_out",
                                       channel="sms", occurred_at=datetime.now(timezone.utc),
                                       received_at=datetime.now(timezone.utc), raw=b"{}", phone="+13305550000"))
         assert fresh.created and fresh.event_id > max(ids["routed"], ids["new"], ids["quarantined"])
@@ -188,7 +188,7 @@ def test_every_row_of_an_old_journal_survives_and_works(old_journal):
         j.close()
     again = open_journal(url)            # a second start finds the schema current and changes nothing
     try:
-        assert again.counts()["events"]["received"] == 4
+        assert again.reports.counts()["events"]["received"] == 4
     finally:
         again.close()
 

@@ -2,14 +2,14 @@
 
 Connections come from a ``psycopg_pool.ConnectionPool``; every pooled connection
 runs READ COMMITTED (forced, whatever the server default) with ``search_path``
-set to the journal's schema. The shared SQL logic lives in
-:class:`syncd.journal.sql.SqlJournal`; this module supplies transactions, the
-schema, the claim statement and leader election for the pollers.
+set to the journal's schema. This engine runs the stores' named statements
+(:mod:`syncd.journal.engine`) and supplies transactions, claim serialization,
+leader election for the pollers and the take-over of dead replicas' leases.
 
 Concurrency, in short:
 
 * **Claims** are serialized per schema by a transaction-level advisory lock
-  (see :meth:`PostgresJournal._claim_ids`), and rows are taken with
+  (see :meth:`PostgresEngine.lock_claims`), and rows are taken with
   ``FOR UPDATE SKIP LOCKED`` so a claim never waits on a row that a concurrent
   ``settle``/``replay`` is changing.
 * **Webhooks** are group-committed (:mod:`syncd.journal.group_commit`): the
@@ -19,7 +19,7 @@ Concurrency, in short:
   inserts nothing; its follow-up ``SELECT`` is a new statement, so under READ
   COMMITTED it sees the winner's committed row and returns that id.
 * **Pollers** run on one leader: a session-level advisory lock held on a
-  dedicated, non-pooled connection (:meth:`PostgresJournal.try_leadership`).
+  dedicated, non-pooled connection (:meth:`PostgresEngine.try_leadership`).
 * **Migrations** run under a transaction-level advisory lock, so replicas
   starting together apply them once.
 """
@@ -30,7 +30,6 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from functools import lru_cache
 from typing import Any, Iterator
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -40,10 +39,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from syncd.journal.base import Delivery, Reflection, StoredEvent
-from syncd.journal.group_commit import GroupCommit
 from syncd.journal import migrate
-from syncd.journal.sql import SqlJournal, new_owner
+from syncd.journal.engine import Tx, load_queries, new_owner
 
 log = logging.getLogger(__name__)
 
@@ -53,34 +50,6 @@ MIGRATE_LOCK_CLASS = 0x73796E01
 CLAIM_LOCK_CLASS = 0x73796E02
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-CLAIM = """
-WITH due AS (
-  SELECT d.id FROM deliveries d
-  WHERE d.state = 'pending' AND d.next_attempt_at <= %(now)s AND d.lease_until < %(now)s
-    AND (%(crm)s::text IS NULL OR d.crm = %(crm)s::text)
-    AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.crm = d.crm AND o.obj = d.obj
-                    AND o.record_id = d.record_id AND o.state = 'pending'
-                    AND o.lease_until >= %(now)s)
-  ORDER BY d.next_attempt_at, d.id
-  LIMIT %(limit)s
-  FOR UPDATE OF d SKIP LOCKED)
-UPDATE deliveries SET lease_until = %(until)s, lease_owner = %(owner)s, attempts = attempts + 1
-FROM due WHERE deliveries.id = due.id
-RETURNING deliveries.id
-"""
-
-CLAIM_REFLECTIONS = """
-WITH due AS (
-  SELECT id FROM reflections
-  WHERE state = 'pending' AND next_attempt_at <= %(now)s AND lease_until < %(now)s
-  ORDER BY next_attempt_at, id
-  LIMIT %(limit)s
-  FOR UPDATE SKIP LOCKED)
-UPDATE reflections SET lease_until = %(until)s, lease_owner = %(owner)s, attempts = attempts + 1
-FROM due WHERE reflections.id = due.id
-RETURNING reflections.id
-"""
 
 # A frozen replica must not hold the claim lock (or row locks) forever.
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"
@@ -92,14 +61,12 @@ class PostgresUnavailable(RuntimeError):
     """The journal database cannot be reached or opened (text never carries the password)."""
 
 
-@lru_cache(maxsize=512)
-def _convert(query: str) -> str:
-    return query.replace("%", "%%").replace("?", "%s")
-
-
-class PostgresJournal(SqlJournal):
-    """Journal on PostgreSQL. ``schema`` (default ``public``) is created if missing
+class PostgresEngine:
+    """Journal engine on PostgreSQL. ``schema`` (default ``public``) is created if missing
     and set as ``search_path`` on every pooled connection."""
+
+    dialect = "postgresql"
+    db_error = psycopg.Error
 
     def __init__(self, url: str, *, schema: str | None = None, min_size: int = 1,
                  max_size: int = 10, timeout: float = 30.0):
@@ -109,6 +76,7 @@ class PostgresJournal(SqlJournal):
             raise ValueError(f"journal schema {self.schema!r} is not a plain lower-case identifier "
                              "(a-z, 0-9, _; at most 63 characters; not pg_*)")
         self.owner = new_owner()
+        self.queries = load_queries(self.dialect)
         params = _parse(url)
         self._password = params.get("password") or ""
         self.where = _describe(params, self.schema)
@@ -119,7 +87,6 @@ class PostgresJournal(SqlJournal):
         self._leaders: dict[str, psycopg.Connection] = {}
         self._leader_lock = threading.Lock()
         self._pool: ConnectionPool | None = None
-        self._group = GroupCommit(self._insert_batch, psycopg.Error)
         self._next_takeover = 0.0
 
         self._migrate()
@@ -135,7 +102,7 @@ class PostgresJournal(SqlJournal):
         self._pool = pool
 
     def __repr__(self) -> str:
-        return f"PostgresJournal({self.where})"
+        return f"PostgresEngine({self.where})"
 
     # --- connections -----------------------------------------------------------------
     def _configure(self, conn: psycopg.Connection) -> None:
@@ -168,14 +135,14 @@ class PostgresJournal(SqlJournal):
         return self._pool
 
     @contextmanager
-    def _write(self) -> Iterator[psycopg.Cursor]:
+    def begin(self) -> Iterator[Tx]:
         """One transaction on a pooled connection: commit on success, roll back on error."""
         with self.pool.connection() as conn:
             with conn.transaction(), conn.cursor() as cur:
-                yield cur
+                yield Tx(cur, self.queries)
 
     @contextmanager
-    def _ingest_write(self) -> Iterator[psycopg.Cursor]:
+    def ingest(self) -> Iterator[Tx]:
         """For group-committed inserts: autocommit, so the one multi-row INSERT is its
         own transaction, durable when it returns (1 round trip instead of BEGIN,
         INSERT, COMMIT). The follow-up SELECT for duplicates only reads."""
@@ -183,28 +150,24 @@ class PostgresJournal(SqlJournal):
             conn.autocommit = True
             try:
                 with conn.cursor() as cur:
-                    yield cur
+                    yield Tx(cur, self.queries)
             finally:
                 if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
                     conn.autocommit = False
                 # else the connection is broken and the pool discards it
 
     @contextmanager
-    def _read(self) -> Iterator[psycopg.Cursor]:
+    def read(self) -> Iterator[Tx]:
         """A READ ONLY transaction (psycopg puts it in the BEGIN: no extra round trip)."""
         with self.pool.connection() as conn:
             conn.read_only = True
             try:
                 with conn.transaction(), conn.cursor() as cur:
-                    yield cur
+                    yield Tx(cur, self.queries)
             finally:
                 if conn.info.transaction_status == TransactionStatus.IDLE:
                     conn.read_only = False
                 # else the connection is broken and the pool discards it
-
-    def _sql(self, sql_text: str) -> str:
-        """``?`` -> ``%s``; a literal ``%`` is doubled so psycopg leaves it alone."""
-        return _convert(sql_text)
 
     # --- schema ----------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -236,32 +199,23 @@ class PostgresJournal(SqlJournal):
                                           f"{self._scrub(str(exc))}") from None
 
     # --- claims ----------------------------------------------------------------------
-    def _claim_ids(self, cur: Any, now: float, limit: int, until: float, crm: str | None = None) -> list[int]:
-        """Lease due deliveries, with SQLite's CLAIM semantics.
+    def lock_claims(self, tx: Tx) -> None:
+        """Serialize claims per schema (released at commit).
 
         ``FOR UPDATE SKIP LOCKED`` alone is not enough here: the rule "no other
         pending delivery of the same record holds a live lease" reads *other*
         rows, and two concurrent claims each see a snapshot without the other's
         uncommitted leases, so both could lease different deliveries of one
-        record. Claims are therefore serialized per schema with
-        ``pg_advisory_xact_lock`` (released at commit). The lock is taken in its
-        own statement first, so under READ COMMITTED the claim statement's
-        snapshot is taken after the previous claimer committed and sees its leases.
-        A per-record lock would not fit: the set of records is only known inside
-        the claim query. Claims are one short statement plus a SELECT, so the
-        serialization costs little; a stalled claimer is cut off by
-        ``idle_in_transaction_session_timeout``. ``SKIP LOCKED`` still keeps a
-        claim from waiting on rows a concurrent settle/replay is updating.
+        record. The lock is taken in its own statement first, so under READ
+        COMMITTED the claim statement's snapshot is taken after the previous
+        claimer committed and sees its leases. A per-record lock would not fit:
+        the set of records is only known inside the claim query. Claims are one
+        short statement plus a SELECT, so the serialization costs little; a stalled
+        claimer is cut off by ``idle_in_transaction_session_timeout``. ``SKIP
+        LOCKED`` still keeps a claim from waiting on rows a concurrent settle or
+        replay is updating.
         """
-        cur.execute("SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))", (CLAIM_LOCK_CLASS, self.schema))
-        cur.execute(CLAIM, {"now": now, "limit": limit, "until": until, "owner": self.owner, "crm": crm})
-        return [int(r[0]) for r in cur.fetchall()]
-
-    _skip_locked = " FOR UPDATE SKIP LOCKED"
-
-    def _claim_reflection_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
-        cur.execute(CLAIM_REFLECTIONS, {"now": now, "limit": limit, "until": until, "owner": self.owner})
-        return [int(r[0]) for r in cur.fetchall()]
+        tx.execute("claim_lock", lock_class=CLAIM_LOCK_CLASS, schema=self.schema)
 
     # --- leader election -------------------------------------------------------------
     def _leader_key(self, name: str) -> str:
@@ -341,21 +295,9 @@ class PostgresJournal(SqlJournal):
     def _alive_name(self, owner: str) -> str:
         return f"alive:{owner}"
 
-    def _assert_alive(self) -> None:
+    def before_lease(self) -> None:
         """Hold this replica's liveness lock before taking any lease (see take_over_dead_leases)."""
         self.try_leadership(self._alive_name(self.owner))
-
-    def claim(self, limit: int, lease_seconds: float, crm: str | None = None) -> list[Delivery]:
-        self._assert_alive()
-        return super().claim(limit, lease_seconds, crm)
-
-    def events_to_route(self, limit: int, lease_seconds: float = 120.0) -> list[StoredEvent]:
-        self._assert_alive()
-        return super().events_to_route(limit, lease_seconds)
-
-    def claim_reflections(self, limit: int, lease_seconds: float) -> list[Reflection]:
-        self._assert_alive()
-        return super().claim_reflections(limit, lease_seconds)
 
     def take_over_dead_leases(self) -> int:
         """Free the deliveries, routing leases and reflections leased by replicas whose
@@ -364,54 +306,41 @@ class PostgresJournal(SqlJournal):
         Every replica holds a session advisory lock named after its lease owner id
         (the same mechanism as leadership); the server drops it when the process or
         its connection dies. A lease whose owner's lock can be taken belongs to a dead
-        replica (every lease is taken after ``_assert_alive``). Called at the start of
+        replica (every lease is taken after ``before_lease``). Called at the start of
         each push tick; it scans at most every ``TAKEOVER_EVERY_SECONDS``. If a live
         replica merely lost its connection, its work may be pushed twice: updates are
         idempotent, so the CRM ends the same.
         """
-        self._assert_alive()
+        self.before_lease()
         now = time.time()
         if now < self._next_takeover:
             return 0
         self._next_takeover = now + self.TAKEOVER_EVERY_SECONDS
         freed = {"deliveries": 0, "events": 0, "reflections": 0}
-        with self._write() as cur:
-            cur.execute(
-                "SELECT lease_owner FROM deliveries WHERE state = 'pending' AND lease_until >= %(now)s "
-                "UNION SELECT route_owner FROM events WHERE status = 'new' AND next_route_at >= %(now)s "
-                "UNION SELECT lease_owner FROM reflections WHERE state = 'pending' AND lease_until >= %(now)s",
-                {"now": now})
-            owners = [o for (o,) in cur.fetchall() if o and o != self.owner]
+        with self.begin() as tx:
+            owners = [r["owner"] for r in tx.all("live_lease_owners", now=now)
+                      if r["owner"] and r["owner"] != self.owner]
             for owner in owners:
                 # Held until this transaction ends, so the owner cannot come back meanwhile.
-                cur.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))",
-                            (self._leader_key(self._alive_name(owner)),))
-                if not cur.fetchone()[0]:
+                if not tx.value("try_xact_lock", key=self._leader_key(self._alive_name(owner))):
                     continue
-                for table, sql_text in _TAKE_OVER.items():
-                    cur.execute(sql_text, (owner,))
-                    freed[table] += cur.rowcount or 0
+                for table in freed:
+                    freed[table] += tx.execute(f"take_over_{table}", owner=owner)
         if any(freed.values()):
             log.warning("took over the leases of a replica that is gone", extra=freed)
         return sum(freed.values())
 
     # --- lifecycle -------------------------------------------------------------------
+    def acquire_serve_lock(self) -> None:
+        """Replicas share a PostgreSQL journal: any number may serve."""
+        return None
+
     def close(self) -> None:
         """Drop any leadership and close the pool. Safe to call twice."""
         for name in list(self._leaders):
             self.resign(name)
         if self._pool is not None and not self._pool.closed:
             self._pool.close()
-
-
-# Leases of a replica that is gone, freed for the others (see take_over_dead_leases).
-_TAKE_OVER = {
-    "deliveries": "UPDATE deliveries SET lease_until = 0, lease_owner = NULL "
-                  "WHERE lease_owner = %s AND state = 'pending'",
-    "events": "UPDATE events SET next_route_at = 0, route_owner = NULL WHERE route_owner = %s AND status = 'new'",
-    "reflections": "UPDATE reflections SET lease_until = 0, lease_owner = NULL "
-                   "WHERE lease_owner = %s AND state = 'pending'",
-}
 
 
 def _split_schema(url: str) -> tuple[str, str | None]:

@@ -1,6 +1,7 @@
 """SQLite journal (WAL, synchronous=FULL): the embedded default.
 
-Reads use one connection per thread; writes share one connection, each a
+The engine under the journal's stores (:mod:`syncd.journal.engine`). Reads use
+one connection per thread; writes share one connection, each a
 ``BEGIN IMMEDIATE`` transaction, so a webhook is answered only after its row is on
 disk. Writers in this process take turns on a lock instead of SQLite's busy handler (whose back-off sleeps up to
 100 ms), and webhooks are group-committed (:mod:`syncd.journal.group_commit`): one transaction
@@ -16,36 +17,15 @@ import os
 import sqlite3
 import stat
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-from syncd.journal.base import JournalBusy
-from syncd.journal.group_commit import GroupCommit
 from syncd.journal import migrate
-from syncd.journal.sql import SqlJournal, new_owner
+from syncd.journal.base import JournalBusy
+from syncd.journal.engine import Tx, load_queries, new_owner
 
 log = logging.getLogger("syncd.journal")
-
-CLAIM_REFLECTIONS = """
-UPDATE reflections SET lease_until = ?, lease_owner = ?, attempts = attempts + 1
-WHERE id IN (SELECT id FROM reflections WHERE state = 'pending' AND next_attempt_at <= ?
-             AND lease_until < ? ORDER BY next_attempt_at, id LIMIT ?)
-RETURNING id
-"""
-
-CLAIM = """
-UPDATE deliveries SET lease_until = ?, lease_owner = ?, attempts = attempts + 1
-WHERE id IN (
-  SELECT d.id FROM deliveries d
-  WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND d.lease_until < ?
-    AND (? IS NULL OR d.crm = ?)
-    AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.crm = d.crm AND o.obj = d.obj
-                    AND o.record_id = d.record_id AND o.state = 'pending' AND o.lease_until >= ?)
-  ORDER BY d.next_attempt_at, d.id LIMIT ?)
-RETURNING id
-"""
-
 
 def make_private_dirs(folder: Path) -> None:
     """Create the missing folders of ``folder`` as 0700 (whatever the umask); folders
@@ -84,23 +64,26 @@ def make_private_files(db: Path) -> None:
                             extra={"path": str(path), "mode": oct(mode)})
 
 
-class SqliteJournal(SqlJournal):
+class SqliteEngine:
+    dialect = "sqlite"
+    db_error = sqlite3.Error
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.owner = new_owner()
+        self.queries = load_queries(self.dialect)
         self._local = threading.local()
         self._lock_fd: int | None = None
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
-        self._group = GroupCommit(self._insert_batch, sqlite3.Error)
         make_private_dirs(self.path.parent)
         make_private_files(self.path)
         self._migrate()
 
     @classmethod
-    def from_url(cls, url: str, base_dir: str | Path | None = None) -> "SqliteJournal":
+    def from_url(cls, url: str, base_dir: str | Path | None = None) -> "SqliteEngine":
         raw = url[len("sqlite:///"):]
         if not raw:
             raise ValueError("journal.url: sqlite:/// needs a file path")
@@ -127,8 +110,11 @@ class SqliteJournal(SqlJournal):
             conn = self._local.conn = self._connect()
         return conn
 
+    def ingest(self) -> AbstractContextManager[Tx]:
+        return self.begin()
+
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Cursor]:
+    def begin(self) -> Iterator[Tx]:
         """A write transaction on the one writer connection (writes in a process take
         turns anyway; one connection keeps its page cache warm across them)."""
         with self._write_lock:
@@ -138,7 +124,7 @@ class SqliteJournal(SqlJournal):
             cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                yield cur
+                yield Tx(cur, self.queries)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -148,19 +134,20 @@ class SqliteJournal(SqlJournal):
                 cur.close()
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Cursor]:
+    def read(self) -> Iterator[Tx]:
         conn = self._conn()
         cur = conn.cursor()
         cur.execute("BEGIN")
         try:
-            yield cur
+            yield Tx(cur, self.queries)
         finally:
             conn.execute("COMMIT")
             cur.close()
 
     def _migrate(self) -> None:
         """Apply the schema's migrations this file has not seen (one transaction)."""
-        with self._write() as cur:
+        with self.begin() as tx:
+            cur = tx.cur
             cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'")
             current = 0
             if cur.fetchone() is not None:
@@ -168,13 +155,15 @@ class SqliteJournal(SqlJournal):
                 current = cur.fetchone()[0] or 0
             migrate.apply(cur.execute, "sqlite", current, str(self.path))
 
-    def _claim_ids(self, cur: Any, now: float, limit: int, until: float, crm: str | None = None) -> list[int]:
-        cur.execute(CLAIM, (until, self.owner, now, now, crm, crm, now, limit))
-        return [r[0] for r in cur.fetchall()]
+    def before_lease(self) -> None:
+        return None
 
-    def _claim_reflection_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
-        cur.execute(CLAIM_REFLECTIONS, (until, self.owner, now, now, limit))
-        return [r[0] for r in cur.fetchall()]
+    def lock_claims(self, tx: Tx) -> None:
+        return None   # one writer connection: claims already take turns
+
+    def take_over_dead_leases(self) -> int:
+        """SQLite frees dead processes' leases once, when ``serve`` takes the file's lock."""
+        return 0
 
     # One serve per file: it is always the poller's leader.
     def try_leadership(self, name: str) -> bool:
@@ -205,12 +194,11 @@ class SqliteJournal(SqlJournal):
         self._lock_fd = fd
         # Holding the lock proves no other serve runs: every live lease belongs to a
         # process that died (kill -9, power loss), so its work is resumed at once.
-        with self._write() as cur:
-            cur.execute("UPDATE deliveries SET lease_until = 0, lease_owner = NULL "
-                        "WHERE state = 'pending' AND lease_until > 0")
-            cur.execute("UPDATE reflections SET lease_until = 0 WHERE state = 'pending' AND lease_until > 0")
+        with self.begin() as tx:
+            tx.execute("free_delivery_leases")
+            tx.execute("free_reflection_leases")
             # Routing leases too (a deferred phone lookup is simply tried again now).
-            cur.execute("UPDATE events SET next_route_at = 0 WHERE status = 'new' AND next_route_at > 0")
+            tx.execute("free_routing_leases")
 
     def close(self) -> None:
         with self._all_lock:
