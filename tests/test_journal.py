@@ -37,7 +37,10 @@ def notifications(journal, max_attempts: int):
     from syncd.config import RetryConfig
     from syncd.reflector import SinchNotifications
 
-    return SinchNotifications(journal.reflections, journal.events, RetryPolicy(RetryConfig(max_attempts=max_attempts)))
+    policy = RetryPolicy(RetryConfig(max_attempts=max_attempts))
+    if journal is None:
+        return SinchNotifications(None, None, policy)  # type: ignore[arg-type]   # decisions only
+    return SinchNotifications(journal.reflections, journal.events, policy)
 
 
 def event(n: int = 1, **kw) -> ConsentEvent:
@@ -403,3 +406,49 @@ def test_sinch_error_details_are_stored_masked(journal):
     assert "is not a WhatsApp user" in dead["error"] and "OPT_OUT_FAILED" in dead["error"]
     assert "4911113333444" not in dead["error"] and "jürgen.müller" not in dead["error"]
     assert "49********444" in dead["error"] and "j***@exämple.de" in dead["error"]
+
+
+# --- the stores apply decisions; the callers make them -------------------------------------
+
+def _claimed_once(journal):
+    rec = journal.events.record(event(1))
+    journal.deliveries.add_targets(rec.event_id, [REF])
+    (d,) = journal.deliveries.claim(10, 60)
+    return d
+
+
+def test_a_paused_outcome_gives_the_attempt_back_and_a_retry_never_does(journal):
+    d = _claimed_once(journal)
+    assert d.attempts == 1
+    journal.deliveries.settle([Outcome(d.id, "paused", error="CRM paused: API quota", retry_at=0, ref=REF)])
+    (d,) = journal.deliveries.claim(10, 60)
+    assert d.attempts == 1                                   # the pause cost no attempt
+    journal.deliveries.settle([Outcome(d.id, "retry", error="x", retry_at=0, ref=REF, note="paused")])
+    (d,) = journal.deliveries.claim(10, 60)
+    assert d.attempts == 2                                   # a note is only a note: a retry costs one
+
+
+def test_only_outcomes_that_wrote_to_the_crm_count_as_its_last_push(journal):
+    d = _claimed_once(journal)
+    journal.deliveries.settle([Outcome(d.id, "done", ref=REF, note="applied", wrote=False)])
+    assert "salesforce" not in journal.reports.counts()["crms"]
+    rec = journal.events.record(event(2))
+    journal.deliveries.add_targets(rec.event_id, [REF])
+    (d,) = journal.deliveries.claim(10, 60)
+    journal.deliveries.settle([Outcome(d.id, "done", ref=REF, note="superseded", wrote=True)])
+    assert journal.reports.counts()["crms"]["salesforce"]["last_push_at"] is not None
+
+
+def test_sinch_results_are_decided_by_the_reflector():
+    from syncd.journal.base import Registration
+
+    decide = notifications(None, 3).outcome
+    assert decide(Registration(7, 1), "OPT_OUT_SUCCEEDED", True, {}).state == "done"
+    retry = decide(Registration(7, 1), "OPT_OUT_FAILED", False,
+                   {"error_details": {"description": "+4915112345678 is unknown"}})
+    assert retry.state == "retry" and retry.at and retry.at > time.time()
+    assert "OPT_OUT_FAILED" in retry.error and "is unknown" in retry.error and "+4915112345678" not in retry.error
+    dead = decide(Registration(7, 3), "OPT_OUT_FAILED", False, {})
+    assert dead.state == "dead" and dead.error.startswith("gave up after 3 attempts: OPT_OUT_FAILED")
+    unsupported = decide(Registration(7, 1), "OPT_IN_STATUS_UNSPECIFIED", False, {"sinch_channel": "VIBERBM"})
+    assert unsupported.state == "dead" and "channel VIBERBM does not support opt-in registration" in unsupported.error

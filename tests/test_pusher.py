@@ -364,3 +364,16 @@ def test_delivery_for_a_crm_no_longer_configured_is_dead_lettered_not_stuck(runt
     stats = runtime.tick()
     assert stats.dead == 1
     assert "CRM close is not enabled" in runtime.journal.reports.dead_letters()[0]["error"]
+
+
+def test_routing_is_its_own_step_and_the_pusher_only_pushes(runtime, sf_sandbox):
+    (rid,) = contact_ids(sf_sandbox, 1)
+    runtime.journal.events.record(apten_event(1, rid))
+    sf_sandbox.clear_log()
+    stats = runtime.pusher.run_once()                     # nothing routed yet: nothing to push
+    assert (stats.claimed, stats.done) == (0, 0)
+    assert runtime.journal.reports.counts()["events"]["unrouted"] == 1
+    assert runtime.routing.tick().routed == 1             # the routing step makes the delivery...
+    assert sf_sandbox.requests_to(r"/composite/") == []   # ...and writes nothing to the CRM
+    assert runtime.pusher.run_once().done == 1
+    assert sf_sandbox.get_record("Contact", rid)["SMS_Opt_Out__c"] is True
