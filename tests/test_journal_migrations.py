@@ -201,12 +201,23 @@ def test_a_journal_newer_than_this_syncd_is_refused(tmp_path):
         open_journal(url)
 
 
-def test_the_unread_message_column_is_gone_and_the_raw_body_keeps_the_text(old_journal):
+def test_the_unread_message_column_is_no_longer_written_and_old_rows_keep_theirs(old_journal):
+    """``events.message`` repeated the raw body's text and nothing read it: new rows
+    leave it NULL. It is not dropped yet: during a rolling upgrade of PostgreSQL
+    replicas, a replica still running the old code writes it, and a dropped column
+    would turn that replica's webhooks into 503s."""
     url, _, query = old_journal
-    open_journal(url).close()
-    assert all(b"STOP" in raw for (raw,) in query("SELECT raw FROM events"))
-    with pytest.raises(Exception, match="message"):
-        query("SELECT message FROM events")
+    j = open_journal(url)
+    try:
+        j.events.record(ConsentEvent(source="apten", source_event_id="new", kind="opt_out", channel="sms",
+                                     occurred_at=datetime.now(timezone.utc), received_at=datetime.now(timezone.utc),
+                                     raw=RAW, phone="+13305550000", message="STOP"))
+    finally:
+        j.close()
+    rows = query("SELECT source_event_id, message, raw FROM events ORDER BY id")
+    assert [(sid, msg) for sid, msg, _ in rows] == [("old-routed", "STOP"), ("old-new", "STOP"),
+                                                    ("old-quarantined", "STOP"), ("new", None)]
+    assert all(b"STOP" in raw for _, _, raw in rows)
 
 
 def test_both_engines_run_the_same_migration_files():
