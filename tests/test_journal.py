@@ -135,11 +135,13 @@ def test_field_clock_never_moves_backwards(journal):
     rec = journal.events.record(event(1))
     journal.deliveries.add_targets(rec.event_id, [REF])
     d = journal.deliveries.claim(10, 60)[0]
-    journal.deliveries.settle([Outcome(d.id, "done", ref=REF, applied={"F": True}, applied_at="2024-06-01T00:00:00.000000Z")])
+    journal.deliveries.settle([Outcome(d.id, "done", ref=REF, applied={"F": True},
+                                       applied_at="2024-06-01T00:00:00.000000Z")])
     rec2 = journal.events.record(event(2))
     journal.deliveries.add_targets(rec2.event_id, [REF])
     d2 = journal.deliveries.claim(10, 60)[0]
-    journal.deliveries.settle([Outcome(d2.id, "done", ref=REF, applied={"F": False}, applied_at="2024-01-01T00:00:00.000000Z")])
+    journal.deliveries.settle([Outcome(d2.id, "done", ref=REF, applied={"F": False},
+                                       applied_at="2024-01-01T00:00:00.000000Z")])
     clock = journal.deliveries.clocks([REF])[REF]["F"]
     assert (clock.occurred_at, clock.value) == ("2024-06-01T00:00:00.000000Z", True)
 

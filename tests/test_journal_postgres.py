@@ -179,7 +179,8 @@ def test_concurrent_duplicate_webhooks_get_one_event(journals, schema):
         gate.execute(f'SET search_path TO "{schema}"')
         gate.execute("LOCK TABLE events IN SHARE MODE")
         out: list = []
-        worker = threading.Thread(target=lambda: out.append(run_threads(8, lambda i: replicas[i].events.record(event(2)))))
+        worker = threading.Thread(
+            target=lambda: out.append(run_threads(8, lambda i: replicas[i].events.record(event(2)))))
         worker.start()
         deadline = time.monotonic() + 10
         with psycopg.connect(URL, autocommit=True) as probe:

@@ -184,8 +184,8 @@ class PostgresEngine:
                         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
                     conn.execute("SELECT set_config('search_path', %s, true)", (self._search_path,))
                     version = 0
-                    if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
-                        version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+                    if (conn.execute("SELECT to_regclass('schema_version')").fetchone() or (None,))[0] is not None:
+                        version = (conn.execute("SELECT MAX(version) FROM schema_version").fetchone() or (0,))[0] or 0
                     try:
                         latest = migrate.apply(conn.execute, "postgresql", version, self.where)
                     except migrate.SchemaTooNew as exc:
@@ -241,8 +241,8 @@ class PostgresEngine:
                 log.warning("leader election failed", extra={"leader": name, "error": str(exc)})
                 return False
             try:
-                got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
-                                   (self._leader_key(name),)).fetchone()[0]
+                got = (conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                                    (self._leader_key(name),)).fetchone() or (False,))[0]
             except psycopg.Error as exc:
                 conn.close()
                 log.warning("leader election failed", extra={"leader": name,
