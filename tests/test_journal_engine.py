@@ -66,3 +66,18 @@ def test_group_commit_imports_no_store_or_engine():
     tree = ast.parse((JOURNAL / "group_commit.py").read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"__future__", "typing", "syncd.events", "syncd.journal.base"}, imported
+
+
+def test_field_clock_lookups_use_the_primary_key_not_a_scan(tmp_path):
+    """The pusher reads the clocks of up to a batch of records per claim; a table scan
+    per chunk would grow with every record ever written."""
+    from syncd.journal import open_journal
+
+    j = open_journal(f"sqlite:///{tmp_path}/j.db")
+    try:
+        sql, args = load_queries("sqlite")["clocks_of_records"].render({"refs": [("a", "b", "c"), ("d", "e", "f")]})
+        with j.engine.read() as tx:
+            plan = " | ".join(str(row[3]) for row in tx.cur.execute("EXPLAIN QUERY PLAN " + sql, args))
+    finally:
+        j.close()
+    assert "SCAN field_clocks" not in plan and "SEARCH f USING INDEX" in plan, plan

@@ -85,8 +85,10 @@ ON CONFLICT (crm, obj, record_id, field) DO UPDATE SET
 WHERE field_clocks.occurred_at <= excluded.occurred_at;
 
 -- name: clocks_of_records
-SELECT crm, obj, record_id, field, occurred_at, value FROM field_clocks
-WHERE (crm, obj, record_id) IN (VALUES %(refs)s);
+-- A join, not a row-value IN: SQLite uses the primary key only for the join.
+WITH wanted (crm, obj, record_id) AS (VALUES %(refs)s)
+SELECT f.crm, f.obj, f.record_id, f.field, f.occurred_at, f.value
+FROM wanted w JOIN field_clocks f ON f.crm = w.crm AND f.obj = w.obj AND f.record_id = w.record_id;
 
 -- name: note_push
 INSERT INTO crm_status (crm, last_push_at) VALUES (%(crm)s, %(now_iso)s)
