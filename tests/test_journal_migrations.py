@@ -156,6 +156,7 @@ def test_every_row_of_an_old_journal_survives_and_works(old_journal):
                 routable.external_lead_id, routable.details) == (
             ids["new"], "old-new", "+13305551234", "(330) 555-1234", "jane@example.com", "003XX000004DHPY",
             {"raw_channel": "sms"})
+        assert query(f"SELECT route_owner FROM events WHERE id = {ids['new']}") == [(j.engine.owner,)]
         j.deliveries.add_targets(routable.id, [RecordRef("close", "lead", "lead_2")])
 
         assert {d["id"] for d in j.reports.dead_letters()} == {f"d{ids['dead']}", f"q{ids['quarantined']}",
@@ -172,6 +173,7 @@ def test_every_row_of_an_old_journal_survives_and_works(old_journal):
         assert [d.event_id for d in j.deliveries.claim(10, 60, crm="close")] == [ids["new"]]
         claimed = j.reflections.claim(10, 60)          # takes a reflection lease (lease_owner: new in v2)
         assert sorted(r.id for r in claimed) == sorted([ids["r_pending"], ids["r_dead"]])
+        assert query(f"SELECT lease_owner FROM reflections WHERE id = {ids['r_pending']}") == [(j.engine.owner,)]
         j.reflections.settle([ReflectionOutcome(r.id, "registered", at=FAR) for r in claimed])
 
         rows = list(j.reports.export_rows(None))
