@@ -32,6 +32,8 @@ import requests
 from connectors.errors import (ConnectorError, NotFound, Permanent, RateLimited, Transient)
 from connectors.http import (error_for_status, make_session, parse_retry_after, short_retry,
                              wrap_transport_error)
+from connectors.plugin import BuildContext, CrmPlugin, IdRule
+from connectors.settings import CrmSettings, OutboundUrl, Secret
 from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate,
                               UpdateResult, Watermark)
 
@@ -684,3 +686,30 @@ class CloseConnector:
             out[meta["id"]] = FieldInfo(meta["id"], kind, True, label=meta["name"])
         out.update(BUILTIN_FIELDS[obj])  # a built-in name always means the built-in
         return out
+
+
+# --- the plugin ------------------------------------------------------------------------
+
+class CloseSettings(CrmSettings):
+    """``crm.close`` in config.yaml."""
+
+    base_url: OutboundUrl = "https://api.close.com/api/v1"
+    api_key: Secret
+    mapping: str = "mappings/close.yaml"
+
+
+def build(settings: CloseSettings, ctx: BuildContext) -> CloseConnector:
+    return CloseConnector(base_url=settings.base_url, api_key=settings.api_key, ca_bundle=ctx.ca_bundle,
+                          timeout=ctx.timeout)
+
+
+PLUGIN = CrmPlugin(
+    name="close",
+    title="Close",
+    settings=CloseSettings,
+    build=build,
+    watermark=lambda t: t.isoformat(timespec="seconds"),
+    id_rules=(IdRule(CLOSE_LEAD.pattern, "lead"), IdRule(CLOSE_CONTACT.pattern, "contact")),
+    email_unsubscribe=True,
+    flag_types=frozenset({"choices"}),     # a flag is a one-choice field; the connector converts booleans
+)

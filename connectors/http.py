@@ -8,8 +8,11 @@ proxies set both), so the session pins it in ``merge_environment_settings``.
 from __future__ import annotations
 
 import email.utils
+import re
+import socket
 import time
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import requests
 from tenacity import (RetryCallState, retry, retry_if_exception, stop_after_attempt,
@@ -81,9 +84,41 @@ def error_for_status(resp: requests.Response, message: str, code: str | None = N
 
 
 def wrap_transport_error(exc: requests.RequestException) -> Transient:
-    """Timeouts and connection failures, with no URL query string or credentials."""
+    """Timeouts and connection failures, naming the host and the cause in words; never
+    the path, query string or credentials."""
     kind = type(exc).__name__
-    return Transient(f"{kind} talking to the remote API")
+    url = getattr(getattr(exc, "request", None), "url", None) or ""
+    parts = urlsplit(url) if url else None
+    where = f" {parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts and parts.netloc else ""
+    return Transient(f"{kind} talking to the remote API{where}: {transport_cause(exc)}")
+
+
+def transport_cause(exc: BaseException) -> str:
+    """Why a request got no HTTP answer: connection refused, DNS, TLS certificate,
+    timeout (else the exception's class name). Walks the chain requests and urllib3 build."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        found = re.search(r"certificate verify failed: ([^(')\]]+)", str(exc))
+        return f"TLS certificate not trusted: {found.group(1).strip()}" if found else "TLS handshake failed"
+    if isinstance(exc, requests.exceptions.Timeout):
+        return "timed out"
+    seen: list[BaseException] = []
+    stack: list[Any] = [exc]
+    while stack:
+        e = stack.pop()
+        if not isinstance(e, BaseException) or e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, socket.gaierror) or "NameResolutionError" in type(e).__name__:
+            return "DNS: host name not found"
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        stack += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+    text = str(exc)
+    if any(s in text for s in ("Name or service not known", "getaddrinfo failed", "nodename nor servname")):
+        return "DNS: host name not found"
+    if "Connection refused" in text:
+        return "connection refused"
+    return type(exc).__name__
 
 
 class _WaitRetryAfter:

@@ -37,6 +37,8 @@ from hubspot.crm import properties as hs_properties
 from connectors.errors import (AuthFailed, ConnectorError, NotFound, Permanent, RateLimited,
                                Transient)
 from connectors.http import USER_AGENT, parse_retry_after, short_retry
+from connectors.plugin import BuildContext, CrmPlugin, IdRule
+from connectors.settings import CrmSettings, OutboundUrl, Secret
 from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate,
                               UpdateResult, Watermark)
 
@@ -630,4 +632,67 @@ class HubSpotConnector:
         return value
 
 
-__all__ = ["HUBSPOT_ID", "HubSpotConnector", "error_from_api", "to_hubspot_value", "scrub"]
+
+# --- the plugin ------------------------------------------------------------------------
+
+class HubSpotSettings(CrmSettings):
+    """``crm.hubspot`` in config.yaml."""
+
+    base_url: OutboundUrl = "https://api.hubapi.com"
+    access_token: Secret
+    mapping: str = "mappings/hubspot.yaml"
+
+
+
+def build(settings: HubSpotSettings, ctx: BuildContext) -> HubSpotConnector:
+    unsub = ctx.email_unsubscribe
+    kwargs: dict[str, Any] = {}
+    if unsub is not None:
+        kwargs = {"email_subscription_id": unsub.get("subscription_id"), "legal_basis": unsub.get("legal_basis"),
+                  "legal_basis_explanation": unsub.get("legal_basis_explanation", DEFAULT_EXPLANATION)}
+    # HubSpot's search index trails writes by seconds: poll a little behind.
+    return HubSpotConnector(base_url=settings.base_url, access_token=settings.access_token,
+                            ca_bundle=ctx.ca_bundle, timeout=ctx.timeout, poll_lag_seconds=30.0, **kwargs)
+
+
+def check_subscription(connector: HubSpotConnector, options: dict[str, Any],
+                       mask: Callable[[str], str]) -> list[str]:
+    """A configured subscription type must exist in the account."""
+    sub = options.get("subscription_id")
+    if not sub:
+        return []
+    try:
+        types = connector.subscription_types()
+    except ConnectorError as exc:
+        return [f"email_unsubscribe: cannot read subscription types from hubspot: {mask(str(exc))}"]
+    if str(sub) not in types:
+        return [f"email_unsubscribe.subscription_id: {sub} is not a subscription type "
+                f"in hubspot (known: {', '.join(sorted(types)) or 'none'})"]
+    return []
+
+
+def email_mode(options: dict[str, Any] | None) -> str:
+    """How an email opt-out is applied, for ``syncd check``."""
+    sub = (options or {}).get("subscription_id")
+    if sub:
+        return (f"subscription type {sub}: an opt-out sets it UNSUBSCRIBED "
+                f"(legal basis {(options or {}).get('legal_basis')}), a newer opt-in SUBSCRIBED")
+    return ("unsubscribe from all email (no email_unsubscribe.subscription_id); "
+            "an opt-in cannot undo that: set a subscription type to resubscribe")
+
+
+PLUGIN = CrmPlugin(
+    name="hubspot",
+    title="HubSpot",
+    settings=HubSpotSettings,
+    build=build,
+    watermark=lambda t: str(int(t.timestamp() * 1000)),     # lastmodifieddate in epoch ms
+    id_rules=(IdRule(r"^[0-9]+$", "contact"),),              # all digits: HubSpot's, never Salesforce's
+    email_unsubscribe=True,
+    check_email_unsubscribe=check_subscription,
+    email_mode=email_mode,
+    client_loggers=("hubspot",),
+)
+
+
+__all__ = ["HUBSPOT_ID", "HubSpotConnector", "error_from_api", "to_hubspot_value", "scrub", "PLUGIN"]

@@ -22,21 +22,28 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, TypeVar, cast
 from urllib.parse import urlparse
 
-import jwt
 import phonenumbers
 import requests
-from simple_salesforce import Salesforce, SFType
-from simple_salesforce.exceptions import SalesforceError
+from pydantic import Field, field_validator, model_validator
 
 from connectors.errors import AuthFailed, ConnectorError, NotFound, Permanent, QuotaExhausted, RateLimited, \
     Transient
 from connectors.http import error_for_status, make_session, parse_retry_after, short_retry, \
     wrap_transport_error
+from connectors.plugin import BuildContext, CrmPlugin, IdRule, QuotaLimits
+from connectors.settings import CrmSettings, OptionalSecret, OutboundUrl, Strict
 from connectors.types import ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult, \
     Watermark
+
+if TYPE_CHECKING:
+    from simple_salesforce import Salesforce
+    from simple_salesforce.exceptions import SalesforceError
+
+# simple-salesforce (with zeep) and PyJWT load on first use, not on import: every
+# ``syncd`` command imports this module for its settings model (the CRM registry).
 
 T = TypeVar("T")
 
@@ -239,9 +246,16 @@ class SalesforceConnector:
         self._generation = 0
         self._fields: dict[str, dict[str, FieldInfo]] = {}
 
+    @property
+    def instance_in_use(self) -> str | None:
+        """The instance the last token answer named (it can differ from ``instance_url``)."""
+        return f"https://{self._sf.sf_instance}" if self._sf is not None else None
+
     # --- auth ---------------------------------------------------------------------
     def _authenticate(self) -> None:
         """Fetch a token (or take the configured one) and build a fresh client."""
+        from simple_salesforce import Salesforce
+
         if self.flow == "access_token":
             token, instance = str(self._auth["access_token"]), self.instance_url
         else:
@@ -286,6 +300,8 @@ class SalesforceConnector:
         return token, instance
 
     def _jwt_assertion(self) -> str:
+        import jwt
+
         a = self._auth
         key = a.get("private_key")
         if not key:
@@ -325,6 +341,8 @@ class SalesforceConnector:
         self._last.headers = {k: resp.headers.get(k) for k in ("Retry-After", "Date")}
         info = resp.headers.get("Sforce-Limit-Info")
         if info:
+            from simple_salesforce import Salesforce
+
             usage = Salesforce.parse_api_usage(info).get("api-usage")
             if usage is not None and usage[1] > 0:
                 self._usage = (int(usage[0]), int(usage[1]))
@@ -364,6 +382,8 @@ class SalesforceConnector:
         return self._retry(attempt)()
 
     def _mapped(self, op: Callable[[Salesforce], T], sf: Salesforce) -> T:
+        from simple_salesforce.exceptions import SalesforceError
+
         try:
             return op(sf)
         except SalesforceError as exc:
@@ -426,6 +446,8 @@ class SalesforceConnector:
         cached = self._fields.get(obj)
         if cached is not None:
             return cached
+        from simple_salesforce import SFType
+
         described = self._call(lambda sf: SFType(obj, sf.session_id, sf.sf_instance, self.api_version,
                                                  session=self._session, salesforce=sf).describe())
         result = {str(f["name"]): FieldInfo(name=str(f["name"]), type=str(f.get("type", "")),
@@ -688,3 +710,81 @@ class SalesforceConnector:
             except (TypeError, ValueError):
                 pass
         return dt.datetime.now(dt.timezone.utc)
+
+
+# --- the plugin ------------------------------------------------------------------------
+
+class SalesforceAuth(Strict):
+    flow: Literal["client_credentials", "jwt", "password", "access_token"]
+    login_url: OutboundUrl | None = None
+    client_id: str | None = None
+    client_secret: OptionalSecret = None
+    username: str | None = None
+    password: OptionalSecret = None
+    private_key_file: str | None = None
+    audience: str | None = None  # jwt aud; default: login.salesforce.com / test.salesforce.com
+    access_token: OptionalSecret = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> "SalesforceAuth":
+        needs = {
+            "client_credentials": ("login_url", "client_id", "client_secret"),
+            "jwt": ("login_url", "client_id", "username", "private_key_file"),
+            "password": ("login_url", "client_id", "client_secret", "username", "password"),
+            "access_token": ("access_token",),
+        }[self.flow]
+        missing = [k for k in needs if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"flow {self.flow} needs {', '.join(missing)}")
+        return self
+
+
+class SalesforceSettings(CrmSettings):
+    """``crm.salesforce`` in config.yaml."""
+
+    instance_url: OutboundUrl
+    api_version: str = "62.0"
+    auth: SalesforceAuth
+    mapping: str = "mappings/salesforce.yaml"
+    # Share of the org's daily API quota syncd may use (other integrations need the rest);
+    # at it, pushes pause and /limits is checked every limits_probe_seconds until quota is back.
+    api_budget_percent: float = Field(90.0, gt=0, le=100)
+    limits_probe_seconds: float = Field(300.0, gt=0, le=3600)
+
+    @field_validator("api_version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not re.fullmatch(r"\d{2,3}\.0", v):
+            raise ValueError("must look like \"62.0\"")
+        return v
+
+
+def build(settings: SalesforceSettings, ctx: BuildContext) -> SalesforceConnector:
+    auth = settings.auth.model_dump()
+    if settings.auth.private_key_file:
+        auth["private_key_file"] = ctx.resolve(settings.auth.private_key_file)
+    return SalesforceConnector(instance_url=settings.instance_url, api_version=settings.api_version, auth=auth,
+                               ca_bundle=ctx.ca_bundle, timeout=ctx.timeout, default_region=ctx.default_region)
+
+
+def _routable_id(ext_id: str) -> str | None:
+    """The 18-char id; None for anything a (possibly looser) routing rule let through
+    that is not a Salesforce id."""
+    return to_18(ext_id) if SF_ID.fullmatch(ext_id) else None
+
+
+PLUGIN = CrmPlugin(
+    name="salesforce",
+    title="Salesforce",
+    settings=SalesforceSettings,
+    build=build,
+    watermark=lambda t: t.strftime("%Y-%m-%dT%H:%M:%S.000+0000"),
+    # The object comes from the key prefix. Broad: all-digit ids are HubSpot's when HubSpot is on.
+    id_rules=(IdRule(SF_ID.pattern, broad=True),),
+    normalise_id=_routable_id,
+    object_for_id=object_for_id,
+    # No separate unsubscribe API: email consent is a field on the record.
+    unsubscribe_hint="map a field such as HasOptedOutOfEmail",
+    client_loggers=("simple_salesforce",),
+    quota=lambda s: QuotaLimits(budget_percent=s.api_budget_percent, probe_seconds=s.limits_probe_seconds),
+)

@@ -1,22 +1,31 @@
 """``syncd check``: config, mappings and each CRM's own field metadata agree."""
 from __future__ import annotations
 
-from connectors.errors import ConnectorError
-from syncd.config import Config, ConfigError
+from typing import Callable
+
+import requests
+
+from connectors.errors import AuthFailed, ConnectorError
+from connectors.http import make_session, transport_cause
+from connectors.plugin import CrmPlugin
+from connectors.registry import CRM_PLUGINS
+from syncd.config import Config, ConfigError, one_of
 from syncd.mapping import UNSUBSCRIBE, Mapping
 from syncd.masking import mask_text, register_secrets
 from syncd.runtime import build_connectors, build_sinch, load_mappings
 
-# Close models a flag as a one-choice "choices" field; its connector converts booleans.
-BOOLEAN_TYPES = {"boolean", "bool", "checkbox", "booleancheckbox", "choices"}
+# Field types a flag may have in any CRM; a plugin adds its own (Close: "choices").
+BOOLEAN_TYPES = frozenset({"boolean", "bool", "checkbox", "booleancheckbox"})
 
 
-def run_check(cfg: Config) -> list[str]:
-    """One line per problem; an empty list means all is well."""
+def run_check(cfg: Config, progress: Callable[[str], None] = lambda line: None) -> list[str]:
+    """One line per problem; an empty list means all is well. ``progress`` hears what is
+    being waited on, and which Salesforce instance the token answer pointed at."""
     register_secrets(cfg.secrets())
     problems: list[str] = []
     if not cfg.crm.enabled():
-        problems.append("config: crm: no CRM is enabled (add a crm.salesforce, crm.hubspot or crm.close block)")
+        blocks = one_of(f"crm.{name}" for name in CRM_PLUGINS)
+        problems.append(f"config: crm: no CRM is enabled (add a {blocks} block)")
     if not any((cfg.sources.apten, cfg.sources.lox24, cfg.sources.sinch)):
         problems.append("config: sources: no webhook source is enabled")
     try:
@@ -25,17 +34,83 @@ def run_check(cfg: Config) -> list[str]:
         return problems + str(exc).splitlines()
     connectors = build_connectors(cfg, mappings)
     for crm, mapping in mappings.items():
-        problems += _check_mapping(crm, mapping, connectors[crm])
+        unreachable = _unreachable(cfg, crm_endpoints(cfg, crm), progress)
+        if unreachable:
+            problems += unreachable
+            continue
+        progress(f"{crm}: reading field metadata")
+        try:
+            problems += _check_mapping(crm, mapping, connectors[crm])
+        except AuthFailed as exc:
+            key, url = crm_credentials(cfg, crm)
+            problems.append(f"config: {key}: {crm} refused the credentials ({url}): {mask_text(str(exc))}")
+            continue
+        used = getattr(connectors[crm], "instance_in_use", None)
+        if used:
+            progress(f"{crm}: instance in use {used}")
     if cfg.sinch is not None:
-        problems += _check_sinch(cfg)
+        unreachable = _unreachable(cfg, [("sinch.auth_url", cfg.sinch.auth_url),
+                                         ("sinch.base_url", cfg.sinch.base_url)], progress)
+        problems += unreachable or _check_sinch(cfg)
     return problems
 
 
+def crm_endpoints(cfg: Config, crm: str) -> list[tuple[str, str]]:
+    """(config key, URL) of the first server each CRM's connector talks to."""
+    if crm == "salesforce":
+        sf = cfg.crm.salesforce
+        assert sf is not None
+        if sf.auth.flow != "access_token" and sf.auth.login_url:
+            return [("crm.salesforce.auth.login_url", sf.auth.login_url)]
+        return [("crm.salesforce.instance_url", sf.instance_url)]
+    return [(f"crm.{crm}.base_url", getattr(cfg.crm, crm).base_url)]
+
+
+def crm_credentials(cfg: Config, crm: str) -> tuple[str, str]:
+    """(config key of the credentials, URL that judged them)."""
+    if crm == "salesforce":
+        sf = cfg.crm.salesforce
+        assert sf is not None
+        if sf.auth.flow == "access_token":
+            return "crm.salesforce.auth.access_token", sf.instance_url
+        return "crm.salesforce.auth", f"{(sf.auth.login_url or sf.instance_url).rstrip('/')}/services/oauth2/token"
+    key = "crm.hubspot.access_token" if crm == "hubspot" else "crm.close.api_key"
+    return key, getattr(cfg.crm, crm).base_url
+
+
+def _unreachable(cfg: Config, endpoints: list[tuple[str, str]], progress: Callable[[str], None]) -> list[str]:
+    """One problem line per URL whose server does not answer HTTP at all."""
+    problems = []
+    session = make_session(cfg.http.ca_bundle, min(cfg.http.timeout_seconds, 15.0))
+    for key, url in endpoints:
+        progress(f"connecting to {url} ({key})")
+        cause = connection_cause(session, url)
+        if cause:
+            problems.append(f"config: {key}: cannot reach {url}: {cause}")
+    return problems
+
+
+def connection_cause(session: requests.Session, url: str) -> str | None:
+    """None when the server answers HTTP (any status); else why not, in words:
+    connection refused, DNS, TLS certificate, timeout."""
+    try:
+        session.get(url, allow_redirects=False)
+        return None
+    except requests.exceptions.Timeout:
+        return "timed out (http.timeout_seconds)"
+    except requests.exceptions.RequestException as exc:
+        return transport_cause(exc)
+
+
 def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
+    plugin = CRM_PLUGINS[crm]
+    flag_types = BOOLEAN_TYPES | plugin.flag_types
     problems: list[str] = []
     for obj, om in mapping.objects.items():
         try:
             meta = connector.fields(obj)
+        except AuthFailed:
+            raise  # one line against the credentials' config key, not per object
         except ConnectorError as exc:
             problems.append(f"{mapping.path}: {obj}: cannot read field metadata from {crm}: {mask_text(str(exc))}")
             continue
@@ -43,68 +118,56 @@ def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
         for channel, names in om.channels.items():
             for name in names:
                 if name == UNSUBSCRIBE:
-                    if crm == "salesforce":
-                        problems.append(f"{mapping.path}: {obj}.{channel}: {UNSUBSCRIBE} is not supported "
-                                        "for Salesforce; map a field such as HasOptedOutOfEmail")
-                    elif crm == "hubspot":
-                        problems += _hubspot_subscription(mapping, connector)
+                    problems += _check_unsubscribe(plugin, mapping, f"{obj}.{channel}", connector)
                     continue
-                problems += _check_field(mapping.path, crm, obj, name, meta, booleans)
+                problems += _check_field(mapping.path, crm, obj, name, meta, flag_types if booleans else frozenset())
         for name in om.audit_fields():
-            problems += _check_field(mapping.path, crm, obj, name, meta, False)
+            problems += _check_field(mapping.path, crm, obj, name, meta, frozenset())
         for name in [*mapping.reflect.fields, *mapping.reflect.phone_fields]:
             if name not in meta:
                 problems.append(f"{mapping.path}: reflect: {obj}.{name}: no such field in {crm}")
     return problems
 
 
-def _subscription_id(mapping: Mapping) -> str | None:
-    return mapping.email_unsubscribe.subscription_id if mapping.email_unsubscribe else None
-
-
-def hubspot_email_mode(cfg: Config) -> list[str]:
-    """The one line ``check`` prints saying how HubSpot email opt-outs are applied
-    (information, not a problem; empty when HubSpot is off or maps no email)."""
-    if not cfg.crm.hubspot:
+def _check_unsubscribe(plugin: CrmPlugin, mapping: Mapping, where: str, connector) -> list[str]:
+    """``@unsubscribe`` needs the CRM's own unsubscribe API; its options must suit the account."""
+    if not plugin.email_unsubscribe:
+        hint = f"; {plugin.unsubscribe_hint}" if plugin.unsubscribe_hint else ""
+        return [f"{mapping.path}: {where}: {UNSUBSCRIBE} is not supported for {plugin.title}{hint}"]
+    if plugin.check_email_unsubscribe is None:
         return []
+    options = mapping.email_unsubscribe.model_dump() if mapping.email_unsubscribe else {}
+    return [f"{mapping.path}: {line}" for line in plugin.check_email_unsubscribe(connector, options, mask_text)]
+
+
+def email_modes(cfg: Config) -> list[str]:
+    """The lines ``check`` prints saying how each CRM applies email opt-outs
+    (information, not problems; none for a CRM that maps no email or says nothing)."""
     try:
-        mapping = load_mappings(cfg)["hubspot"]
-    except (ConfigError, KeyError):
+        mappings = load_mappings(cfg)
+    except ConfigError:
         return []
-    if not any(UNSUBSCRIBE in names for om in mapping.objects.values() for names in om.channels.values()):
-        return []
-    sub = _subscription_id(mapping)
-    if sub:
-        return [f"hubspot: email mode: subscription type {sub}: an opt-out sets it UNSUBSCRIBED "
-                f"(legal basis {mapping.email_unsubscribe.legal_basis}), a newer opt-in SUBSCRIBED"]
-    return ["hubspot: email mode: unsubscribe from all email (no email_unsubscribe.subscription_id); "
-            "an opt-in cannot undo that: set a subscription type to resubscribe"]
+    lines = []
+    for crm, mapping in mappings.items():
+        describe = CRM_PLUGINS[crm].email_mode
+        if describe is None:
+            continue
+        if not any(UNSUBSCRIBE in names for om in mapping.objects.values() for names in om.channels.values()):
+            continue
+        options = mapping.email_unsubscribe.model_dump() if mapping.email_unsubscribe else None
+        lines.append(f"{crm}: email mode: {describe(options)}")
+    return lines
 
 
-def _hubspot_subscription(mapping: Mapping, connector) -> list[str]:
-    """A configured subscription type must exist in the account."""
-    sub = _subscription_id(mapping)
-    if not sub:
-        return []
-    try:
-        types = connector.subscription_types()
-    except ConnectorError as exc:
-        return [f"{mapping.path}: email_unsubscribe: cannot read subscription types from hubspot: "
-                f"{mask_text(str(exc))}"]
-    if str(sub) not in types:
-        return [f"{mapping.path}: email_unsubscribe.subscription_id: {sub} is not a subscription type "
-                f"in hubspot (known: {', '.join(sorted(types)) or 'none'})"]
-    return []
-
-
-def _check_field(path: str, crm: str, obj: str, name: str, meta: dict, booleans: bool) -> list[str]:
+def _check_field(path: str, crm: str, obj: str, name: str, meta: dict, flag_types: frozenset[str]) -> list[str]:
+    """``flag_types``: the types a flag field may have; empty for a field that is no flag."""
     info = meta.get(name)
     if info is None:
         return [f"{path}: {obj}.{name}: no such field in {crm}"]
     out = []
     if not info.updateable:
         out.append(f"{path}: {obj}.{name}: field is read-only in {crm}")
-    if booleans and info.type.lower() not in BOOLEAN_TYPES:
+    if flag_types and info.type.lower() not in flag_types:
         out.append(f"{path}: {obj}.{name}: field type is {info.type}, expected a checkbox/boolean")
     return out
 
@@ -115,6 +178,10 @@ def _check_sinch(cfg: Config) -> list[str]:
         sinch = build_sinch(cfg)
         assert sinch is not None
         sinch.check()
+    except AuthFailed as exc:
+        assert cfg.sinch is not None
+        return [f"config: sinch.key_id/sinch.key_secret: Sinch refused the credentials ({cfg.sinch.auth_url}): "
+                f"{mask_text(str(exc))}"]
     except (ConnectorError, ValueError) as exc:
         return problems + [f"config: sinch: {mask_text(str(exc))}"]
     return problems

@@ -35,14 +35,19 @@ class Ctx:
             setup_logging(self.log_level or self._cfg.logging.level, self.log_format or self._cfg.logging.format)
         return self._cfg
 
-    def journal(self):
-        from syncd.journal import open_journal
+    def journal(self, must_exist: bool = True):
+        """The configured journal. Every command but ``serve`` reads an existing one: a
+        typo in ``journal.url`` must not create an empty journal and report zeros."""
+        from syncd.journal import JournalMissing, open_journal
         from syncd.masking import register_secrets
 
         cfg = self.config()
         register_secrets(cfg.secrets())
         try:
-            return open_journal(cfg.journal.url, base_dir=str(cfg.base_dir))
+            return open_journal(cfg.journal.url, base_dir=str(cfg.base_dir), must_exist=must_exist)
+        except JournalMissing as exc:
+            click.echo(f"syncd: {exc}", err=True)
+            sys.exit(2)
         except Exception as exc:
             from syncd.masking import mask_text
 
@@ -51,6 +56,20 @@ class Ctx:
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def _set_config_path(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.ensure_object(Ctx).path = value
+
+
+# ``-c PATH`` is also accepted after the subcommand (``syncd status -c prod.yaml``).
+config_option = click.option("-c", "--config", "config_path", metavar="PATH", expose_value=False,
+                             callback=_set_config_path, help="Config file (same as before the command).")
+
+
+def _echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, sort_keys=True, default=str))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,18 +95,25 @@ def serve(c: Ctx) -> None:
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help='One JSON object: {"ok": bool, "problems": [...]}.')
 @pass_ctx
-def check(c: Ctx) -> None:
+def check(c: Ctx, as_json: bool) -> None:
     """Validate config and mappings against each enabled CRM's own field metadata."""
-    from syncd.check import hubspot_email_mode, run_check
+    from syncd.check import email_modes, run_check
+
+    def progress(line: str) -> None:
+        click.echo(f"syncd check: {line}", err=True)
 
     try:
         cfg = c.config()
-        problems = run_check(cfg)
-        for line in hubspot_email_mode(cfg):
+        problems = run_check(cfg, progress=progress)
+        for line in email_modes(cfg):
             click.echo(line, err=True)  # information: stdout stays one line per problem
     except ConfigError as exc:
         problems = str(exc).splitlines()
+    if as_json:
+        _echo_json({"ok": not problems, "problems": problems})
+        sys.exit(1 if problems else 0)
     for line in problems:
         click.echo(line)
     if problems:
@@ -103,7 +129,7 @@ def status(c: Ctx, as_json: bool) -> None:
     """Counts by state, oldest pending age, last push per CRM."""
     counts = c.journal().reports.counts()
     if as_json:
-        click.echo(json.dumps(counts, sort_keys=True))
+        _echo_json(counts)
         return
     d, r = counts["deliveries"], counts["reflections"]
     click.echo(f"deliveries   pending {d['pending']} (retrying {d['retrying']})  done {d['done']}  dead {d['dead']}")
@@ -117,36 +143,80 @@ def status(c: Ctx, as_json: bool) -> None:
 
 
 @cli.command("dead-letters")
-@click.option("--json", "as_json", is_flag=True, help="JSON lines, one per dead letter.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of dead letters ([] when none).")
 @pass_ctx
 def dead_letters(c: Ctx, as_json: bool) -> None:
     """Dead deliveries (d<N>) and quarantined events (q<N>), with the reason."""
     rows = c.journal().reports.dead_letters()
     if as_json:
-        for row in rows:
-            click.echo(json.dumps(row, sort_keys=True))
+        _echo_json(rows)
         return
     if not rows:
         click.echo("no dead letters")
     for row in rows:
-        target = f"{row['crm']}:{row['object']}:{row['record_id']}" if row["crm"] else "(unrouted)"
         click.echo(f"{row['id']:>6}  {row['source']:<6} {row['kind'] or '-':<14} {row['channel'] or '-':<8} "
-                   f"{target}  {row['error']}")
+                   f"{_target(row)}  {row['error']}")
+
+
+def _target(row: dict[str, Any]) -> str:
+    return f"{row['crm']}:{row['object']}:{row['record_id']}" if row["crm"] else "(unrouted)"
 
 
 @cli.command()
 @click.argument("ids", nargs=-1)
 @click.option("--all-dead", is_flag=True, help="Re-queue every dead letter.")
+@click.option("--dry-run", is_flag=True, help="Show what would be re-queued; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array: one object per id.")
 @pass_ctx
-def replay(c: Ctx, ids: tuple[str, ...], all_dead: bool) -> None:
-    """Re-queue dead letters by id (d<N>, q<N>) or all of them."""
+def replay(c: Ctx, ids: tuple[str, ...], all_dead: bool, dry_run: bool, as_json: bool) -> None:
+    """Re-queue dead letters by id (d<N>, q<N>, r<N>) or all of them.
+
+    One line per id; exits 1 if any id is malformed, unknown or not dead."""
     if bool(ids) == all_dead:
         raise click.UsageError("give dead-letter ids or --all-dead (not both)")
-    try:
-        n = c.journal().replay(None if all_dead else list(ids))
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    click.echo(f"re-queued {n}")
+    journal = c.journal()
+    dead = {row["id"]: row for row in journal.reports.dead_letters()}
+    results = _replay_plan(dead, list(dead) if all_dead else list(ids), dry_run)
+    due = [r["id"] for r in results if r["result"] == "requeued"]
+    if due:
+        journal.replay(due)  # a row only changes while it is still dead
+    if as_json:
+        _echo_json(results)
+    else:
+        _print_replay(results)
+    sys.exit(1 if any(r["result"] in ("invalid", "not-dead") for r in results) else 0)
+
+
+def _replay_plan(dead: dict[str, dict[str, Any]], ids: list[str], dry_run: bool) -> list[dict[str, Any]]:
+    """What happens to each id: requeued / would-requeue, or invalid / not-dead with why."""
+    from syncd.journal.base import parse_letter_id
+
+    results: list[dict[str, Any]] = []
+    for raw in ids:
+        try:
+            kind, num = parse_letter_id(raw)
+        except ValueError as exc:
+            results.append({"id": raw, "result": "invalid", "detail": str(exc)})
+            continue
+        row = dead.get(f"{kind}{num}")
+        if row is None:
+            results.append({"id": f"{kind}{num}", "result": "not-dead",
+                            "detail": "no dead letter with this id (unknown, or not dead; see syncd dead-letters)"})
+            continue
+        results.append({"id": row["id"], "result": "would-requeue" if dry_run else "requeued",
+                        "target": _target(row), "detail": row["error"]})
+    return results
+
+
+def _print_replay(results: list[dict[str, Any]]) -> None:
+    verbs = {"requeued": "re-queued", "would-requeue": "would re-queue", "invalid": "not re-queued",
+             "not-dead": "not re-queued"}
+    if not results:
+        click.echo("no dead letters")
+    for r in results:
+        where = f"  {r['target']}" if r.get("target") else ""
+        detail = f"  ({r['detail']})" if r["detail"] else ""
+        click.echo(f"{r['id']}: {verbs[r['result']]}{where}{detail}")
 
 
 EXPORT_COLUMNS = ["event_id", "source", "source_event_id", "received_at", "occurred_at", "kind", "channel",
@@ -156,7 +226,8 @@ EXPORT_COLUMNS = ["event_id", "source", "source_event_id", "received_at", "occur
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "json"]), default="csv", show_default=True,
+              help="json: one array; jsonl: one object per line.")
 @click.option("--since", default=None, metavar="ISO", help="Only events received at or after this time.")
 @pass_ctx
 def export(c: Ctx, fmt: str, since: str | None) -> None:
@@ -175,10 +246,56 @@ def export(c: Ctx, fmt: str, since: str | None) -> None:
         for row in rows:
             out.write(json.dumps(row, sort_keys=True) + "\n")
         return
+    if fmt == "json":  # one document, streamed row by row
+        out.write("[")
+        for n, row in enumerate(rows):
+            out.write(("," if n else "") + "\n" + json.dumps(row, sort_keys=True))
+        out.write("\n]\n")
+        return
     writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
+
+
+@cli.command("send-test")
+@click.argument("source", type=click.Choice(["apten", "lox24", "sinch"]))
+@click.option("--phone", default=None, metavar="E164", help="Put this phone in the example.")
+@click.option("--record", default=None, metavar="ID", help="Put this CRM record id in the example (apten).")
+@click.option("--url", "base_url", default=None, metavar="URL",
+              help="Receiver base URL (default: http://receiver.host:receiver.port).")
+@click.option("--json", "as_json", is_flag=True, help='One JSON object: {"url", "status", "answer"}.')
+@pass_ctx
+def send_test(c: Ctx, source: str, phone: str | None, record: str | None, base_url: str | None,
+              as_json: bool) -> None:
+    """Post SOURCE's documented example, signed with the configured secret, to the running receiver."""
+    import requests
+
+    from syncd.check import connection_cause
+    from syncd.send_test import receiver_url, send
+
+    cfg = c.config()
+    try:
+        answer = send(cfg, source, phone, record, base_url)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except ConfigError as exc:
+        click.echo(f"syncd: config error: {exc}", err=True)
+        sys.exit(2)
+    except requests.RequestException:
+        url = base_url or receiver_url(cfg)
+        cause = connection_cause(requests.Session(), url) or "no answer"
+        click.echo(f"syncd: cannot reach the receiver at {url}: {cause} (is syncd serve running?)", err=True)
+        sys.exit(2)
+    try:
+        parsed: Any = json.loads(answer.body)
+    except ValueError:
+        parsed = answer.body
+    if as_json:
+        _echo_json({"url": answer.url, "status": answer.status, "answer": parsed})
+    else:
+        click.echo(f"POST {answer.url} -> {answer.status} {answer.body}")
+    sys.exit(0 if 200 <= answer.status < 300 else 1)
 
 
 @cli.command()
@@ -188,6 +305,11 @@ def demo(keep: bool) -> None:
     from syncd.demo import run_demo
 
     sys.exit(run_demo(keep=keep))
+
+
+for _command in list(cli.commands.values()):
+    if _command.name != "demo":
+        config_option(_command)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -6,16 +6,21 @@ so ``syncd`` can exit with a clear message instead of a traceback.
 """
 from __future__ import annotations
 
-import ipaddress
+import difflib
+import functools
+import logging
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+                      create_model, field_validator, model_validator)
+
+from connectors.plugin import CrmPlugin
+from connectors.registry import CRM_PLUGINS
+from connectors.settings import SECRET, CrmSettings, OutboundUrl
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -51,27 +56,10 @@ OwnSecret = Annotated[str, AfterValidator(_own_secret)]
 OptionalOwnSecret = Annotated[OwnSecret | None, BeforeValidator(_empty_is_none)]  # empty: the feature is off
 
 
-def _outbound_url(value: str) -> str:
-    """Outbound calls carry credentials: https only, except to this machine (the sandboxes)."""
-    parts = urlsplit(value)
-    host = parts.hostname or ""
-    if host and (parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(host))):
-        return value
-    where = f"{parts.scheme}://{host}" if parts.scheme else repr(value[:60])
-    raise ValueError(f"must be an https:// URL (http:// only for a loopback host such as 127.0.0.1); "
-                     f"got {where}")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-OutboundUrl = Annotated[str, AfterValidator(_outbound_url)]
+def one_of(words: Iterable[str], quote: str = "") -> str:
+    """``'a', 'b' or 'c'``: a list of choices as a message says it."""
+    items = [f"{quote}{w}{quote}" for w in words]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
 
 
 class ConfigError(Exception):
@@ -99,7 +87,19 @@ class ReceiverConfig(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1024 * 1024)
     max_stored_body_bytes: int = Field(65_536, ge=0, le=64 * 1024 * 1024)  # beyond it, the body's hash
     threads: int = Field(8, ge=1, le=256)
+    # waitress's own defaults (100 connections, 120 s idle) let ~100 stalled clients lock
+    # everyone else out; these are passed to waitress as connection_limit / channel_timeout.
+    connection_limit: int = Field(1000, ge=10, le=100_000)
+    channel_timeout_seconds: int = Field(15, ge=1, le=3600)
+    status_token: OptionalOwnSecret = None  # deprecated: admin.status_token (moved with the page)
+
+
+class AdminConfig(_Strict):
+    """The private listener: /metrics, /readyz, /status (and /healthz)."""
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
     status_token: OptionalOwnSecret = None
+    min_free_disk_mb: int = Field(512, ge=0)  # /readyz fails below this; 0 turns the check off
 
 
 class HttpConfig(_Strict):
@@ -133,6 +133,7 @@ class AptenSource(_Strict):
 
 class Lox24Source(_Strict):
     token: OwnSecret
+    allow_query_token: bool = False  # ?token= ends up in proxy logs and histories: weaker
 
 
 class SinchSource(_Strict):
@@ -146,68 +147,27 @@ class SourcesConfig(_Strict):
     sinch: SinchSource | None = None
 
 
-class SalesforceAuth(_Strict):
-    flow: Literal["client_credentials", "jwt", "password", "access_token"]
-    login_url: OutboundUrl | None = None
-    client_id: str | None = None
-    client_secret: str | None = None
-    username: str | None = None
-    password: str | None = None
-    private_key_file: str | None = None
-    audience: str | None = None  # jwt aud; default: login.salesforce.com / test.salesforce.com
-    access_token: str | None = None
-
-    @model_validator(mode="after")
-    def _needs(self) -> "SalesforceAuth":
-        needs = {
-            "client_credentials": ("login_url", "client_id", "client_secret"),
-            "jwt": ("login_url", "client_id", "username", "private_key_file"),
-            "password": ("login_url", "client_id", "client_secret", "username", "password"),
-            "access_token": ("access_token",),
-        }[self.flow]
-        missing = [k for k in needs if not getattr(self, k)]
-        if missing:
-            raise ValueError(f"flow {self.flow} needs {', '.join(missing)}")
-        return self
-
-
-class SalesforceConfig(_Strict):
-    instance_url: OutboundUrl
-    api_version: str = "62.0"
-    auth: SalesforceAuth
-    mapping: str = "mappings/salesforce.yaml"
-    # Share of the org's daily API quota syncd may use (other integrations need the rest);
-    # at it, pushes pause and /limits is checked every limits_probe_seconds until quota is back.
-    api_budget_percent: float = Field(90.0, gt=0, le=100)
-    limits_probe_seconds: float = Field(300.0, gt=0, le=3600)
-
-    @field_validator("api_version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not re.fullmatch(r"\d{2,3}\.0", v):
-            raise ValueError("must look like \"62.0\"")
-        return v
-
-
-class HubSpotConfig(_Strict):
-    base_url: OutboundUrl = "https://api.hubapi.com"
-    access_token: str
-    mapping: str = "mappings/hubspot.yaml"
-
-
-class CloseConfig(_Strict):
-    base_url: OutboundUrl = "https://api.close.com/api/v1"
-    api_key: str
-    mapping: str = "mappings/close.yaml"
-
-
-class CrmConfig(_Strict):
-    salesforce: SalesforceConfig | None = None
-    hubspot: HubSpotConfig | None = None
-    close: CloseConfig | None = None
+class CrmBlocks(_Strict):
+    """``crm:``: one optional block per CRM plugin (``connectors.registry``), each
+    validated by that plugin's settings model."""
 
     def enabled(self) -> list[str]:
-        return [name for name in ("salesforce", "hubspot", "close") if getattr(self, name) is not None]
+        return [name for name in type(self).model_fields if getattr(self, name) is not None]
+
+    def blocks(self) -> dict[str, CrmSettings]:
+        """The enabled CRMs' settings, in registry order."""
+        return {name: getattr(self, name) for name in self.enabled()}
+
+
+def crm_config_model(plugins: Iterable[CrmPlugin]) -> type[CrmBlocks]:
+    fields: dict[str, Any] = {p.name: (p.settings | None, None) for p in plugins}
+    return create_model("CrmConfig", __base__=CrmBlocks, **fields)
+
+
+if TYPE_CHECKING:
+    CrmConfig = CrmBlocks
+else:
+    CrmConfig = crm_config_model(CRM_PLUGINS.values())
 
 
 class SinchConfig(_Strict):
@@ -221,6 +181,7 @@ class SinchConfig(_Strict):
     reflect_opt_in: bool = False
     reflect_backfill: bool = False       # first poll reads every flag already set
     notification_timeout_seconds: float = Field(600.0, gt=0)
+
 
     @field_validator("channels")
     @classmethod
@@ -246,8 +207,15 @@ class RetryConfig(_Strict):
 
 class RoutingRule(_Strict):
     pattern: str
-    crm: Literal["salesforce", "hubspot", "close"]
+    crm: str
     object: str | None = None
+
+    @field_validator("crm")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in CRM_PLUGINS:
+            raise ValueError(f"Input should be {one_of(CRM_PLUGINS, quote=chr(39))}")
+        return v
 
     @field_validator("pattern")
     @classmethod
@@ -263,6 +231,12 @@ class RoutingConfig(_Strict):
     rules: list[RoutingRule] = []
 
 
+class AlertsConfig(_Strict):
+    webhook_url: OutboundUrl | None = None  # Slack-compatible incoming webhook; None: no alerts
+    cooldown_seconds: float = Field(3600.0, ge=0, le=7 * 86400)  # one message per cause per this long
+
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -271,18 +245,31 @@ class LoggingConfig(_Strict):
 class Config(_Strict):
     journal: JournalConfig = JournalConfig()
     receiver: ReceiverConfig = ReceiverConfig()
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     http: HttpConfig = HttpConfig()
     phone: PhoneConfig = PhoneConfig()
     sources: SourcesConfig = SourcesConfig()
-    crm: CrmConfig = CrmConfig()
+    crm: CrmConfig = Field(default_factory=CrmConfig)
     sinch: SinchConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()
     retry: RetryConfig = RetryConfig()
     routing: RoutingConfig = RoutingConfig()
     logging: LoggingConfig = LoggingConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     # Where the file lives: relative mapping and journal paths resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _admin(self) -> "Config":
+        """``receiver.status_token`` still works (the page moved to the admin listener)."""
+        if self.receiver.status_token and not self.admin.status_token:
+            logging.getLogger("syncd.config").warning(
+                "receiver.status_token is deprecated: set admin.status_token instead")
+            self.admin.status_token = self.receiver.status_token
+        if self.admin.port and (self.admin.host, self.admin.port) == (self.receiver.host, self.receiver.port):
+            raise ValueError("admin.port: must differ from receiver.port (the admin listener is a second port)")
+        return self
 
     def resolve(self, path: str) -> Path:
         p = Path(path)
@@ -292,22 +279,25 @@ class Config(_Strict):
         """Every configured secret value, for log masking."""
         found: list[str] = []
 
-        def walk(obj: Any, key: str = "") -> None:
+        def walk(obj: Any, key: str = "", marked: bool = False) -> None:
             if isinstance(obj, BaseModel):
-                for name in type(obj).model_fields:
-                    walk(getattr(obj, name), name)
-            elif isinstance(obj, str) and any(w in key for w in ("secret", "token", "password", "api_key")):
+                for name, info in type(obj).model_fields.items():
+                    walk(getattr(obj, name), name, SECRET in info.metadata)
+            elif isinstance(obj, str) and (marked or any(w in key for w in ("secret", "token", "password",
+                                                                              "api_key"))):
                 found.append(obj)
 
         walk(self)
         return [s for s in found if s]
 
 
-def interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
+def interpolate(value: Any, path: str, env: dict[str, str], missing: list[tuple[str, str]] | None = None) -> Any:
+    """Substitute ``${VAR}`` references. With ``missing``, unset variables are collected
+    there as ``(key path, name)`` (and left empty) instead of raising at the first."""
     if isinstance(value, dict):
-        return {k: interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+        return {k: interpolate(v, f"{path}.{k}" if path else str(k), env, missing) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+        return [interpolate(v, f"{path}[{i}]", env, missing) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -317,32 +307,83 @@ def interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(f"{path}: environment variable {name} is not set")
+        if missing is None:
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+        missing.append((path, name))
+        return ""
 
     return _ENV_REF.sub(sub, value)
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config model that holds the key at ``loc`` (for "did you mean")."""
+    import typing
+
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int) or str(part).startswith("function-"):
+            continue
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [a for c in candidates for a in typing.get_args(c)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
 
 
 def _format_error(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        model = _model_at(tuple(err["loc"]))
+        msg = "unknown key" + (_did_you_mean(str(err["loc"][-1]), model.model_fields) if model else "")
     elif err["type"] == "missing":
         msg = "required key is missing"
     msg = msg.removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 
 
+@functools.lru_cache(maxsize=8)
+def _config_model(plugins: tuple[CrmPlugin, ...]) -> type[Config]:
+    """``Config``, or, for a plugin registered after start-up, a subclass whose
+    ``crm:`` block has that plugin's key too."""
+    if tuple(p.name for p in plugins) == tuple(CrmConfig.model_fields):
+        return Config
+    crm = crm_config_model(plugins)
+    return create_model("Config", __base__=Config, crm=(crm, Field(default_factory=crm)))
+
+
 def parse_config(data: Any, base_dir: Path | str = ".", env: dict[str, str] | None = None) -> Config:
+    """Validate; every problem (unset variables and invalid or unknown keys alike) is
+    reported in one :class:`ConfigError`, one line each."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping of keys")
-    data = interpolate(data, "", dict(os.environ) if env is None else env)
+    env = dict(os.environ) if env is None else env
+    missing: list[tuple[str, str]] = []
+    data = interpolate(data, "", env, missing)
+    problems = [f"{path}: environment variable {name} is not set{_did_you_mean(name, env)}"
+                for path, name in missing]
+    unset = {path for path, _ in missing}
+    cfg = None
     try:
-        cfg = Config.model_validate(data)
+        cfg = _config_model(tuple(CRM_PLUGINS.values())).model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_format_error(e) for e in exc.errors())) from None
+        for e in exc.errors():
+            line = _format_error(e)
+            if line.split(": ", 1)[0] not in unset:  # already reported as an unset variable
+                problems.append(line)
+    if problems or cfg is None:
+        raise ConfigError("\n".join(problems))
     cfg.base_dir = Path(base_dir)
     return cfg
 

@@ -11,6 +11,7 @@ signed notifications reconciling them.
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import click
@@ -104,9 +105,32 @@ def _landed(stack: Stack) -> bool:
                 and cl.custom_value("lead_abc123", "Call Opt Out") not in (None, "", False))
 
 
+def _stop(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the ``finally`` below stops ``serve`` and
+    removes the demo's folders instead of leaving them behind."""
+    raise SystemExit(128 + signum)
+
+
 def run_demo(keep: bool = False) -> int:
+    previous = signal.signal(signal.SIGTERM, _stop)
+    stack = Stack(crms=ALL_CRMS, push_interval=0.5, sinch=True, poll_interval=0.5)
+    daemon = None
+    try:
+        stack.start()
+        daemon = stack.serve()
+        return _run(stack, daemon, keep)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        if daemon is not None:
+            daemon.terminate()
+        stack.cleanup()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(stack: Stack, daemon, keep: bool) -> int:
     echo = click.echo
-    stack = Stack(crms=ALL_CRMS, push_interval=0.5, sinch=True, poll_interval=0.5).start()
     sf = stack.sandboxes["salesforce"]
     echo("syncd demo")
     echo(f"  sandbox Salesforce  {sf.url}  (HTTPS, throwaway CA {sf.tls.ca_bundle})")
@@ -114,51 +138,47 @@ def run_demo(keep: bool = False) -> int:
     echo(f"  sandbox Close       {stack.sandboxes['close'].url}/api/v1")
     echo(f"  sandbox Sinch       {stack.sandboxes['sinch'].url}")
     echo(f"  config              {stack.config_path}")
-    daemon = stack.serve()
-    try:
-        echo(f"  syncd serve         {stack.url}  pid {daemon.proc.pid}  log {daemon.log_path}")
-        echo("")
-        echo("before:")
-        for line in _records(stack):
-            echo(f"  {line}")
-        echo("")
-        sends = (("apten", "Apten optOut example, sms", APTEN_SMS),
-                 ("apten", "Apten optOut example, email", APTEN_EMAIL),
-                 ("apten", "the sms example again (a retry)", APTEN_SMS),
-                 ("lox24", "LOX24 phone.unsubscribe example", LOX24_EXAMPLE),
-                 ("apten", "Apten optOut, HubSpot id 51, sms", _apten("51", "sms")),
-                 ("apten", "Apten optOut, Close lead_abc123, call", _apten("lead_abc123", "call")))
-        for source, label, body in sends:
-            resp = stack.post_apten(body) if source == "apten" else stack.post_lox24(body)
-            echo(f"POST /webhooks/{source:<6} {label:<40} -> {resp.status_code} {resp.text.strip()}")
-        started = time.time()
-        landed = wait_for(lambda: _landed(stack), timeout=30)
-        echo("")
-        echo(f"after ({time.time() - started:.1f} s):")
-        for line in _records(stack):
-            echo(f"  {line}")
-        calls = len(sf.requests_to(r"/composite/sobjects$", "PATCH"))
-        echo(f"  Salesforce composite update calls: {calls}")
-        echo("")
-        sinch = stack.sandboxes["sinch"]
-        sf.advance(10)  # the org's clock moves past the poller's settle window
-        reflected = wait_for(lambda: json.loads(stack.syncd("status", "--json").stdout)["reflections"]["done"] >= 2,
-                             timeout=30)
-        echo("CRM flags reflected to Sinch (optouts:register, confirmed by signed OPT_OUT notifications):")
-        for reg in sinch.registrations:
-            who = ", ".join(f"{i['channel']} +{i['identity'][:2]}***{i['identity'][-3:]}" for i in reg["identities"])
-            echo(f"  {reg['kind']:<8} {who}  request_id {reg['request_id']}")
-        status = stack.syncd("status", "--json")
-        echo("")
-        echo("syncd status --json")
-        echo("  " + json.dumps(json.loads(status.stdout)))
-        if keep:
-            echo(f"\nserving on {stack.url} (Ctrl-C to stop)")
-            try:
-                daemon.proc.wait()
-            except KeyboardInterrupt:
-                pass
-        return 0 if landed and reflected else 1
-    finally:
-        daemon.terminate()
-        stack.cleanup()
+    echo(f"  syncd serve         {stack.url}  pid {daemon.proc.pid}  log {daemon.log_path}")
+    echo(f"  admin listener      {stack.admin_url}  (/metrics, /readyz, /status)")
+    echo("")
+    echo("before:")
+    for line in _records(stack):
+        echo(f"  {line}")
+    echo("")
+    sends = (("apten", "Apten optOut example, sms", APTEN_SMS),
+             ("apten", "Apten optOut example, email", APTEN_EMAIL),
+             ("apten", "the sms example again (a retry)", APTEN_SMS),
+             ("lox24", "LOX24 phone.unsubscribe example", LOX24_EXAMPLE),
+             ("apten", "Apten optOut, HubSpot id 51, sms", _apten("51", "sms")),
+             ("apten", "Apten optOut, Close lead_abc123, call", _apten("lead_abc123", "call")))
+    for source, label, body in sends:
+        resp = stack.post_apten(body) if source == "apten" else stack.post_lox24(body)
+        echo(f"POST /webhooks/{source:<6} {label:<40} -> {resp.status_code} {resp.text.strip()}")
+    started = time.time()
+    landed = wait_for(lambda: _landed(stack), timeout=30)
+    echo("")
+    echo(f"after ({time.time() - started:.1f} s):")
+    for line in _records(stack):
+        echo(f"  {line}")
+    calls = len(sf.requests_to(r"/composite/sobjects$", "PATCH"))
+    echo(f"  Salesforce composite update calls: {calls}")
+    echo("")
+    sinch = stack.sandboxes["sinch"]
+    sf.advance(10)  # the org's clock moves past the poller's settle window
+    reflected = wait_for(lambda: json.loads(stack.syncd("status", "--json").stdout)["reflections"]["done"] >= 2,
+                         timeout=30)
+    echo("CRM flags reflected to Sinch (optouts:register, confirmed by signed OPT_OUT notifications):")
+    for reg in sinch.registrations:
+        who = ", ".join(f"{i['channel']} +{i['identity'][:2]}***{i['identity'][-3:]}" for i in reg["identities"])
+        echo(f"  {reg['kind']:<8} {who}  request_id {reg['request_id']}")
+    status = stack.syncd("status", "--json")
+    echo("")
+    echo("syncd status --json")
+    echo("  " + json.dumps(json.loads(status.stdout)))
+    if keep:
+        echo(f"\nserving webhooks on {stack.url}, admin on {stack.admin_url} (Ctrl-C to stop)")
+        try:
+            daemon.proc.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0 if landed and reflected else 1

@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from connectors.registry import CRM_PLUGINS
 from syncd.masking import mask_text
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -158,7 +159,8 @@ def setup_logging(level: str = "INFO", fmt: str = "json", stream=None) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     # Libraries log full URLs and payloads at DEBUG; keep them quiet unless asked.
-    for noisy in ("urllib3", "waitress", "apscheduler", "werkzeug", "simple_salesforce", "hubspot"):
+    clients = [name for plugin in CRM_PLUGINS.values() for name in plugin.client_loggers]
+    for noisy in ("urllib3", "waitress", "apscheduler", "werkzeug", *clients):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
     # waitress warns on every request queued behind busy threads: normal under a burst.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)

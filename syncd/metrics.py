@@ -2,7 +2,9 @@
 only source names, outcomes, CRM names, states and HTTP status classes."""
 from __future__ import annotations
 
-from typing import Callable
+import threading
+import time
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -41,10 +43,11 @@ class Metrics:
             ["job", "result"], registry=self.registry)
         self._journal_counts: Callable[[], dict] | None = None
 
-    def watch_journal(self, counts: Callable[[], dict]) -> None:
-        """Journal gauges are read at scrape time, so every replica reports the truth."""
+    def watch_journal(self, counts: Callable[[], dict], max_age_seconds: float = 5.0) -> None:
+        """Journal gauges are read from the journal, so every replica reports the truth;
+        at most once per ``max_age_seconds`` (the counts scan whole tables)."""
         if self._journal_counts is None:
-            self.registry.register(_JournalCollector(counts))
+            self.registry.register(_JournalCollector(CachedRead(counts, max_age_seconds)))
         self._journal_counts = counts
 
     @staticmethod
@@ -57,6 +60,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CachedRead:
+    """A journal read remembered for ``max_age`` seconds; concurrent callers share one read."""
+
+    def __init__(self, read: Callable[[], Any], max_age: float):
+        self._read = read
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._value: Any = None
+        self._read_at = 0.0
+
+    def __call__(self) -> Any:
+        with self._lock:
+            if self._value is None or time.monotonic() - self._read_at >= self.max_age:
+                self._value = self._read()
+                self._read_at = time.monotonic()
+            return self._value
 
 
 class _JournalCollector:

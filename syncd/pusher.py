@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from connectors.base import CrmConnector
 from connectors.errors import ConnectorError
 from connectors.types import RecordRef
+from syncd.alerts import Alerts
 from syncd.backoff import RetryPolicy
+from syncd.crm_health import CrmHealthBook
 from syncd.journal.base import Deliveries, Delivery, Operations, Outcome
 from syncd.mapping import Mapping, RecordPlan, plan_record
+from syncd.masking import mask_text
 from syncd.metrics import Metrics
 from syncd.pauses import CrmPauses, error_text
 
@@ -39,7 +42,8 @@ class TickStats:
 class Pusher:
     def __init__(self, deliveries: Deliveries, ops: Operations, connectors: dict[str, CrmConnector],
                  mappings: dict[str, Mapping], pauses: CrmPauses, policy: RetryPolicy, *,
-                 batch_size: int = 1000, lease_seconds: float = 120.0, metrics: Metrics | None = None):
+                 batch_size: int = 1000, lease_seconds: float = 120.0, metrics: Metrics | None = None,
+                 health: CrmHealthBook | None = None, alerts: Alerts | None = None):
         self.deliveries = deliveries
         self.ops = ops
         self.connectors = connectors
@@ -49,6 +53,8 @@ class Pusher:
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.metrics = metrics
+        self.health = health or CrmHealthBook(ops, connectors)
+        self.alerts = alerts  # alerts.webhook_url: dead letters are posted there
         self.stopping = threading.Event()  # set on SIGTERM: finish the batch in hand, take no more
 
     # --- one scheduler tick ----------------------------------------------------------
@@ -97,6 +103,20 @@ class Pusher:
                 "delivery_id": o.delivery_id, "state": state, "note": o.note,
                 "crm": o.ref.crm if o.ref else None,
                 "record": f"{o.ref.obj}:{o.ref.record_id}" if o.ref else None, "error": o.error})
+            if o.state == "dead":
+                self._dead_lettered(o)
+
+    def _dead_lettered(self, o: Outcome) -> None:
+        """An operator must act on a dead letter: a warning carrying the CRM's own text
+        (masked), and the alert hook."""
+        crm = o.ref.crm if o.ref else None
+        log.warning("delivery dead-lettered", extra={
+            "delivery_id": o.delivery_id, "dead_letter": f"d{o.delivery_id}", "crm": crm,
+            "record": f"{o.ref.obj}:{o.ref.record_id}" if o.ref else None, "reason": o.note,
+            "error": mask_text(o.error or "")})
+        if self.alerts is not None:
+            self.alerts.dead_letter(f"d{o.delivery_id}", crm, o.ref.obj if o.ref else None,
+                                    o.ref.record_id if o.ref else None, o.error or "")
 
     def _push_crm(self, crm: str, deliveries: list[Delivery]) -> list[Outcome]:
         connector, mapping = self.connectors.get(crm), self.mappings.get(crm)
@@ -158,5 +178,6 @@ class Pusher:
         return Outcome(d.id, "dead", error=stop.prefix + text, ref=d.ref, note=note)
 
     def _count(self, crm: str, exc: ConnectorError | None) -> None:
+        self.health.observe(crm, exc)
         if self.metrics:
             self.metrics.crm_requests.labels(crm, Metrics.call_status(exc)).inc()

@@ -1,13 +1,15 @@
-"""The webhook receiver (Flask app factory).
+"""The webhook receiver (Flask app factory): the public port.
 
 It verifies, parses, records and answers; it does no CRM I/O. A 2xx means the
 event is committed to the journal. Bad input always gets a 4xx JSON answer.
+Metrics, readiness and the status page live on the admin listener
+(:mod:`syncd.admin`); here those paths are a JSON 404 like any unknown path.
 """
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -18,7 +20,6 @@ from syncd.masking import mask_text
 from syncd.metrics import Metrics
 from syncd.routing import Router
 from syncd.sources import BadPayload, Ignored, Source, Unauthorized
-from syncd.status_page import register_status_page
 
 log = logging.getLogger("syncd.receiver")
 
@@ -36,15 +37,11 @@ def _error(status: int, message: str, **extra: Any) -> Response:
 
 
 def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
-               max_body_bytes: int = 1_048_576, metrics: Metrics | None = None,
-               scheduler_alive: Callable[[], bool] | None = None,
-               extra_ready: Callable[[], str | None] | None = None,
-               status_token: str | None = None) -> Flask:
+               max_body_bytes: int = 1_048_576, metrics: Metrics | None = None) -> Flask:
     app = Flask("syncd")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     metrics = metrics or Metrics()
-    metrics.watch_journal(journal.reports.counts)
 
     counters: dict[tuple[str, str], Any] = {}
 
@@ -141,26 +138,4 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
     def healthz():
         return jsonify({"status": "ok"})
 
-    @app.get("/readyz")
-    def readyz():
-        problems = []
-        try:
-            journal.ops.healthcheck()
-        except Exception as exc:
-            problems.append(f"journal not writable: {mask_text(type(exc).__name__)}")
-        if scheduler_alive is not None and not scheduler_alive():
-            problems.append("scheduler not running")
-        if extra_ready is not None:
-            extra = extra_ready()
-            if extra:
-                problems.append(extra)
-        if problems:
-            return jsonify({"status": "not ready", "problems": problems}), 503
-        return jsonify({"status": "ready"})
-
-    @app.get("/metrics")
-    def metrics_view():
-        return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
-
-    register_status_page(app, journal.reports, status_token)
     return app

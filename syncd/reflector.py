@@ -15,10 +15,11 @@ import json
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 from connectors.base import CrmConnector
 from connectors.errors import ConnectorError
+from connectors.registry import CRM_PLUGINS
 from connectors.types import Page, Watermark
 from syncd.backoff import RetryPolicy
 from syncd.config import Config
@@ -32,13 +33,9 @@ from syncd.phones import to_e164
 log = logging.getLogger("syncd.reflector")
 
 _TRUE = {"true", "yes", "y", "1", "on", "checked"}
-# Where a first poll starts, in each CRM's own watermark format: "now", so the first
-# run costs nothing (set sinch.reflect_backfill to read every flag already set).
-_START: dict[str, Callable[[datetime], str]] = {
-    "salesforce": lambda t: t.strftime("%Y-%m-%dT%H:%M:%S.000+0000"),
-    "hubspot": lambda t: str(int(t.timestamp() * 1000)),
-    "close": lambda t: t.isoformat(timespec="seconds"),
-}
+# A first poll starts a little before "now" (in the CRM's own watermark format, from
+# its plugin), so the first run costs nothing (set sinch.reflect_backfill to read
+# every flag already set).
 START_OVERLAP_SECONDS = 120.0
 # OPT_OUT_STATUS_UNSPECIFIED / OPT_IN_STATUS_UNSPECIFIED: "the underlying channel doesn't
 # support" it (Sinch, Conversation API opt-in & opt-out page).
@@ -123,7 +120,8 @@ class Reflector:
         ts, last_id = self.ops.get_watermark(name)
         if ts is None and not self.backfill:
             start = datetime.fromtimestamp(time.time() - START_OVERLAP_SECONDS, timezone.utc)
-            self.reflections.add([], self.channels, (name, _START[crm](start), None))
+            first = CRM_PLUGINS[crm].initial_watermark(start)
+            self.reflections.add([], self.channels, (name, first, None))
             return 0
         mark, total = Watermark(ts, last_id), 0
         for _ in range(self.max_pages):

@@ -18,6 +18,7 @@ from connectors.base import CrmConnector
 from connectors.errors import ConnectorError
 from connectors.types import RecordRef
 from syncd.backoff import RetryPolicy
+from syncd.crm_health import CrmHealthBook
 from syncd.journal.base import Deliveries, Events, Operations, StoredEvent
 from syncd.masking import mask_phone, mask_text
 from syncd.metrics import Metrics
@@ -40,7 +41,7 @@ class EventRouter:
     def __init__(self, events: Events, deliveries: Deliveries, ops: Operations, rules: Router,
                  connectors: dict[str, CrmConnector], pauses: CrmPauses, policy: RetryPolicy,
                  reconcile: Reconcile, *, batch_size: int = 1000, lease_seconds: float = 120.0,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, health: CrmHealthBook | None = None):
         self.events = events
         self.deliveries = deliveries
         self.ops = ops
@@ -52,6 +53,7 @@ class EventRouter:
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.metrics = metrics
+        self.health = health or CrmHealthBook(ops, connectors)  # lookups count toward a CRM's health
         self.stopping = threading.Event()  # set on SIGTERM: finish the batch in hand, take no more
 
     def tick(self, max_rounds: int = 20) -> RouteStats:
@@ -140,5 +142,6 @@ class EventRouter:
                                                 "reason": reason})
 
     def _count_lookup(self, crm: str, exc: ConnectorError | None) -> None:
+        self.health.observe(crm, exc)
         if self.metrics:
             self.metrics.crm_lookups.labels(crm, Metrics.call_status(exc)).inc()

@@ -1,7 +1,7 @@
 """Which CRM record(s) an event targets.
 
 An ``externalLeadId`` is matched against the rules (``routing.rules`` from config
-first, then the built-ins; first match wins). Only ids that match a pattern are
+first, then each CRM plugin's own; first match wins). Only ids that match a pattern are
 ever used, so an id never reaches a URL unvalidated. Events with no routable id
 are resolved by phone in the scheduled loop (never in the request).
 """
@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from connectors.salesforce import SF_ID, object_for_id, to_18
+from typing import Iterable
+
+from connectors.plugin import CrmPlugin
+from connectors.registry import CRM_PLUGINS
 from connectors.types import RecordRef
 from syncd.config import Config
 
@@ -17,28 +20,23 @@ from syncd.config import Config
 @dataclass(frozen=True)
 class Rule:
     pattern: re.Pattern[str]
-    crm: str
-    obj: str | None      # None: derived from the id (Salesforce key prefix)
+    plugin: CrmPlugin
+    obj: str | None      # None: derived from the id by the plugin (Salesforce's key prefix)
+
+    @property
+    def crm(self) -> str:
+        return self.plugin.name
 
     def resolve(self, ext_id: str) -> RecordRef | None:
-        if not self.pattern.fullmatch(ext_id):
-            return None
-        if self.crm == "salesforce":
-            if not SF_ID.fullmatch(ext_id):   # a custom rule may be looser than Salesforce
-                return None
-            obj = self.obj or object_for_id(ext_id)
-            return RecordRef("salesforce", obj, to_18(ext_id)) if obj else None
-        if self.obj is None:
-            return None
-        return RecordRef(self.crm, self.obj, ext_id)
+        return self.plugin.resolve(ext_id, self.obj, self.pattern)
 
 
-BUILTIN_RULES: tuple[tuple[str, str, str | None], ...] = (
-    (r"^[0-9]+$", "hubspot", "contact"),       # all digits: HubSpot's, never Salesforce's
-    (r"^lead_[A-Za-z0-9]+$", "close", "lead"),
-    (r"^cont_[A-Za-z0-9]+$", "close", "contact"),
-    (SF_ID.pattern, "salesforce", None),
-)
+def builtin_rules(plugins: Iterable[CrmPlugin]) -> list[Rule]:
+    """Every plugin's own id rules: narrow patterns first, broad ones after, each
+    group in registry order."""
+    rules = [(r.broad, Rule(re.compile(r.pattern), p, r.obj)) for p in plugins for r in p.id_rules]
+    return [rule for _, rule in sorted(rules, key=lambda pair: pair[0])]
+
 
 MAX_ID_LEN = 128
 
@@ -50,8 +48,8 @@ class Router:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Router":
-        rules = [Rule(re.compile(r.pattern), r.crm, r.object) for r in cfg.routing.rules]
-        rules += [Rule(re.compile(p), crm, obj) for p, crm, obj in BUILTIN_RULES]
+        rules = [Rule(re.compile(r.pattern), CRM_PLUGINS[r.crm], r.object) for r in cfg.routing.rules]
+        rules += builtin_rules(CRM_PLUGINS.values())
         return cls(rules, cfg.crm.enabled())
 
     def route_id(self, ext_id: str | None) -> RecordRef | None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from connectors.base import CrmConnector
-from syncd.config import Config
+from connectors.plugin import BuildContext
+from connectors.registry import CRM_PLUGINS
+from syncd.alerts import Alerts
+from syncd.backoff import RetryPolicy
+from syncd.config import Config, ConfigError
+from syncd.crm_health import CrmHealthBook
 from syncd.journal import Journal, open_journal
 from syncd.mapping import Mapping, load_mapping
 from syncd.masking import register_secrets
-from syncd.backoff import RetryPolicy
 from syncd.metrics import Metrics
 from syncd.pauses import CrmPauses, QuotaPolicy
 from syncd.pusher import Pusher, TickStats
@@ -19,40 +23,37 @@ from syncd.sources import Source, build_sources
 
 
 def load_mappings(cfg: Config) -> dict[str, Mapping]:
-    return {name: load_mapping(cfg.resolve(getattr(cfg.crm, name).mapping)) for name in cfg.crm.enabled()}
+    found: dict[str, Mapping] = {}
+    for name, block in cfg.crm.blocks().items():
+        path = cfg.resolve(block.mapping)
+        if not path.is_file():  # name the config key that points at it
+            raise ConfigError(f"crm.{name}.mapping: mapping file not found: {path}")
+        found[name] = load_mapping(path)
+    return found
+
+
+def build_context(cfg: Config, mapping: Mapping | None) -> BuildContext:
+    """What every CRM plugin's builder gets besides its own ``crm.<name>`` block."""
+    unsub = mapping.email_unsubscribe if mapping is not None else None
+    return BuildContext(ca_bundle=cfg.http.ca_bundle, timeout=cfg.http.timeout_seconds,
+                        default_region=cfg.phone.default_region, resolve=lambda path: str(cfg.resolve(path)),
+                        email_unsubscribe=unsub.model_dump() if unsub is not None else None)
 
 
 def build_connectors(cfg: Config, mappings: dict[str, Mapping]) -> dict[str, CrmConnector]:
     """One connector per enabled CRM. Constructors do no network I/O."""
-    found: dict[str, CrmConnector] = {}
-    ca, timeout = cfg.http.ca_bundle, cfg.http.timeout_seconds
-    if cfg.crm.salesforce:
-        from connectors.salesforce import SalesforceConnector
+    return {name: CRM_PLUGINS[name].build(block, build_context(cfg, mappings.get(name)))
+            for name, block in cfg.crm.blocks().items()}
 
-        sf = cfg.crm.salesforce
-        auth = sf.auth.model_dump()
-        if sf.auth.private_key_file:
-            auth["private_key_file"] = str(cfg.resolve(sf.auth.private_key_file))
-        found["salesforce"] = SalesforceConnector(instance_url=sf.instance_url, api_version=sf.api_version,
-                                                  auth=auth, ca_bundle=ca, timeout=timeout,
-                                                  default_region=cfg.phone.default_region)
-    if cfg.crm.hubspot:
-        from connectors.hubspot import HubSpotConnector
 
-        hs = cfg.crm.hubspot
-        unsub = mappings["hubspot"].email_unsubscribe if "hubspot" in mappings else None
-        kwargs = {}
-        if unsub is not None:
-            kwargs = {"email_subscription_id": unsub.subscription_id, "legal_basis": unsub.legal_basis,
-                      "legal_basis_explanation": unsub.legal_basis_explanation}
-        # HubSpot's search index trails writes by seconds: poll a little behind.
-        found["hubspot"] = HubSpotConnector(base_url=hs.base_url, access_token=hs.access_token,
-                                            ca_bundle=ca, timeout=timeout, poll_lag_seconds=30.0, **kwargs)
-    if cfg.crm.close:
-        from connectors.close import CloseConnector
-
-        cl = cfg.crm.close
-        found["close"] = CloseConnector(base_url=cl.base_url, api_key=cl.api_key, ca_bundle=ca, timeout=timeout)
+def quota_policies(cfg: Config) -> dict[str, QuotaPolicy]:
+    """API budgets of the enabled CRMs whose plugin has a daily quota."""
+    found = {}
+    for name, block in cfg.crm.blocks().items():
+        quota = CRM_PLUGINS[name].quota
+        if quota is not None:
+            limits = quota(block)
+            found[name] = QuotaPolicy(budget_percent=limits.budget_percent, probe_seconds=limits.probe_seconds)
     return found
 
 
@@ -78,8 +79,10 @@ class Runtime:
     routing: EventRouter
     pusher: Pusher
     pauses: CrmPauses
+    health: CrmHealthBook       # each CRM's calls, for the status page
     metrics: Metrics = field(default_factory=Metrics)
     reflector: Reflector | None = None
+    alerts: Alerts | None = None  # alerts.webhook_url; the compliance check calls alerts.opt_out_at_risk
 
     def tick(self) -> TickStats:
         """The scheduled work, in order: route new events, then push due deliveries."""
@@ -102,22 +105,24 @@ def open_runtime(cfg: Config) -> Runtime:
                            max_stored_body_bytes=cfg.receiver.max_stored_body_bytes)
     router = Router.from_config(cfg)
     metrics = Metrics()
-    quotas = {}
-    if cfg.crm.salesforce:
-        quotas["salesforce"] = QuotaPolicy(budget_percent=cfg.crm.salesforce.api_budget_percent,
-                                           probe_seconds=cfg.crm.salesforce.limits_probe_seconds)
     policy = RetryPolicy(cfg.retry)
-    pauses = CrmPauses(journal.ops, connectors, quotas)
+    pauses = CrmPauses(journal.ops, connectors, quota_policies(cfg))
+    alerts = None
+    if cfg.alerts.webhook_url:
+        alerts = Alerts(cfg.alerts.webhook_url, cooldown_seconds=cfg.alerts.cooldown_seconds,
+                        timeout=min(cfg.http.timeout_seconds, 10.0), ca_bundle=cfg.http.ca_bundle)
+    health = CrmHealthBook(journal.ops, connectors, alerts)
     batch, lease = cfg.schedule.batch_size, cfg.schedule.lease_seconds
     pusher = Pusher(journal.deliveries, journal.ops, connectors, mappings, pauses, policy, batch_size=batch,
-                    lease_seconds=lease, metrics=metrics)
+                    lease_seconds=lease, metrics=metrics, health=health, alerts=alerts)
     notifications = SinchNotifications(journal.reflections, journal.events, policy)
     routing = EventRouter(journal.events, journal.deliveries, journal.ops, router, connectors, pauses, policy,
-                          notifications.reconcile, batch_size=batch, lease_seconds=lease, metrics=metrics)
+                          notifications.reconcile, batch_size=batch, lease_seconds=lease, metrics=metrics,
+                          health=health)
     reflector = None
     sinch = build_sinch(cfg)
     if sinch is not None:
         reflector = Reflector(journal.reflections, journal.ops, connectors, mappings, sinch, cfg, metrics=metrics)
     return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
-                   connectors=connectors, routing=routing, pusher=pusher, pauses=pauses, metrics=metrics,
-                   reflector=reflector)
+                   connectors=connectors, routing=routing, pusher=pusher, pauses=pauses, health=health,
+                   metrics=metrics, reflector=reflector, alerts=alerts)

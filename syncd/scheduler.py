@@ -14,8 +14,25 @@ from syncd.metrics import Metrics
 log = logging.getLogger("syncd.scheduler")
 
 
+class SkippedTickFilter(logging.Filter):
+    """Drops APScheduler's "skipped: maximum number of running instances reached"
+    warning. With ``max_instances=1`` a tick that outlasts the interval makes the next
+    one skip by design (``coalesce`` runs it right after); it is not an operator's
+    concern. Every other APScheduler record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in str(record.msg)
+
+
+def _install_skipped_tick_filter() -> None:
+    logger = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, SkippedTickFilter) for f in logger.filters):
+        logger.addFilter(SkippedTickFilter())
+
+
 class Scheduler:
     def __init__(self, metrics: Metrics | None = None):
+        _install_skipped_tick_filter()
         self._sched = BackgroundScheduler(
             timezone=timezone.utc,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},

@@ -53,6 +53,7 @@ class Stack:
     retry: dict[str, Any] = field(default_factory=dict)
     sandboxes: dict[str, Any] = field(default_factory=dict)
     port: int = 0
+    admin_port: int = 0
     journal_url: str | None = None
     extra_config: dict[str, Any] = field(default_factory=dict)
     sinch: bool = False
@@ -80,6 +81,7 @@ class Stack:
             seed_close(cl)
             self.sandboxes["close"] = cl.start()
         self.port = self.port or free_port()
+        self.admin_port = self.admin_port or free_port()
         if self.sinch:
             from connectors.sandbox.sinch import SinchSandbox
 
@@ -95,6 +97,11 @@ class Stack:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin listener: /metrics, /readyz, /status."""
+        return f"http://127.0.0.1:{self.admin_port}"
 
     def config(self) -> dict[str, Any]:
         crm: dict[str, Any] = {}
@@ -117,6 +124,7 @@ class Stack:
         cfg: dict[str, Any] = {
             "journal": {"url": self.journal_url or "sqlite:///syncd.db"},
             "receiver": {"host": "127.0.0.1", "port": self.port},
+            "admin": {"host": "127.0.0.1", "port": self.admin_port},
             "http": {"timeout_seconds": 10, "ca_bundle": ca_bundle},
             "phone": {"default_region": "US"},
             "sources": {"apten": {"secret": APTEN_SECRET}, "lox24": {"token": LOX24_TOKEN},

@@ -1,13 +1,18 @@
 """A read-only status page at ``GET /status``, for operators.
 
-Off unless ``receiver.status_token`` is set. The token travels as
-``Authorization: Bearer <token>`` or ``?token=<token>`` (so a browser can open
-the page) and is compared in constant time; a wrong or missing one gets the
-receiver's 401 JSON answer.
+Served on the admin listener; off unless ``admin.status_token`` is set. Scripts
+send ``Authorization: Bearer <token>``; a browser signs in once with the form at
+``/status/login`` (POST), which sets a session cookie: HttpOnly, SameSite=Strict,
+Secure when the request came over HTTPS, holding a signed timestamp (never the
+token). Tokens are compared in constant time and never accepted in the URL, where
+proxies and histories would keep them. A wrong or missing token gets a 401 JSON
+answer (a browser is sent to the login form instead).
 
 The page is plain server-rendered HTML with no JavaScript. It shows the journal's
-counts, the newest consent events with each target's delivery state and CRM error,
-and the dead letters. Every value is autoescaped (error texts come from CRMs), and
+counts, each CRM's health, two inline SVG charts (:mod:`syncd.status_charts`), the
+newest consent events with each target's delivery state and CRM error, and the dead
+letters. Wide tables scroll inside their own box, so the page fits 390 px phones.
+Every value is autoescaped (error texts come from CRMs), and
 no phone, email or message text is queried or shown. Error texts were masked when
 they were written to the journal; they are masked again here in case an older row
 was not.
@@ -19,7 +24,8 @@ import logging
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from flask import Flask, Response, jsonify, render_template_string, request
+from flask import Flask, Response, current_app, jsonify, redirect, render_template_string, request
+from itsdangerous import BadSignature, TimestampSigner
 
 from syncd.masking import mask_text
 
@@ -28,8 +34,11 @@ log = logging.getLogger("syncd.status_page")
 RECENT_EVENTS = 50
 MAX_DEAD_LETTERS = 500  # the page stays small; `syncd dead-letters` lists them all
 
+SESSION_COOKIE = "syncd_status"
+SESSION_SECONDS = 8 * 3600  # a signed-in browser asks again after a working day
+
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
@@ -44,29 +53,80 @@ class StatusJournal(Protocol):
 
 
 def register_status_page(app: Flask, journal: StatusJournal, token: str | None) -> None:
-    """Add ``GET /status`` to ``app`` when ``token`` is set; do nothing otherwise
-    (the path then gets the app's JSON 404)."""
+    """Add ``GET /status`` and its login/logout to ``app`` when ``token`` is set; do
+    nothing otherwise (the paths then get the app's JSON 404)."""
     if not token:
         return
     expected = token.encode("utf-8")
+    # The cookie is a timestamp signed with a key derived from the token: rotating the
+    # token ends every session, and the cookie reveals nothing about the token.
+    signer = TimestampSigner(token, salt="syncd.status-session")
 
     def answer(resp: Response, status: int) -> tuple[Response, int]:
         resp.headers.update(SECURITY_HEADERS)
         return resp, status
 
+    def token_matches(supplied: str) -> bool:
+        return hmac.compare_digest(supplied.encode("utf-8"), expected)
+
+    def signed_in() -> bool:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if not cookie:
+            return False
+        try:
+            signer.unsign(cookie, max_age=SESSION_SECONDS)
+        except BadSignature:  # also an expired one
+            return False
+        return True
+
+    def refused(reason: str) -> tuple[Response, int]:
+        log.warning("status page refused", extra={"status": 401, "reason": reason})
+        resp = jsonify({"error": f"{reason}: send Authorization: Bearer <token>, or sign in at /status/login "
+                                 "(?token= is not accepted)", "status": 401})
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="syncd status"'
+        return answer(resp, 401)
+
     def status_page() -> tuple[Response, int]:
-        supplied = _supplied_token()
-        if supplied is None or not hmac.compare_digest(supplied.encode("utf-8"), expected):
-            reason = "missing" if supplied is None else "wrong"
-            log.warning("status page refused", extra={"status": 401, "reason": f"{reason} token"})
-            resp = jsonify({"error": f"{reason} status token: send Authorization: Bearer <token> "
-                                     f"or ?token=<token>", "status": 401})
-            resp.headers["WWW-Authenticate"] = 'Bearer realm="syncd status"'
-            return answer(resp, 401)
+        bearer = _bearer_token()
+        if bearer is not None:  # a script: the header, when sent, decides
+            if not token_matches(bearer):
+                return refused("wrong status token")
+        elif not signed_in():
+            if _wants_html():
+                return answer(redirect("/status/login", 303), 303)
+            return refused("missing status token")
+        return render_page()
+
+    def login_form() -> tuple[Response, int]:
+        return login_page("", 200)
+
+    def login() -> tuple[Response, int]:
+        supplied = request.form.get("token", "")
+        if not supplied or not token_matches(supplied.strip()):
+            log.warning("status login refused", extra={"status": 401, "reason": "wrong status token"})
+            return login_page("That token is not the status token.", 401)
+        resp = redirect("/status", 303)
+        resp.set_cookie(SESSION_COOKIE, signer.sign(b"status").decode("ascii"), path="/status",
+                        httponly=True, samesite="Strict", secure=request.is_secure)
+        log.info("status login", extra={"status": 303})
+        return answer(resp, 303)
+
+    def logout() -> tuple[Response, int]:
+        resp = redirect("/status/login", 303)
+        resp.delete_cookie(SESSION_COOKIE, path="/status", httponly=True, samesite="Strict",
+                           secure=request.is_secure)
+        return answer(resp, 303)
+
+    def login_page(message: str, status: int) -> tuple[Response, int]:
+        html = render_template_string(LOGIN_PAGE, message=message)
+        return answer(Response(html, content_type="text/html; charset=utf-8"), status)
+
+    def render_page() -> tuple[Response, int]:
         try:
             counts = journal.counts()
             activity = journal.recent_activity(RECENT_EVENTS)
             letters = journal.dead_letters()
+            extras = _extras(journal, counts)
         except Exception as exc:  # journal locked beyond its timeout, database down...
             log.error("status page could not read the journal", extra={"error": mask_text(repr(exc))})
             return answer(jsonify({"error": "journal unavailable, please retry", "status": 503}), 503)
@@ -80,22 +140,79 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
             recent_events=RECENT_EVENTS,
             letters=[_letter_row(r) for r in letters[:MAX_DEAD_LETTERS]],
             letters_total=len(letters),
+            **extras,
         )
         return answer(Response(html, content_type="text/html; charset=utf-8"), 200)
 
     app.add_url_rule("/status", "status_page", status_page, methods=["GET"])
+    app.add_url_rule("/status/login", "status_login_form", login_form, methods=["GET"])
+    app.add_url_rule("/status/login", "status_login", login, methods=["POST"])
+    app.add_url_rule("/status/logout", "status_logout", logout, methods=["POST"])
 
 
-def _supplied_token() -> str | None:
-    """The bearer token if an Authorization header carries one, else ``?token=``."""
-    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.args.get("token") or None
+def _bearer_token() -> str | None:
+    """The token of an ``Authorization: Bearer`` header, if one is sent."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def _wants_html() -> bool:
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+
+
+LOGIN_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex, nofollow">
+<title>syncd status: sign in</title>
+<style>
+body { font: 14px/1.4 system-ui, "Liberation Sans", Arial, sans-serif; margin: 1.5em; color: #1b1f24; }
+h1 { font-size: 1.5em; margin: 0 0 .6em; }
+label { display: block; margin: 0 0 .6em; }
+input { font: inherit; padding: .3em; width: 24em; max-width: 100%; }
+p.error { color: #82071e; font-weight: 600; }
+</style>
+</head>
+<body>
+<h1>syncd status</h1>
+{% if message %}<p class="error" id="login-error">{{ message }}</p>{% endif %}
+<form method="post" action="/status/login">
+<label for="token">Status token (<code>admin.status_token</code>)</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<button type="submit">Sign in</button>
+</form>
+</body>
+</html>
+"""
+
+
+# The daemon puts its pusher's per-CRM health report here (a callable); without it
+# the health table shows what the journal knows.
+CRM_HEALTH_KEY = "SYNCD_CRM_HEALTH"
+
+
+def _extras(journal: Any, counts: dict[str, Any]) -> dict[str, Any]:
+    from syncd.status_charts import page_extras
+
+    return page_extras(journal, current_app.config.get(CRM_HEALTH_KEY), counts.get("crms") or {})
+
 
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value)
+
+
+def _time(value: Any) -> str:
+    """``2026-12-02T14:03:42.810536Z`` -> ``2026-12-02 14:03:42Z``: narrower columns."""
+    text = _text(value)
+    if len(text) >= 19 and text[10:11] == "T":
+        return f"{text[:10]} {text[11:19]}Z"
+    return text
 
 
 def _error(value: Any) -> str:
@@ -124,7 +241,7 @@ def _event_fields(r: dict[str, Any]) -> dict[str, str]:
         "source": _text(r.get("source")),
         "event_kind": _text(r.get("kind")),
         "channel": _text(r.get("channel")),
-        "received_at": _text(r.get("received_at")),
+        "received_at": _time(r.get("received_at")),
         "target": _target(r.get("crm"), r.get("object"), r.get("record_id")),
         "attempts": _text(r.get("attempts")),
     }
@@ -145,7 +262,7 @@ def _activity_row(r: dict[str, Any]) -> dict[str, str]:
         "delivery_id": _text(r.get("delivery_id")),
         "record_id": _text(r.get("record_id")),
         "state": state,
-        "delivered_at": _text(r.get("delivered_at")),
+        "delivered_at": _time(r.get("delivered_at")),
         "error": error,
     }
 
@@ -170,6 +287,7 @@ PAGE = """<!doctype html>
 body { font: 14px/1.4 system-ui, "Liberation Sans", Arial, sans-serif; margin: 1.5em; color: #1b1f24; }
 h1 { font-size: 1.5em; margin: 0 0 .2em; }
 h2 { font-size: 1.15em; margin: 1.6em 0 .5em; }
+h3 { font-size: 1em; margin: 1em 0 .4em; color: #57606a; }
 p.meta { color: #57606a; margin: 0 0 1em; }
 table { border-collapse: collapse; }
 th, td { border: 1px solid #d0d7de; padding: .3em .6em; text-align: left; vertical-align: top; }
@@ -177,7 +295,15 @@ th { background: #f6f8fa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.id, td.target, td.time { font-family: ui-monospace, "Liberation Mono", monospace; font-size: 12px; }
 td.time { white-space: nowrap; }
-td.error { max-width: 36em; overflow-wrap: anywhere; color: #82071e; }
+td.error { min-width: 16em; max-width: 36em; overflow-wrap: anywhere; color: #82071e; }
+.scroll { overflow-x: auto; max-width: 100%; }
+svg.chart { display: block; width: 100%; max-width: 900px; height: auto; }
+.health-ok td.state { color: #116329; font-weight: 600; }
+.health-failing td.state, .health-paused td.state { color: #82071e; font-weight: 600; }
+@media (max-width: 600px) {
+  body { margin: .6em; font-size: 13px; }
+  th, td { padding: .25em .4em; }
+}
 .state-done td.state { color: #116329; font-weight: 600; }
 .state-dead td.state, .status-quarantined td.state { color: #82071e; font-weight: 600; }
 .state-pending td.state, .status-unrouted td.state { color: #7d4e00; }
@@ -191,6 +317,7 @@ p.empty { color: #57606a; font-style: italic; }
 
 <section id="counts">
 <h2>Counts</h2>
+<div class="scroll">
 <table class="counts">
 <tr><th>Deliveries</th>
 <td>pending <span data-count="deliveries-pending">{{ counts.deliveries.pending }}</span></td>
@@ -213,11 +340,43 @@ p.empty { color: #57606a; font-style: italic; }
 <td colspan="2">last poll <span class="time">{{ info.last_poll_at or "never" }}</span></td></tr>
 {% endfor %}
 </table>
+</div>
+</section>
+
+<section id="health">
+<h2>CRM health</h2>
+{% if health %}
+<div class="scroll">
+<table class="health">
+<thead><tr><th>CRM</th><th>State</th><th>Last success</th><th>Last error</th><th>Failing since</th>
+<th>Next attempt</th><th>Paused until</th></tr></thead>
+<tbody>
+{% for h in health %}
+<tr class="health-row health-{{ h.state }}" data-crm="{{ h.crm }}">
+<td>{{ h.crm }}</td><td class="state">{{ h.state }}</td><td class="time">{{ h.last_success or "never" }}</td>
+<td class="error">{{ h.last_error }}{% if h.last_error_at %} <span class="time">({{ h.last_error_at }})</span>{% endif %}</td>
+<td class="time">{{ h.failing_since }}</td><td class="time">{{ h.next_attempt }}</td><td class="time">{{ h.paused_until }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+</div>
+{% else %}
+<p class="empty">No CRM enabled.</p>
+{% endif %}
+</section>
+
+<section id="charts">
+<h2>Last 7 days</h2>
+<h3>Events received per hour</h3>
+{{ events_chart }}
+<h3>Time to honour an opt-out, per CRM</h3>
+{{ honour_chart }}
 </section>
 
 <section id="recent">
 <h2>Recent events and deliveries <small>(newest {{ recent_events }} events)</small></h2>
 {% if rows %}
+<div class="scroll">
 <table class="activity">
 <thead><tr><th>Event</th><th>Source</th><th>Kind</th><th>Channel</th><th>Received</th>
 <th>Target (crm:object:record)</th><th>State</th><th>Attempts</th><th>Delivered</th><th>Error</th></tr></thead>
@@ -234,6 +393,7 @@ p.empty { color: #57606a; font-style: italic; }
 {% endfor %}
 </tbody>
 </table>
+</div>
 {% else %}
 <p class="empty">No events yet.</p>
 {% endif %}
@@ -245,6 +405,7 @@ p.empty { color: #57606a; font-style: italic; }
 {% if letters_total > letters|length %}
 <p class="meta">Showing the first {{ letters|length }} of {{ letters_total }}; <code>syncd dead-letters</code> lists them all.</p>
 {% endif %}
+<div class="scroll">
 <table class="dead-letters">
 <thead><tr><th>Id</th><th>Type</th><th>Event</th><th>Source</th><th>Kind</th><th>Channel</th><th>Received</th>
 <th>Target (crm:object:record)</th><th>Attempts</th><th>Error</th></tr></thead>
@@ -257,6 +418,7 @@ p.empty { color: #57606a; font-style: italic; }
 {% endfor %}
 </tbody>
 </table>
+</div>
 <p class="meta">Re-queue with <code>syncd replay ID</code> once the cause is fixed.</p>
 {% else %}
 <p class="empty">No dead letters.</p>

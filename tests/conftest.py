@@ -126,9 +126,13 @@ def receiver(tmp_path):
                                                                             "access_token": "x"}}},
     }, base_dir=tmp_path, env={})
     journal = open_journal(f"sqlite:///{tmp_path}/r.db")
-    app = create_app(journal, build_sources(cfg), Router.from_config(cfg), max_body_bytes=65536)
+    from syncd.metrics import Metrics
+
+    metrics = Metrics()
+    app = create_app(journal, build_sources(cfg), Router.from_config(cfg), max_body_bytes=65536, metrics=metrics)
     live = LiveReceiver(app)
     live.journal = journal
+    live.metrics = metrics  # /metrics is served by the admin listener, not the webhook port
     yield live
     live.close()
     journal.close()

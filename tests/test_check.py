@@ -62,7 +62,8 @@ def test_unknown_hubspot_subscription_type_and_bad_credentials(all_crms):
     assert run.returncode == 1
     out = run.stdout
     assert f"{hs_map}: email_unsubscribe.subscription_id: 4242 is not a subscription type in hubspot" in out
-    assert "close" in out and "cannot read field metadata" in out
+    close_url = all_crms.sandboxes["close"].url
+    assert f"config: crm.close.api_key: close refused the credentials ({close_url}/api/v1): [401" in out
     assert "wrong-close-key" not in out
 
 
@@ -97,3 +98,15 @@ def test_config_problems_are_reported_by_check(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "crm.hubspot.access_token: required key is missing" in out.stderr
+
+
+def test_refused_sinch_credentials_name_the_keys_and_auth_url(all_crms):
+    sn = all_crms.sandboxes["sinch"]
+    cfg = all_crms.config_path
+    cfg.write_text(cfg.read_text().replace(sn.key_secret, "wrong-sinch-key-secret"))
+    run = all_crms.syncd("check")
+    assert run.returncode == 1
+    (line,) = [x for x in run.stdout.splitlines() if "sinch" in x]
+    assert line.startswith(f"config: sinch.key_id/sinch.key_secret: Sinch refused the credentials "
+                           f"({sn.url}/oauth2/token): ")
+    assert "invalid_client" in line and "wrong-sinch-key-secret" not in run.stdout + run.stderr

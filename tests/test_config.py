@@ -165,9 +165,8 @@ _SF_AUTH = {"flow": "client_credentials", "login_url": "https://login.salesforce
         "auth": {**_SF_AUTH, "login_url": "http://login.salesforce.com"}}}}),
     ("sinch.base_url", {"sinch": {"base_url": "http://10.0.0.1", "project_id": "p", "app_id": "a",
                                   "key_id": "k", "key_secret": "s"}}),
-    ("sinch.auth_url", {"sinch": {"auth_url": "ftp://auth.sinch.com/oauth2/token", "project_id": "p",
+    ("sinch.auth_url", {"sinch": {"auth_url": "http://auth.sinch.com/oauth2/token", "project_id": "p",
                                   "app_id": "a", "key_id": "k", "key_secret": "s"}}),
-    ("crm.hubspot.base_url", {"crm": {"hubspot": {"base_url": "api.hubapi.com", "access_token": "t"}}}),
     ("crm.hubspot.base_url", {"crm": {"hubspot": {"base_url": "http://localhost.evil.example",
                                                   "access_token": "t"}}}),
 ])

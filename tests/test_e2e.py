@@ -83,7 +83,7 @@ def test_unroutable_event_is_quarantined_with_202(served):
     resp = stack.post_apten(json.dumps(doc).encode())
     assert resp.status_code == 202 and resp.json()["status"] == "quarantined"
     dead = stack.syncd("dead-letters", "--json")
-    rows = [json.loads(line) for line in dead.stdout.splitlines()]
+    rows = json.loads(dead.stdout)
     assert [r["type"] for r in rows] == ["quarantine"]
     assert "externalLeadId matches no routing rule" in rows[0]["error"]
     assert all("evil" not in r.path for r in stack.sandboxes["salesforce"].requests)
@@ -131,11 +131,11 @@ def test_phone_with_no_record_is_quarantined_then_replayed_once_fixed(served):
     resp = stack.post_lox24(json.dumps(doc).encode())
     assert resp.status_code == 200  # answered before any lookup: the receiver does no CRM I/O
     assert wait_for(lambda: json.loads(stack.syncd("status", "--json").stdout)["quarantined"] == 1)
-    (row,) = [json.loads(line) for line in stack.syncd("dead-letters", "--json").stdout.splitlines()]
+    (row,) = json.loads(stack.syncd("dead-letters", "--json").stdout)
     assert row["id"].startswith("q") and "no record with this phone in salesforce" in row["error"]
     lead = sf.add_record("Lead", None, LastName="Late", Company="X", MobilePhone="+49 151 12345678",
                          SMS_Opt_Out__c=False)
-    assert stack.syncd("replay", row["id"]).stdout.strip() == "re-queued 1"
+    assert stack.syncd("replay", row["id"]).stdout.startswith(f"{row['id']}: re-queued  (unrouted)")
     assert wait_for(lambda: sf.get_record("Lead", lead)["SMS_Opt_Out__c"] is True)
 
 
@@ -143,8 +143,8 @@ def test_metrics_and_readiness_of_a_running_daemon(served):
     stack, _ = served
     assert stack.post_apten(fixture_bytes("apten_optout_sms.json")).status_code == 200
     assert wait_for(lambda: json.loads(stack.syncd("status", "--json").stdout)["deliveries"]["done"] == 1)
-    assert requests.get(f"{stack.url}/readyz", timeout=10).json() == {"status": "ready"}
-    text = requests.get(f"{stack.url}/metrics", timeout=10).text
+    assert requests.get(f"{stack.admin_url}/readyz", timeout=10).json() == {"status": "ready"}
+    text = requests.get(f"{stack.admin_url}/metrics", timeout=10).text
     for name in ('syncd_events_received_total{outcome="accepted",source="apten"} 1.0',
                  'syncd_deliveries{state="done"} 1.0', "syncd_journal_oldest_pending_age_seconds ",
                  'syncd_crm_requests_total{crm="salesforce",status="ok"}', "syncd_push_duration_seconds_bucket",
@@ -154,4 +154,17 @@ def test_metrics_and_readiness_of_a_running_daemon(served):
     assert "syncd_crm_lookups_total{" not in text             # routed by id: no phone lookup yet
     assert stack.post_lox24(fixture_bytes("lox24_phone_unsubscribe.json")).status_code == 200
     assert wait_for(lambda: 'syncd_crm_lookups_total{crm="salesforce",status="ok"} 1.0'
-                    in requests.get(f"{stack.url}/metrics", timeout=10).text)
+                    in requests.get(f"{stack.admin_url}/metrics", timeout=10).text)
+
+
+def test_admin_paths_are_only_on_the_admin_listener(served):
+    stack, _ = served
+    for path in ("/metrics", "/readyz", "/status", "/status/login"):
+        resp = requests.get(f"{stack.url}{path}", timeout=10)
+        assert resp.status_code == 404 and resp.json()["status"] == 404, path
+    assert requests.get(f"{stack.admin_url}/metrics", timeout=10).status_code == 200
+    for url in (stack.url, stack.admin_url):
+        assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+    # Webhooks only on the public port.
+    resp = requests.post(f"{stack.admin_url}/webhooks/apten", data=b"{}", timeout=10)
+    assert resp.status_code in (404, 405)

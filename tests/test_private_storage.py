@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pytest
 import requests
 
 from syncd.events import ConsentEvent

@@ -377,3 +377,27 @@ def test_routing_is_its_own_step_and_the_pusher_only_pushes(runtime, sf_sandbox)
     assert sf_sandbox.requests_to(r"/composite/") == []   # ...and writes nothing to the CRM
     assert runtime.pusher.run_once().done == 1
     assert sf_sandbox.get_record("Contact", rid)["SMS_Opt_Out__c"] is True
+
+
+def test_failed_phone_lookups_count_toward_the_crms_health(runtime, sf_sandbox):
+    """Routing's lookups and the pusher's updates feed one health record per CRM (the
+    status page's table and the failing / recovered alerts)."""
+    from syncd.crm_health import FAILING_AFTER
+
+    sf_sandbox.add_fault("GET", r"/search/", 503, [{"errorCode": "SERVER_UNAVAILABLE", "message": "busy"}],
+                         times=1000)
+    for n in range(FAILING_AFTER):
+        runtime.journal.events.record(ConsentEvent(
+            source="apten", source_event_id=f"l{n}", kind="opt_out", channel="sms",
+            occurred_at=datetime(2024, 2, 18, tzinfo=timezone.utc), received_at=datetime.now(timezone.utc),
+            raw=b"{}", phone="+13305551234"))
+    stats = runtime.tick()
+    assert (stats.routed, stats.quarantined) == (0, 0)                       # deferred, not lost
+    health = runtime.health.report()["salesforce"]
+    assert health["consecutive_failures"] == FAILING_AFTER and health["failing_since"] is not None
+    assert "busy" in health["last_error"]
+    sf_sandbox.faults.clear()
+    runtime.journal.events.record(apten_event(99, "003XX000004DHPYYA4"))  # routed by id, then pushed
+    assert runtime.tick().done >= 1
+    health = runtime.health.report()["salesforce"]
+    assert health["consecutive_failures"] == 0 and health["last_success"] is not None

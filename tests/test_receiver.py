@@ -46,7 +46,7 @@ def test_lox24_seed_accepted_verbatim_and_retries_change_nothing(receiver):
     assert first.status_code == 200 and first.json()["status"] == "accepted"
     retry = json.loads(body)
     retry["attempt_number"] = 2  # LOX24's next attempt: same id, new attempt number
-    second = post_lox24(receiver, json.dumps(retry).encode(), via="query")
+    second = post_lox24(receiver, json.dumps(retry).encode())
     assert second.json() == {"status": "duplicate", "event_id": first.json()["event_id"]}
     stored = receiver.journal.events.get(first.json()["event_id"])
     assert stored.phone == "+4911113333444" and stored.external_lead_id is None
@@ -64,11 +64,27 @@ def test_lox24_accepts_both_attempt_total_spellings(receiver):
 
 
 @pytest.mark.parametrize("token,via", [(None, "header"), ("wrong-token", "header"), ("wrong-token", "query"),
-                                       ("", "query")])
+                                       ("", "query"), (LOX24_TOKEN, "query")])
 def test_lox24_wrong_or_missing_token_is_401(receiver, token, via):
     resp = post_lox24(receiver, fixture_bytes("lox24_phone_unsubscribe.json"), token=token, via=via)
     assert resp.status_code == 401 and "X-LOX24-Token" in resp.json()["error"]
     assert receiver.journal.reports.counts()["events"]["received"] == 0
+
+
+def test_lox24_query_token_is_refused_unless_allowed_in_config(tmp_path):
+    from syncd.config import parse_config
+    from syncd.sources import build_sources
+
+    body = fixture_bytes("lox24_phone_unsubscribe.json")
+    for allowed in (False, True):
+        cfg = parse_config({"sources": {"lox24": {"token": LOX24_TOKEN, "allow_query_token": allowed}}},
+                           base_dir=tmp_path, env={})
+        source = build_sources(cfg)["lox24"]
+        if allowed:
+            source.authenticate(body, {}, {"token": LOX24_TOKEN})
+        else:
+            with pytest.raises(Exception, match="allow_query_token"):
+                source.authenticate(body, {}, {"token": LOX24_TOKEN})
 
 
 # --- Sinch -------------------------------------------------------------------------------
@@ -156,12 +172,11 @@ def test_unroutable_id_is_quarantined_202_and_visible(receiver):
     assert receiver.journal.reports.dead_letters()[0]["type"] == "quarantine"
 
 
-def test_health_and_metrics(receiver):
+def test_public_port_has_health_but_no_admin_paths(receiver):
     assert requests.get(f"{receiver.url}/healthz", timeout=10).json() == {"status": "ok"}
-    post_apten(receiver, fixture_bytes("apten_optout_sms.json"))
-    text = requests.get(f"{receiver.url}/metrics", timeout=10).text
-    assert 'syncd_events_received_total{outcome="accepted",source="apten"} 1.0' in text
-    assert 'syncd_deliveries{state="pending"}' in text
+    for path in ("/metrics", "/readyz", "/status", "/status/login"):
+        resp = requests.get(f"{receiver.url}{path}", timeout=10)
+        assert resp.status_code == 404 and resp.json()["status"] == 404, path
 
 
 json_leaf = st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | \

@@ -165,14 +165,15 @@ def test_rejected_record_is_dead_with_crm_text_then_replay_delivers(stack_with_c
             assert st.post_apten(optout(rid, n)).status_code == 200
         sf.stall.clear()
         assert wait_for(lambda: status(st)["deliveries"]["dead"] == 1 and status(st)["deliveries"]["done"] == 2)
-        (dead,) = [json.loads(x) for x in st.syncd("dead-letters", "--json").stdout.splitlines()]
+        (dead,) = json.loads(st.syncd("dead-letters", "--json").stdout)
         assert dead["record_id"] == bad
         assert "FIELD_CUSTOM_VALIDATION_EXCEPTION" in dead["error"]
         assert "SMS opt-out needs a consent source" in dead["error"]
         assert sf.get_record("Contact", bad)["SMS_Opt_Out__c"] is False
         sf.accept_record(bad)
         replay = st.syncd("replay", dead["id"])
-        assert replay.returncode == 0 and replay.stdout.strip() == "re-queued 1"
+        assert replay.returncode == 0
+        assert replay.stdout.startswith(f"{dead['id']}: re-queued  salesforce:Contact:{bad}  (")
         assert wait_for(lambda: sf.get_record("Contact", bad)["SMS_Opt_Out__c"] is True)
         assert wait_for(lambda: status(st)["deliveries"] == {"pending": 0, "retrying": 0, "done": 3, "dead": 0})
     finally:

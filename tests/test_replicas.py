@@ -68,13 +68,14 @@ def database():
 @pytest.fixture
 def replicas(database):
     """One Stack (Salesforce + Sinch simulators, PostgreSQL journal) served by two
-    processes that differ only in ``receiver.port``; plus a journal handle for counts."""
+    processes that differ only in ``receiver.port`` and ``admin.port``; plus a journal handle for counts."""
     from syncd.journal import open_journal
 
     st = Stack(journal_url=database, sinch=True, poll_interval=POLL).start()
     cfg = yaml.safe_load(st.config_path.read_text(encoding="utf-8"))
     port2 = free_port()
     cfg["receiver"]["port"] = port2
+    cfg["admin"]["port"] = free_port()
     config2 = st.workdir / "config2.yaml"
     config2.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     started: list[DaemonProcess] = []

@@ -34,14 +34,25 @@ def test_lox24_seed_fields():
     assert ev.details["unsubscribe_request_id"] == 59 and ev.details["short_link_code"] == "baaIou"
 
 
-def test_lox24_token_header_or_query_only():
+def test_lox24_token_in_header_only_by_default():
     body = fixture_bytes("lox24_phone_unsubscribe.json")
     LOX.authenticate(body, {"X-LOX24-Token": "lox24-test-token"}, {})
-    LOX.authenticate(body, {}, {"token": "lox24-test-token"})
     for headers, query in (({}, {}), ({"X-LOX24-Token": "lox24-test-toke"}, {}), ({}, {"token": "x"}),
-                           ({"X-LOX24-Token": "ä" * 16}, {})):
+                           ({}, {"token": "lox24-test-token"}), ({"X-LOX24-Token": "ä" * 16}, {})):
         with pytest.raises(Unauthorized):
             LOX.authenticate(body, headers, query)
+
+
+def test_lox24_query_token_only_when_allowed():
+    body = fixture_bytes("lox24_phone_unsubscribe.json")
+    with pytest.raises(Unauthorized, match="allow_query_token"):
+        LOX.authenticate(body, {}, {"token": "lox24-test-token"})
+    allowing = Lox24Source("lox24-test-token", allow_query_token=True)
+    allowing.authenticate(body, {}, {"token": "lox24-test-token"})
+    allowing.authenticate(body, {"X-LOX24-Token": "lox24-test-token"}, {})
+    for headers, query in (({}, {"token": "x"}), ({"X-LOX24-Token": "wrong"}, {"token": "lox24-test-token"})):
+        with pytest.raises(Unauthorized):
+            allowing.authenticate(body, headers, query)
 
 
 @pytest.mark.parametrize("mutation,needle", [

@@ -70,6 +70,9 @@ class Sandbox:
     def _build_app(self) -> Flask:
         app = Flask(f"sandbox-{self.name}")
         app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
+        # A path parameter may hold an encoded "/" (an email's local part may: "a/b@x.io");
+        # Werkzeug would fold the decoded "//" and answer a 308 redirect no vendor sends.
+        app.url_map.merge_slashes = False
 
         @app.before_request
         def _log_and_fault():

@@ -20,6 +20,7 @@ import json
 import re
 import time
 import uuid
+from urllib.parse import unquote
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -360,6 +361,7 @@ class HubSpotSandbox(Sandbox):
 
     # --- app ----------------------------------------------------------------------------
     def routes(self, app: Flask) -> None:
+        app.wsgi_app = _KeepEncodedSubscriber(app.wsgi_app)  # type: ignore[method-assign]
         def error(status: int, category: str, message: str, **extra: Any) -> Response:
             body = {"status": "error", "message": message, "correlationId": str(uuid.uuid4()),
                     "category": category, **extra}
@@ -613,7 +615,8 @@ class HubSpotSandbox(Sandbox):
     def _subscriber(subscriber: str) -> tuple[str, bool]:
         """(address, is the unsubscribe-all resource) from the path tail."""
         wide = subscriber.endswith("/unsubscribe-all")
-        email = subscriber[: -len("/unsubscribe-all")] if wide else subscriber
+        email = request.environ.get(_KeepEncodedSubscriber.KEY) or \
+            (subscriber[: -len("/unsubscribe-all")] if wide else subscriber)
         if not re.fullmatch(r"[^@\s]+@[^@\s/]+\.[^@\s/]+", email):
             # HubSpot documents a 400 but not its text; this wording is assumed.
             raise HubSpotError(400, "VALIDATION_ERROR", f"Invalid email address: {email}")
@@ -818,3 +821,25 @@ class HubSpotSandbox(Sandbox):
 
 
 __all__ = ["HubSpotSandbox", "iso_ms", "to_ms", "searchable_digits"]
+
+
+
+class _KeepEncodedSubscriber:
+    """The subscriber (an email address) is one path segment that the client encodes
+    whole, so a "/" in it arrives as %2F. The server decodes the path before routing,
+    which would split such an address; this takes the address from the path as sent
+    (waitress's REQUEST_URI) and hands it to the route in the WSGI environ."""
+    PREFIX = "/communication-preferences/v4/statuses/"
+    KEY = "sandbox.subscriber"
+
+    def __init__(self, app: Callable[..., Any]):
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        raw = environ.get("REQUEST_URI", "").split("?", 1)[0]
+        if raw.startswith(self.PREFIX) and "%2f" in raw.lower():
+            tail = raw[len(self.PREFIX):]
+            wide = tail.endswith("/unsubscribe-all")
+            environ[self.KEY] = unquote(tail[: -len("/unsubscribe-all")] if wide else tail)
+            environ["PATH_INFO"] = self.PREFIX + "subscriber" + ("/unsubscribe-all" if wide else "")
+        return self.app(environ, start_response)

@@ -43,6 +43,11 @@ class EventStore:
         """Durably record ``event``; concurrent calls share one commit (group commit)."""
         return self.group.submit(event)
 
+    def last_ingest_commit(self) -> tuple[float, float]:
+        """``time.monotonic()`` of the newest webhook commit that succeeded and of the
+        newest that failed (0.0: none since start): readiness trusts live traffic."""
+        return self.group.last_ok, self.group.last_failed
+
     def _row(self, event: ConsentEvent, now: str | None) -> tuple[Any, ...]:
         status = "quarantined" if event.quarantine_reason and event.event_type == "consent" else "new"
         return (event.source, event.source_event_id, event.event_type, event.kind, event.channel,

@@ -7,6 +7,7 @@ concurrent requests share one. Used by both journal engines.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 from syncd.events import ConsentEvent
@@ -63,6 +64,10 @@ class GroupCommit:
         self.committing = False
         self.last_batch = 1
         self.gather_target = 0
+        # time.monotonic() of the newest commit that succeeded / failed (0.0: none yet),
+        # so readiness can trust live traffic instead of writing a probe of its own.
+        self.last_ok = 0.0
+        self.last_failed = 0.0
 
     def submit(self, event: ConsentEvent) -> Recorded:
         me = _Waiter(event)
@@ -123,6 +128,10 @@ class GroupCommit:
         except BaseException as exc:  # not a database error: nothing in the batch is durable
             results = [exc] * len(batch)
         finally:
+            if any(isinstance(r, BaseException) for r in results) or len(results) < len(batch):
+                self.last_failed = time.monotonic()
+            else:
+                self.last_ok = time.monotonic()
             for i, waiter in enumerate(batch):
                 result = results[i] if i < len(results) else RuntimeError("journal commit interrupted")
                 if isinstance(result, BaseException):

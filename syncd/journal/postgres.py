@@ -40,6 +40,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from syncd.journal import migrate
+from syncd.journal.base import JournalMissing
 from syncd.journal.engine import Tx, load_queries, new_owner
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class PostgresEngine:
     db_error = psycopg.Error
 
     def __init__(self, url: str, *, schema: str | None = None, min_size: int = 1,
-                 max_size: int = 10, timeout: float = 30.0):
+                 max_size: int = 10, timeout: float = 30.0, must_exist: bool = False):
         url, url_schema = _split_schema(url)
         self.schema = schema or url_schema or "public"
         if not _IDENT.match(self.schema) or self.schema.startswith("pg_"):
@@ -89,7 +90,7 @@ class PostgresEngine:
         self._pool: ConnectionPool | None = None
         self._next_takeover = 0.0
 
-        self._migrate()
+        self._migrate(must_exist)
         pool = ConnectionPool(self._conninfo, min_size=min_size, max_size=max_size, open=True,
                               configure=self._configure, check=ConnectionPool.check_connection,
                               name=f"syncd-journal-{self.schema}", timeout=timeout)
@@ -170,7 +171,7 @@ class PostgresEngine:
                 # else the connection is broken and the pool discards it
 
     # --- schema ----------------------------------------------------------------------
-    def _migrate(self) -> None:
+    def _migrate(self, must_exist: bool = False) -> None:
         """Create the schema and tables if missing. Serialized across replicas by an
         advisory transaction lock; a no-op when the schema version is current."""
         with self._connect(autocommit=False) as conn:
@@ -179,8 +180,15 @@ class PostgresEngine:
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))",
                                  (MIGRATE_LOCK_CLASS, self.schema))
-                    if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
-                                    (self.schema,)).fetchone() is None:
+                    schema_missing = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                                                  (self.schema,)).fetchone() is None
+                    if must_exist and (schema_missing or (conn.execute(
+                            "SELECT to_regclass(%s)", (f'"{self.schema}".schema_version',)).fetchone()
+                            or (None,))[0] is None):
+                        raise JournalMissing(f"journal not found: PostgreSQL {self.where} has no syncd tables "
+                                             "(journal.url); check the URL and schema, or run `syncd serve` "
+                                             "once to create them")
+                    if schema_missing:
                         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
                     conn.execute("SELECT set_config('search_path', %s, true)", (self._search_path,))
                     version = 0

@@ -88,6 +88,17 @@ class ReportStore:
                  "attempts": r["attempts"], "error": r["last_error"], "delivered_at": r["delivered_at"]}
                 for r in rows]
 
+    def page_stats(self, since_iso: str, limit: int = 100_000) -> dict[str, Any]:
+        """For the status page's charts and health table: events received per hour
+        (``YYYY-MM-DDTHH`` -> n), ``(crm, received_at, delivered_at)`` of the newest
+        ``limit`` deliveries done since ``since_iso``, and each CRM's next retry time."""
+        with self.engine.read() as tx:
+            per_hour = {str(r["hour"]): int(r["n"]) for r in tx.all("events_per_hour", since=since_iso)}
+            done = [(str(r["crm"]), str(r["received_at"]), str(r["delivered_at"]))
+                    for r in tx.all("deliveries_done_since", since=since_iso, limit=limit)]
+            next_attempt = {str(r["crm"]): float(r["next_attempt_at"]) for r in tx.all("next_retry_per_crm")}
+        return {"per_hour": per_hour, "done": done, "next_attempt": next_attempt}
+
     def export_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
         since_iso = iso(since.astimezone(timezone.utc)) if since else ""
         with self.engine.read() as tx:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from syncd.journal import migrate
-from syncd.journal.base import JournalBusy
+from syncd.journal.base import JournalBusy, JournalMissing
 from syncd.journal.engine import Tx, load_queries, new_owner
 
 log = logging.getLogger("syncd.journal")
@@ -83,13 +83,16 @@ class SqliteEngine:
         self._migrate()
 
     @classmethod
-    def from_url(cls, url: str, base_dir: str | Path | None = None) -> "SqliteEngine":
+    def from_url(cls, url: str, base_dir: str | Path | None = None, must_exist: bool = False) -> "SqliteEngine":
         raw = url[len("sqlite:///"):]
         if not raw:
             raise ValueError("journal.url: sqlite:/// needs a file path")
         path = Path(raw)
         if not path.is_absolute() and base_dir is not None:
             path = Path(base_dir) / path
+        if must_exist and not path.is_file():
+            raise JournalMissing(f"journal not found: {path} (journal.url); check the path, "
+                                 "or run `syncd serve` once to create it")
         return cls(path)
 
     # --- connections -----------------------------------------------------------------

@@ -16,7 +16,8 @@ def build_sources(cfg: Config) -> dict[str, Source]:
     if cfg.sources.apten:
         found["apten"] = AptenSource(cfg.sources.apten.secret, region)
     if cfg.sources.lox24:
-        found["lox24"] = Lox24Source(cfg.sources.lox24.token, region)
+        found["lox24"] = Lox24Source(cfg.sources.lox24.token, region,
+                                     allow_query_token=cfg.sources.lox24.allow_query_token)
     if cfg.sources.sinch:
         found["sinch"] = SinchSource(cfg.sources.sinch.secret, region,
                                      max_skew_seconds=cfg.sources.sinch.max_skew_seconds)

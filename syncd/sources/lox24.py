@@ -1,7 +1,8 @@
 """LOX24 ``phone.unsubscribe`` webhooks.
 
-Auth: the shared token in header ``X-LOX24-Token`` or query ``?token=``,
-compared in constant time. ``id`` is the dedupe key, so LOX24's up to four
+Auth: the shared token in header ``X-LOX24-Token``, compared in constant time.
+The query form ``?token=`` is accepted only with ``sources.lox24.allow_query_token``
+(weaker: URLs end up in proxy logs and histories). ``id`` is the dedupe key, so LOX24's up to four
 delivery attempts change nothing. LOX24 sends no CRM id: the phone routes it.
 """
 from __future__ import annotations
@@ -66,14 +67,20 @@ class _Envelope(BaseModel):
 class Lox24Source:
     name = "lox24"
 
-    def __init__(self, token: str, default_region: str = "US"):
+    def __init__(self, token: str, default_region: str = "US", allow_query_token: bool = False):
         self._token = token.encode("utf-8")
         self.default_region = default_region
+        self.allow_query_token = allow_query_token
 
     def authenticate(self, body: bytes, headers: Mapping[str, str], query: Mapping[str, str]) -> None:
-        given = headers.get(TOKEN_HEADER) or query.get("token") or ""
+        given = headers.get(TOKEN_HEADER) or ""
+        if not given and self.allow_query_token:
+            given = query.get("token") or ""
         if not hmac.compare_digest(given.encode("utf-8", "replace"), self._token):
-            raise Unauthorized(f"missing or invalid {TOKEN_HEADER} (or ?token=)")
+            if not given and "token" in query:
+                raise Unauthorized(f"missing or invalid {TOKEN_HEADER}; ?token= is off "
+                                   "(sources.lox24.allow_query_token)")
+            raise Unauthorized(f"missing or invalid {TOKEN_HEADER}")
 
     def parse(self, body: bytes, received_at: datetime) -> ConsentEvent | Ignored:
         loaded = load_json(body)

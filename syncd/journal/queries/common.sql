@@ -250,6 +250,24 @@ FROM (SELECT * FROM events WHERE event_type = 'consent' ORDER BY id DESC LIMIT %
 LEFT JOIN deliveries d ON d.event_id = e.id
 ORDER BY e.id DESC, d.id;
 
+-- name: events_per_hour
+-- The status page's chart: events received per hour (YYYY-MM-DDTHH) since a time.
+SELECT substr(received_at, 1, 13) AS hour, COUNT(*) AS n
+FROM events WHERE received_at >= %(since)s
+GROUP BY substr(received_at, 1, 13);
+
+-- name: deliveries_done_since
+-- The newest deliveries done since a time, with when their event arrived (time to honour).
+SELECT d.crm, e.received_at, d.delivered_at
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.state = 'done' AND d.delivered_at >= %(since)s
+ORDER BY d.id DESC LIMIT %(limit)s;
+
+-- name: next_retry_per_crm
+SELECT crm, MIN(next_attempt_at) AS next_attempt_at
+FROM deliveries WHERE state = 'pending' AND attempts > 0
+GROUP BY crm;
+
 -- name: export_rows
 -- With the newest registration in Sinch for the target record, if any: the proof that a
 -- CRM-side flag also reached the messaging platform.
