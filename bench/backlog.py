@@ -4,7 +4,7 @@
 The Salesforce and HubSpot simulators get 10,000 records each. An in-process runtime
 (``open_runtime`` on the Stack's config: SQLite journal, default ``schedule.batch_size``
 1000) journals one SMS opt-out per record with ``journal.record``, then calls
-``pusher.run_once()`` until nothing is pending. The CRM calls are counted from the
+``rt.tick()`` (route, then push) until nothing is pending. The CRM calls are counted from the
 simulators' request logs: Salesforce sObject Collections ``PATCH composite/sobjects``
 (limit 200 records a call) and HubSpot ``POST batch/update`` (limit 100 inputs).
 
@@ -74,15 +74,15 @@ def run_order(order: str, n: int) -> dict:
             targets = [x for pair in zip((("sf", r) for r in sf_ids), (("hs", r) for r in hs_ids)) for x in pair]
         t0 = time.perf_counter()
         for k, (_, rid) in enumerate(targets):
-            rt.journal.record(ConsentEvent(
+            rt.journal.events.record(ConsentEvent(
                 source="apten", source_event_id=f"backlog-{order}-{k}", kind="opt_out", channel="sms",
                 occurred_at=base + timedelta(seconds=k), received_at=datetime.now(timezone.utc),
                 raw=b'{"event":"optOut"}', external_lead_id=rid))
         journaled = time.perf_counter() - t0
 
         # Where the drain's time goes (wrapping in-process callables; syncd is unchanged).
-        add_targets = Timed(rt.journal.add_targets)
-        rt.journal.add_targets = add_targets  # type: ignore[method-assign]
+        add_targets = Timed(rt.journal.deliveries.add_targets)
+        rt.journal.deliveries.add_targets = add_targets  # type: ignore[method-assign]
         updates = {name: Timed(c.update) for name, c in rt.connectors.items()}
         for name, c in rt.connectors.items():
             c.update = updates[name]  # type: ignore[method-assign]
@@ -91,15 +91,15 @@ def run_order(order: str, n: int) -> dict:
         ticks = 0
         t0 = time.perf_counter()
         while True:
-            rt.pusher.run_once()
+            rt.tick()
             ticks += 1
-            c = rt.journal.counts()
+            c = rt.journal.reports.counts()
             if c["deliveries"]["pending"] == 0 and c["events"]["unrouted"] == 0:
                 break
             if ticks > 200:
                 raise RuntimeError(f"backlog did not drain: {c}")
         drained = time.perf_counter() - t0
-        counts = rt.journal.counts()
+        counts = rt.journal.reports.counts()
         rt.journal.close()
 
         sf_calls = len(sf.requests_to(r"/composite/sobjects/?$", "PATCH"))

@@ -81,14 +81,14 @@ def memory_journal_serve(config_path: str) -> None:
     a way to run syncd, only the upper bound any durable journal can approach."""
     from syncd.cli import main as syncd_main
     from syncd.journal.base import Recorded
-    from syncd.journal.sqlite import SqliteJournal
+    from syncd.journal.events import EventStore
 
     ids = itertools.count(1)
 
     def record(self, event):
         return Recorded(next(ids), True)
 
-    SqliteJournal.record = record  # type: ignore[method-assign]
+    EventStore.record = record  # type: ignore[method-assign]
     syncd_main(["-c", config_path, "serve"])
 
 
@@ -370,7 +370,7 @@ def profile(n: int, rounds: int = 4) -> None:
             return jsonify({"status": "accepted"}), 200
 
         receiver_log = logging.getLogger("syncd.receiver")
-        durable_record = rt.journal.record
+        durable_record = rt.journal.events.record
         memory_ids = itertools.count(10**9)
 
         def memory_record(event):  # an in-memory stand-in for the journal: no SQLite, no fsync
@@ -390,10 +390,10 @@ def profile(n: int, rounds: int = 4) -> None:
             for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
                 target, log_on, record = variants[name]
                 receiver_log.disabled = not log_on
-                rt.journal.record = record  # type: ignore[method-assign]
+                rt.journal.events.record = record  # type: ignore[method-assign]
                 results[name].append(_cpu_per_call(target, n, WAITRESS_THREADS))
         receiver_log.disabled = False
-        rt.journal.record = durable_record  # type: ignore[method-assign]
+        rt.journal.events.record = durable_record  # type: ignore[method-assign]
         med = {name: statistics.median(v) * 1e6 for name, v in results.items()}
         print(f"\nin-process, {WAITRESS_THREADS} threads calling the WSGI app (no HTTP, no waitress), "
               f"{n} webhooks x {rounds} rounds, median CPU per webhook:")
@@ -422,7 +422,7 @@ def profile(n: int, rounds: int = 4) -> None:
             ("parse (pydantic, hash, E.164)", parse),
             ("router.unroutable_reason", lambda i: rt.router.unroutable_reason(
                 events[i].external_lead_id, events[i].phone, events[i].phone_raw)),
-            ("journal.record, one at a time", lambda i: rt.journal.record(events[i])),
+            ("journal.record, one at a time", lambda i: rt.journal.events.record(events[i])),
             ("log line 'webhook accepted'", lambda i: receiver_log.info("webhook accepted", extra={
                 "source": "apten", "event_id": i, "status": 200, "kind": "opt_out", "channel": "sms"})),
         ]

@@ -34,16 +34,19 @@ class Readiness:
     """Is this process fit to take traffic? Cheap enough to be polled every second.
 
     The journal counts as writable when a webhook commit succeeded in the last
-    ``PROBE_MAX_AGE_SECONDS`` and none failed since; otherwise one write probe
-    (``journal.healthcheck()``) answers, and its result is reused for that long.
-    Free disk space is one ``statvfs`` call.
+    ``PROBE_MAX_AGE_SECONDS`` and none failed since (``last_commit``: the events
+    store's ``last_ingest_commit``); otherwise one write probe (``ops.healthcheck()``)
+    answers, and its result is reused for that long. Free disk space is one
+    ``statvfs`` call.
     """
 
-    def __init__(self, journal: Any, *, scheduler_alive: Callable[[], bool] | None = None,
+    def __init__(self, ops: Any, *, last_commit: Callable[[], tuple[float, float]] | None = None,
+                 scheduler_alive: Callable[[], bool] | None = None,
                  extra_ready: Callable[[], str | None] | None = None,
                  disk_path: Path | None = None, min_free_disk_mb: int = 0,
                  probe_max_age: float = PROBE_MAX_AGE_SECONDS):
-        self.journal = journal
+        self.ops = ops
+        self.last_commit = last_commit
         self.scheduler_alive = scheduler_alive
         self.extra_ready = extra_ready
         self.disk_path = disk_path
@@ -66,9 +69,8 @@ class Readiness:
 
     def _journal_problem(self) -> str | None:
         now = time.monotonic()
-        last = getattr(self.journal, "last_ingest_commit", None)
-        if last is not None:
-            ok_at, failed_at = last()
+        if self.last_commit is not None:
+            ok_at, failed_at = self.last_commit()
             if ok_at > failed_at and now - ok_at < self.probe_max_age:
                 return None
         if not self._lock.acquire(blocking=False):  # a probe is running: its last answer stands
@@ -76,7 +78,7 @@ class Readiness:
         try:
             if self._probed_at == 0.0 or now - self._probed_at >= self.probe_max_age:
                 try:
-                    self.journal.healthcheck()
+                    self.ops.healthcheck()
                     self._probe_problem = None
                 except Exception as exc:
                     self._probe_problem = f"journal not writable: {mask_text(type(exc).__name__)}"
@@ -104,14 +106,14 @@ class Readiness:
 
 
 class StatusReads:
-    """The status page's journal reads, each remembered for ``max_age`` seconds:
-    however often the page is reloaded, the journal is read at most once per interval."""
+    """The status page's reads of the reports store, each remembered for ``max_age``
+    seconds: however often the page is reloaded, the journal is read at most once per interval."""
 
-    def __init__(self, journal: Any, max_age: float = STATUS_MAX_AGE_SECONDS):
-        self._journal = journal
+    def __init__(self, reports: Any, max_age: float = STATUS_MAX_AGE_SECONDS):
+        self._reports = reports
         self._max_age = max_age
-        self.counts = CachedRead(journal.counts, max_age)
-        self.dead_letters = CachedRead(journal.dead_letters, max_age)
+        self.counts = CachedRead(reports.counts, max_age)
+        self.dead_letters = CachedRead(reports.dead_letters, max_age)
         self._recent: dict[int, CachedRead] = {}
         self._stats: tuple[str, CachedRead] | None = None  # (since, read): the charts' window moves hourly
 
@@ -119,12 +121,12 @@ class StatusReads:
         read = self._recent.get(limit)
         if read is None:
             read = self._recent.setdefault(
-                limit, CachedRead(lambda: self._journal.recent_activity(limit), self._max_age))
+                limit, CachedRead(lambda: self._reports.recent_activity(limit), self._max_age))
         return read()
 
     def page_stats(self, since: str) -> Any:
         if self._stats is None or self._stats[0] != since:
-            self._stats = (since, CachedRead(lambda: self._journal.page_stats(since), self._max_age))
+            self._stats = (since, CachedRead(lambda: self._reports.page_stats(since), self._max_age))
         return self._stats[1]()
 
 
@@ -153,12 +155,13 @@ class _AdminFlask(Flask):
     jinja_environment = _TemplatesCompiledOnce
 
 
-def create_admin_app(journal: Any, metrics: Metrics, readiness: Readiness, *,
+def create_admin_app(reports: Any, metrics: Metrics, readiness: Readiness, *,
                      status_token: str | None = None) -> Flask:
+    """``reports``: the journal's reports store (gauges and the status page)."""
     app = _AdminFlask("syncd.admin")
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024  # only the status login form is ever posted
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    metrics.watch_journal(journal.counts, max_age_seconds=GAUGE_MAX_AGE_SECONDS)
+    metrics.watch_journal(reports.counts, max_age_seconds=GAUGE_MAX_AGE_SECONDS)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -185,5 +188,5 @@ def create_admin_app(journal: Any, metrics: Metrics, readiness: Readiness, *,
     def metrics_view():
         return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
-    register_status_page(app, StatusReads(journal), status_token)
+    register_status_page(app, StatusReads(reports), status_token)
     return app

@@ -127,7 +127,7 @@ def check(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def status(c: Ctx, as_json: bool) -> None:
     """Counts by state, oldest pending age, last push per CRM."""
-    counts = c.journal().counts()
+    counts = c.journal().reports.counts()
     if as_json:
         _echo_json(counts)
         return
@@ -147,7 +147,7 @@ def status(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def dead_letters(c: Ctx, as_json: bool) -> None:
     """Dead deliveries (d<N>) and quarantined events (q<N>), with the reason."""
-    rows = c.journal().dead_letters()
+    rows = c.journal().reports.dead_letters()
     if as_json:
         _echo_json(rows)
         return
@@ -175,11 +175,11 @@ def replay(c: Ctx, ids: tuple[str, ...], all_dead: bool, dry_run: bool, as_json:
     if bool(ids) == all_dead:
         raise click.UsageError("give dead-letter ids or --all-dead (not both)")
     journal = c.journal()
-    dead = {row["id"]: row for row in journal.dead_letters()}
+    dead = {row["id"]: row for row in journal.reports.dead_letters()}
     results = _replay_plan(dead, list(dead) if all_dead else list(ids), dry_run)
     due = [r["id"] for r in results if r["result"] == "requeued"]
     if due:
-        journal.replay(due)  # one transaction; a row only changes while it is still dead
+        journal.replay(due)  # a row only changes while it is still dead
     if as_json:
         _echo_json(results)
     else:
@@ -189,7 +189,7 @@ def replay(c: Ctx, ids: tuple[str, ...], all_dead: bool, dry_run: bool, as_json:
 
 def _replay_plan(dead: dict[str, dict[str, Any]], ids: list[str], dry_run: bool) -> list[dict[str, Any]]:
     """What happens to each id: requeued / would-requeue, or invalid / not-dead with why."""
-    from syncd.journal.sql import parse_letter_id
+    from syncd.journal.base import parse_letter_id
 
     results: list[dict[str, Any]] = []
     for raw in ids:
@@ -240,7 +240,7 @@ def export(c: Ctx, fmt: str, since: str | None) -> None:
             when = parse_iso(since)
         except ValueError:
             raise click.BadParameter(f"not an ISO 8601 date-time: {since!r}", param_hint="--since") from None
-    rows = c.journal().export_rows(when)
+    rows = c.journal().reports.export_rows(when)
     out = click.get_text_stream("stdout")
     if fmt == "jsonl":
         for row in rows:

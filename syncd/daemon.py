@@ -72,23 +72,22 @@ class Daemon:
     def __init__(self, cfg: Config, runtime: Runtime | None = None):
         self.cfg = cfg
         self.rt = runtime or open_runtime(cfg)
-        acquire = getattr(self.rt.journal, "acquire_serve_lock", None)
-        if acquire is not None:
-            acquire()  # raises JournalBusy
+        self.rt.journal.ops.acquire_serve_lock()  # raises JournalBusy
         self.scheduler = Scheduler(self.rt.metrics)
-        self.scheduler.every("push", cfg.schedule.push_interval_seconds, self.rt.pusher.run_once)
+        self.scheduler.every("push", cfg.schedule.push_interval_seconds, self.rt.tick)
         for name, interval, fn in self.extra_jobs():
             self.scheduler.every(name, interval, fn)
         self.app = create_app(self.rt.journal, self.rt.sources, self.rt.router,
                               max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics)
-        journal_file = getattr(self.rt.journal, "path", None)  # SQLite; a PostgreSQL disk is not ours to watch
-        readiness = Readiness(self.rt.journal, scheduler_alive=lambda: self.scheduler.running,
-                              extra_ready=lambda: self.rt.pusher.circuit_problem(CIRCUIT_READY_SECONDS),
+        journal_file = getattr(self.rt.journal.engine, "path", None)  # SQLite; a PostgreSQL disk is not ours
+        readiness = Readiness(self.rt.journal.ops, last_commit=self.rt.journal.events.last_ingest_commit,
+                              scheduler_alive=lambda: self.scheduler.running,
+                              extra_ready=lambda: self.rt.pauses.circuit_problem(CIRCUIT_READY_SECONDS),
                               disk_path=journal_file.parent if journal_file else None,
                               min_free_disk_mb=cfg.admin.min_free_disk_mb)
-        self.admin_app = create_admin_app(self.rt.journal, self.rt.metrics, readiness,
+        self.admin_app = create_admin_app(self.rt.journal.reports, self.rt.metrics, readiness,
                                           status_token=cfg.admin.status_token)
-        self.admin_app.config[CRM_HEALTH_KEY] = self.rt.pusher.health_report  # the status page's CRM health
+        self.admin_app.config[CRM_HEALTH_KEY] = self.rt.health.report  # the status page's CRM health
         self.server: Any = self._listen(self.app, cfg.receiver.host, cfg.receiver.port, public_server_options(cfg))
         self.admin_server: Any = self._listen(self.admin_app, cfg.admin.host, cfg.admin.port, ADMIN_SERVER_OPTIONS)
         self._stopped = threading.Event()
@@ -175,7 +174,7 @@ class Daemon:
             raise SystemExit(0)
 
     def shutdown(self) -> None:
-        self.rt.pusher.stopping.set()
+        self.rt.stop_ticking()
         self._stopped.set()
         for server in (self.server, self.admin_server):
             try:
@@ -183,9 +182,9 @@ class Daemon:
             except Exception:  # already closed by waitress
                 pass
         finished = self.scheduler.stop(timeout=6.0)
-        released = self.rt.journal.release_leases()
-        if self.rt.pusher.alerts is not None:
-            self.rt.pusher.alerts.close(timeout=2.0)  # post what is queued, briefly
+        released = self.rt.journal.deliveries.release_leases()
+        if self.rt.alerts is not None:
+            self.rt.alerts.close(timeout=2.0)  # post what is queued, briefly
         log.info("syncd stopped", extra={"tick_finished": finished, "leases_released": released})
         if finished:
             self.rt.journal.close()

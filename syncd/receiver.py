@@ -106,7 +106,7 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
             event.quarantine_reason = router.unroutable_reason(event.external_lead_id, event.phone,
                                                                event.phone_raw)
         try:
-            recorded = journal.record(event)
+            recorded = journal.events.record(event)
         except Exception as exc:  # disk full, locked beyond the busy timeout...
             count(name, "journal_error")
             log.error("journal write failed", extra={"source": name, "error": mask_text(repr(exc))})

@@ -4,15 +4,16 @@
 the number of changes) and queues one registration per phone and Sinch channel
 whose mapped flags say "do not message"; the queue and the new watermark commit
 together. ``register_due`` sends queued registrations (``optouts:register``) and
-waits for Sinch's signed notification, which ``reconcile`` (called by the pusher's
-router for every Sinch webhook) joins back by ``request_id``. Missing or failed
-notifications are retried with backoff, then dead-lettered.
+waits for Sinch's signed notification, which :class:`SinchNotifications` (called
+by the routing step for every Sinch webhook) joins back by ``request_id`` and turns
+into an outcome. Missing or failed notifications are retried with backoff, then
+dead-lettered.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,7 +23,8 @@ from connectors.registry import CRM_PLUGINS
 from connectors.types import Page, Watermark
 from syncd.backoff import RetryPolicy
 from syncd.config import Config
-from syncd.journal.base import Journal, ReflectionCandidate, ReflectionOutcome, StoredEvent
+from syncd.journal.base import (Events, Operations, ReflectionCandidate, ReflectionOutcome, Reflections,
+                                Registration, StoredEvent)
 from syncd.mapping import Mapping
 from syncd.masking import mask_phone, mask_text
 from syncd.metrics import Metrics
@@ -64,10 +66,11 @@ def phones_of(values: dict[str, Any], fields: list[str], region: str) -> list[st
 
 
 class Reflector:
-    def __init__(self, journal: Journal, connectors: dict[str, CrmConnector], mappings: dict[str, Mapping],
-                 sinch: Any, cfg: Config, *, page_limit: int = 200, max_pages: int = 50,
-                 metrics: Metrics | None = None):
-        self.journal = journal
+    def __init__(self, reflections: Reflections, ops: Operations, connectors: dict[str, CrmConnector],
+                 mappings: dict[str, Mapping], sinch: Any, cfg: Config, *, page_limit: int = 200,
+                 max_pages: int = 50, metrics: Metrics | None = None):
+        self.reflections = reflections
+        self.ops = ops
         self.metrics = metrics
         self.connectors = connectors
         self.mappings = mappings
@@ -85,14 +88,14 @@ class Reflector:
     # --- polling the CRMs ------------------------------------------------------------
     def poll_once(self) -> dict[str, int]:
         """One poll of every CRM whose mapping has a reflect section; leader only."""
-        if not self.journal.try_leadership("reflector"):
+        if not self.ops.try_leadership("reflector"):
             return {}
         queued: dict[str, int] = {}
         for crm, connector in self.connectors.items():
             reflect = self.mappings[crm].reflect
             if not reflect.fields or not reflect.phone_fields:
                 continue
-            pause = self.journal.crm_pause(crm)
+            pause = self.ops.crm_pause(crm)
             if pause is not None and pause[0] > time.time():
                 continue  # the CRM's API quota is paused (see Pusher): polls wait too
             try:
@@ -114,11 +117,11 @@ class Reflector:
 
     def _poll_crm(self, crm: str, connector: CrmConnector, flags: list[str], phone_fields: list[str]) -> int:
         name = f"reflect:{crm}"
-        ts, last_id = self.journal.get_watermark(name)
+        ts, last_id = self.ops.get_watermark(name)
         if ts is None and not self.backfill:
             start = datetime.fromtimestamp(time.time() - START_OVERLAP_SECONDS, timezone.utc)
             first = CRM_PLUGINS[crm].initial_watermark(start)
-            self.journal.add_reflections([], self.channels, (name, first, None))
+            self.reflections.add([], self.channels, (name, first, None))
             return 0
         mark, total = Watermark(ts, last_id), 0
         for _ in range(self.max_pages):
@@ -132,7 +135,7 @@ class Reflector:
                 for phone in phones_of(rec.values, phone_fields, self.region):
                     candidates.append(ReflectionCandidate(rec.ref, phone, kind, rec.modified))
             mark = page.next_mark
-            total += self.journal.add_reflections(candidates, self.channels, (name, mark.ts, mark.last_id))
+            total += self.reflections.add(candidates, self.channels, (name, mark.ts, mark.last_id))
             if not page.more:
                 break
         if total:
@@ -142,9 +145,9 @@ class Reflector:
     # --- registering in Sinch --------------------------------------------------------
     def register_due(self, limit: int = 100) -> dict[str, int]:
         stats = {"registered": 0, "retry": 0, "dead": 0, "expired": 0}
-        stats["expired"] = self.journal.expire_registered(
+        stats["expired"] = self.reflections.expire(
             self.policy.max_attempts, f"no notification from Sinch within {self.notify_timeout:g} s")
-        claimed = self.journal.claim_reflections(limit, lease_seconds=120)
+        claimed = self.reflections.claim(limit, lease_seconds=120)
         outcomes = []
         for r in claimed:
             register = self.sinch.register_opt_out if r.kind == "opt_out" else self.sinch.register_opt_in
@@ -155,7 +158,7 @@ class Reflector:
                                                          "channel": r.channel, "phone": mask_phone(r.phone)})
             except ConnectorError as exc:
                 outcomes.append(self._failed(r.id, r.attempts, exc))
-        self.journal.settle_reflections(outcomes)
+        self.reflections.settle(outcomes)
         for o in outcomes:
             stats[o.state] += 1
         return stats
@@ -167,24 +170,61 @@ class Reflector:
             return ReflectionOutcome(rid, "dead", error=text)
         return ReflectionOutcome(rid, "retry", error=text, at=self.policy.next_try(exc, attempts))
 
-    # --- notifications ---------------------------------------------------------------
-    def reconcile(self, event: StoredEvent) -> bool:
-        """True when the Sinch webhook was a result for a registration (nothing to push).
 
-        ``*_STATUS_UNSPECIFIED`` is Sinch's "the underlying channel doesn't support
-        Opt-out" (or Opt-in): no retry can help, so the registration fails at once.
-        """
+class SinchNotifications:
+    """Sinch's signed notifications: a result for a registration of ours is joined
+    back to it and decided here (confirmed, retry, or dead); any other consent change
+    Sinch made on its own is remembered and routed to the CRMs."""
+
+    def __init__(self, reflections: Reflections, events: Events, policy: RetryPolicy):
+        self.reflections = reflections
+        self.events = events
+        self.policy = policy
+
+    def reconcile(self, event: StoredEvent) -> bool:
+        """True when the Sinch webhook was a result for a registration, or a result
+        nobody asked for (nothing to push); False for a consent change to route."""
+        d = event.details
+        status = str(d.get("status") or "")
+        channel = str(d.get("sinch_channel") or "WHATSAPP").upper()
+        succeeded = status.endswith("_SUCCEEDED")
+        registration = self.reflections.match(d.get("request_id"), event.phone, channel, event.kind)
+        if registration is not None:
+            outcome = self.outcome(registration, status, succeeded, d)
+            self.reflections.apply_notification(event.id, outcome, f"reflection r{registration.id}: {status}")
+            log.info("sinch notification reconciled", extra={"event_id": event.id, "outcome": "reflection",
+                                                             "status": d.get("status")})
+            return True
+        if succeeded and event.phone and event.kind in ("opt_out", "opt_in"):
+            self.reflections.remember_sinch_state(event.phone, channel, event.kind)
+            return False
+        self.events.reconciled(event.id, f"no registration matches this {status or 'result'}")
+        log.info("sinch notification reconciled", extra={"event_id": event.id, "outcome": "unmatched",
+                                                         "status": d.get("status")})
+        return True
+
+    def outcome(self, registration: Registration, status: str, succeeded: bool,
+                details: dict[str, Any]) -> ReflectionOutcome:
+        """``*_SUCCEEDED`` confirms the registration; a failure is retried with backoff
+        until the attempts are spent. ``*_STATUS_UNSPECIFIED`` is Sinch's "the
+        underlying channel doesn't support Opt-out" (or Opt-in): no retry can help,
+        so the registration fails at once."""
+        if succeeded:
+            return ReflectionOutcome(registration.id, "done")
         max_attempts = self.policy.max_attempts
-        status = str(event.details.get("status") or "")
+        error_details = details.get("error_details")
         if status.endswith(UNSUPPORTED_SUFFIX):
             max_attempts = 0
-            if not event.details.get("error_details"):
-                channel = str(event.details.get("sinch_channel") or "?")[:40]
+            if not error_details:
+                channel = str(details.get("sinch_channel") or "?")[:40]
                 what = "opt-in" if status.startswith("OPT_IN") else "opt-out"
-                event = replace(event, details={**event.details, "error_details": {
-                    "description": f"Sinch: channel {channel} does not support {what} registration"}})
-        outcome = self.journal.reconcile(event, max_attempts, self.policy.retry_at)
-        if outcome is not None:
-            log.info("sinch notification reconciled", extra={"event_id": event.id, "outcome": outcome,
-                                                             "status": event.details.get("status")})
-        return outcome is not None
+                error_details = {"description": f"Sinch: channel {channel} does not support {what} registration"}
+        # Sinch's reason text can echo the phone or email: masked before it is stored,
+        # since dead-letters, export and the status page print it.
+        reason = json.dumps(error_details, default=str, ensure_ascii=False)
+        error = mask_text(f"{status}: {reason}")[:500]
+        if registration.attempts >= max_attempts:
+            return ReflectionOutcome(registration.id, "dead",
+                                     error=f"gave up after {registration.attempts} attempts: {error}")
+        return ReflectionOutcome(registration.id, "retry", error=error,
+                                 at=self.policy.retry_at(registration.attempts))

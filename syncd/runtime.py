@@ -7,13 +7,17 @@ from connectors.base import CrmConnector
 from connectors.plugin import BuildContext
 from connectors.registry import CRM_PLUGINS
 from syncd.alerts import Alerts
+from syncd.backoff import RetryPolicy
 from syncd.config import Config, ConfigError
+from syncd.crm_health import CrmHealthBook
 from syncd.journal import Journal, open_journal
 from syncd.mapping import Mapping, load_mapping
 from syncd.masking import register_secrets
 from syncd.metrics import Metrics
-from syncd.pusher import Pusher, QuotaPolicy
-from syncd.reflector import Reflector
+from syncd.pauses import CrmPauses, QuotaPolicy
+from syncd.pusher import Pusher, TickStats
+from syncd.reflector import Reflector, SinchNotifications
+from syncd.router import EventRouter
 from syncd.routing import Router
 from syncd.sources import Source, build_sources
 
@@ -72,10 +76,25 @@ class Runtime:
     router: Router
     mappings: dict[str, Mapping]
     connectors: dict[str, CrmConnector]
+    routing: EventRouter
     pusher: Pusher
+    pauses: CrmPauses
+    health: CrmHealthBook       # each CRM's calls, for the status page
     metrics: Metrics = field(default_factory=Metrics)
     reflector: Reflector | None = None
     alerts: Alerts | None = None  # alerts.webhook_url; the compliance check calls alerts.opt_out_at_risk
+
+    def tick(self) -> TickStats:
+        """The scheduled work, in order: route new events, then push due deliveries."""
+        routed = self.routing.tick()
+        stats = self.pusher.run_once()
+        stats.routed, stats.quarantined = routed.routed, routed.quarantined
+        return stats
+
+    def stop_ticking(self) -> None:
+        """SIGTERM: each step finishes the batch in hand and takes no more."""
+        self.routing.stopping.set()
+        self.pusher.stopping.set()
 
 
 def open_runtime(cfg: Config) -> Runtime:
@@ -86,16 +105,24 @@ def open_runtime(cfg: Config) -> Runtime:
                            max_stored_body_bytes=cfg.receiver.max_stored_body_bytes)
     router = Router.from_config(cfg)
     metrics = Metrics()
-    pusher = Pusher(journal, connectors, mappings, router, cfg.retry, batch_size=cfg.schedule.batch_size,
-                    lease_seconds=cfg.schedule.lease_seconds, metrics=metrics, quotas=quota_policies(cfg))
+    policy = RetryPolicy(cfg.retry)
+    pauses = CrmPauses(journal.ops, connectors, quota_policies(cfg))
+    alerts = None
     if cfg.alerts.webhook_url:
-        pusher.alerts = Alerts(cfg.alerts.webhook_url, cooldown_seconds=cfg.alerts.cooldown_seconds,
-                               timeout=min(cfg.http.timeout_seconds, 10.0), ca_bundle=cfg.http.ca_bundle)
+        alerts = Alerts(cfg.alerts.webhook_url, cooldown_seconds=cfg.alerts.cooldown_seconds,
+                        timeout=min(cfg.http.timeout_seconds, 10.0), ca_bundle=cfg.http.ca_bundle)
+    health = CrmHealthBook(journal.ops, connectors, alerts)
+    batch, lease = cfg.schedule.batch_size, cfg.schedule.lease_seconds
+    pusher = Pusher(journal.deliveries, journal.ops, connectors, mappings, pauses, policy, batch_size=batch,
+                    lease_seconds=lease, metrics=metrics, health=health, alerts=alerts)
+    notifications = SinchNotifications(journal.reflections, journal.events, policy)
+    routing = EventRouter(journal.events, journal.deliveries, journal.ops, router, connectors, pauses, policy,
+                          notifications.reconcile, batch_size=batch, lease_seconds=lease, metrics=metrics,
+                          health=health)
     reflector = None
     sinch = build_sinch(cfg)
     if sinch is not None:
-        reflector = Reflector(journal, connectors, mappings, sinch, cfg, metrics=metrics)
-        pusher.reconcile = reflector.reconcile
+        reflector = Reflector(journal.reflections, journal.ops, connectors, mappings, sinch, cfg, metrics=metrics)
     return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
-                   connectors=connectors, pusher=pusher, metrics=metrics, reflector=reflector,
-                   alerts=pusher.alerts)
+                   connectors=connectors, routing=routing, pusher=pusher, pauses=pauses, health=health,
+                   metrics=metrics, reflector=reflector, alerts=alerts)

@@ -16,23 +16,23 @@ STATUS_TOKEN = "admin-test-status-token-0123"
 
 
 class Spy:
-    """A journal that counts the calls the admin endpoints make (``healthcheck_error``:
-    what its write probe raises)."""
+    """A journal store that counts the calls the admin endpoints make into ``calls``
+    (``healthcheck_error``: what the operations store's write probe raises)."""
 
-    def __init__(self, journal, healthcheck_error: Exception | None = None):
-        self.journal = journal
-        self.calls: dict[str, int] = {}
+    def __init__(self, store, healthcheck_error: Exception | None = None, calls: dict[str, int] | None = None):
+        self.store = store
+        self.calls: dict[str, int] = {} if calls is None else calls
         self.healthcheck_error = healthcheck_error
 
     def healthcheck(self):
         self.calls["healthcheck"] = self.calls.get("healthcheck", 0) + 1
         if self.healthcheck_error is not None:
             raise self.healthcheck_error
-        return self.journal.healthcheck()
+        return self.store.healthcheck()
 
     def __getattr__(self, name):
-        attr = getattr(self.journal, name)
-        if not callable(attr) or name == "last_ingest_commit":
+        attr = getattr(self.store, name)
+        if not callable(attr):
             return attr
 
         def counted(*args, **kwargs):
@@ -47,19 +47,22 @@ def admin(tmp_path, receiver):
     from syncd.admin import Readiness, create_admin_app
     from syncd.metrics import Metrics
 
-    spy = Spy(receiver.journal)
-    live = LiveReceiver(create_admin_app(spy, Metrics(), Readiness(spy, disk_path=tmp_path),
-                                         status_token=STATUS_TOKEN))
-    live.spy = spy
+    journal = receiver.journal
+    reports = Spy(journal.reports)
+    ops = Spy(journal.ops, calls=reports.calls)
+    readiness = Readiness(ops, last_commit=journal.events.last_ingest_commit, disk_path=tmp_path)
+    live = LiveReceiver(create_admin_app(reports, Metrics(), readiness, status_token=STATUS_TOKEN))
+    live.spy = reports
     yield live
     live.close()
 
 
-def make_admin(tmp_path, journal, **readiness):
+def make_admin(tmp_path, journal, ops=None, **readiness):
     from syncd.admin import Readiness, create_admin_app
     from syncd.metrics import Metrics
 
-    return LiveReceiver(create_admin_app(journal, Metrics(), Readiness(journal, **readiness)))
+    ready = Readiness(ops or journal.ops, last_commit=journal.events.last_ingest_commit, **readiness)
+    return LiveReceiver(create_admin_app(journal.reports, Metrics(), ready))
 
 
 def test_metrics_gauges_are_read_once_for_many_scrapes(admin):
@@ -90,8 +93,8 @@ def test_readiness_trusts_a_webhook_commit_that_just_succeeded(admin, receiver):
 
 
 def test_readiness_fails_when_the_journal_cannot_write(tmp_path, receiver):
-    spy = Spy(receiver.journal, healthcheck_error=OSError("disk I/O error"))
-    live = make_admin(tmp_path, spy)
+    spy = Spy(receiver.journal.ops, healthcheck_error=OSError("disk I/O error"))
+    live = make_admin(tmp_path, receiver.journal, ops=spy)
     try:
         resp = requests.get(f"{live.url}/readyz", timeout=10)
         assert resp.status_code == 503

@@ -71,9 +71,9 @@ def test_150_hubspot_contacts_in_two_batch_calls(crm_stack, stack_runtime):
     hs = crm_stack.sandboxes["hubspot"]
     ids = [hs.add_contact(None, sms_opt_out="false") for _ in range(150)]
     for n, cid in enumerate(ids):
-        stack_runtime.journal.record(event(n, cid))
+        stack_runtime.journal.events.record(event(n, cid))
     hs.clear_log()
-    stats = stack_runtime.pusher.run_once()
+    stats = stack_runtime.tick()
     assert (stats.done, stats.dead) == (150, 0)
     sizes = [len(r.json()["inputs"]) for r in hs.requests_to(r"/contacts/batch/update$", "POST")]
     assert sorted(sizes) == [50, 100]
@@ -84,13 +84,13 @@ def test_rolling_window_429_is_waited_out_and_the_event_lands(crm_stack, stack_r
     hs = crm_stack.sandboxes["hubspot"]
     ids = ["51"] + [hs.add_contact(None, call_opt_out="false") for _ in range(249)]
     for n, cid in enumerate(ids):
-        stack_runtime.journal.record(event(n, cid, "call"))
+        stack_runtime.journal.events.record(event(n, cid, "call"))
     hs.set_rate_limit(2, 1000)  # two requests per rolling second; the push needs three batch calls
     deadline = time.time() + 20
-    while time.time() < deadline and stack_runtime.journal.counts()["deliveries"]["done"] < 250:
-        stack_runtime.pusher.run_once()
+    while time.time() < deadline and stack_runtime.journal.reports.counts()["deliveries"]["done"] < 250:
+        stack_runtime.tick()
         time.sleep(0.1)
-    counts = stack_runtime.journal.counts()["deliveries"]
+    counts = stack_runtime.journal.reports.counts()["deliveries"]
     assert (counts["done"], counts["dead"]) == (250, 0)
     assert all(hs.get_contact(c)["call_opt_out"] == "true" for c in ids)
     assert hs.rate_limited, "the sandbox never answered 429: the test proves nothing"
@@ -104,9 +104,9 @@ def test_close_rate_limit_retry_after_is_honoured(crm_stack, stack_runtime):
     cl = crm_stack.sandboxes["close"]
     cl.add_fault("PUT", r"/lead/lead_abc123/$", 429, {"error": {"rate_reset": 1.0, "message": "API call limit"}},
                  headers={"Retry-After": "1"})
-    stack_runtime.journal.record(event(1, "lead_abc123", "whatsapp"))
+    stack_runtime.journal.events.record(event(1, "lead_abc123", "whatsapp"))
     started = time.time()
-    stack_runtime.pusher.run_once()
+    stack_runtime.tick()
     puts = [r.at for r in cl.requests_to(r"/lead/lead_abc123/$", "PUT")]
     assert len(puts) == 2 and puts[1] - puts[0] >= 0.95
     assert cl.custom_value("lead_abc123", "WhatsApp Opt Out") is True
@@ -118,11 +118,11 @@ def test_interleaved_arrivals_still_fill_each_crms_batches(crm_stack, stack_runt
     sf_ids = [sf.add_record("Contact", None, LastName=f"I{i}", SMS_Opt_Out__c=False) for i in range(400)]
     hs_ids = [hs.add_contact(None, sms_opt_out="false") for _ in range(400)]
     for n, (a, b) in enumerate(zip(sf_ids, hs_ids)):
-        stack_runtime.journal.record(event(2 * n, a))
-        stack_runtime.journal.record(event(2 * n + 1, b))
+        stack_runtime.journal.events.record(event(2 * n, a))
+        stack_runtime.journal.events.record(event(2 * n + 1, b))
     sf.clear_log()
     hs.clear_log()
-    stats = stack_runtime.pusher.run_once()
+    stats = stack_runtime.tick()
     assert (stats.done, stats.dead) == (800, 0)
     assert [len(r.json()["records"]) for r in sf.requests_to(r"/composite/sobjects$", "PATCH")] == [200, 200]
     assert [len(r.json()["inputs"]) for r in hs.requests_to(r"/batch/update$", "POST")] == [100] * 4

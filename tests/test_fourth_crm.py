@@ -244,9 +244,9 @@ def test_a_fourth_crm_is_one_module_one_mapping_one_registry_line(tmp_path, tiny
 
         # pushing: an opt-out for tc-42 becomes a PATCH over HTTP
         at = datetime.now(timezone.utc) - timedelta(minutes=1)
-        rt.journal.record(ConsentEvent(source="apten", source_event_id="e1", kind="opt_out", channel="sms",
-                                       occurred_at=at, received_at=at, raw=b"{}", external_lead_id="tc-42"))
-        stats = rt.pusher.run_once()
+        rt.journal.events.record(ConsentEvent(source="apten", source_event_id="e1", kind="opt_out", channel="sms",
+                                              occurred_at=at, received_at=at, raw=b"{}", external_lead_id="tc-42"))
+        stats = rt.tick()
         assert (stats.routed, stats.done, stats.dead) == (1, 1, 0)
         assert ("PATCH", "/v1/people/tc-42") in tiny.requests
         assert tiny.people["tc-42"]["sms_opt_out"] is True and tiny.people["tc-42"]["call_opt_out"] is False
@@ -255,14 +255,14 @@ def test_a_fourth_crm_is_one_module_one_mapping_one_registry_line(tmp_path, tiny
         # little before now), so records changed an hour ago are not read ...
         assert rt.reflector is not None
         assert rt.reflector.poll_once() == {"tinycrm": 0}
-        start, _ = rt.journal.get_watermark("reflect:tinycrm")
+        start, _ = rt.journal.ops.get_watermark("reflect:tinycrm")
         assert start is not None and start.isdigit() and abs(int(start) - time.time()) < 600
         # ... and the next poll reads what changed since: tc-42's push and an admin's edit
         tiny.people["tc-43"].update(call_opt_out=True, modified=int(time.time()))
         assert rt.reflector.poll_once() == {"tinycrm": 2}
         polls = [path for method, path in tiny.requests if path.startswith("/v1/people?")]
         assert polls and all("modified_after=" in p for p in polls)
-        queued = rt.journal.claim_reflections(10, lease_seconds=60)
+        queued = rt.journal.reflections.claim(10, lease_seconds=60)
         assert sorted((r.ref.record_id, r.phone, r.kind) for r in queued) == [
             ("tc-42", "+13305551234", "opt_out"), ("tc-43", "+13305559876", "opt_out")]
     finally:

@@ -41,22 +41,34 @@ def _sinch(channel: str, identity: str = "13305551234") -> bytes:
 def test_apten_manual_channel_is_accepted_counted_and_exported(receiver):
     resp = post_apten(receiver, _apten(channel="manual"))
     assert resp.status_code == 200 and resp.json()["status"] == "accepted", resp.text
-    stored = receiver.journal.get_event(resp.json()["event_id"])
+    stored = receiver.journal.events.get(resp.json()["event_id"])
     assert stored.channel == "all" and stored.details["raw_channel"] == "manual"
     unknown = post_apten(receiver, _apten(channel="email", optOutReason="SPAM_TRAP"))
     assert unknown.status_code == 200, unknown.text
     metrics = generate_latest(receiver.metrics.registry).decode()
     assert 'syncd_source_unmodelled_values_total{field="channel",source="apten"} 1.0' in metrics
     assert 'syncd_source_unmodelled_values_total{field="optOutReason",source="apten"} 1.0' in metrics
-    rows = {r["event_id"]: r for r in receiver.journal.export_rows(None)}
+    rows = {r["event_id"]: r for r in receiver.journal.reports.export_rows(None)}
     assert rows[resp.json()["event_id"]]["raw_channel"] == "manual"
     assert rows[resp.json()["event_id"]]["unmodelled"] == "channel=manual"
     assert rows[unknown.json()["event_id"]]["unmodelled"] == "optOutReason=SPAM_TRAP"
 
 
-def test_sinch_unmodelled_channel_is_stored_answered_200_and_never_routed(receiver):
+def route_all(journal, rules) -> None:
+    """One tick of the routing step with no CRM connected."""
+    from syncd.backoff import RetryPolicy
     from syncd.config import RetryConfig
-    from syncd.pusher import Pusher
+    from syncd.pauses import CrmPauses
+    from syncd.reflector import SinchNotifications
+    from syncd.router import EventRouter
+
+    policy = RetryPolicy(RetryConfig())
+    notifications = SinchNotifications(journal.reflections, journal.events, policy)
+    EventRouter(journal.events, journal.deliveries, journal.ops, rules, {}, CrmPauses(journal.ops, {}), policy,
+                notifications.reconcile).tick()
+
+
+def test_sinch_unmodelled_channel_is_stored_answered_200_and_never_routed(receiver):
     from syncd.routing import Router
 
     resp = post_sinch(receiver, _sinch("VIBERBM"))
@@ -65,12 +77,11 @@ def test_sinch_unmodelled_channel_is_stored_answered_200_and_never_routed(receiv
     assert "VIBERBM" in resp.json()["reason"]
     again = post_sinch(receiver, _sinch("INSTAGRAM", identity="no phone here"))  # no phone: still not quarantined
     assert again.status_code == 200 and again.json()["status"] == "ignored", again.text
-    pusher = Pusher(receiver.journal, {}, {}, Router([], ["salesforce"]), RetryConfig())
-    pusher.run_once()
-    counts = receiver.journal.counts()
+    route_all(receiver.journal, Router([], ["salesforce"]))
+    counts = receiver.journal.reports.counts()
     assert counts["ignored"] == 2 and counts["quarantined"] == 0
     assert counts["deliveries"] == {"pending": 0, "retrying": 0, "done": 0, "dead": 0}
-    row = next(r for r in receiver.journal.export_rows(None) if r["event_id"] == event_id)
+    row = next(r for r in receiver.journal.reports.export_rows(None) if r["event_id"] == event_id)
     assert (row["state"], row["raw_channel"], row["target_crm"]) == ("ignored", "VIBERBM", None)
     assert "not modelled" in row["error"] and row["unmodelled"] == "channel=VIBERBM"
     metrics = generate_latest(receiver.metrics.registry).decode()
@@ -86,16 +97,16 @@ def _contact(sf):
 def test_viber_opt_out_sets_no_whatsapp_flag_and_manual_opt_out_sets_every_channel(runtime, sf_sandbox):
     now = datetime.now(timezone.utc)
     viber = SinchSource(SINCH_SECRET).parse(_sinch("VIBERBM"), now)
-    runtime.journal.record(viber)
+    runtime.journal.events.record(viber)
     sf_sandbox.clear_log()
-    runtime.pusher.run_once()
+    runtime.tick()
     assert _contact(sf_sandbox) == dict.fromkeys(CONSENT_FIELDS, False)
     assert sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH") == []
-    assert runtime.journal.counts()["ignored"] == 1
+    assert runtime.journal.reports.counts()["ignored"] == 1
 
     manual = AptenSource(APTEN_SECRET).parse(_apten(channel="manual", externalLeadId=CONTACT[:15]), now)
-    runtime.journal.record(manual)
-    runtime.pusher.run_once()
+    runtime.journal.events.record(manual)
+    runtime.tick()
     assert _contact(sf_sandbox) == dict.fromkeys(CONSENT_FIELDS, True)
 
 
@@ -103,15 +114,16 @@ def test_viber_opt_out_sets_no_whatsapp_flag_and_manual_opt_out_sets_every_chann
 def test_nul_in_free_text_is_storable_in_postgresql():
     import psycopg
 
-    from syncd.journal.postgres import PostgresJournal
+    from syncd.journal import journal_on
+    from syncd.journal.postgres import PostgresEngine
 
     url, schema = os.environ["SYNCD_TEST_PG_URL"], f"tnul{os.getpid()}_{time.time_ns()}"
-    journal = PostgresJournal(url, schema=schema)
+    journal = journal_on(PostgresEngine(url, schema=schema))
     try:
         body = _apten().replace(b'"STOP"', b'"STOP\\u0000"')   # PostgreSQL TEXT refuses NUL
-        recorded = journal.record(AptenSource(APTEN_SECRET).parse(body, datetime.now(timezone.utc)))
+        recorded = journal.events.record(AptenSource(APTEN_SECRET).parse(body, datetime.now(timezone.utc)))
         assert recorded.created
-        assert journal.get_event(recorded.event_id).phone == "+13305551234"
+        assert journal.events.get(recorded.event_id).phone == "+13305551234"
     finally:
         journal.close()
         with psycopg.connect(url, autocommit=True) as conn:
@@ -202,13 +214,11 @@ def test_status_and_export_commands_show_ignored_and_raw_channels(receiver, tmp_
     import subprocess
     import sys
 
-    from syncd.config import RetryConfig
-    from syncd.pusher import Pusher
     from syncd.routing import Router
 
     viber = post_sinch(receiver, _sinch("VIBERBM")).json()["event_id"]
     manual = post_apten(receiver, _apten(channel="manual")).json()["event_id"]
-    Pusher(receiver.journal, {}, {}, Router([], []), RetryConfig()).run_once()
+    route_all(receiver.journal, Router([], []))
     (tmp_path / "cli.yaml").write_text(
         "journal:\n  url: sqlite:///r.db\nsources:\n  apten:\n    secret: " + uuid.uuid4().hex + "\n")
 

@@ -22,7 +22,13 @@ pytestmark = [pytest.mark.skipif(not URL, reason="SYNCD_TEST_PG_URL not set"), p
 if URL:
     import psycopg
 
-    from syncd.journal.postgres import MIGRATIONS, PostgresJournal, PostgresUnavailable
+    from syncd.journal import migrate
+    from syncd.journal import Journal, journal_on
+    from syncd.journal.postgres import PostgresEngine, PostgresUnavailable
+
+    def PostgresJournal(url: str, **kw) -> Journal:
+        """The stores over a PostgreSQL engine on ``url``."""
+        return journal_on(PostgresEngine(url, **kw))
 
 
 @pytest.fixture
@@ -36,9 +42,9 @@ def schema():
 @pytest.fixture
 def journals(schema):
     """Factory for journals on the test's schema; all are closed at the end."""
-    made: list[PostgresJournal] = []
+    made: list[Journal] = []
 
-    def make(**kw) -> PostgresJournal:
+    def make(**kw) -> Journal:
         j = PostgresJournal(URL, schema=schema, **kw)
         made.append(j)
         return j
@@ -84,9 +90,10 @@ def test_two_replicas_never_lease_one_record_together(journals):
     setup = journals()
     refs = [RecordRef("salesforce", "Contact", f"003XX00000{r:05d}AAA") for r in range(50)]
     for n in range(200):  # a record's four deliveries are adjacent in claim order: the hard case
-        rec = setup.record(event(n))
-        setup.add_targets(rec.event_id, [refs[n // 4]])
-    with setup._read() as cur:
+        rec = setup.events.record(event(n))
+        setup.deliveries.add_targets(rec.event_id, [refs[n // 4]])
+    with setup.engine.read() as tx:
+        cur = tx.cur
         cur.execute("SELECT id FROM deliveries")
         all_ids = {r[0] for r in cur.fetchall()}
     assert len(all_ids) == 200
@@ -99,13 +106,13 @@ def test_two_replicas_never_lease_one_record_together(journals):
     settled = [0]
     stop = threading.Event()
 
-    def replica(name: str, j: PostgresJournal) -> None:
+    def replica(name: str, j: Journal) -> None:
         rnd = random.Random(name)
         while True:
             with held_lock:
                 if settled[0] >= 200:
                     return
-            batch = j.claim(rnd.randint(1, 8), 60)
+            batch = j.deliveries.claim(rnd.randint(1, 8), 60)
             if not batch:
                 time.sleep(0.002)
                 continue
@@ -120,14 +127,14 @@ def test_two_replicas_never_lease_one_record_together(journals):
             with held_lock:
                 for d in batch:
                     held.pop(d.ref, None)
-            j.settle([Outcome(d.id, "done", ref=d.ref) for d in batch])
+            j.deliveries.settle([Outcome(d.id, "done", ref=d.ref) for d in batch])
             with held_lock:
                 settled[0] += len(batch)
 
     def monitor() -> None:
         """The database itself must never show two owners' live leases on one record."""
         with psycopg.connect(URL, autocommit=True) as conn:
-            conn.execute(f'SET search_path TO "{setup.schema}"')
+            conn.execute(f'SET search_path TO "{setup.engine.schema}"')
             while not stop.is_set():
                 rows = conn.execute(
                     "SELECT crm, obj, record_id FROM deliveries WHERE state = 'pending' "
@@ -148,9 +155,10 @@ def test_two_replicas_never_lease_one_record_together(journals):
     assert len(together) == len(set(together)) == 200      # each delivery exactly once ...
     assert set(together) == all_ids
     assert claimed["a"] and claimed["b"]                    # ... and both replicas did work
-    counts = setup.counts()["deliveries"]
+    counts = setup.reports.counts()["deliveries"]
     assert (counts["pending"], counts["done"]) == (0, 200)
-    with setup._read() as cur:
+    with setup.engine.read() as tx:
+        cur = tx.cur
         cur.execute("SELECT MIN(attempts), MAX(attempts) FROM deliveries")
         assert cur.fetchone() == (1, 1)
 
@@ -159,7 +167,7 @@ def test_concurrent_duplicate_webhooks_get_one_event(journals, schema):
     replicas = [journals(max_size=2) for _ in range(8)]
 
     # Round 1: eight replicas record the same event at the same moment.
-    results = run_threads(8, lambda i: replicas[i].record(event(1)))
+    results = run_threads(8, lambda i: replicas[i].events.record(event(1)))
     assert sum(r.created for r in results) == 1
     assert len({r.event_id for r in results}) == 1
 
@@ -171,7 +179,8 @@ def test_concurrent_duplicate_webhooks_get_one_event(journals, schema):
         gate.execute(f'SET search_path TO "{schema}"')
         gate.execute("LOCK TABLE events IN SHARE MODE")
         out: list = []
-        worker = threading.Thread(target=lambda: out.append(run_threads(8, lambda i: replicas[i].record(event(2)))))
+        worker = threading.Thread(
+            target=lambda: out.append(run_threads(8, lambda i: replicas[i].events.record(event(2)))))
         worker.start()
         deadline = time.monotonic() + 10
         with psycopg.connect(URL, autocommit=True) as probe:
@@ -188,48 +197,50 @@ def test_concurrent_duplicate_webhooks_get_one_event(journals, schema):
     results = out[0]
     assert sum(r.created for r in results) == 1
     assert len({r.event_id for r in results}) == 1
-    assert replicas[0].counts()["events"]["received"] == 2
+    assert replicas[0].reports.counts()["events"]["received"] == 2
 
 
 def test_one_leader_and_takeover_when_its_connection_dies(journals):
     a, b = journals(), journals()
-    assert a.try_leadership("poller")
-    assert a.try_leadership("poller")          # re-entrant for the holder
-    assert not b.try_leadership("poller")
-    assert a.is_leader("poller") and not b.is_leader("poller")
-    assert b.try_leadership("reflector")       # names are independent
+    assert a.ops.try_leadership("poller")
+    assert a.ops.try_leadership("poller")          # re-entrant for the holder
+    assert not b.ops.try_leadership("poller")
+    assert a.ops.is_leader("poller") and not b.ops.is_leader("poller")
+    assert b.ops.try_leadership("reflector")       # names are independent
 
     # The leader's connection dies (backend killed, as on a network cut or crash).
-    pid = a._leaders["poller"].info.backend_pid
+    pid = a.engine._leaders["poller"].info.backend_pid
     with psycopg.connect(URL, autocommit=True) as admin:
         assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
     deadline = time.monotonic() + 5
-    while not b.try_leadership("poller"):
+    while not b.ops.try_leadership("poller"):
         assert time.monotonic() < deadline, "leadership not released after its connection died"
         time.sleep(0.05)
-    assert not a.is_leader("poller")
-    assert not a.try_leadership("poller")
+    assert not a.ops.is_leader("poller")
+    assert not a.ops.try_leadership("poller")
 
     # Closing the journal (process exit) hands leadership over too; resign does as well.
     b.close()
-    assert a.try_leadership("poller")
-    a.resign("poller")
-    assert not a.is_leader("poller")
+    assert a.ops.try_leadership("poller")
+    a.ops.resign("poller")
+    assert not a.ops.is_leader("poller")
     c = journals()
-    assert c.try_leadership("poller")
+    assert c.ops.try_leadership("poller")
 
 
 def test_concurrent_migrations_are_harmless(schema):
     made = run_threads(8, lambda i: PostgresJournal(URL, schema=schema, max_size=2))
     made.append(PostgresJournal(URL, schema=schema))       # and once more, afterwards
     try:
-        with made[0]._read() as cur:
+        with made[0].engine.read() as tx:
+            cur = tx.cur
             cur.execute("SELECT version FROM schema_version")
-            assert cur.fetchall() == [(max(MIGRATIONS),)]
+            assert cur.fetchall() == [(migrate.latest_version(),)]
             cur.execute("SELECT COUNT(*) FROM pg_tables WHERE schemaname = %s", (schema,))
-            assert cur.fetchone()[0] == MIGRATIONS[1].count("CREATE TABLE")
-        rec = made[1].record(event(1))
-        assert made[2].get_event(rec.event_id).source_event_id == "ev-1"
+            assert cur.fetchone()[0] == sum(s.startswith("CREATE TABLE")
+                                           for s in migrate.migrations()[0].statements("postgresql"))
+        rec = made[1].events.record(event(1))
+        assert made[2].events.get(rec.event_id).source_event_id == "ev-1"
     finally:
         for j in made:
             j.close()
@@ -237,9 +248,12 @@ def test_concurrent_migrations_are_harmless(schema):
 
 def test_placeholders_and_percent_signs(journals):
     j = journals()
-    with j._read() as cur:
-        cur.execute(j._sql("SELECT '100%' || ?, ?::int + 1"), ("x", 41))
-        assert cur.fetchone() == ("100%x", 42)
+    from syncd.journal.engine import Query
+
+    query = Query.parse("t", "SELECT '100%' || %(x)s, %(n)s::int + 1", "postgresql")
+    with j.engine.read() as tx:
+        tx.cur.execute(*query.render({"x": "x", "n": 41}))
+        assert tx.cur.fetchone() == ("100%x", 42)
 
 
 def test_unreachable_server_error_is_clear_and_hides_the_password():
@@ -263,8 +277,8 @@ def test_schema_named_in_the_url(schema):
     sep = "&" if "?" in URL else "?"
     j = open_journal(f"{URL}{sep}schema={schema}")
     try:
-        assert j.schema == schema and f"(schema {schema})" in j.where
-        assert j.record(event(1)).created
+        assert j.engine.schema == schema and f"(schema {schema})" in j.engine.where
+        assert j.events.record(event(1)).created
         with psycopg.connect(URL) as conn:
             (n,) = conn.execute(f'SELECT count(*) FROM "{schema}".events').fetchone()
         assert n == 1
@@ -283,54 +297,30 @@ def test_leases_of_a_replica_that_is_gone_are_taken_over_at_once(journals):
 
     alive, doomed = journals(), journals()
     for n in range(3):
-        rec = alive.record(event(n))
-        alive.add_targets(rec.event_id, [RecordRef("salesforce", "Contact", f"003XX00000000{n:02d}AAA")])
-    routing = alive.record(event(50, external_lead_id=None, phone="+13305551234"))  # waits for a phone lookup
+        rec = alive.events.record(event(n))
+        alive.deliveries.add_targets(rec.event_id, [RecordRef("salesforce", "Contact", f"003XX00000000{n:02d}AAA")])
+    routing = alive.events.record(event(50, external_lead_id=None, phone="+13305551234"))  # waits for a phone lookup
     ref = RecordRef("salesforce", "Contact", "003XX0000000099AAA")
-    assert alive.add_reflections([ReflectionCandidate(ref, "+13305551234", "opt_out")], ["WHATSAPP"]) == 1
+    assert alive.reflections.add([ReflectionCandidate(ref, "+13305551234", "opt_out")], ["WHATSAPP"]) == 1
     for j in (alive, doomed):
-        j.take_over_dead_leases()                # each asserts it is alive
-    taken = doomed.claim(10, lease_seconds=600)
-    assert [e.id for e in doomed.events_to_route(10, lease_seconds=600)] == [routing.event_id]
-    reflection = doomed.claim_reflections(10, lease_seconds=600)
+        j.ops.take_over_dead_leases()                # each asserts it is alive
+    taken = doomed.deliveries.claim(10, lease_seconds=600)
+    assert [e.id for e in doomed.events.to_route(10, lease_seconds=600)] == [routing.event_id]
+    reflection = doomed.reflections.claim(10, lease_seconds=600)
     assert len(taken) == 3 and len(reflection) == 1
-    assert alive.claim(10, 600) == [] and alive.events_to_route(10, 600) == []
-    alive._next_takeover = 0.0
-    assert alive.take_over_dead_leases() == 0  # the owner is alive: its leases stay
-    assert alive.claim(10, 600) == [] and alive.claim_reflections(10, 600) == []
+    assert alive.deliveries.claim(10, 600) == [] and alive.events.to_route(10, 600) == []
+    alive.engine._next_takeover = 0.0
+    assert alive.ops.take_over_dead_leases() == 0  # the owner is alive: its leases stay
+    assert alive.deliveries.claim(10, 600) == [] and alive.reflections.claim(10, 600) == []
 
-    conn = doomed._leaders[doomed._alive_name(doomed.owner)]
+    conn = doomed.engine._leaders[doomed.engine._alive_name(doomed.engine.owner)]
     conn.pgconn.finish()                         # the session ends as if the process died
     freed, deadline = 0, time.time() + 10      # the server drops its locks as the backend exits
     while freed < 3 and time.time() < deadline:
-        alive._next_takeover = 0.0
-        freed += alive.take_over_dead_leases()
+        alive.engine._next_takeover = 0.0
+        freed += alive.ops.take_over_dead_leases()
         time.sleep(0.05)
     assert freed == 5
-    assert sorted(d.id for d in alive.claim(10, 600)) == sorted(d.id for d in taken)
-    assert [e.id for e in alive.events_to_route(10, 600)] == [routing.event_id]
-    assert [r.id for r in alive.claim_reflections(10, 600)] == [r.id for r in reflection]
-
-
-def test_a_version_1_journal_is_migrated_in_place(schema):
-    """Schema 2 adds the owners of routing and reflection leases; a journal created
-    by schema 1 gets the columns on start and keeps its events."""
-    with psycopg.connect(URL, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-        conn.execute(f'SET search_path TO "{schema}"')
-        conn.execute(MIGRATIONS[1])
-        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
-        conn.execute("INSERT INTO events (source, source_event_id, occurred_at, received_at, raw, status, "
-                     "updated_at) VALUES ('apten', 'old-1', 'x', 'x', '\\x00', 'done', 'x')")
-    j = PostgresJournal(URL, schema=schema)
-    try:
-        with j._read() as cur:
-            cur.execute("SELECT version FROM schema_version")
-            assert cur.fetchall() == [(2,)]
-            cur.execute("SELECT table_name, column_name FROM information_schema.columns "
-                        "WHERE table_schema = %s AND column_name IN ('route_owner', 'lease_owner')", (schema,))
-            assert set(cur.fetchall()) == {("events", "route_owner"), ("reflections", "lease_owner"),
-                                           ("deliveries", "lease_owner")}
-        assert j.record(event(1)).created and j.counts()["events"]["received"] >= 1
-    finally:
-        j.close()
+    assert sorted(d.id for d in alive.deliveries.claim(10, 600)) == sorted(d.id for d in taken)
+    assert [e.id for e in alive.events.to_route(10, 600)] == [routing.event_id]
+    assert [r.id for r in alive.reflections.claim(10, 600)] == [r.id for r in reflection]

@@ -45,13 +45,13 @@ def _run(*args: str):
 
 def _dead_letter(db: Path, n: int = 1) -> str:
     j = open_journal(f"sqlite:///{db}")
-    rec = j.record(ConsentEvent(source="apten", source_event_id=f"ev-{n}", kind="opt_out", channel="sms",
-                                occurred_at=datetime(2024, 2, 18, tzinfo=timezone.utc),
-                                received_at=datetime.now(timezone.utc), raw=b"{}",
-                                external_lead_id="003XX000004DHPY", phone="+13305551234"))
-    j.add_targets(rec.event_id, [REF])
-    d = j.claim(10, 60)[0]
-    j.settle([Outcome(d.id, "dead", error="FIELD_CUSTOM_VALIDATION_EXCEPTION: nope", ref=REF)])
+    rec = j.events.record(ConsentEvent(source="apten", source_event_id=f"ev-{n}", kind="opt_out", channel="sms",
+                                       occurred_at=datetime(2024, 2, 18, tzinfo=timezone.utc),
+                                       received_at=datetime.now(timezone.utc), raw=b"{}",
+                                       external_lead_id="003XX000004DHPY", phone="+13305551234"))
+    j.deliveries.add_targets(rec.event_id, [REF])
+    d = j.deliveries.claim(10, 60)[0]
+    j.deliveries.settle([Outcome(d.id, "dead", error="FIELD_CUSTOM_VALIDATION_EXCEPTION: nope", ref=REF)])
     j.close()
     return f"d{d.id}"
 

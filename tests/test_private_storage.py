@@ -43,7 +43,7 @@ def test_a_new_journal_is_private_under_umask_022(tmp_path):
     with umask(0o022):
         journal = open_journal(f"sqlite:///{db}")
         try:
-            journal.record(an_event())
+            journal.events.record(an_event())
             wal, shm = Path(f"{db}-wal"), Path(f"{db}-shm")
             assert wal.exists() and shm.exists()   # the connection is open: WAL mode keeps both
             assert {p.name: oct(mode(p)) for p in (db, wal, shm)} == {
@@ -60,7 +60,7 @@ def test_an_existing_journal_readable_by_others_is_narrowed(tmp_path):
         assert mode(db) == 0o644
         before = mode(tmp_path)
         journal = open_journal(f"sqlite:///{db}")
-        journal.record(an_event())
+        journal.events.record(an_event())
         journal.close()
     assert mode(db) == 0o600
     assert mode(tmp_path) == before

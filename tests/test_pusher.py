@@ -21,9 +21,9 @@ def contact_ids(sf, n: int) -> list[str]:
 def test_fifty_contacts_one_composite_call(runtime, sf_sandbox):
     ids = contact_ids(sf_sandbox, 50)
     for n, rid in enumerate(ids):
-        runtime.journal.record(apten_event(n, rid[:15]))
+        runtime.journal.events.record(apten_event(n, rid[:15]))
     sf_sandbox.clear_log()
-    stats = runtime.pusher.run_once()
+    stats = runtime.tick()
     assert (stats.routed, stats.done, stats.dead) == (50, 50, 0)
     calls = sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH")
     assert len(calls) == 1 and len(calls[0].json()["records"]) == 50
@@ -33,20 +33,20 @@ def test_fifty_contacts_one_composite_call(runtime, sf_sandbox):
 def test_batches_are_at_most_200(runtime, sf_sandbox):
     ids = contact_ids(sf_sandbox, 450)
     for n, rid in enumerate(ids):
-        runtime.journal.record(apten_event(n, rid))
+        runtime.journal.events.record(apten_event(n, rid))
     sf_sandbox.clear_log()
-    runtime.pusher.run_once()
+    runtime.tick()
     sizes = [len(r.json()["records"]) for r in sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH")]
     assert sorted(sizes) == [50, 200, 200]
 
 
 def test_backlog_for_one_record_coalesces_into_one_update(runtime, sf_sandbox):
     rid = "003XX000004DHPYYA4"
-    runtime.journal.record(apten_event(1, rid, "sms", "opt_out", seconds=1))
-    runtime.journal.record(apten_event(2, rid, "sms", "opt_in", seconds=5))
-    runtime.journal.record(apten_event(3, rid, "call", "opt_out", seconds=3))
+    runtime.journal.events.record(apten_event(1, rid, "sms", "opt_out", seconds=1))
+    runtime.journal.events.record(apten_event(2, rid, "sms", "opt_in", seconds=5))
+    runtime.journal.events.record(apten_event(3, rid, "call", "opt_out", seconds=3))
     sf_sandbox.clear_log()
-    runtime.pusher.run_once()
+    runtime.tick()
     calls = sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH")
     assert len(calls) == 1
     (record,) = calls[0].json()["records"]
@@ -56,15 +56,15 @@ def test_backlog_for_one_record_coalesces_into_one_update(runtime, sf_sandbox):
 
 def test_older_event_arriving_later_does_not_undo_a_newer_one(runtime, sf_sandbox):
     rid = "003XX000004DHPYYA4"
-    runtime.journal.record(apten_event(1, rid, "sms", "opt_out", seconds=10))
-    runtime.pusher.run_once()
-    runtime.journal.record(apten_event(2, rid, "sms", "opt_in", seconds=1))  # older opt-in, late
+    runtime.journal.events.record(apten_event(1, rid, "sms", "opt_out", seconds=10))
+    runtime.tick()
+    runtime.journal.events.record(apten_event(2, rid, "sms", "opt_in", seconds=1))  # older opt-in, late
     sf_sandbox.clear_log()
-    stats = runtime.pusher.run_once()
+    stats = runtime.tick()
     assert stats.done == 1
     assert sf_sandbox.requests_to(r"/composite/") == []
     assert sf_sandbox.get_record("Contact", rid)["SMS_Opt_Out__c"] is True
-    row = [r for r in runtime.journal.export_rows(None) if r["source_event_id"] == "e2"][0]
+    row = [r for r in runtime.journal.reports.export_rows(None) if r["source_event_id"] == "e2"][0]
     assert row["outcome"] == "superseded"
 
 
@@ -72,10 +72,10 @@ def test_rejected_record_is_dead_with_salesforces_text_and_the_rest_land(runtime
     ids = contact_ids(sf_sandbox, 3)
     sf_sandbox.reject_record(ids[1], "FIELD_CUSTOM_VALIDATION_EXCEPTION", "Opt-outs need a reason")
     for n, rid in enumerate(ids):
-        runtime.journal.record(apten_event(n, rid))
-    stats = runtime.pusher.run_once()
+        runtime.journal.events.record(apten_event(n, rid))
+    stats = runtime.tick()
     assert (stats.done, stats.dead) == (2, 1)
-    dead = runtime.journal.dead_letters()
+    dead = runtime.journal.reports.dead_letters()
     assert len(dead) == 1 and dead[0]["record_id"] == ids[1]
     assert "FIELD_CUSTOM_VALIDATION_EXCEPTION" in dead[0]["error"]
     assert "Opt-outs need a reason" in dead[0]["error"]
@@ -85,17 +85,17 @@ def test_rejected_record_is_dead_with_salesforces_text_and_the_rest_land(runtime
 
 def test_transient_failure_is_retried_not_dead(runtime, sf_sandbox):
     rid = "003XX000004DHPYYA4"
-    runtime.journal.record(apten_event(1, rid))
+    runtime.journal.events.record(apten_event(1, rid))
     sf_sandbox.add_fault("PATCH", r"/composite/sobjects$", 503,
                          [{"errorCode": "SERVER_UNAVAILABLE", "message": "busy"}], times=10)
-    stats = runtime.pusher.run_once()
+    stats = runtime.tick()
     assert (stats.retry, stats.dead) == (1, 0)
-    assert runtime.journal.counts()["deliveries"]["retrying"] == 1
+    assert runtime.journal.reports.counts()["deliveries"]["retrying"] == 1
     sf_sandbox.faults.clear()
     import time
 
     time.sleep(1.2)
-    stats = runtime.pusher.run_once()
+    stats = runtime.tick()
     assert stats.done == 1
     assert sf_sandbox.get_record("Contact", rid)["SMS_Opt_Out__c"] is True
 
@@ -103,17 +103,17 @@ def test_transient_failure_is_retried_not_dead(runtime, sf_sandbox):
 def test_unknown_record_is_dead_letter_with_not_found(runtime, sf_sandbox):
     from connectors.salesforce import to_18
 
-    runtime.journal.record(apten_event(1, to_18("003XX0000000000")))
-    stats = runtime.pusher.run_once()
+    runtime.journal.events.record(apten_event(1, to_18("003XX0000000000")))
+    stats = runtime.tick()
     assert stats.dead == 1
-    error = runtime.journal.dead_letters()[0]["error"]
+    error = runtime.journal.reports.dead_letters()[0]["error"]
     assert any(code in error for code in ("NOT_FOUND", "ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY"))
 
 
 def test_export_has_the_audit_fields(runtime, sf_sandbox):
-    runtime.journal.record(apten_event(1, "003XX000004DHPY"))
-    runtime.pusher.run_once()
-    (row,) = list(runtime.journal.export_rows(None))
+    runtime.journal.events.record(apten_event(1, "003XX000004DHPY"))
+    runtime.tick()
+    (row,) = list(runtime.journal.reports.export_rows(None))
     assert row["source_event_id"] == "e1" and row["target_record"] == "003XX000004DHPYYA4"
     assert row["state"] == "done" and row["delivered_at"] and json.dumps(row)
 
@@ -121,14 +121,15 @@ def test_export_has_the_audit_fields(runtime, sf_sandbox):
 
 
 def _due_now(journal) -> None:
-    with journal._write() as cur:
+    with journal.engine.begin() as tx:
+        cur = tx.cur
         cur.execute("UPDATE deliveries SET next_attempt_at = 0")
 
 
 def _end_pause(journal, crm: str = "salesforce") -> None:
     """Let the pause's time run out (as if ``limits_probe_seconds`` had passed)."""
-    until, reason = journal.crm_pause(crm)
-    journal.pause_crm(crm, 0.0, reason)
+    until, reason = journal.ops.crm_pause(crm)
+    journal.ops.pause_crm(crm, 0.0, reason)
 
 
 def test_daily_quota_pauses_the_crm_without_burning_retries(runtime, sf_sandbox):
@@ -136,106 +137,106 @@ def test_daily_quota_pauses_the_crm_without_burning_retries(runtime, sf_sandbox)
 
     ids = contact_ids(sf_sandbox, 3)
     for n, rid in enumerate(ids):
-        runtime.journal.record(apten_event(n, rid))
+        runtime.journal.events.record(apten_event(n, rid))
     sf_sandbox.exhaust_quota()
-    first = runtime.pusher.run_once()
+    first = runtime.tick()
     assert (first.retry, first.dead) == (3, 0)
     assert len(sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH")) == 1  # no retry loop against it
-    until, reason = runtime.journal.crm_pause("salesforce")
+    until, reason = runtime.journal.ops.crm_pause("salesforce")
     # not a blind hour: the quota is checked again after limits_probe_seconds (300 s by default)
     assert time.time() + 250 < until < time.time() + 350
     assert "TotalRequests Limit exceeded." in reason
     # While paused, due work for the CRM is not sent and costs no attempt.
     _due_now(runtime.journal)
     sf_sandbox.clear_log()
-    second = runtime.pusher.run_once()
+    second = runtime.tick()
     assert (second.retry, second.dead) == (3, 0)
     assert sf_sandbox.requests_to(r"/services/data/") == []
     _due_now(runtime.journal)
-    assert [d.attempts for d in runtime.journal.claim(10, 60)] == [2, 2, 2]  # 1 real try, then this claim
+    assert [d.attempts for d in runtime.journal.deliveries.claim(10, 60)] == [2, 2, 2]  # 1 real try, then this claim
     time.sleep(0.01)
-    assert runtime.pusher.circuit_problem(longer_than=0) is not None
-    assert runtime.pusher.circuit_problem(longer_than=900) is None
+    assert runtime.pauses.circuit_problem(longer_than=0) is not None
+    assert runtime.pauses.circuit_problem(longer_than=900) is None
 
 
 def test_daily_pause_ends_as_soon_as_limits_reports_quota(runtime, sf_sandbox):
     ids = contact_ids(sf_sandbox, 2)
     for n, rid in enumerate(ids):
-        runtime.journal.record(apten_event(n, rid))
+        runtime.journal.events.record(apten_event(n, rid))
     sf_sandbox.exhaust_quota()
-    runtime.pusher.run_once()
+    runtime.tick()
     # The probe time comes, quota still spent: /limits is asked, nothing is written.
     _end_pause(runtime.journal)
     _due_now(runtime.journal)
     sf_sandbox.clear_log()
-    assert runtime.pusher.run_once().done == 0
+    assert runtime.tick().done == 0
     assert len(sf_sandbox.requests_to(r"/limits/?$", "GET")) == 1
     assert sf_sandbox.requests_to(r"/composite/") == []
-    assert runtime.journal.crm_pause("salesforce") is not None
+    assert runtime.journal.ops.crm_pause("salesforce") is not None
     # Quota is back (the 24-hour window rolled on): the next probe resumes at once.
     sf_sandbox.reset_quota()
     _end_pause(runtime.journal)
     _due_now(runtime.journal)
-    assert runtime.pusher.run_once().done == 2
-    assert runtime.journal.crm_pause("salesforce") is None
+    assert runtime.tick().done == 2
+    assert runtime.journal.ops.crm_pause("salesforce") is None
     assert all(sf_sandbox.get_record("Contact", rid)["SMS_Opt_Out__c"] is True for rid in ids)
-    assert runtime.pusher.circuit_problem(longer_than=0) is None
+    assert runtime.pauses.circuit_problem(longer_than=0) is None
 
 
 def test_probe_refused_keeps_the_pause(runtime, sf_sandbox):
     """Should Salesforce refuse /limits itself while the quota is spent, the pause goes on."""
-    runtime.journal.record(apten_event(1, contact_ids(sf_sandbox, 1)[0]))
-    runtime.journal.pause_crm("salesforce", 0.0, "quota exhausted")
+    runtime.journal.events.record(apten_event(1, contact_ids(sf_sandbox, 1)[0]))
+    runtime.journal.ops.pause_crm("salesforce", 0.0, "quota exhausted")
     sf_sandbox.add_fault("GET", r"/limits/?$", 403, [{"message": "TotalRequests Limit exceeded.",
                                                      "errorCode": "REQUEST_LIMIT_EXCEEDED"}])
-    assert runtime.pusher.run_once().retry == 1
+    assert runtime.tick().retry == 1
     assert sf_sandbox.requests_to(r"/composite/") == []
-    assert runtime.journal.crm_pause("salesforce")[0] > 1e9
+    assert runtime.journal.ops.crm_pause("salesforce")[0] > 1e9
 
 
 def test_retry_after_sets_the_pause_length(runtime, sf_sandbox):
     import time
 
-    runtime.journal.record(apten_event(1, contact_ids(sf_sandbox, 1)[0]))
+    runtime.journal.events.record(apten_event(1, contact_ids(sf_sandbox, 1)[0]))
     sf_sandbox.add_fault("PATCH", r"/composite/sobjects$", 403, [{"message": "TotalRequests Limit exceeded.",
                                                                   "errorCode": "REQUEST_LIMIT_EXCEEDED"}],
                          headers={"Retry-After": "40"})
-    assert runtime.pusher.run_once().retry == 1
-    until, _ = runtime.journal.crm_pause("salesforce")
+    assert runtime.tick().retry == 1
+    until, _ = runtime.journal.ops.crm_pause("salesforce")
     assert time.time() + 30 < until < time.time() + 45
 
 
 def test_concurrent_limit_is_retried_not_a_pause(runtime, sf_sandbox):
     rid = contact_ids(sf_sandbox, 1)[0]
-    runtime.journal.record(apten_event(1, rid))
+    runtime.journal.events.record(apten_event(1, rid))
     sf_sandbox.refuse_concurrent(times=1, limit="ConcurrentPerOrgLongTxn")
-    stats = runtime.pusher.run_once()
-    assert stats.done == 1 and runtime.journal.crm_pause("salesforce") is None
+    stats = runtime.tick()
+    assert stats.done == 1 and runtime.journal.ops.crm_pause("salesforce") is None
     assert len(sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH")) == 2  # refused, then retried
     assert sf_sandbox.get_record("Contact", rid)["SMS_Opt_Out__c"] is True
 
 
 def test_api_budget_pauses_before_the_limit(runtime, sf_sandbox):
     ids = contact_ids(sf_sandbox, 2)
-    runtime.journal.record(apten_event(1, ids[0]))
+    runtime.journal.events.record(apten_event(1, ids[0]))
     sf_sandbox.use_quota(13_499)  # other integrations; the budget is 90 % of 15,000 = 13,500
-    assert runtime.pusher.run_once().done == 1  # the composite call makes 13,500: budget reached
-    until, reason = runtime.journal.crm_pause("salesforce")
+    assert runtime.tick().done == 1  # the composite call makes 13,500: budget reached
+    until, reason = runtime.journal.ops.crm_pause("salesforce")
     assert reason == "API budget reached: 13500 of 15000 daily requests used (budget 90%)"
-    runtime.journal.record(apten_event(2, ids[1]))
+    runtime.journal.events.record(apten_event(2, ids[1]))
     sf_sandbox.clear_log()
-    assert runtime.pusher.run_once().retry == 1
+    assert runtime.tick().retry == 1
     assert sf_sandbox.requests_to(r"/services/data/") == []
     # The probe finds usage still at the budget: paused again; later it has fallen: resumed.
     _end_pause(runtime.journal)
     _due_now(runtime.journal)
-    assert runtime.pusher.run_once().retry == 1
-    assert runtime.journal.crm_pause("salesforce") is not None
+    assert runtime.tick().retry == 1
+    assert runtime.journal.ops.crm_pause("salesforce") is not None
     sf_sandbox.reset_quota()
     _end_pause(runtime.journal)
     _due_now(runtime.journal)
-    assert runtime.pusher.run_once().done == 1
-    assert runtime.journal.crm_pause("salesforce") is None
+    assert runtime.tick().done == 1
+    assert runtime.journal.ops.crm_pause("salesforce") is None
 
 
 def test_budget_is_configurable(sf_config, sf_sandbox):
@@ -244,10 +245,10 @@ def test_budget_is_configurable(sf_config, sf_sandbox):
     sf_config.crm.salesforce.api_budget_percent = 50.0
     rt = open_runtime(sf_config)
     try:
-        rt.journal.record(apten_event(1, contact_ids(sf_sandbox, 1)[0]))
+        rt.journal.events.record(apten_event(1, contact_ids(sf_sandbox, 1)[0]))
         sf_sandbox.use_quota(7_600)
-        rt.pusher.run_once()
-        assert "budget 50%" in rt.journal.crm_pause("salesforce")[1]
+        rt.tick()
+        assert "budget 50%" in rt.journal.ops.crm_pause("salesforce")[1]
     finally:
         rt.journal.close()
 
@@ -262,26 +263,26 @@ def _pause_survives_a_new_pusher(cfg, sf_sandbox):
     ids = contact_ids(sf_sandbox, 2)
     first = open_runtime(cfg)
     try:
-        first.journal.record(apten_event(1, ids[0]))
+        first.journal.events.record(apten_event(1, ids[0]))
         sf_sandbox.exhaust_quota()
-        first.pusher.run_once()
-        assert first.journal.crm_pause("salesforce") is not None
+        first.tick()
+        assert first.journal.ops.crm_pause("salesforce") is not None
     finally:
         first.journal.close()
     sf_sandbox.reset_quota()  # quota is back, but nobody has looked yet
     second = open_runtime(cfg)
     try:
-        second.journal.record(apten_event(2, ids[1]))
+        second.journal.events.record(apten_event(2, ids[1]))
         _due_now(second.journal)
         sf_sandbox.clear_log()
-        stats = second.pusher.run_once()
+        stats = second.tick()
         assert stats.retry == 2 and stats.done == 0
         assert sf_sandbox.requests_to(r"/services/data/") == []
         time.sleep(0.01)
-        assert second.pusher.circuit_problem(longer_than=0) is not None  # /readyz sees it too
+        assert second.pauses.circuit_problem(longer_than=0) is not None  # /readyz sees it too
         _end_pause(second.journal)
         _due_now(second.journal)
-        assert second.pusher.run_once().done == 2
+        assert second.tick().done == 2
     finally:
         second.journal.close()
 
@@ -313,12 +314,12 @@ def test_pause_is_kept_in_the_journal_postgres(sf_config, sf_sandbox):
 def test_routing_waits_while_paused(runtime, sf_sandbox):
     from syncd.events import ConsentEvent as Event
 
-    runtime.journal.pause_crm("salesforce", 4e9, "quota exhausted")
-    runtime.journal.record(Event(source="apten", source_event_id="p1", kind="opt_out", channel="sms",
+    runtime.journal.ops.pause_crm("salesforce", 4e9, "quota exhausted")
+    runtime.journal.events.record(Event(source="apten", source_event_id="p1", kind="opt_out", channel="sms",
                                  occurred_at=datetime(2024, 2, 18, tzinfo=timezone.utc),
                                  received_at=datetime.now(timezone.utc), raw=b"{}", phone="+13305551234"))
     sf_sandbox.clear_log()
-    stats = runtime.pusher.run_once()
+    stats = runtime.tick()
     assert (stats.routed, stats.quarantined) == (0, 0)
     assert sf_sandbox.requests_to(r"/search/") == []
 
@@ -329,15 +330,16 @@ def test_retries_are_bounded_by_attempts(runtime, sf_sandbox):
     from syncd.backoff import RetryPolicy
 
     runtime.pusher.policy = RetryPolicy(runtime.cfg.retry.model_copy(update={"max_attempts": 2}))
-    runtime.journal.record(apten_event(1, "003XX000004DHPY"))
+    runtime.journal.events.record(apten_event(1, "003XX000004DHPY"))
     sf_sandbox.add_fault("PATCH", r"/composite/sobjects$", 503,
                          [{"errorCode": "SERVER_UNAVAILABLE", "message": "maintenance"}], times=100)
-    assert runtime.pusher.run_once().retry == 1
-    with runtime.journal._write() as cur:
+    assert runtime.tick().retry == 1
+    with runtime.journal.engine.begin() as tx:
+        cur = tx.cur
         cur.execute("UPDATE deliveries SET next_attempt_at = 0")
     time.sleep(0.01)
-    assert runtime.pusher.run_once().dead == 1
-    (dead,) = runtime.journal.dead_letters()
+    assert runtime.tick().dead == 1
+    (dead,) = runtime.journal.reports.dead_letters()
     assert dead["error"].startswith("gave up after 2 attempts: ") and "maintenance" in dead["error"]
 
 
@@ -347,18 +349,55 @@ def test_retries_are_bounded_by_age(runtime, sf_sandbox):
     runtime.pusher.policy = RetryPolicy(runtime.cfg.retry.model_copy(update={"max_age_hours": 1.0}))
     old = apten_event(1, "003XX000004DHPY")
     old.received_at = datetime.now(timezone.utc) - timedelta(hours=2)
-    runtime.journal.record(old)
+    runtime.journal.events.record(old)
     sf_sandbox.add_fault("PATCH", r"/composite/sobjects$", 503,
                          [{"errorCode": "SERVER_UNAVAILABLE", "message": "maintenance"}], times=100)
-    assert runtime.pusher.run_once().dead == 1
-    assert runtime.journal.dead_letters()[0]["error"].startswith("gave up after 1 h: ")
+    assert runtime.tick().dead == 1
+    assert runtime.journal.reports.dead_letters()[0]["error"].startswith("gave up after 1 h: ")
 
 
 def test_delivery_for_a_crm_no_longer_configured_is_dead_lettered_not_stuck(runtime, sf_sandbox):
     from connectors.types import RecordRef
 
-    rec = runtime.journal.record(apten_event(1, "lead_abc123"))
-    runtime.journal.add_targets(rec.event_id, [RecordRef("close", "lead", "lead_abc123")])
-    stats = runtime.pusher.run_once()
+    rec = runtime.journal.events.record(apten_event(1, "lead_abc123"))
+    runtime.journal.deliveries.add_targets(rec.event_id, [RecordRef("close", "lead", "lead_abc123")])
+    stats = runtime.tick()
     assert stats.dead == 1
-    assert "CRM close is not enabled" in runtime.journal.dead_letters()[0]["error"]
+    assert "CRM close is not enabled" in runtime.journal.reports.dead_letters()[0]["error"]
+
+
+def test_routing_is_its_own_step_and_the_pusher_only_pushes(runtime, sf_sandbox):
+    (rid,) = contact_ids(sf_sandbox, 1)
+    runtime.journal.events.record(apten_event(1, rid))
+    sf_sandbox.clear_log()
+    stats = runtime.pusher.run_once()                     # nothing routed yet: nothing to push
+    assert (stats.claimed, stats.done) == (0, 0)
+    assert runtime.journal.reports.counts()["events"]["unrouted"] == 1
+    assert runtime.routing.tick().routed == 1             # the routing step makes the delivery...
+    assert sf_sandbox.requests_to(r"/composite/") == []   # ...and writes nothing to the CRM
+    assert runtime.pusher.run_once().done == 1
+    assert sf_sandbox.get_record("Contact", rid)["SMS_Opt_Out__c"] is True
+
+
+def test_failed_phone_lookups_count_toward_the_crms_health(runtime, sf_sandbox):
+    """Routing's lookups and the pusher's updates feed one health record per CRM (the
+    status page's table and the failing / recovered alerts)."""
+    from syncd.crm_health import FAILING_AFTER
+
+    sf_sandbox.add_fault("GET", r"/search/", 503, [{"errorCode": "SERVER_UNAVAILABLE", "message": "busy"}],
+                         times=1000)
+    for n in range(FAILING_AFTER):
+        runtime.journal.events.record(ConsentEvent(
+            source="apten", source_event_id=f"l{n}", kind="opt_out", channel="sms",
+            occurred_at=datetime(2024, 2, 18, tzinfo=timezone.utc), received_at=datetime.now(timezone.utc),
+            raw=b"{}", phone="+13305551234"))
+    stats = runtime.tick()
+    assert (stats.routed, stats.quarantined) == (0, 0)                       # deferred, not lost
+    health = runtime.health.report()["salesforce"]
+    assert health["consecutive_failures"] == FAILING_AFTER and health["failing_since"] is not None
+    assert "busy" in health["last_error"]
+    sf_sandbox.faults.clear()
+    runtime.journal.events.record(apten_event(99, "003XX000004DHPYYA4"))  # routed by id, then pushed
+    assert runtime.tick().done >= 1
+    health = runtime.health.report()["salesforce"]
+    assert health["consecutive_failures"] == 0 and health["last_success"] is not None

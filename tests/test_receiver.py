@@ -48,7 +48,7 @@ def test_lox24_seed_accepted_verbatim_and_retries_change_nothing(receiver):
     retry["attempt_number"] = 2  # LOX24's next attempt: same id, new attempt number
     second = post_lox24(receiver, json.dumps(retry).encode())
     assert second.json() == {"status": "duplicate", "event_id": first.json()["event_id"]}
-    stored = receiver.journal.get_event(first.json()["event_id"])
+    stored = receiver.journal.events.get(first.json()["event_id"])
     assert stored.phone == "+4911113333444" and stored.external_lead_id is None
     assert stored.details["reason_label"] == "Es ist unverständlich"
     assert stored.details["campaign_code"] == "3KCKb5nMD" and stored.details["reason_id"] == 4
@@ -60,7 +60,7 @@ def test_lox24_accepts_both_attempt_total_spellings(receiver):
     doc["attempt_total"] = doc.pop("attempts_total")
     resp = post_lox24(receiver, json.dumps(doc).encode())
     assert resp.status_code == 200
-    assert receiver.journal.get_event(resp.json()["event_id"]).details["attempts_total"] == 4
+    assert receiver.journal.events.get(resp.json()["event_id"]).details["attempts_total"] == 4
 
 
 @pytest.mark.parametrize("token,via", [(None, "header"), ("wrong-token", "header"), ("wrong-token", "query"),
@@ -68,7 +68,7 @@ def test_lox24_accepts_both_attempt_total_spellings(receiver):
 def test_lox24_wrong_or_missing_token_is_401(receiver, token, via):
     resp = post_lox24(receiver, fixture_bytes("lox24_phone_unsubscribe.json"), token=token, via=via)
     assert resp.status_code == 401 and "X-LOX24-Token" in resp.json()["error"]
-    assert receiver.journal.counts()["events"]["received"] == 0
+    assert receiver.journal.reports.counts()["events"]["received"] == 0
 
 
 def test_lox24_query_token_is_refused_unless_allowed_in_config(tmp_path):
@@ -98,7 +98,7 @@ def test_sinch_flat_and_envelope_forms(receiver):
                                                     "identity": "13305551234", "status": "OPT_OUT_SUCCEEDED"}})
     resp = post_sinch(receiver, envelope.encode())
     assert resp.status_code == 200, resp.text
-    stored = receiver.journal.get_event(resp.json()["event_id"])
+    stored = receiver.journal.events.get(resp.json()["event_id"])
     assert (stored.kind, stored.channel, stored.phone) == ("opt_out", "whatsapp", "+13305551234")
     assert stored.details["request_id"] == "r-1"
 
@@ -109,9 +109,9 @@ def test_sinch_failed_result_is_kept_as_reflection_result_not_consent(receiver):
                                                 "error_details": {"description": "not on WhatsApp"}}}).encode()
     resp = post_sinch(receiver, body)
     assert resp.status_code == 200
-    stored = receiver.journal.get_event(resp.json()["event_id"])
+    stored = receiver.journal.events.get(resp.json()["event_id"])
     assert stored.event_type == "reflection_result"
-    assert receiver.journal.counts()["events"]["received"] == 0  # not a consent event
+    assert receiver.journal.reports.counts()["events"]["received"] == 0  # not a consent event
 
 
 def test_sinch_stale_or_wrongly_signed_is_401(receiver):
@@ -122,7 +122,7 @@ def test_sinch_stale_or_wrongly_signed_is_401(receiver):
     missing = requests.post(f"{receiver.url}/webhooks/sinch", data=body, headers=JSON, timeout=10)
     assert [x.status_code for x in (stale, future, wrong, missing)] == [401, 401, 401, 401]
     assert "more than 300 s" in stale.json()["error"]
-    assert receiver.journal.counts()["events"]["received"] == 0
+    assert receiver.journal.reports.counts()["events"]["received"] == 0
 
 
 def test_sinch_published_test_vector_verifies():
@@ -168,8 +168,8 @@ def test_unroutable_id_is_quarantined_202_and_visible(receiver):
     doc["data"].update(externalLeadId="//evil.example/x", phone=None)
     resp = post_apten(receiver, json.dumps(doc).encode())
     assert resp.status_code == 202 and resp.json()["status"] == "quarantined"
-    assert receiver.journal.counts()["quarantined"] == 1
-    assert receiver.journal.dead_letters()[0]["type"] == "quarantine"
+    assert receiver.journal.reports.counts()["quarantined"] == 1
+    assert receiver.journal.reports.dead_letters()[0]["type"] == "quarantine"
 
 
 def test_public_port_has_health_but_no_admin_paths(receiver):

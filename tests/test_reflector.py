@@ -228,11 +228,11 @@ def test_poll_waits_while_the_crm_is_paused_for_quota():
         sf = st.sandboxes["salesforce"]
         rt = open_runtime(load_config(st.config_path, env={}))
         rt.reflector.poll_once()  # first run: the watermark starts at "now", no query
-        rt.journal.pause_crm("salesforce", time.time() + 300, "API budget reached")
+        rt.journal.ops.pause_crm("salesforce", time.time() + 300, "API budget reached")
         sf.clear_log()
         assert rt.reflector.poll_once() == {}
         assert [r for r in sf.requests if "/query" in r.path] == []
-        rt.journal.resume_crm("salesforce")
+        rt.journal.ops.resume_crm("salesforce")
         rt.reflector.poll_once()
         assert [r for r in sf.requests if "/query" in r.path] != []
         rt.journal.close()

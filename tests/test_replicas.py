@@ -109,14 +109,14 @@ def test_events_posted_alternately_to_two_replicas_update_every_record_exactly_o
     assert answers == {(one.url, 200): 30, (two.url, 200): 30}
 
     assert wait_for(lambda: all(sf.get_record("Contact", rid)["SMS_Opt_Out__c"] for rid in ids), timeout=30)
-    assert wait_for(lambda: st.journal.counts()["deliveries"]["done"] == 60, timeout=10)
+    assert wait_for(lambda: st.journal.reports.counts()["deliveries"]["done"] == 60, timeout=10)
     time.sleep(1.0)  # several more push ticks on both replicas: nothing is written again
     counts = sf.composite_writes()
     assert {rid: counts[rid] for rid in ids} == {rid: 1 for rid in ids}
     assert set(counts) == set(ids)
     settled = [x for d in (one, two) for x in logged(d, "delivery settled") if x.get("state") == "done"]
     assert len(settled) == 60 and len({x["delivery_id"] for x in settled}) == 60
-    c = st.journal.counts()["deliveries"]
+    c = st.journal.reports.counts()["deliveries"]
     assert c["pending"] == 0 and c["dead"] == 0 and c["done"] == 60
     assert one.proc.poll() is None and two.proc.poll() is None
 
@@ -126,14 +126,14 @@ def test_one_leader_polls_and_the_other_replica_takes_over_when_it_is_killed(rep
     sf, sinch = st.sandboxes["salesforce"], st.sandboxes["sinch"]
     first = sf.add_record("Contact", None, LastName="First", MobilePhone="+13305550101")
     second = sf.add_record("Contact", None, LastName="Second", MobilePhone="+13305550102")
-    polled = lambda: st.journal.counts()["crms"].get("salesforce", {}).get("last_poll_at")  # noqa: E731
+    polled = lambda: st.journal.reports.counts()["crms"].get("salesforce", {}).get("last_poll_at")  # noqa: E731
     assert wait_for(lambda: polled() is not None, timeout=15)  # the first poll set the watermark
 
     # Both alive: an admin's flag is polled by one replica and registered once.
     sf.set_field("Contact", first, DoNotCall=True)
     sf.advance(10)  # past the poller's settle window
     assert wait_for(lambda: len(registrations_for(sinch, "13305550101")) == 1, timeout=10)
-    assert wait_for(lambda: st.journal.counts()["reflections"] == {"pending": 0, "done": 1, "failed": 0},
+    assert wait_for(lambda: st.journal.reports.counts()["reflections"] == {"pending": 0, "done": 1, "failed": 0},
                     timeout=10)
     time.sleep(5 * POLL)  # five more polls on the leader, ten more ticks of each register loop
     assert len(sinch.registrations) == 1
@@ -151,7 +151,7 @@ def test_one_leader_polls_and_the_other_replica_takes_over_when_it_is_killed(rep
     assert wait_for(lambda: len(registrations_for(sinch, "13305550102")) == 1, timeout=15)
     assert time.monotonic() - flagged < 4 * POLL + 2.0  # a few poll intervals, plus slack
     assert logged(survivor, "reflections queued")
-    assert wait_for(lambda: st.journal.counts()["reflections"] == {"pending": 0, "done": 2, "failed": 0},
+    assert wait_for(lambda: st.journal.reports.counts()["reflections"] == {"pending": 0, "done": 2, "failed": 0},
                     timeout=10)
     time.sleep(4 * POLL)
     assert len(registrations_for(sinch, "13305550101")) == 1
@@ -176,10 +176,10 @@ def test_the_same_webhook_sent_to_both_replicas_at_once_is_stored_and_applied_on
     assert statuses == {"accepted": 20, "duplicate": 20}
     pairs = [(answers[2 * i].json()["event_id"], answers[2 * i + 1].json()["event_id"]) for i in range(20)]
     assert all(a == b for a, b in pairs) and len({a for a, _ in pairs}) == 20
-    assert st.journal.counts()["events"]["received"] == 20
+    assert st.journal.reports.counts()["events"]["received"] == 20
 
     assert wait_for(lambda: all(sf.get_record("Contact", rid)["SMS_Opt_Out__c"] for rid in ids), timeout=30)
-    assert wait_for(lambda: st.journal.counts()["deliveries"]["done"] == 20, timeout=10)
+    assert wait_for(lambda: st.journal.reports.counts()["deliveries"]["done"] == 20, timeout=10)
     time.sleep(1.0)
     counts = sf.composite_writes()
     assert {rid: counts[rid] for rid in ids} == {rid: 1 for rid in ids}

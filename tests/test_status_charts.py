@@ -55,9 +55,10 @@ def journal(request, tmp_path):
         url = os.environ.get("SYNCD_TEST_PG_URL")
         if not url:
             pytest.skip("SYNCD_TEST_PG_URL not set")
-        from syncd.journal.postgres import PostgresJournal
+        from syncd.journal import journal_on
+        from syncd.journal.postgres import PostgresEngine
 
-        j = PostgresJournal(url, schema=f"c{os.getpid()}_{time.time_ns()}")
+        j = journal_on(PostgresEngine(url, schema=f"c{os.getpid()}_{time.time_ns()}"))
     yield j
     j.close()
 
@@ -65,13 +66,13 @@ def journal(request, tmp_path):
 def test_page_stats_from_either_journal(journal):
     now = datetime.now(timezone.utc)
     ref = RecordRef("salesforce", "Contact", "003XX000004DHPYYA4")
-    rec = journal.record(ConsentEvent(source="apten", source_event_id="e1", kind="opt_out", channel="sms",
-                                      occurred_at=now, received_at=now, raw=b"{}", external_lead_id="003X"))
-    journal.add_targets(rec.event_id, [ref])
-    d = journal.claim(10, 60)[0]
-    journal.settle([Outcome(d.id, "done", ref=ref, note="applied")])
-    stats = journal.page_stats(iso(now - timedelta(days=7)))
+    rec = journal.events.record(ConsentEvent(source="apten", source_event_id="e1", kind="opt_out", channel="sms",
+                                             occurred_at=now, received_at=now, raw=b"{}", external_lead_id="003X"))
+    journal.deliveries.add_targets(rec.event_id, [ref])
+    d = journal.deliveries.claim(10, 60)[0]
+    journal.deliveries.settle([Outcome(d.id, "done", ref=ref, note="applied")])
+    stats = journal.reports.page_stats(iso(now - timedelta(days=7)))
     assert stats["per_hour"] == {now.strftime("%Y-%m-%dT%H"): 1}
     assert [crm for crm, _, _ in stats["done"]] == ["salesforce"] and stats["next_attempt"] == {}
-    extras = page_extras(journal, None, {})
+    extras = page_extras(journal.reports, None, {})
     assert 'id="events-chart"' in extras["events_chart"] and 'id="honour-chart"' in extras["honour_chart"]

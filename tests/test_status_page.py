@@ -80,7 +80,7 @@ def make_receiver(tmp_path: Path, status_token: str | None):
     from syncd.metrics import Metrics
 
     journal = open_journal(f"sqlite:///{tmp_path}/status.db")
-    app = create_admin_app(journal, Metrics(), Readiness(journal), status_token=status_token)
+    app = create_admin_app(journal.reports, Metrics(), Readiness(journal.ops), status_token=status_token)
     live = LiveReceiver(app)
     live.journal = journal
     return live
@@ -97,13 +97,13 @@ def event(n: int, **kw) -> ConsentEvent:
 def fill(journal) -> None:
     """One delivered event, one dead delivery whose CRM error is hostile HTML, one
     quarantined event."""
-    done = journal.record(event(1)).event_id
-    dead = journal.record(event(2, external_lead_id="003XX000004DHPZ")).event_id
-    journal.record(event(3, external_lead_id=None, quarantine_reason="no externalLeadId; no phone"))
-    journal.add_targets(done, [RecordRef("salesforce", "Contact", CONTACT)])
-    journal.add_targets(dead, [RecordRef("salesforce", "Contact", "003XX000004DHPZAA4")])
-    claimed = {d.event_id: d for d in journal.claim(10, 60)}
-    journal.settle([Outcome(claimed[done].id, "done"),
+    done = journal.events.record(event(1)).event_id
+    dead = journal.events.record(event(2, external_lead_id="003XX000004DHPZ")).event_id
+    journal.events.record(event(3, external_lead_id=None, quarantine_reason="no externalLeadId; no phone"))
+    journal.deliveries.add_targets(done, [RecordRef("salesforce", "Contact", CONTACT)])
+    journal.deliveries.add_targets(dead, [RecordRef("salesforce", "Contact", "003XX000004DHPZAA4")])
+    claimed = {d.event_id: d for d in journal.deliveries.claim(10, 60)}
+    journal.deliveries.settle([Outcome(claimed[done].id, "done"),
                     Outcome(claimed[dead].id, "dead", error=f"FIELD_CUSTOM_VALIDATION_EXCEPTION: {XSS}")])
 
 

@@ -1,12 +1,15 @@
-"""Journal data types and the interface every engine implements."""
+"""Journal data types, the interface of each store, and the ``Journal`` that composes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterator, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
 
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent
+
+if TYPE_CHECKING:
+    from syncd.journal.engine import Engine
 
 
 class JournalMissing(Exception):
@@ -67,18 +70,22 @@ class Delivery:
 
 @dataclass
 class Outcome:
-    """How one claimed delivery ended. ``applied`` maps field -> value for the
-    field clocks; ``applied_at`` is the occurred_at those values carry."""
+    """How one claimed delivery ended, as the pusher decided: ``done``, ``retry`` at
+    ``retry_at``, ``paused`` (retry at ``retry_at`` without costing an attempt: the
+    CRM's quota is spent, not the delivery's fault) or ``dead``. ``applied`` maps
+    field -> value for the field clocks; ``applied_at`` is the occurred_at those
+    values carry; ``wrote``: this delivery's values reached the CRM (its last push)."""
 
     delivery_id: int
-    state: Literal["done", "retry", "dead"]
+    state: Literal["done", "retry", "paused", "dead"]
     error: str | None = None
-    retry_at: float | None = None       # epoch seconds, for "retry"
+    retry_at: float | None = None       # epoch seconds, for "retry" and "paused"
     note: str | None = None             # "applied", "superseded", ...
     ref: RecordRef | None = None
     applied: dict[str, Any] = field(default_factory=dict)
     applied_at: str | None = None
     applied_event_id: int | None = None
+    wrote: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,10 +113,21 @@ class Reflection:
 
 @dataclass
 class ReflectionOutcome:
+    """How a registration went: ``registered`` (wait for the notification until
+    ``at``), ``done`` (Sinch confirmed it), ``retry`` at ``at``, or ``dead``."""
+
     id: int
-    state: Literal["registered", "retry", "dead"]
+    state: Literal["registered", "done", "retry", "dead"]
     error: str | None = None
     at: float | None = None   # retry time, or for "registered" the notification deadline
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The registration a Sinch notification answers."""
+
+    id: int
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -118,29 +136,100 @@ class Clock:
     value: Any
 
 
-class Journal(Protocol):
+class Events(Protocol):
     def record(self, event: ConsentEvent) -> Recorded: ...
-    def events_to_route(self, limit: int, lease_seconds: float = 120.0) -> list[StoredEvent]: ...
-    def add_targets(self, event_id: int, targets: list[RecordRef]) -> None: ...
-    def add_targets_many(self, routed: list[tuple[int, list[RecordRef]]]) -> None: ...
+    def last_ingest_commit(self) -> tuple[float, float]: ...
+    def to_route(self, limit: int, lease_seconds: float = 120.0) -> list[StoredEvent]: ...
+    def get(self, event_id: int) -> StoredEvent | None: ...
     def quarantine(self, event_id: int, reason: str) -> None: ...
     def ignore(self, event_id: int, reason: str) -> None: ...
-    def defer_routing(self, event_id: int, error: str, retry_at: float) -> None: ...
+    def reconciled(self, event_id: int, reason: str) -> None: ...
+    def defer(self, event_id: int, error: str, retry_at: float) -> None: ...
+    def replay_quarantined(self, ids: list[int] | None) -> int: ...
+
+
+class Deliveries(Protocol):
+    def add_targets(self, event_id: int, targets: list[RecordRef]) -> None: ...
+    def add_targets_many(self, routed: list[tuple[int, list[RecordRef]]]) -> None: ...
     def claim(self, limit: int, lease_seconds: float, crm: str | None = None) -> list[Delivery]: ...
     def settle(self, outcomes: list[Outcome]) -> None: ...
     def clocks(self, refs: list[RecordRef]) -> dict[RecordRef, dict[str, Clock]]: ...
+    def release_leases(self) -> int: ...
+    def replay_dead(self, ids: list[int] | None) -> int: ...
+
+
+class Reflections(Protocol):
+    def add(self, candidates: list[ReflectionCandidate], channels: list[str],
+            watermark: tuple[str, str | None, str | None] | None = None) -> int: ...
+    def claim(self, limit: int, lease_seconds: float) -> list[Reflection]: ...
+    def settle(self, outcomes: list[ReflectionOutcome]) -> None: ...
+    def expire(self, max_attempts: int, timeout_text: str) -> int: ...
+    def match(self, request_id: str | None, phone: str | None, channel: str,
+              kind: str | None) -> Registration | None: ...
+    def apply_notification(self, event_id: int, outcome: ReflectionOutcome, note: str) -> None: ...
+    def remember_sinch_state(self, phone: str, channel: str, kind: str) -> None: ...
+    def replay_dead(self, ids: list[int] | None) -> int: ...
+
+
+class Operations(Protocol):
     def crm_pause(self, crm: str) -> tuple[float, str | None] | None: ...
     def pause_crm(self, crm: str, until: float, reason: str) -> None: ...
     def take_pause_probe(self, crm: str, now: float, next_until: float) -> bool: ...
     def resume_crm(self, crm: str) -> None: ...
-    def take_over_dead_leases(self) -> int: ...
-    def release_leases(self) -> int: ...
-    def counts(self) -> dict[str, Any]: ...
-    def dead_letters(self) -> list[dict[str, Any]]: ...
-    def replay(self, ids: list[str] | None) -> int: ...
-    def export_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]: ...
-    def recent_activity(self, limit: int = 50) -> list[dict[str, Any]]: ...
     def get_watermark(self, name: str) -> tuple[str | None, str | None]: ...
     def set_watermark(self, name: str, ts: str | None, last_id: str | None) -> None: ...
+    def try_leadership(self, name: str) -> bool: ...
+    def is_leader(self, name: str) -> bool: ...
+    def resign(self, name: str) -> None: ...
+    def acquire_serve_lock(self) -> None: ...
+    def take_over_dead_leases(self) -> int: ...
     def healthcheck(self) -> None: ...
-    def close(self) -> None: ...
+
+
+class Reports(Protocol):
+    def counts(self) -> dict[str, Any]: ...
+    def dead_letters(self) -> list[dict[str, Any]]: ...
+    def export_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]: ...
+    def recent_activity(self, limit: int = 50) -> list[dict[str, Any]]: ...
+    def page_stats(self, since_iso: str, limit: int = 100_000) -> dict[str, Any]: ...
+
+
+@dataclass
+class Journal:
+    """The stores over one engine; callers take the store they need."""
+
+    events: Events
+    deliveries: Deliveries
+    reflections: Reflections
+    ops: Operations
+    reports: Reports
+    engine: Engine
+
+    def replay(self, ids: list[str] | None) -> int:
+        """Re-queue dead deliveries (``d<N>``), quarantined events (``q<N>``) and dead
+        registrations in Sinch (``r<N>``); ``None`` re-queues every one. Effects stay
+        idempotent: field clocks decide. Every id is checked before anything changes."""
+        if ids is None:
+            return (self.deliveries.replay_dead(None) + self.events.replay_quarantined(None)
+                    + self.reflections.replay_dead(None))
+        by_kind: dict[str, list[int]] = {"d": [], "q": [], "r": []}
+        for raw in ids:
+            kind, num = parse_letter_id(raw)
+            by_kind[kind].append(num)
+        return (self.deliveries.replay_dead(by_kind["d"]) + self.events.replay_quarantined(by_kind["q"])
+                + self.reflections.replay_dead(by_kind["r"]))
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def parse_letter_id(raw: str) -> tuple[str, int]:
+    """``d12`` (dead delivery), ``q7`` (quarantined event) or ``r3`` (reflection to
+    Sinch); a bare number is a delivery."""
+    text = raw.strip().lower()
+    kind = "d"
+    if text[:1] in ("d", "q", "r"):
+        kind, text = text[0], text[1:]
+    if not text.isdigit() or len(text) > 18:
+        raise ValueError(f"not a dead-letter id: {raw!r} (expected d<N>, q<N> or r<N>)")
+    return kind, int(text)

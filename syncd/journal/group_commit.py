@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from syncd.events import ConsentEvent
 from syncd.journal.base import Recorded
 
-if TYPE_CHECKING:
-    from syncd.journal.sql import SqlJournal
+# Inserts events in one transaction of its own (committed when it returns), one
+# result per event in order; raises the driver's error when it rolled back.
+InsertBatch = Callable[[list[ConsentEvent]], list[Recorded]]
 
 
 class _Waiter:
@@ -54,8 +55,8 @@ class GroupCommit:
     # How long a leader waits for the requests that filled the previous commit.
     GATHER_SECONDS = 0.002
 
-    def __init__(self, journal: SqlJournal, db_error: type[Exception] | tuple[type[Exception], ...]):
-        self.journal = journal
+    def __init__(self, insert_batch: InsertBatch, db_error: type[Exception] | tuple[type[Exception], ...]):
+        self.insert_batch = insert_batch
         self.db_error = db_error
         self.mutex = threading.Lock()
         self.gathered = threading.Condition(self.mutex)
@@ -111,8 +112,7 @@ class GroupCommit:
         """After a batch failed: one event in its own transaction, so a bad row fails
         only its own request (PostgreSQL aborts a transaction at its first error)."""
         try:
-            with self.journal._ingest_write() as cur:
-                return self.journal._insert_event(cur, event)
+            return self.insert_batch([event])[0]
         except self.db_error as exc:
             return exc
 
@@ -122,8 +122,7 @@ class GroupCommit:
         results: list[Recorded | BaseException] = []
         try:
             try:
-                with self.journal._ingest_write() as cur:
-                    results = list(self.journal._insert_events(cur, [w.event for w in batch]))
+                results = list(self.insert_batch([w.event for w in batch]))
             except self.db_error:  # rolled back as a whole: nothing in the batch is durable
                 results = [self._insert_alone(w.event) for w in batch]
         except BaseException as exc:  # not a database error: nothing in the batch is durable

@@ -1,6 +1,7 @@
 """SQLite journal (WAL, synchronous=FULL): the embedded default.
 
-Reads use one connection per thread; writes share one connection, each a
+The engine under the journal's stores (:mod:`syncd.journal.engine`). Reads use
+one connection per thread; writes share one connection, each a
 ``BEGIN IMMEDIATE`` transaction, so a webhook is answered only after its row is on
 disk. Writers in this process take turns on a lock instead of SQLite's busy handler (whose back-off sleeps up to
 100 ms), and webhooks are group-committed (:mod:`syncd.journal.group_commit`): one transaction
@@ -16,115 +17,15 @@ import os
 import sqlite3
 import stat
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
+from syncd.journal import migrate
 from syncd.journal.base import JournalBusy, JournalMissing
-from syncd.journal.group_commit import GroupCommit
-from syncd.journal.sql import SCHEMA_VERSION, SqlJournal, new_owner
+from syncd.journal.engine import Tx, load_queries, new_owner
 
 log = logging.getLogger("syncd.journal")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  source TEXT NOT NULL,
-  source_event_id TEXT NOT NULL,
-  event_type TEXT NOT NULL DEFAULT 'consent',
-  kind TEXT, channel TEXT,
-  external_lead_id TEXT, phone TEXT, phone_raw TEXT, email TEXT, reason TEXT, message TEXT,
-  occurred_at TEXT NOT NULL,
-  received_at TEXT NOT NULL,
-  details TEXT NOT NULL DEFAULT '{}',
-  raw BLOB NOT NULL,
-  status TEXT NOT NULL,
-  status_reason TEXT,
-  route_attempts INTEGER NOT NULL DEFAULT 0,
-  next_route_at REAL NOT NULL DEFAULT 0,
-  updated_at TEXT NOT NULL,
-  route_owner TEXT,
-  UNIQUE (source, source_event_id)
-);
-CREATE INDEX IF NOT EXISTS events_status ON events (status, next_route_at);
-CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
-CREATE TABLE IF NOT EXISTS deliveries (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  event_id INTEGER NOT NULL REFERENCES events (id),
-  crm TEXT NOT NULL, obj TEXT NOT NULL, record_id TEXT NOT NULL,
-  state TEXT NOT NULL,
-  attempts INTEGER NOT NULL DEFAULT 0,
-  next_attempt_at REAL NOT NULL,
-  lease_until REAL NOT NULL DEFAULT 0,
-  lease_owner TEXT,
-  last_error TEXT,
-  outcome TEXT,
-  created_at TEXT NOT NULL,
-  delivered_at TEXT,
-  UNIQUE (event_id, crm, obj, record_id)
-);
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS deliveries_record ON deliveries (crm, obj, record_id, state);
-CREATE TABLE IF NOT EXISTS field_clocks (
-  crm TEXT NOT NULL, obj TEXT NOT NULL, record_id TEXT NOT NULL, field TEXT NOT NULL,
-  occurred_at TEXT NOT NULL, value TEXT, event_id INTEGER,
-  PRIMARY KEY (crm, obj, record_id, field)
-);
-CREATE TABLE IF NOT EXISTS watermarks (
-  name TEXT PRIMARY KEY, ts TEXT, last_id TEXT, updated_at TEXT
-);
-CREATE TABLE IF NOT EXISTS crm_status (
-  crm TEXT PRIMARY KEY, last_push_at TEXT, last_poll_at TEXT, paused_until REAL, pause_reason TEXT
-);
-CREATE TABLE IF NOT EXISTS reflections (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  crm TEXT NOT NULL, obj TEXT NOT NULL, record_id TEXT NOT NULL,
-  phone TEXT NOT NULL, channel TEXT NOT NULL, kind TEXT NOT NULL,
-  request_id TEXT NOT NULL UNIQUE,
-  state TEXT NOT NULL,
-  attempts INTEGER NOT NULL DEFAULT 0,
-  next_attempt_at REAL NOT NULL,
-  lease_until REAL NOT NULL DEFAULT 0,
-  last_error TEXT,
-  flagged_at TEXT,
-  created_at TEXT NOT NULL,
-  registered_at TEXT,
-  done_at TEXT,
-  lease_owner TEXT
-);
-CREATE INDEX IF NOT EXISTS reflections_due ON reflections (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS reflections_phone ON reflections (phone, channel, state);
-CREATE INDEX IF NOT EXISTS reflections_record ON reflections (crm, obj, record_id);
-CREATE TABLE IF NOT EXISTS sinch_state (
-  phone TEXT NOT NULL, channel TEXT NOT NULL, kind TEXT NOT NULL, reflection_id INTEGER,
-  updated_at TEXT NOT NULL,
-  PRIMARY KEY (phone, channel)
-);
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-"""
-
-# Columns added after schema version 1, for journals created before them.
-ADDED_COLUMNS = (("events", "route_owner", "TEXT"), ("reflections", "lease_owner", "TEXT"))
-
-CLAIM_REFLECTIONS = """
-UPDATE reflections SET lease_until = ?, lease_owner = ?, attempts = attempts + 1
-WHERE id IN (SELECT id FROM reflections WHERE state = 'pending' AND next_attempt_at <= ?
-             AND lease_until < ? ORDER BY next_attempt_at, id LIMIT ?)
-RETURNING id
-"""
-
-CLAIM = """
-UPDATE deliveries SET lease_until = ?, lease_owner = ?, attempts = attempts + 1
-WHERE id IN (
-  SELECT d.id FROM deliveries d
-  WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND d.lease_until < ?
-    AND (? IS NULL OR d.crm = ?)
-    AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.crm = d.crm AND o.obj = d.obj
-                    AND o.record_id = d.record_id AND o.state = 'pending' AND o.lease_until >= ?)
-  ORDER BY d.next_attempt_at, d.id LIMIT ?)
-RETURNING id
-"""
-
 
 def make_private_dirs(folder: Path) -> None:
     """Create the missing folders of ``folder`` as 0700 (whatever the umask); folders
@@ -163,23 +64,26 @@ def make_private_files(db: Path) -> None:
                             extra={"path": str(path), "mode": oct(mode)})
 
 
-class SqliteJournal(SqlJournal):
+class SqliteEngine:
+    dialect = "sqlite"
+    db_error = sqlite3.Error
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.owner = new_owner()
+        self.queries = load_queries(self.dialect)
         self._local = threading.local()
         self._lock_fd: int | None = None
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
-        self._group = GroupCommit(self, sqlite3.Error)
         make_private_dirs(self.path.parent)
         make_private_files(self.path)
         self._migrate()
 
     @classmethod
-    def from_url(cls, url: str, base_dir: str | Path | None = None, must_exist: bool = False) -> "SqliteJournal":
+    def from_url(cls, url: str, base_dir: str | Path | None = None, must_exist: bool = False) -> "SqliteEngine":
         raw = url[len("sqlite:///"):]
         if not raw:
             raise ValueError("journal.url: sqlite:/// needs a file path")
@@ -209,8 +113,11 @@ class SqliteJournal(SqlJournal):
             conn = self._local.conn = self._connect()
         return conn
 
+    def ingest(self) -> AbstractContextManager[Tx]:
+        return self.begin()
+
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Cursor]:
+    def begin(self) -> Iterator[Tx]:
         """A write transaction on the one writer connection (writes in a process take
         turns anyway; one connection keeps its page cache warm across them)."""
         with self._write_lock:
@@ -220,7 +127,7 @@ class SqliteJournal(SqlJournal):
             cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                yield cur
+                yield Tx(cur, self.queries)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -230,41 +137,36 @@ class SqliteJournal(SqlJournal):
                 cur.close()
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Cursor]:
+    def read(self) -> Iterator[Tx]:
         conn = self._conn()
         cur = conn.cursor()
         cur.execute("BEGIN")
         try:
-            yield cur
+            yield Tx(cur, self.queries)
         finally:
             conn.execute("COMMIT")
             cur.close()
 
     def _migrate(self) -> None:
-        conn = self._conn()
-        conn.executescript(SCHEMA)
-        with self._write() as cur:
-            cur.execute("SELECT version FROM schema_version")
-            row = cur.fetchone()
-            if row is None:
-                cur.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise RuntimeError(f"journal {self.path} has schema version {row[0]}, newer than this "
-                                   f"syncd understands ({SCHEMA_VERSION}); upgrade syncd")
-            elif row[0] < SCHEMA_VERSION:
-                for table, column, ctype in ADDED_COLUMNS:
-                    cur.execute(f"PRAGMA table_info({table})")
-                    if column not in {r[1] for r in cur.fetchall()}:
-                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ctype}")
-                cur.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        """Apply the schema's migrations this file has not seen (one transaction)."""
+        with self.begin() as tx:
+            cur = tx.cur
+            cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'")
+            current = 0
+            if cur.fetchone() is not None:
+                cur.execute("SELECT MAX(version) FROM schema_version")
+                current = cur.fetchone()[0] or 0
+            migrate.apply(cur.execute, "sqlite", current, str(self.path))
 
-    def _claim_ids(self, cur: Any, now: float, limit: int, until: float, crm: str | None = None) -> list[int]:
-        cur.execute(CLAIM, (until, self.owner, now, now, crm, crm, now, limit))
-        return [r[0] for r in cur.fetchall()]
+    def before_lease(self) -> None:
+        return None
 
-    def _claim_reflection_ids(self, cur: Any, now: float, limit: int, until: float) -> list[int]:
-        cur.execute(CLAIM_REFLECTIONS, (until, self.owner, now, now, limit))
-        return [r[0] for r in cur.fetchall()]
+    def lock_claims(self, tx: Tx) -> None:
+        return None   # one writer connection: claims already take turns
+
+    def take_over_dead_leases(self) -> int:
+        """SQLite frees dead processes' leases once, when ``serve`` takes the file's lock."""
+        return 0
 
     # One serve per file: it is always the poller's leader.
     def try_leadership(self, name: str) -> bool:
@@ -295,12 +197,11 @@ class SqliteJournal(SqlJournal):
         self._lock_fd = fd
         # Holding the lock proves no other serve runs: every live lease belongs to a
         # process that died (kill -9, power loss), so its work is resumed at once.
-        with self._write() as cur:
-            cur.execute("UPDATE deliveries SET lease_until = 0, lease_owner = NULL "
-                        "WHERE state = 'pending' AND lease_until > 0")
-            cur.execute("UPDATE reflections SET lease_until = 0 WHERE state = 'pending' AND lease_until > 0")
+        with self.begin() as tx:
+            tx.execute("free_delivery_leases")
+            tx.execute("free_reflection_leases")
             # Routing leases too (a deferred phone lookup is simply tried again now).
-            cur.execute("UPDATE events SET next_route_at = 0 WHERE status = 'new' AND next_route_at > 0")
+            tx.execute("free_routing_leases")
 
     def close(self) -> None:
         with self._all_lock:

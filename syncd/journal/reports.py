@@ -1,0 +1,123 @@
+"""The reports store: read-only views across the journal for ``syncd status``,
+``dead-letters``, ``export``, the status page and the metrics."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from syncd.events import iso, utcnow
+from syncd.journal.engine import Engine, Tx
+
+
+class ReportStore:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def counts(self) -> dict[str, Any]:
+        now = time.time()
+        with self.engine.read() as tx:
+            by_state = {r["state"]: r["n"] for r in tx.all("deliveries_by_state")}
+            retrying = tx.value("deliveries_retrying", now=now)
+            by_status = {r["status"]: r["n"] for r in tx.all("consent_events_by_status")}
+            oldest_delivery = tx.value("oldest_pending_delivery")
+            oldest_event = tx.value("oldest_unrouted_event")
+            crms = {r["crm"]: {"last_push_at": r["last_push_at"], "last_poll_at": r["last_poll_at"],
+                               "paused_until": r["paused_until"] if r["paused_until"] is not None
+                               and r["paused_until"] > now else None,
+                               "pause_reason": r["pause_reason"] if r["paused_until"] is not None else None}
+                    for r in tx.all("crm_statuses")}
+            reflections = self._reflection_counts(tx)
+        oldest = min([t for t in (oldest_delivery, oldest_event) if t], default=None)
+        age = None
+        if oldest:
+            age = max(0.0, (utcnow() - datetime.fromisoformat(oldest.replace("Z", "+00:00"))).total_seconds())
+        return {
+            "deliveries": {"pending": by_state.get("pending", 0), "retrying": retrying,
+                           "done": by_state.get("done", 0), "dead": by_state.get("dead", 0)},
+            "events": {"received": sum(by_status.values()), "unrouted": by_status.get("new", 0),
+                       "routed": by_status.get("routed", 0), "reconciled": by_status.get("reconciled", 0)},
+            "quarantined": by_status.get("quarantined", 0),
+            "ignored": by_status.get("ignored", 0),   # kept, never routed: a channel syncd does not model
+            "reflections": reflections,
+            "oldest_pending_age_seconds": age,
+            "crms": crms,
+        }
+
+    @staticmethod
+    def _reflection_counts(tx: Tx) -> dict[str, int]:
+        by = {r["state"]: r["n"] for r in tx.all("reflections_by_state")}
+        return {"pending": by.get("pending", 0) + by.get("registered", 0), "done": by.get("done", 0),
+                "failed": by.get("dead", 0)}
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Dead deliveries (``d<N>``), quarantined events (``q<N>``) and dead
+        registrations in Sinch (``r<N>``), in one shape."""
+        with self.engine.read() as tx:
+            deliveries = tx.all("dead_deliveries")
+            quarantined = tx.all("quarantined_events")
+            reflections = tx.all("dead_reflections")
+        rows: list[dict[str, Any]] = []
+        for r in deliveries:
+            rows.append({"id": f"d{r['id']}", "type": "delivery", "event_id": r["event_id"], "source": r["source"],
+                         "source_event_id": r["source_event_id"], "crm": r["crm"], "object": r["obj"],
+                         "record_id": r["record_id"], "attempts": r["attempts"], "error": r["last_error"],
+                         "received_at": r["received_at"], "kind": r["kind"], "channel": r["channel"]})
+        for r in quarantined:
+            rows.append({"id": f"q{r['id']}", "type": "quarantine", "event_id": r["id"], "source": r["source"],
+                         "source_event_id": r["source_event_id"], "crm": None, "object": None, "record_id": None,
+                         "attempts": None, "error": r["status_reason"], "received_at": r["received_at"],
+                         "kind": r["kind"], "channel": r["channel"]})
+        for r in reflections:
+            rows.append({"id": f"r{r['id']}", "type": "reflection", "event_id": None, "source": "sinch",
+                         "source_event_id": None, "crm": r["crm"], "object": r["obj"], "record_id": r["record_id"],
+                         "attempts": r["attempts"], "error": r["last_error"], "received_at": r["created_at"],
+                         "kind": r["kind"], "channel": r["channel"].lower()})
+        return rows
+
+    def recent_activity(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest consent events with their targets' delivery state (status page)."""
+        with self.engine.read() as tx:
+            rows = tx.all("recent_activity", limit=limit)
+        return [{"event_id": r["event_id"], "source": r["source"], "received_at": r["received_at"],
+                 "occurred_at": r["occurred_at"], "kind": r["kind"], "channel": r["channel"],
+                 "event_status": r["event_status"], "event_reason": r["event_reason"],
+                 "delivery_id": f"d{r['delivery_id']}" if r["delivery_id"] is not None else None,
+                 "crm": r["crm"], "object": r["obj"], "record_id": r["record_id"], "state": r["state"],
+                 "attempts": r["attempts"], "error": r["last_error"], "delivered_at": r["delivered_at"]}
+                for r in rows]
+
+    def page_stats(self, since_iso: str, limit: int = 100_000) -> dict[str, Any]:
+        """For the status page's charts and health table: events received per hour
+        (``YYYY-MM-DDTHH`` -> n), ``(crm, received_at, delivered_at)`` of the newest
+        ``limit`` deliveries done since ``since_iso``, and each CRM's next retry time."""
+        with self.engine.read() as tx:
+            per_hour = {str(r["hour"]): int(r["n"]) for r in tx.all("events_per_hour", since=since_iso)}
+            done = [(str(r["crm"]), str(r["received_at"]), str(r["delivered_at"]))
+                    for r in tx.all("deliveries_done_since", since=since_iso, limit=limit)]
+            next_attempt = {str(r["crm"]): float(r["next_attempt_at"]) for r in tx.all("next_retry_per_crm")}
+        return {"per_hour": per_hour, "done": done, "next_attempt": next_attempt}
+
+    def export_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
+        since_iso = iso(since.astimezone(timezone.utc)) if since else ""
+        with self.engine.read() as tx:
+            rows = tx.all("export_rows", since=since_iso)
+        for r in rows:
+            state = r["state"] or (r["event_status"] if r["event_status"] in ("quarantined", "reconciled", "ignored")
+                                   else "unrouted")
+            details = json.loads(r["details"] or "{}")
+            unmodelled = details.get("unmodelled") or {}
+            yield {"event_id": r["event_id"], "source": r["source"], "source_event_id": r["source_event_id"],
+                   "received_at": r["received_at"], "occurred_at": r["occurred_at"], "kind": r["kind"],
+                   "channel": r["channel"], "target_crm": r["crm"], "target_object": r["obj"],
+                   "target_record": r["record_id"], "state": state, "delivered_at": r["delivered_at"],
+                   "attempts": r["attempts"], "error": r["last_error"] if r["state"] else r["event_reason"],
+                   "outcome": r["outcome"],
+                   "reflection": {"dead": "failed", "registered": "pending"}.get(r["reflection_state"],
+                                                                                  r["reflection_state"]),
+                   "reflection_at": r["reflection_at"], "reflection_error": r["reflection_error"],
+                   # The source's own channel value (Apten ``manual``, Sinch ``VIBERBM``...)
+                   # and the fields syncd kept without modelling them.
+                   "raw_channel": details.get("raw_channel") or details.get("sinch_channel"),
+                   "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None}

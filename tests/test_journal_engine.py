@@ -1,0 +1,83 @@
+"""The journal's engine layer: named statements, their parameters, and the module graph."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from syncd.journal.engine import Query, load_queries, parse_blocks
+
+JOURNAL = Path(__file__).parent.parent / "syncd" / "journal"
+
+
+def used_statement_names(*files: str) -> set[str]:
+    """The statement names these modules run (``tx.execute("name", ...)`` etc.)."""
+    names: set[str] = set()
+    for name in files:
+        names |= set(re.findall(r"tx\.(?:execute|one|all|value)\(\s*f?\"(\w+)\"", (JOURNAL / name).read_text()))
+    return names
+
+
+def test_every_statement_a_store_or_engine_runs_exists_in_its_dialects():
+    stores = used_statement_names("events.py", "deliveries.py", "reflections.py", "operations.py", "reports.py")
+    assert {"claim_deliveries", "insert_events", "export_rows"} <= stores
+    sqlite, postgres = set(load_queries("sqlite")), set(load_queries("postgresql"))
+    assert stores <= sqlite and stores <= postgres, (stores - sqlite, stores - postgres)
+    assert used_statement_names("sqlite.py") <= sqlite
+    take_over = {f"take_over_{t}" for t in ("deliveries", "events", "reflections")}   # named by table
+    assert used_statement_names("postgres.py") | take_over <= postgres
+    assert sqlite - stores == used_statement_names("sqlite.py")          # nothing defined for nobody
+    assert postgres - stores == used_statement_names("postgres.py") | take_over
+
+
+def test_only_the_claims_differ_between_dialects():
+    common = parse_blocks((JOURNAL / "queries" / "common.sql").read_text())
+    for dialect in ("sqlite", "postgresql"):
+        own = parse_blocks((JOURNAL / "queries" / f"{dialect}.sql").read_text())
+        assert not set(own) & set(common), "a dialect file repeats a common statement"
+        assert {"claim_deliveries", "claim_reflections", "lease_events_to_route"} <= set(own)
+
+
+def test_a_missing_parameter_or_an_empty_list_is_an_error_not_bad_sql():
+    q = Query.parse("q", "SELECT 1 FROM t WHERE id IN (%(ids)s) AND a = %(a)s", "sqlite")
+    with pytest.raises(TypeError, match="needs parameter 'a'"):
+        q.render({"ids": [1]})
+    with pytest.raises(ValueError, match="empty list"):
+        q.render({"ids": [], "a": 1})
+
+
+@given(ids=st.lists(st.integers(), min_size=1, max_size=20),
+       rows=st.lists(st.tuples(st.text(max_size=5), st.integers()), min_size=1, max_size=10),
+       dialect=st.sampled_from(["sqlite", "postgresql"]))
+def test_list_parameters_expand_to_one_placeholder_per_value(ids, rows, dialect):
+    q = Query.parse("q", "INSERT INTO t VALUES %(rows)s; -- 100% %(x)s IN (%(ids)s)", dialect)
+    sql, args = q.render({"rows": rows, "x": None, "ids": ids})
+    mark = "?" if dialect == "sqlite" else "%s"
+    assert sql.count(mark) == len(args) == 2 * len(rows) + 1 + len(ids)
+    assert args == [v for row in rows for v in row] + [None] + ids
+    assert ("100%%" if dialect == "postgresql" else "100% ") in sql
+
+
+def test_group_commit_imports_no_store_or_engine():
+    tree = ast.parse((JOURNAL / "group_commit.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "typing", "syncd.events", "syncd.journal.base"}, imported
+
+
+def test_field_clock_lookups_use_the_primary_key_not_a_scan(tmp_path):
+    """The pusher reads the clocks of up to a batch of records per claim; a table scan
+    per chunk would grow with every record ever written."""
+    from syncd.journal import open_journal
+
+    j = open_journal(f"sqlite:///{tmp_path}/j.db")
+    try:
+        sql, args = load_queries("sqlite")["clocks_of_records"].render({"refs": [("a", "b", "c"), ("d", "e", "f")]})
+        with j.engine.read() as tx:
+            plan = " | ".join(str(row[3]) for row in tx.cur.execute("EXPLAIN QUERY PLAN " + sql, args))
+    finally:
+        j.close()
+    assert "SCAN field_clocks" not in plan and "SEARCH f USING INDEX" in plan, plan
