@@ -712,4 +712,5 @@ PLUGIN = CrmPlugin(
     id_rules=(IdRule(CLOSE_LEAD.pattern, "lead"), IdRule(CLOSE_CONTACT.pattern, "contact")),
     email_unsubscribe=True,
     flag_types=frozenset({"choices"}),     # a flag is a one-choice field; the connector converts booleans
+    credentials=lambda s: ("api_key", s.base_url),
 )

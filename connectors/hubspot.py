@@ -692,6 +692,7 @@ PLUGIN = CrmPlugin(
     check_email_unsubscribe=check_subscription,
     email_mode=email_mode,
     client_loggers=("hubspot",),
+    credentials=lambda s: ("access_token", s.base_url),
 )
 
 

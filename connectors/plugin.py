@@ -57,6 +57,10 @@ def _same_id(ext_id: str) -> str | None:
     return ext_id
 
 
+def _base_url(settings: Any) -> list[tuple[str, str]]:
+    return [("base_url", settings.base_url)]
+
+
 @dataclass(frozen=True)
 class CrmPlugin:
     name: str                                   # the ``crm.<name>`` key and RecordRef.crm
@@ -82,6 +86,10 @@ class CrmPlugin:
     quota: Callable[[Any], QuotaLimits] | None = None
     flag_types: frozenset[str] = field(default_factory=frozenset)  # field types beyond booleans a flag may use
     client_loggers: tuple[str, ...] = ()        # the client library's loggers (full URLs at DEBUG): kept quiet
+    # For messages that say where a problem is: (key under ``crm.<name>``, URL) of the
+    # first server the connector calls, and of the credentials and the URL that judges them.
+    endpoints: Callable[[Any], list[tuple[str, str]]] = _base_url
+    credentials: Callable[[Any], tuple[str, str]] | None = None
 
     def initial_watermark(self, at: datetime) -> str:
         """Where a first poll starts when it starts at ``at``."""

@@ -773,6 +773,19 @@ def _routable_id(ext_id: str) -> str | None:
     return to_18(ext_id) if SF_ID.fullmatch(ext_id) else None
 
 
+def _endpoints(settings: SalesforceSettings) -> list[tuple[str, str]]:
+    """The token endpoint's server is called first, except with a ready access token."""
+    if settings.auth.flow != "access_token" and settings.auth.login_url:
+        return [("auth.login_url", settings.auth.login_url)]
+    return [("instance_url", settings.instance_url)]
+
+
+def _credentials(settings: SalesforceSettings) -> tuple[str, str]:
+    if settings.auth.flow == "access_token":
+        return "auth.access_token", settings.instance_url
+    return "auth", f"{(settings.auth.login_url or settings.instance_url).rstrip('/')}/services/oauth2/token"
+
+
 PLUGIN = CrmPlugin(
     name="salesforce",
     title="Salesforce",
@@ -787,4 +800,6 @@ PLUGIN = CrmPlugin(
     unsubscribe_hint="map a field such as HasOptedOutOfEmail",
     client_loggers=("simple_salesforce",),
     quota=lambda s: QuotaLimits(budget_percent=s.api_budget_percent, probe_seconds=s.limits_probe_seconds),
+    endpoints=_endpoints,
+    credentials=_credentials,
 )

@@ -57,25 +57,18 @@ def run_check(cfg: Config, progress: Callable[[str], None] = lambda line: None) 
 
 def crm_endpoints(cfg: Config, crm: str) -> list[tuple[str, str]]:
     """(config key, URL) of the first server each CRM's connector talks to."""
-    if crm == "salesforce":
-        sf = cfg.crm.salesforce
-        assert sf is not None
-        if sf.auth.flow != "access_token" and sf.auth.login_url:
-            return [("crm.salesforce.auth.login_url", sf.auth.login_url)]
-        return [("crm.salesforce.instance_url", sf.instance_url)]
-    return [(f"crm.{crm}.base_url", getattr(cfg.crm, crm).base_url)]
+    settings = cfg.crm.blocks()[crm]
+    return [(f"crm.{crm}.{key}", url) for key, url in CRM_PLUGINS[crm].endpoints(settings)]
 
 
 def crm_credentials(cfg: Config, crm: str) -> tuple[str, str]:
     """(config key of the credentials, URL that judged them)."""
-    if crm == "salesforce":
-        sf = cfg.crm.salesforce
-        assert sf is not None
-        if sf.auth.flow == "access_token":
-            return "crm.salesforce.auth.access_token", sf.instance_url
-        return "crm.salesforce.auth", f"{(sf.auth.login_url or sf.instance_url).rstrip('/')}/services/oauth2/token"
-    key = "crm.hubspot.access_token" if crm == "hubspot" else "crm.close.api_key"
-    return key, getattr(cfg.crm, crm).base_url
+    plugin, settings = CRM_PLUGINS[crm], cfg.crm.blocks()[crm]
+    if plugin.credentials is None:
+        _, url = plugin.endpoints(settings)[0]
+        return f"crm.{crm}", url
+    key, url = plugin.credentials(settings)
+    return f"crm.{crm}.{key}", url
 
 
 def _unreachable(cfg: Config, endpoints: list[tuple[str, str]], progress: Callable[[str], None]) -> list[str]:
