@@ -567,7 +567,8 @@ class HubSpotConnector:
         (GET statuses), so an address already there is done without a write and
         replays or retries change nothing."""
         if self.email_subscription_id:
-            self._set_subscription_state(email, "UNSUBSCRIBED" if unsubscribe else "SUBSCRIBED")
+            self._set_subscription_state(email, self.email_subscription_id,
+                                         "UNSUBSCRIBED" if unsubscribe else "SUBSCRIBED")
         elif unsubscribe:
             if not self._unsubscribed_from_all(email):
                 self._preferences("POST", email, "/unsubscribe-all")
@@ -577,16 +578,15 @@ class HubSpotConnector:
                             "and email_unsubscribe.subscription_id is not configured, so there is "
                             "no subscription type to resubscribe it to")
 
-    def _set_subscription_state(self, email: str, state: str) -> None:
+    def _set_subscription_state(self, email: str, subscription_id: str, state: str) -> None:
         answer = self._preferences("GET", email)
         current = next((r.get("status") for r in answer.get("results") or []
                         if isinstance(r, dict)
-                        and str(r.get("subscriptionId")) == self.email_subscription_id), None)
+                        and str(r.get("subscriptionId")) == subscription_id), None)
         if current == state:
             return
         body = {"channel": "EMAIL", "statusState": state,
-                "subscriptionId": int(self.email_subscription_id)
-                if str(self.email_subscription_id).isdigit() else self.email_subscription_id,
+                "subscriptionId": int(subscription_id) if subscription_id.isdigit() else subscription_id,
                 "legalBasis": self.legal_basis, "legalBasisExplanation": self.legal_basis_explanation}
         self._preferences("POST", email, query=False,
                           body={k: v for k, v in body.items() if v is not None})

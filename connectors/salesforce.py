@@ -487,9 +487,13 @@ class SalesforceConnector:
                 pending.append((index, record))
         pending.sort(key=lambda item: item[1]["attributes"]["type"])
         for batch in self._batches(pending):
-            answers = self._call(lambda sf, b=batch: sf.restful(
-                "composite/sobjects", method="PATCH",
-                json={"allOrNone": False, "records": [rec for _, rec in b]}))
+            records = [rec for _, rec in batch]
+
+            def write(sf: Salesforce, records: list[dict[str, Any]] = records) -> Any:
+                return sf.restful("composite/sobjects", method="PATCH",
+                                  json={"allOrNone": False, "records": records})
+
+            answers = self._call(write)
             if not isinstance(answers, list) or len(answers) != len(batch):
                 raise Transient("unexpected sObject Collections response")
             for (index, _), answer in zip(batch, answers):
@@ -695,10 +699,10 @@ class SalesforceConnector:
         rows, server_now = self._call(run)
         out: list[tuple[dt.datetime, dict[str, Any]]] = []
         for row in rows[:limit]:
-            record_id, stamp = row.get("Id"), row.get("SystemModstamp")
-            if isinstance(record_id, str) and SF_ID.match(record_id) and isinstance(stamp, str) \
-                    and _SF_DATETIME.match(stamp):
-                out.append((_parse_sf_datetime(stamp), dict(row)))
+            record_id, modstamp = row.get("Id"), row.get("SystemModstamp")
+            if isinstance(record_id, str) and SF_ID.match(record_id) and isinstance(modstamp, str) \
+                    and _SF_DATETIME.match(modstamp):
+                out.append((_parse_sf_datetime(modstamp), dict(row)))
         return out, len(rows) >= limit, server_now
 
     def _server_time(self) -> dt.datetime:

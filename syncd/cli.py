@@ -241,7 +241,7 @@ def export(c: Ctx, fmt: str, since: str | None) -> None:
         except ValueError:
             raise click.BadParameter(f"not an ISO 8601 date-time: {since!r}", param_hint="--since") from None
     rows = c.journal().reports.export_rows(when)
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     if fmt == "jsonl":
         for row in rows:
             out.write(json.dumps(row, sort_keys=True) + "\n")

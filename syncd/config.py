@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       create_model, field_validator, model_validator)
+from pydantic_core import ErrorDetails
 
 from connectors.plugin import CrmPlugin
 from connectors.registry import CRM_PLUGINS
@@ -324,22 +325,23 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The config model that holds the key at ``loc`` (for "did you mean")."""
     import typing
 
-    model: Any = Config
+    model: type[BaseModel] = Config
     for part in loc[:-1]:
         if isinstance(part, int) or str(part).startswith("function-"):
             continue
-        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        field = model.model_fields.get(str(part))
         if field is None:
             return None
         candidates = [field.annotation, *typing.get_args(field.annotation)]
         candidates += [a for c in candidates for a in typing.get_args(c)]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
+        inner = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if inner is None:
             return None
+        model = inner
     return model
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: ErrorDetails) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
     msg = err["msg"]
     if err["type"] == "extra_forbidden":

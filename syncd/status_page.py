@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from flask import Flask, Response, current_app, jsonify, redirect, render_template_string, request
 from itsdangerous import BadSignature, TimestampSigner
+from werkzeug.wrappers import Response as BaseResponse  # what redirect() returns
 
 from syncd.masking import mask_text
 
@@ -62,7 +63,7 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
     # token ends every session, and the cookie reveals nothing about the token.
     signer = TimestampSigner(token, salt="syncd.status-session")
 
-    def answer(resp: Response, status: int) -> tuple[Response, int]:
+    def answer(resp: BaseResponse, status: int) -> tuple[BaseResponse, int]:
         resp.headers.update(SECURITY_HEADERS)
         return resp, status
 
@@ -79,14 +80,14 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
             return False
         return True
 
-    def refused(reason: str) -> tuple[Response, int]:
+    def refused(reason: str) -> tuple[BaseResponse, int]:
         log.warning("status page refused", extra={"status": 401, "reason": reason})
         resp = jsonify({"error": f"{reason}: send Authorization: Bearer <token>, or sign in at /status/login "
                                  "(?token= is not accepted)", "status": 401})
         resp.headers["WWW-Authenticate"] = 'Bearer realm="syncd status"'
         return answer(resp, 401)
 
-    def status_page() -> tuple[Response, int]:
+    def status_page() -> tuple[BaseResponse, int]:
         bearer = _bearer_token()
         if bearer is not None:  # a script: the header, when sent, decides
             if not token_matches(bearer):
@@ -97,10 +98,10 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
             return refused("missing status token")
         return render_page()
 
-    def login_form() -> tuple[Response, int]:
+    def login_form() -> tuple[BaseResponse, int]:
         return login_page("", 200)
 
-    def login() -> tuple[Response, int]:
+    def login() -> tuple[BaseResponse, int]:
         supplied = request.form.get("token", "")
         if not supplied or not token_matches(supplied.strip()):
             log.warning("status login refused", extra={"status": 401, "reason": "wrong status token"})
@@ -111,17 +112,17 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
         log.info("status login", extra={"status": 303})
         return answer(resp, 303)
 
-    def logout() -> tuple[Response, int]:
+    def logout() -> tuple[BaseResponse, int]:
         resp = redirect("/status/login", 303)
         resp.delete_cookie(SESSION_COOKIE, path="/status", httponly=True, samesite="Strict",
                            secure=request.is_secure)
         return answer(resp, 303)
 
-    def login_page(message: str, status: int) -> tuple[Response, int]:
+    def login_page(message: str, status: int) -> tuple[BaseResponse, int]:
         html = render_template_string(LOGIN_PAGE, message=message)
         return answer(Response(html, content_type="text/html; charset=utf-8"), status)
 
-    def render_page() -> tuple[Response, int]:
+    def render_page() -> tuple[BaseResponse, int]:
         try:
             counts = journal.counts()
             activity = journal.recent_activity(RECENT_EVENTS)

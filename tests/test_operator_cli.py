@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -275,6 +276,17 @@ def test_export_json_is_one_array(tmp_path):
     _dead_letter(tmp_path / "j.db")
     (row,) = json.loads(_run("export", "--format", "json", "-c", str(path)).stdout)
     assert row["state"] == "dead" and row["target_record"] == "003XX000004DHPYYA4"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl"])
+def test_export_uses_no_deprecated_click_api(tmp_path, fmt):
+    """click.get_text_stream is deprecated (gone in Click 9): export writes to stdout itself."""
+    path = _config(tmp_path)
+    _dead_letter(tmp_path / "j.db")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        out = _run("-c", str(path), "export", "--format", fmt).stdout
+    assert "003XX000004DHPYYA4" in out
 
 
 from hypothesis import given, settings  # noqa: E402

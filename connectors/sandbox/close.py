@@ -65,7 +65,7 @@ DEFAULT_CONTACT_FIELDS: list[dict[str, Any]] = [
     {"id": "cf_waOptOutCont01", "name": "WhatsApp Opt Out", "type": "checkbox"},
 ]
 
-_WRITABLE = {
+_WRITABLE: dict[str, dict[str, type]] = {
     "lead": {"name": str, "description": str, "url": str, "status_id": str},
     "contact": {"name": str, "title": str, "phones": list, "emails": list},
 }

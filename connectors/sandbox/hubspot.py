@@ -438,7 +438,7 @@ class HubSpotSandbox(Sandbox):
         # developers.hubspot.com/docs/api-reference/legacy/crm/objects/contacts/batch/update-contacts
         # (SDK: hubspot/crm/contacts/api/batch_api.py BatchApi.update; 200, or 207 with errors)
         @app.post("/crm/v3/objects/contacts/batch/update")
-        def batch_update():
+        def batch_update() -> Response:
             inputs = body_json().get("inputs")
             if not isinstance(inputs, list):
                 raise HubSpotError(400, "VALIDATION_ERROR",
@@ -488,7 +488,7 @@ class HubSpotSandbox(Sandbox):
         # developers.hubspot.com/docs/api/crm/contacts (batch read, <= 100 inputs)
         # (SDK: hubspot/crm/contacts/api/batch_api.py BatchApi.read; 200, or 207 with errors)
         @app.post("/crm/v3/objects/contacts/batch/read")
-        def batch_read():
+        def batch_read() -> Response:
             body = body_json()
             inputs = body.get("inputs")
             if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):

@@ -24,7 +24,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypedDict
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -376,6 +376,16 @@ class Rejection:
     times: int | None  # None: every time
 
 
+class _OrgDefaults(TypedDict):
+    """The constructor's settings, restored by a reset."""
+    client_id: str
+    client_secret: str
+    username: str
+    password: str
+    page_size: int
+    api_limit: int
+
+
 class SalesforceSandbox(Sandbox):
     """In-memory Salesforce org. Records live in ``self.records[sobject][id18]``."""
 
@@ -388,8 +398,8 @@ class SalesforceSandbox(Sandbox):
                  client_secret: str = "sandbox-consumer-secret",
                  username: str = "integration@syncd.example", password: str = "sandbox-password",
                  page_size: int = 2000, api_limit: int = 15000) -> None:
-        self._defaults = dict(client_id=client_id, client_secret=client_secret, username=username,
-                              password=password, page_size=page_size, api_limit=api_limit)
+        self._defaults = _OrgDefaults(client_id=client_id, client_secret=client_secret, username=username,
+                                      password=password, page_size=page_size, api_limit=api_limit)
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.jwt_private_key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -217,6 +217,8 @@ class SinchSandbox(Sandbox):
         if project != self.project_id:
             return _error(403, "PERMISSION_DENIED", "Permission denied on the requested project.")
         data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            return _error(400, "INVALID_ARGUMENT", "Invalid JSON payload.")
         problem = self._invalid(data)
         if problem:
             return _error(400, "INVALID_ARGUMENT", problem)
@@ -243,10 +245,8 @@ class SinchSandbox(Sandbox):
         return Response(json.dumps({"request_id": request_id, kind: echoed}), status=200,
                         content_type="application/json")
 
-    def _invalid(self, data: Any) -> str | None:
+    def _invalid(self, data: dict[str, Any]) -> str | None:
         """The reason a register body is refused, or None."""
-        if not isinstance(data, dict):
-            return "Invalid JSON payload."
         if data.get("app_id") != self.app_id:
             return "app_id is not a valid app of this project."
         channels = data.get("channels")

@@ -20,9 +20,9 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
-from syncd.events import ConsentEvent, canonical_hash, parse_iso
+from syncd.events import Channel, ConsentEvent, Kind, canonical_hash, parse_iso
 from syncd.phones import to_e164
-from syncd.sources.base import (BadPayload, Ignored, Unauthorized, bounded_occurred_at, clip,
+from syncd.sources.base import (BadPayload, HeaderLookup, Ignored, Unauthorized, bounded_occurred_at, clip,
                                 load_json, validated)
 
 SIGNATURE_HEADER = "X-Signature-SHA256"
@@ -30,7 +30,7 @@ CONSENT_EVENTS = ("optOut", "doNotContact")
 # https://docs.apten.ai/webhooks/opt-out: sms, email, call. ``whatsapp`` is not in
 # Apten's docs; syncd has accepted it since its first release and keeps doing so.
 # ``manual`` (webhooks overview) names no channel syncd can write: it reads as ``all``.
-CHANNELS = {"sms": "sms", "email": "email", "call": "call", "whatsapp": "whatsapp"}
+CHANNELS: dict[str, Channel] = {"sms": "sms", "email": "email", "call": "call", "whatsapp": "whatsapp"}
 REASONS = ("MANUAL", "COMPLAINT", "BOUNCE", "UNSUBSCRIBE_LINK")  # the opt-out page's list
 IDENTIFIERS = ("data.leadId", "data.externalLeadId", "data.phone", "data.email")
 MAX_LABEL, MAX_MESSAGE = 500, 10_000
@@ -77,7 +77,7 @@ class AptenSource:
         self._secret = secret
         self.default_region = default_region
 
-    def authenticate(self, body: bytes, headers: Mapping[str, str], query: Mapping[str, str]) -> None:
+    def authenticate(self, body: bytes, headers: HeaderLookup, query: Mapping[str, str]) -> None:
         given = headers.get(SIGNATURE_HEADER) or ""
         expected = sign(self._secret, body)
         if not hmac.compare_digest(given.strip().lower().encode("ascii", "replace"), expected.encode("ascii")):
@@ -89,8 +89,11 @@ class AptenSource:
         env = validated(_Envelope, doc)
         if env.event not in CONSENT_EVENTS:
             return Ignored(f"apten event {env.event[:40]!r} carries no consent change")
-        model = _OptOutData if env.event == "optOut" else _DoNotContactData
-        data = validated(model, env.data, ("data",))
+        data: _OptOutData | _DoNotContactData
+        if env.event == "optOut":
+            data = validated(_OptOutData, env.data, ("data",))
+        else:
+            data = validated(_DoNotContactData, env.data, ("data",))
         loaded.require_text(*IDENTIFIERS)
         details: dict[str, Any] = {"apten_event": env.event, "lead_id": data.leadId}
         if env.timestamp is None:
@@ -102,6 +105,8 @@ class AptenSource:
             except ValueError:
                 raise BadPayload("timestamp: not an ISO 8601 date-time") from None
             occurred = bounded_occurred_at(occurred, received_at, details)
+        kind: Kind
+        channel: Channel
         if isinstance(data, _OptOutData):
             kind = "opt_out"
             channel = self._channel(data.channel, details)
@@ -114,7 +119,7 @@ class AptenSource:
             source=self.name,
             source_event_id=canonical_hash(loaded.original),
             kind=kind,
-            channel=channel,  # type: ignore[arg-type]
+            channel=channel,
             occurred_at=occurred,
             received_at=received_at,
             raw=body,
@@ -128,7 +133,7 @@ class AptenSource:
         )
 
     @staticmethod
-    def _channel(raw: str | None, details: dict[str, Any]) -> str:
+    def _channel(raw: str | None, details: dict[str, Any]) -> Channel:
         """The channel syncd writes: a documented one, else ``all`` with the raw value kept."""
         shown = "null" if raw is None else raw[:100]
         details["raw_channel"] = shown

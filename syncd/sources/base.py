@@ -31,10 +31,17 @@ class Ignored:
     reason: str
 
 
+class HeaderLookup(Protocol):
+    """What a source reads from request headers: a dict, or Flask's
+    case-insensitive ``request.headers`` (which is not a Mapping)."""
+
+    def get(self, key: str) -> str | None: ...
+
+
 class Source(Protocol):
     name: str
 
-    def authenticate(self, body: bytes, headers: Mapping[str, str], query: Mapping[str, str]) -> None:
+    def authenticate(self, body: bytes, headers: HeaderLookup, query: Mapping[str, str]) -> None:
         """Raise Unauthorized unless the request carries valid credentials."""
         ...
 

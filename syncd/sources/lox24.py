@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from syncd.events import ConsentEvent
 from syncd.phones import to_e164
-from syncd.sources.base import Ignored, Unauthorized, bounded_occurred_at, clip, load_json, validated
+from syncd.sources.base import HeaderLookup, Ignored, Unauthorized, bounded_occurred_at, clip, load_json, validated
 
 TOKEN_HEADER = "X-LOX24-Token"
 # Unix seconds between 2000 and 2100: anything else is not a real event time.
@@ -72,7 +72,7 @@ class Lox24Source:
         self.default_region = default_region
         self.allow_query_token = allow_query_token
 
-    def authenticate(self, body: bytes, headers: Mapping[str, str], query: Mapping[str, str]) -> None:
+    def authenticate(self, body: bytes, headers: HeaderLookup, query: Mapping[str, str]) -> None:
         given = headers.get(TOKEN_HEADER) or ""
         if not given and self.allow_query_token:
             given = query.get("token") or ""

@@ -28,12 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.sinch_signing import (ALGORITHM, HEADER_ALGORITHM, HEADER_NONCE, HEADER_SIGNATURE,
                                       HEADER_TIMESTAMP, timestamp_fresh, verify)
-from syncd.events import ConsentEvent, canonical_hash, parse_iso
+from syncd.events import Channel, ConsentEvent, Kind, canonical_hash, parse_iso
 from syncd.phones import to_e164
-from syncd.sources.base import (BadPayload, Ignored, Unauthorized, bounded_occurred_at,
+from syncd.sources.base import (BadPayload, HeaderLookup, Ignored, Unauthorized, bounded_occurred_at,
                                 load_json, validated)
 
-CHANNELS = {"WHATSAPP": "whatsapp", "SMS": "sms", "MMS": "sms"}
+CHANNELS: dict[str, Channel] = {"WHATSAPP": "whatsapp", "SMS": "sms", "MMS": "sms"}
 IDENTIFIERS = ("contact_id", "identity", "request_id")
 
 
@@ -55,7 +55,7 @@ class SinchSource:
         self.default_region = default_region
         self.max_skew_seconds = max_skew_seconds
 
-    def authenticate(self, body: bytes, headers: Mapping[str, str], query: Mapping[str, str]) -> None:
+    def authenticate(self, body: bytes, headers: HeaderLookup, query: Mapping[str, str]) -> None:
         algorithm = headers.get(HEADER_ALGORITHM)
         if algorithm and algorithm != ALGORITHM:
             raise Unauthorized(f"unsupported {HEADER_ALGORITHM} (expected {ALGORITHM})")
@@ -103,8 +103,8 @@ class SinchSource:
         return ConsentEvent(
             source=self.name,
             source_event_id=canonical_hash(loaded.original),
-            kind=kind,  # type: ignore[arg-type]
-            channel=channel,  # type: ignore[arg-type]
+            kind=kind,
+            channel=channel,
             occurred_at=occurred,
             received_at=received_at,
             raw=body,
@@ -116,8 +116,10 @@ class SinchSource:
         )
 
     @staticmethod
-    def _locate(doc: dict[str, Any]) -> tuple[str | None, Any, str]:
-        for key, kind in (("opt_out_notification", "opt_out"), ("opt_in_notification", "opt_in")):
+    def _locate(doc: dict[str, Any]) -> tuple[Kind | None, Any, str]:
+        located: tuple[tuple[str, Kind], ...] = (("opt_out_notification", "opt_out"),
+                                                 ("opt_in_notification", "opt_in"))
+        for key, kind in located:
             if key in doc:
                 return kind, doc[key], key
         if "status" in doc or "channel" in doc:
