@@ -157,3 +157,25 @@ def stack_runtime(crm_stack):
     rt = open_runtime(load_config(crm_stack.config_path, env={}))
     yield rt
     rt.journal.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal(request, tmp_path):
+    """A fresh journal on each engine (PostgreSQL in a schema of its own, when
+    SYNCD_TEST_PG_URL is set)."""
+    import time
+
+    from syncd.journal import open_journal
+
+    if request.param == "sqlite":
+        j = open_journal(f"sqlite:///{tmp_path}/j.db")
+    else:
+        url = os.environ.get("SYNCD_TEST_PG_URL")
+        if not url:
+            pytest.skip("SYNCD_TEST_PG_URL not set")
+        from syncd.journal import journal_on
+        from syncd.journal.postgres import PostgresEngine
+
+        j = journal_on(PostgresEngine(url, schema=f"t{os.getpid()}_{time.time_ns()}"))
+    yield j
+    j.close()

@@ -1,7 +1,6 @@
 """The journal contract, run against every engine (PostgreSQL when SYNCD_TEST_PG_URL is set)."""
 from __future__ import annotations
 
-import os
 import time
 from datetime import datetime, timezone
 
@@ -13,22 +12,6 @@ from syncd.journal import open_journal
 from syncd.journal.base import JournalBusy, Outcome
 
 REF = RecordRef("salesforce", "Contact", "003XX000004DHPYYA4")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def journal(request, tmp_path):
-    if request.param == "sqlite":
-        j = open_journal(f"sqlite:///{tmp_path}/j.db")
-    else:
-        url = os.environ.get("SYNCD_TEST_PG_URL")
-        if not url:
-            pytest.skip("SYNCD_TEST_PG_URL not set")
-        from syncd.journal import journal_on
-        from syncd.journal.postgres import PostgresEngine
-
-        j = journal_on(PostgresEngine(url, schema=f"t{os.getpid()}_{time.time_ns()}"))
-    yield j
-    j.close()
 
 
 def notifications(journal, max_attempts: int):

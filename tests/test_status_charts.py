@@ -1,16 +1,12 @@
 """The status page's health rows and server-side SVG charts, from journal data."""
 from __future__ import annotations
 
-import os
 import re
-import time
 from datetime import datetime, timedelta, timezone
 
-import pytest
 
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent, iso
-from syncd.journal import open_journal
 from syncd.journal.base import Outcome
 from syncd.status_charts import events_per_hour_svg, health_rows, page_extras, time_to_honour_svg
 
@@ -45,22 +41,6 @@ def test_health_rows_states_and_masking():
     assert rows["salesforce"]["next_attempt"] == "2025-12-02 14:31:00Z"
     assert rows["hubspot"]["state"] == "paused" and rows["hubspot"]["paused_until"] == "2025-12-02 15:30:00Z"
     assert rows["close"]["state"] == "ok" and rows["close"]["last_success"] == "2026-12-02T14:00:00Z"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def journal(request, tmp_path):
-    if request.param == "sqlite":
-        j = open_journal(f"sqlite:///{tmp_path}/j.db")
-    else:
-        url = os.environ.get("SYNCD_TEST_PG_URL")
-        if not url:
-            pytest.skip("SYNCD_TEST_PG_URL not set")
-        from syncd.journal import journal_on
-        from syncd.journal.postgres import PostgresEngine
-
-        j = journal_on(PostgresEngine(url, schema=f"c{os.getpid()}_{time.time_ns()}"))
-    yield j
-    j.close()
 
 
 def test_page_stats_from_either_journal(journal):
