@@ -11,6 +11,7 @@ from syncd.events import ConsentEvent, iso, utcnow
 from syncd.journal.base import Recorded, StoredEvent
 from syncd.journal.engine import Engine, Tx
 from syncd.journal.group_commit import GroupCommit
+from syncd.journal.ledger import LedgerStore
 
 DEFAULT_MAX_STORED_BODY_BYTES = 65536
 # Stands in for a raw body over the cap. Every stored body is a JSON object (sources
@@ -32,9 +33,18 @@ def stored_event(row: dict[str, Any]) -> StoredEvent:
     return StoredEvent(**{**row, "details": json.loads(row["details"] or "{}")})
 
 
+def ledger_columns(event: ConsentEvent) -> dict[str, Any]:
+    """The columns the consent ledger reads, as the journal stores them."""
+    return {"source": event.source, "event_type": event.event_type, "kind": event.kind,
+            "channel": event.channel, "phone": event.phone, "email": event.email,
+            "occurred_at": iso(event.occurred_at)}
+
+
 class EventStore:
-    def __init__(self, engine: Engine, max_stored_body_bytes: int = DEFAULT_MAX_STORED_BODY_BYTES):
+    def __init__(self, engine: Engine, max_stored_body_bytes: int = DEFAULT_MAX_STORED_BODY_BYTES,
+                 ledger: LedgerStore | None = None):
         self.engine = engine
+        self.ledger = ledger or LedgerStore(engine)
         self.max_stored_body_bytes = max_stored_body_bytes
         self.group = GroupCommit(self._insert_batch, engine.db_error)
 
@@ -72,6 +82,8 @@ class EventStore:
         existing: dict[tuple[str, str], int] = {}
         for src, sid in {(e.source, e.source_event_id) for e in events} - set(created):
             existing[(src, sid)] = int(tx.value("event_id_by_key", source=src, source_event_id=sid))
+        self.ledger.apply(tx, [(created[(e.source, e.source_event_id)], ledger_columns(e))
+                               for e in in_key_order if (e.source, e.source_event_id) in created])
         results = []
         for event in events:
             key = (event.source, event.source_event_id)
