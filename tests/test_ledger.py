@@ -139,3 +139,13 @@ def test_rebuild_on_each_engine_is_identical(journal):
     assert snapshot(journal) == []
     assert journal.ledger.rebuild() == len(before)
     assert snapshot(journal) == before
+
+
+def test_a_records_modification_time_in_each_crms_format():
+    from syncd.events import iso
+    from syncd.reflector import modified_at
+
+    assert iso(modified_at("2024-02-18T09:45:00.000+0000")) == "2024-02-18T09:45:00.000000Z"      # Salesforce
+    assert iso(modified_at("1708249500000")) == "2024-02-18T09:45:00.000000Z"                      # HubSpot, ms
+    assert iso(modified_at("2024-02-18T09:45:00.000000+00:00")) == "2024-02-18T09:45:00.000000Z"   # Close
+    assert modified_at("garbage") is not None

@@ -238,3 +238,30 @@ def test_poll_waits_while_the_crm_is_paused_for_quota():
         rt.journal.close()
     finally:
         st.cleanup()
+
+
+def test_crm_side_flag_enters_the_consent_ledger_as_an_opt_out_from_the_crm():
+    from syncd.runtime import open_runtime
+
+    st = Stack(sinch=True).start()
+    try:
+        sf = st.sandboxes["salesforce"]
+        rt = open_runtime(load_config(st.config_path, env={}))
+        ledger = rt.journal.ledger
+        rt.reflector.poll_once()                                  # the first poll sets the watermark
+        sf.set_field("Contact", CONTACT, DoNotCall=True)          # an admin edit in Salesforce
+        sf.advance(10)                                             # past the poller's settle window
+        rt.reflector.poll_once()
+        call = ledger.state("+13305551234", "call")
+        assert call is not None and (call.state, call.source) == ("opted_out", "crm:salesforce")
+        assert call.since.startswith("20") and call.since.endswith("Z")   # the record's SystemModstamp, in UTC
+        assert ledger.state("+13305551234", "sms") is None        # only the flag's own channel
+        assert rt.journal.events.to_route(10) == []                 # kept for the ledger, never routed
+        before = ledger.all()
+        rt.reflector.poll_once()                                   # nothing changed: nothing new
+        assert ledger.all() == before
+        ledger.rebuild()
+        assert ledger.all() == before
+        rt.journal.close()
+    finally:
+        st.cleanup()

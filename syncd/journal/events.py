@@ -14,6 +14,8 @@ from syncd.journal.group_commit import GroupCommit
 from syncd.journal.ledger import LedgerStore
 
 DEFAULT_MAX_STORED_BODY_BYTES = 65536
+# A do-not-contact flag a CRM user set inside a CRM, read by the reflector's poll.
+CRM_FLAG = "crm_flag"
 # Stands in for a raw body over the cap. Every stored body is a JSON object (sources
 # refuse anything else), so text that starts with this marker is never a body.
 OVERSIZED_BODY_MARKER = b"syncd:raw-body-not-stored"
@@ -53,6 +55,10 @@ class EventStore:
         """Durably record ``event``; concurrent calls share one commit (group commit)."""
         return self.group.submit(event)
 
+    def record_batch(self, events: list[ConsentEvent]) -> list[Recorded]:
+        """Record many events in one transaction of the caller's own (not a webhook's)."""
+        return self._insert_batch(events) if events else []
+
     def last_ingest_commit(self) -> tuple[float, float]:
         """``time.monotonic()`` of the newest webhook commit that succeeded and of the
         newest that failed (0.0: none since start): readiness trusts live traffic."""
@@ -60,6 +66,8 @@ class EventStore:
 
     def _row(self, event: ConsentEvent, now: str | None) -> tuple[Any, ...]:
         status = "quarantined" if event.quarantine_reason and event.event_type == "consent" else "new"
+        if event.event_type == CRM_FLAG:    # already set in its CRM: kept for the ledger, never routed
+            status = "reconciled"
         return (event.source, event.source_event_id, event.event_type, event.kind, event.channel,
                 event.external_lead_id, event.phone, event.phone_raw, event.email, event.reason,
                 iso(event.occurred_at), iso(event.received_at),

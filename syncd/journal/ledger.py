@@ -45,7 +45,7 @@ def normalize_email(email: str) -> str:
 
 def entries_for(event: Mapping[str, Any], event_id: int | None) -> list[Entry]:
     """The ledger entries one consent event makes (``event``: the journal's column names)."""
-    if (event.get("event_type") or "consent") != "consent":
+    if (event.get("event_type") or "consent") not in ("consent", "crm_flag"):
         return []
     kind, channel = event.get("kind"), event.get("channel")
     if channel is None or kind not in ("opt_out", "opt_in", "do_not_contact"):
