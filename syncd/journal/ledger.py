@@ -84,8 +84,8 @@ def entry_of(row: Mapping[str, Any]) -> Entry:
 def apply_in(tx: Tx, entries: list[Entry]) -> None:
     """Write ``entries`` (in event order) in the caller's transaction."""
     folded = fold(entries)
-    if folded:
-        tx.execute("ledger_upsert", rows=[e.row() for e in folded.values()])
+    if folded:   # in key order: replicas upserting overlapping keys lock them in one order (no deadlock)
+        tx.execute("ledger_upsert", rows=[folded[key].row() for key in sorted(folded)])
 
 
 def _all_entries(read_events: Callable[[int], Sequence[Mapping[str, Any]]]) -> dict[tuple[str, str], Entry]:
