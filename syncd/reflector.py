@@ -23,7 +23,7 @@ from connectors.registry import CRM_PLUGINS
 from connectors.types import Page, Watermark
 from syncd.backoff import RetryPolicy
 from syncd.config import Config
-from syncd.journal.base import (Events, Operations, ReflectionCandidate, ReflectionOutcome, Reflections,
+from syncd.journal.base import (Events, Ledger, Operations, ReflectionCandidate, ReflectionOutcome, Reflections,
                                 Registration, StoredEvent)
 from syncd.events import ConsentEvent, parse_iso
 from syncd.journal.events import CRM_FLAG
@@ -92,8 +92,10 @@ def crm_flag_event(crm: str, obj: str, record_id: str, phone: str, channel: str,
 class Reflector:
     def __init__(self, reflections: Reflections, ops: Operations, connectors: dict[str, CrmConnector],
                  mappings: dict[str, Mapping], sinch: Any, cfg: Config, *, page_limit: int = 200,
-                 max_pages: int = 50, metrics: Metrics | None = None, events: Events | None = None):
+                 max_pages: int = 50, metrics: Metrics | None = None, events: Events | None = None,
+                 ledger: Ledger | None = None):
         self.reflections = reflections
+        self.ledger = ledger
         self.events = events        # CRM-side flags enter the consent ledger as events
         self.ops = ops
         self.metrics = metrics
@@ -187,6 +189,9 @@ class Reflector:
                 for channel in channels:
                     found.append(crm_flag_event(crm, rec.ref.obj, rec.ref.record_id, phone, channel, at,
                                                 rec.modified))
+        if found and self.ledger is not None:   # already opted out (syncd's own write read back): no news
+            held = self.ledger.states([(e.phone or "", e.channel or "") for e in found])
+            found = [e for e, entry in zip(found, held) if entry is None or entry.state != "opted_out"]
         if found:
             self.events.record_batch(found)
 
