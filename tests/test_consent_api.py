@@ -142,3 +142,24 @@ def test_config_api_token_empty_is_off_and_short_is_refused(tmp_path):
     assert parse_config({"api": {"token": TOKEN}}, base_dir=tmp_path, env={}).api.token == TOKEN
     with pytest.raises(ConfigError, match="api.token"):
         parse_config({"api": {"token": "short"}}, base_dir=tmp_path, env={})
+
+
+@pytest.mark.slow
+def test_serve_answers_the_consent_api_after_a_webhook():
+    from syncd.stack import Stack
+    from tests.conftest import fixture_bytes
+
+    st = Stack(extra_config={"api": {"token": TOKEN}}).start()
+    daemon = st.serve()
+    try:
+        url = f"{st.url}/v1/consent"
+        before = requests.get(url, params={"phone": PHONE, "channel": "sms"}, headers=AUTH, timeout=5)
+        assert before.status_code == 200 and before.json()["state"] == "unknown"
+        assert st.post_apten(fixture_bytes("apten_optout_sms.json")).status_code == 200
+        after = requests.get(url, params={"phone": PHONE, "channel": "sms"}, headers=AUTH, timeout=5).json()
+        assert (after["allowed"], after["state"], after["source"]) == (False, "opted_out", "apten")
+        assert after["since"] == "2024-02-18T09:45:22.000000Z"
+        assert requests.get(url, params={"phone": PHONE, "channel": "sms"}, timeout=5).status_code == 401
+    finally:
+        assert daemon.terminate() == 0
+        st.cleanup()
