@@ -238,6 +238,11 @@ class AlertsConfig(_Strict):
 
 
 
+class ApiConfig(_Strict):
+    """The consent API on the receiver's public port."""
+    token: OptionalOwnSecret = None   # bearer token; empty: the API is off (404)
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -255,6 +260,7 @@ class Config(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     retry: RetryConfig = RetryConfig()
     routing: RoutingConfig = RoutingConfig()
+    api: ApiConfig = Field(default_factory=ApiConfig)
     logging: LoggingConfig = LoggingConfig()
     alerts: AlertsConfig = AlertsConfig()
 

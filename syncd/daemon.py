@@ -78,7 +78,8 @@ class Daemon:
         for name, interval, fn in self.extra_jobs():
             self.scheduler.every(name, interval, fn)
         self.app = create_app(self.rt.journal, self.rt.sources, self.rt.router,
-                              max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics)
+                              max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics,
+                              api_token=cfg.api.token, default_region=cfg.phone.default_region)
         journal_file = getattr(self.rt.journal.engine, "path", None)  # SQLite; a PostgreSQL disk is not ours
         readiness = Readiness(self.rt.journal.ops, last_commit=self.rt.journal.events.last_ingest_commit,
                               scheduler_alive=lambda: self.scheduler.running,

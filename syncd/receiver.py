@@ -14,6 +14,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from syncd.consent_api import add_consent_api
 from syncd.events import ConsentEvent, utcnow
 from syncd.journal.base import Journal
 from syncd.masking import mask_text
@@ -37,7 +38,8 @@ def _error(status: int, message: str, **extra: Any) -> Response:
 
 
 def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
-               max_body_bytes: int = 1_048_576, metrics: Metrics | None = None) -> Flask:
+               max_body_bytes: int = 1_048_576, metrics: Metrics | None = None,
+               api_token: str | None = None, default_region: str = "US") -> Flask:
     app = Flask("syncd")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -137,5 +139,7 @@ def create_app(journal: Journal, sources: dict[str, Source], router: Router, *,
     @app.get("/healthz")
     def healthz():
         return jsonify({"status": "ok"})
+
+    add_consent_api(app, journal.ledger, api_token, default_region)
 
     return app

@@ -23,8 +23,10 @@ from connectors.registry import CRM_PLUGINS
 from connectors.types import Page, Watermark
 from syncd.backoff import RetryPolicy
 from syncd.config import Config
-from syncd.journal.base import (Events, Operations, ReflectionCandidate, ReflectionOutcome, Reflections,
+from syncd.journal.base import (Events, Ledger, Operations, ReflectionCandidate, ReflectionOutcome, Reflections,
                                 Registration, StoredEvent)
+from syncd.events import ConsentEvent, parse_iso
+from syncd.journal.events import CRM_FLAG
 from syncd.mapping import Mapping
 from syncd.masking import mask_phone, mask_text
 from syncd.metrics import Metrics
@@ -65,11 +67,36 @@ def phones_of(values: dict[str, Any], fields: list[str], region: str) -> list[st
     return found
 
 
+def modified_at(text: str | None) -> datetime:
+    """A record's modification time as its CRM writes it (ISO text, or epoch ms for
+    HubSpot); now when it says nothing readable."""
+    raw = (text or "").strip()
+    try:
+        if raw.isdigit():
+            return datetime.fromtimestamp(int(raw) / 1000, timezone.utc)
+        return parse_iso(raw)
+    except (ValueError, OverflowError, OSError):
+        return datetime.now(timezone.utc)
+
+
+def crm_flag_event(crm: str, obj: str, record_id: str, phone: str, channel: str, at: datetime,
+                   modified: str | None) -> ConsentEvent:
+    key = f"{obj}/{record_id}/{channel}/{phone}/{modified or ''}"
+    return ConsentEvent(source=f"crm:{crm}", source_event_id=key, kind="opt_out",
+                        channel=channel,  # type: ignore[arg-type]   # one of the mapping's channels
+                        occurred_at=at, received_at=datetime.now(timezone.utc), raw=b"{}",
+                        phone=phone, phone_raw=phone, event_type=CRM_FLAG,
+                        details={"crm": crm, "object": obj, "record_id": record_id})
+
+
 class Reflector:
     def __init__(self, reflections: Reflections, ops: Operations, connectors: dict[str, CrmConnector],
                  mappings: dict[str, Mapping], sinch: Any, cfg: Config, *, page_limit: int = 200,
-                 max_pages: int = 50, metrics: Metrics | None = None):
+                 max_pages: int = 50, metrics: Metrics | None = None, events: Events | None = None,
+                 ledger: Ledger | None = None):
         self.reflections = reflections
+        self.ledger = ledger
+        self.events = events        # CRM-side flags enter the consent ledger as events
         self.ops = ops
         self.metrics = metrics
         self.connectors = connectors
@@ -127,6 +154,7 @@ class Reflector:
         for _ in range(self.max_pages):
             page = self._poll_page(crm, connector, mark, list(dict.fromkeys([*flags, *phone_fields])))
             candidates = []
+            self._enter_flags(crm, page, flags, phone_fields)
             for rec in page.records:
                 flagged = any(flag_set(rec.values.get(f)) for f in flags)
                 if not flagged and not self.reflect_opt_in:
@@ -141,6 +169,31 @@ class Reflector:
         if total:
             log.info("reflections queued", extra={"crm": crm, "count": total})
         return total
+
+    def _enter_flags(self, crm: str, page: Page, flags: list[str], phone_fields: list[str]) -> None:
+        """Each flag set inside the CRM enters the consent ledger as an opt-out from
+        ``crm:<name>`` at the record's modification time (kept as a ``crm_flag`` event,
+        never routed: the ledger is rebuilt from the events). Before the watermark
+        moves, so a crash re-reads the page; the event key makes that idempotent."""
+        if self.events is None:
+            return
+        found = []
+        for rec in page.records:
+            obj = self.mappings[crm].for_object(rec.ref.obj)
+            if obj is None:
+                continue
+            channels = [ch for ch, names in obj.channels.items() if ch != "email"
+                        and any(n in flags and flag_set(rec.values.get(n)) for n in names)]
+            at = modified_at(rec.modified)
+            for phone in phones_of(rec.values, phone_fields, self.region) if channels else []:
+                for channel in channels:
+                    found.append(crm_flag_event(crm, rec.ref.obj, rec.ref.record_id, phone, channel, at,
+                                                rec.modified))
+        if found and self.ledger is not None:   # already opted out (syncd's own write read back): no news
+            held = self.ledger.states([(e.phone or "", e.channel or "") for e in found])
+            found = [e for e, entry in zip(found, held) if entry is None or entry.state != "opted_out"]
+        if found:
+            self.events.record_batch(found)
 
     # --- registering in Sinch --------------------------------------------------------
     def register_due(self, limit: int = 100) -> dict[str, int]:

@@ -122,7 +122,8 @@ def open_runtime(cfg: Config) -> Runtime:
     reflector = None
     sinch = build_sinch(cfg)
     if sinch is not None:
-        reflector = Reflector(journal.reflections, journal.ops, connectors, mappings, sinch, cfg, metrics=metrics)
+        reflector = Reflector(journal.reflections, journal.ops, connectors, mappings, sinch, cfg, metrics=metrics,
+                              events=journal.events, ledger=journal.ledger)
     return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
                    connectors=connectors, routing=routing, pusher=pusher, pauses=pauses, health=health,
                    metrics=metrics, reflector=reflector, alerts=alerts)

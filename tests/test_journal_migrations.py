@@ -229,3 +229,19 @@ def test_both_engines_run_the_same_migration_files():
     pg_tables = [s for s in files[0].statements("postgresql") if s.startswith("CREATE TABLE")]
     assert len(sqlite_tables) == len(pg_tables) == 8
     assert "BYTEA" in " ".join(pg_tables) and "BLOB" in " ".join(sqlite_tables)
+
+
+def test_the_migration_builds_the_consent_ledger_from_the_events_held(old_journal):
+    url, ids, query = old_journal
+    j = open_journal(url)
+    try:
+        got = j.ledger.state("+13305551234", "sms")
+        assert got is not None
+        assert (got.state, got.since, got.source, got.event_id) == (
+            "opted_out", "2024-02-18T09:45:00.000000Z", "apten", ids["routed"])
+        assert j.ledger.state("jane@example.com", "email") is None   # an sms opt-out says nothing of email
+        built = j.ledger.all()
+        j.ledger.rebuild()
+        assert j.ledger.all() == built
+    finally:
+        j.close()

@@ -221,6 +221,9 @@ def test_hubspot_and_close_flags_are_polled_and_registered():
 
 
 def test_poll_waits_while_the_crm_is_paused_for_quota():
+    from datetime import datetime, timezone
+
+    from syncd.events import ConsentEvent
     from syncd.runtime import open_runtime
 
     st = Stack(sinch=True).start()
@@ -235,6 +238,42 @@ def test_poll_waits_while_the_crm_is_paused_for_quota():
         rt.journal.ops.resume_crm("salesforce")
         rt.reflector.poll_once()
         assert [r for r in sf.requests if "/query" in r.path] != []
+        rt.journal.close()
+    finally:
+        st.cleanup()
+
+
+def test_crm_side_flag_enters_the_consent_ledger_as_an_opt_out_from_the_crm():
+    from datetime import datetime, timezone
+
+    from syncd.events import ConsentEvent
+    from syncd.runtime import open_runtime
+
+    st = Stack(sinch=True).start()
+    try:
+        sf = st.sandboxes["salesforce"]
+        rt = open_runtime(load_config(st.config_path, env={}))
+        ledger = rt.journal.ledger
+        rt.reflector.poll_once()                                  # the first poll sets the watermark
+        apten = rt.journal.events.record(ConsentEvent(
+            source="apten", source_event_id="sms-1", kind="opt_out", channel="sms",
+            occurred_at=datetime(2024, 2, 18, tzinfo=timezone.utc), received_at=datetime.now(timezone.utc),
+            raw=b"{}", phone="+13305551234"))
+        sf.set_field("Contact", CONTACT, DoNotCall=True, SMS_Opt_Out__c=True)   # an admin edit in Salesforce
+        sf.advance(10)                                             # past the poller's settle window
+        rt.reflector.poll_once()
+        call = ledger.state("+13305551234", "call")
+        assert call is not None and (call.state, call.source) == ("opted_out", "crm:salesforce")
+        assert call.since.startswith("20") and call.since.endswith("Z")   # the record's SystemModstamp, in UTC
+        sms = ledger.state("+13305551234", "sms")                 # already opted out: the flag is no news
+        assert sms is not None and (sms.source, sms.event_id) == ("apten", apten.event_id)
+        assert ledger.state("+13305551234", "whatsapp") is None   # only the flags' own channels
+        assert [e.source for e in rt.journal.events.to_route(10)] == ["apten"]   # flags are never routed
+        before = ledger.all()
+        rt.reflector.poll_once()                                   # nothing changed: nothing new
+        assert ledger.all() == before
+        ledger.rebuild()
+        assert ledger.all() == before
         rt.journal.close()
     finally:
         st.cleanup()

@@ -9,6 +9,7 @@ from syncd.journal.base import (Delivery, Journal, JournalBusy, JournalMissing, 
 from syncd.journal.deliveries import DeliveryStore
 from syncd.journal.engine import Engine
 from syncd.journal.events import DEFAULT_MAX_STORED_BODY_BYTES, EventStore
+from syncd.journal.ledger import LedgerStore
 from syncd.journal.operations import OperationsStore
 from syncd.journal.reflections import ReflectionStore
 from syncd.journal.reports import ReportStore
@@ -26,9 +27,10 @@ def open_journal(url: str, *, base_dir: str | None = None, max_stored_body_bytes
 def journal_on(engine: Engine, max_stored_body_bytes: int | None = None) -> Journal:
     """The stores over ``engine``."""
     cap = DEFAULT_MAX_STORED_BODY_BYTES if max_stored_body_bytes is None else max_stored_body_bytes
-    return Journal(events=EventStore(engine, cap), deliveries=DeliveryStore(engine),
+    ledger = LedgerStore(engine)
+    return Journal(events=EventStore(engine, cap, ledger), deliveries=DeliveryStore(engine),
                    reflections=ReflectionStore(engine), ops=OperationsStore(engine),
-                   reports=ReportStore(engine), engine=engine)
+                   reports=ReportStore(engine), engine=engine, ledger=ledger)
 
 
 def open_engine(url: str, base_dir: str | None = None, must_exist: bool = False) -> Engine:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Protocol
 
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent
 
 if TYPE_CHECKING:
-    from syncd.journal.engine import Engine
+    from syncd.journal.engine import Engine, Tx
+    from syncd.journal.ledger import Entry
 
 
 class JournalMissing(Exception):
@@ -138,6 +139,7 @@ class Clock:
 
 class Events(Protocol):
     def record(self, event: ConsentEvent) -> Recorded: ...
+    def record_batch(self, events: list[ConsentEvent]) -> list[Recorded]: ...
     def last_ingest_commit(self) -> tuple[float, float]: ...
     def to_route(self, limit: int, lease_seconds: float = 120.0) -> list[StoredEvent]: ...
     def get(self, event_id: int) -> StoredEvent | None: ...
@@ -186,6 +188,14 @@ class Operations(Protocol):
     def healthcheck(self) -> None: ...
 
 
+class Ledger(Protocol):
+    def apply(self, tx: Tx, events: list[tuple[int, Mapping[str, Any]]]) -> None: ...
+    def state(self, identity: str, channel: str) -> Entry | None: ...
+    def states(self, keys: list[tuple[str, str]]) -> list[Entry | None]: ...
+    def all(self) -> list[Entry]: ...
+    def rebuild(self) -> int: ...
+
+
 class Reports(Protocol):
     def counts(self) -> dict[str, Any]: ...
     def dead_letters(self) -> list[dict[str, Any]]: ...
@@ -204,6 +214,7 @@ class Journal:
     ops: Operations
     reports: Reports
     engine: Engine
+    ledger: Ledger
 
     def replay(self, ids: list[str] | None) -> int:
         """Re-queue dead deliveries (``d<N>``), quarantined events (``q<N>``) and dead

@@ -11,8 +11,11 @@ from syncd.events import ConsentEvent, iso, utcnow
 from syncd.journal.base import Recorded, StoredEvent
 from syncd.journal.engine import Engine, Tx
 from syncd.journal.group_commit import GroupCommit
+from syncd.journal.ledger import LedgerStore
 
 DEFAULT_MAX_STORED_BODY_BYTES = 65536
+# A do-not-contact flag a CRM user set inside a CRM, read by the reflector's poll.
+CRM_FLAG = "crm_flag"
 # Stands in for a raw body over the cap. Every stored body is a JSON object (sources
 # refuse anything else), so text that starts with this marker is never a body.
 OVERSIZED_BODY_MARKER = b"syncd:raw-body-not-stored"
@@ -32,9 +35,18 @@ def stored_event(row: dict[str, Any]) -> StoredEvent:
     return StoredEvent(**{**row, "details": json.loads(row["details"] or "{}")})
 
 
+def ledger_columns(event: ConsentEvent) -> dict[str, Any]:
+    """The columns the consent ledger reads, as the journal stores them."""
+    return {"source": event.source, "event_type": event.event_type, "kind": event.kind,
+            "channel": event.channel, "phone": event.phone, "email": event.email,
+            "occurred_at": iso(event.occurred_at)}
+
+
 class EventStore:
-    def __init__(self, engine: Engine, max_stored_body_bytes: int = DEFAULT_MAX_STORED_BODY_BYTES):
+    def __init__(self, engine: Engine, max_stored_body_bytes: int = DEFAULT_MAX_STORED_BODY_BYTES,
+                 ledger: LedgerStore | None = None):
         self.engine = engine
+        self.ledger = ledger or LedgerStore(engine)
         self.max_stored_body_bytes = max_stored_body_bytes
         self.group = GroupCommit(self._insert_batch, engine.db_error)
 
@@ -43,6 +55,10 @@ class EventStore:
         """Durably record ``event``; concurrent calls share one commit (group commit)."""
         return self.group.submit(event)
 
+    def record_batch(self, events: list[ConsentEvent]) -> list[Recorded]:
+        """Record many events in one transaction of the caller's own (not a webhook's)."""
+        return self._insert_batch(events) if events else []
+
     def last_ingest_commit(self) -> tuple[float, float]:
         """``time.monotonic()`` of the newest webhook commit that succeeded and of the
         newest that failed (0.0: none since start): readiness trusts live traffic."""
@@ -50,6 +66,8 @@ class EventStore:
 
     def _row(self, event: ConsentEvent, now: str | None) -> tuple[Any, ...]:
         status = "quarantined" if event.quarantine_reason and event.event_type == "consent" else "new"
+        if event.event_type == CRM_FLAG:    # already set in its CRM: kept for the ledger, never routed
+            status = "reconciled"
         return (event.source, event.source_event_id, event.event_type, event.kind, event.channel,
                 event.external_lead_id, event.phone, event.phone_raw, event.email, event.reason,
                 iso(event.occurred_at), iso(event.received_at),
@@ -72,6 +90,8 @@ class EventStore:
         existing: dict[tuple[str, str], int] = {}
         for src, sid in {(e.source, e.source_event_id) for e in events} - set(created):
             existing[(src, sid)] = int(tx.value("event_id_by_key", source=src, source_event_id=sid))
+        self.ledger.apply(tx, [(created[(e.source, e.source_event_id)], ledger_columns(e))
+                               for e in in_key_order if (e.source, e.source_event_id) in created])
         results = []
         for event in events:
             key = (event.source, event.source_event_id)

@@ -17,6 +17,7 @@ DIALECTS: dict[str, dict[str, str]] = {
                    "blob": "BYTEA", "real": "DOUBLE PRECISION"},
 }
 
+LEDGER_VERSION = 3      # 0003_consent_ledger.sql
 _FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -55,7 +56,7 @@ class SchemaTooNew(RuntimeError):
     """The journal was migrated by a newer syncd."""
 
 
-def apply(execute: Callable[[str], Any], dialect: str, current: int, where: str) -> int:
+def apply(execute: Callable[..., Any], dialect: str, current: int, where: str) -> int:
     """Bring a journal at schema ``current`` (0: empty) to the latest version, in the
     caller's transaction: ``execute`` runs one statement. Returns the new version."""
     latest = latest_version()
@@ -68,6 +69,10 @@ def apply(execute: Callable[[str], Any], dialect: str, current: int, where: str)
         if migration.version > current:
             for statement in migration.statements(dialect):
                 execute(statement)
+            if migration.version == LEDGER_VERSION:   # the ledger is a view: fill it from the events held
+                from syncd.journal.ledger import rebuild_in_migration
+
+                rebuild_in_migration(execute, dialect)
     execute("DELETE FROM schema_version")
     execute(f"INSERT INTO schema_version (version) VALUES ({latest:d})")
     return latest

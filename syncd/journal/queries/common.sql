@@ -282,3 +282,30 @@ LEFT JOIN reflections r ON r.id = (SELECT MAX(x.id) FROM reflections x
                                    WHERE x.crm = d.crm AND x.obj = d.obj AND x.record_id = d.record_id)
 WHERE e.event_type = 'consent' AND e.received_at >= %(since)s
 ORDER BY e.id, d.id;
+
+-- ===== consent ledger ================================================================
+
+-- name: ledger_upsert
+-- Rows already folded by the caller (one per key). The WHERE is ledger.wins in SQL, so
+-- two replicas writing the same key concurrently still keep the winner.
+INSERT INTO consent_ledger (identity, channel, state, since, source, event_id)
+VALUES %(rows)s
+ON CONFLICT (identity, channel) DO UPDATE SET
+  state = excluded.state, since = excluded.since, source = excluded.source, event_id = excluded.event_id
+WHERE excluded.since > consent_ledger.since
+   OR (excluded.since = consent_ledger.since AND excluded.state = 'opted_out'
+       AND consent_ledger.state = 'opted_in');
+
+-- name: ledger_states
+SELECT identity, channel, state, since, source, event_id FROM consent_ledger
+WHERE identity IN (%(identities)s);
+
+-- name: ledger_all
+SELECT identity, channel, state, since, source, event_id FROM consent_ledger ORDER BY identity, channel;
+
+-- name: ledger_clear
+DELETE FROM consent_ledger;
+
+-- name: ledger_events_after
+SELECT id, source, event_type, kind, channel, phone, email, occurred_at FROM events
+WHERE id > %(after)s ORDER BY id LIMIT %(limit)s;
