@@ -34,6 +34,29 @@ def fixture_bytes(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
+def seed_delivered_and_dead(stack, error: str) -> str:
+    """Against a serving stack: Apten's seed example delivered to the seeded Contact,
+    and one opt-out for a second Contact the org refuses for good with ``error`` (a
+    dead letter); returns the second Contact's id once both have settled."""
+    import json
+
+    from syncd.stack import wait_for
+
+    sf = stack.sandboxes["salesforce"]
+    assert stack.post_apten(fixture_bytes("apten_optout_sms.json")).json()["status"] == "accepted"
+    other = sf.add_record("Contact", None, LastName="X", SMS_Opt_Out__c=False)
+    sf.reject_record(other, "FIELD_CUSTOM_VALIDATION_EXCEPTION", error)
+    doc = json.loads(fixture_bytes("apten_optout_sms.json"))
+    doc["data"].update(externalLeadId=other, leadId="b1c2d3e4-0000-4000-8000-000000000002", phone=None)
+    assert stack.post_apten(json.dumps(doc).encode()).json()["status"] == "accepted"
+
+    def settled() -> bool:
+        counts = json.loads(stack.syncd("status", "--json").stdout)["deliveries"]
+        return counts["done"] == 1 and counts["dead"] == 1
+    assert wait_for(settled, timeout=30, interval=0.2)
+    return other
+
+
 @pytest.fixture
 def sf_sandbox():
     from connectors.sandbox.salesforce import SalesforceSandbox

@@ -221,9 +221,7 @@ def test_hubspot_and_close_flags_are_polled_and_registered():
 
 
 def test_poll_waits_while_the_crm_is_paused_for_quota():
-    from datetime import datetime, timezone
 
-    from syncd.events import ConsentEvent
     from syncd.runtime import open_runtime
 
     st = Stack(sinch=True).start()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from syncd.stack import Stack, wait_for
-from tests.conftest import fixture_bytes
+from syncd.stack import Stack
+from tests.conftest import seed_delivered_and_dead
 from tests.test_status_page import CHROMIUM_FLAGS, TOKEN, find_chromium
 
 pytestmark = pytest.mark.slow
@@ -130,20 +130,9 @@ def test_status_page_fits_1280_and_390_with_health_and_charts(tmp_path):
     chromium = find_chromium()
     stack = Stack(extra_config={"admin": {"status_token": TOKEN}}).start()
     try:
-        sf = stack.sandboxes["salesforce"]
         daemon = stack.serve()
         try:
-            assert stack.post_apten(fixture_bytes("apten_optout_sms.json")).json()["status"] == "accepted"
-            other = sf.add_record("Contact", None, LastName="X", SMS_Opt_Out__c=False)
-            sf.reject_record(other, "FIELD_CUSTOM_VALIDATION_EXCEPTION", LONG_ERROR)
-            doc = json.loads(fixture_bytes("apten_optout_sms.json"))
-            doc["data"].update(externalLeadId=other, leadId="b1c2d3e4-0000-4000-8000-000000000002", phone=None)
-            assert stack.post_apten(json.dumps(doc).encode()).json()["status"] == "accepted"
-
-            def settled() -> bool:
-                counts = json.loads(stack.syncd("status", "--json").stdout)["deliveries"]
-                return counts["done"] == 1 and counts["dead"] == 1
-            assert wait_for(settled, timeout=30, interval=0.2)
+            seed_delivered_and_dead(stack, LONG_ERROR)
 
             devtools = DevTools(chromium, tmp_path / "profile")
             try:

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent
 from syncd.journal.base import Outcome
-from syncd.stack import Stack, wait_for
-from tests.conftest import LiveReceiver, fixture_bytes
+from syncd.stack import Stack
+from tests.conftest import LiveReceiver, seed_delivered_and_dead
 
 TOKEN = "status-token-0123456789abcdef"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -439,19 +439,8 @@ def test_browser_shows_a_delivered_event_and_a_dead_letter(served_with_status, t
     stack = served_with_status
     sf = stack.sandboxes["salesforce"]
 
-    # Apten's seed example: delivered to the seeded contact.
-    assert stack.post_apten(fixture_bytes("apten_optout_sms.json")).json()["status"] == "accepted"
-    # A second contact whose updates the org rejects for good: a dead letter.
-    other = sf.add_record("Contact", None, LastName="X", SMS_Opt_Out__c=False)
-    sf.reject_record(other, "FIELD_CUSTOM_VALIDATION_EXCEPTION", "needs a reason")
-    doc = json.loads(fixture_bytes("apten_optout_sms.json"))
-    doc["data"].update(externalLeadId=other, leadId="b1c2d3e4-0000-4000-8000-000000000002", phone=None)
-    assert stack.post_apten(json.dumps(doc).encode()).json()["status"] == "accepted"
-
-    def settled() -> bool:
-        counts = json.loads(stack.syncd("status", "--json").stdout)["deliveries"]
-        return counts["done"] == 1 and counts["dead"] == 1
-    assert wait_for(settled, timeout=30, interval=0.2)
+    # Apten's seed example delivered; a second contact the org rejects for good: a dead letter.
+    other = seed_delivered_and_dead(stack, "needs a reason")
     assert sf.get_record("Contact", CONTACT)["SMS_Opt_Out__c"] is True
 
     browser = Browser(chromium, tmp_path / "profile")
