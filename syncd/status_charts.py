@@ -41,8 +41,7 @@ def page_extras(journal: Any, health: Callable[[], dict[str, dict[str, Any]]] | 
     """Everything the page adds to the counts: health rows and the two SVGs."""
     now = now or datetime.now(timezone.utc)
     since = (now - timedelta(days=DAYS)).replace(minute=0, second=0, microsecond=0)
-    stats = journal.page_stats(iso(since)) if hasattr(journal, "page_stats") else \
-        {"per_hour": {}, "done": [], "next_attempt": {}}
+    stats = journal.page_stats(iso(since))  # declared by the Reports store (and its cached reads)
     report = health() if health else {}
     return {"health": health_rows(report, crm_counts, stats["next_attempt"]),
             "events_chart": events_per_hour_svg(stats["per_hour"], now),
