@@ -190,6 +190,7 @@ h1 { font-size: 1.5em; margin: 0 0 .6em; }
 label { display: block; margin: 0 0 .6em; }
 input { font: inherit; padding: .3em; width: 24em; max-width: 100%; }
 p.error { color: #82071e; font-weight: 600; }
+div.trace-event .scroll + .scroll { margin-top: .4em; }
 </style>
 </head>
 <body>
