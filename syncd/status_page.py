@@ -485,7 +485,7 @@ def render_trace(journal: Any, text: str) -> tuple[str, int]:
                 view["message"], status = "The journal could not be read; please retry.", 503
             else:
                 if found_anything(doc):
-                    view["trace"] = _trace_view(doc, {query.phone, query.email} - {None})
+                    view["trace"] = _trace_view(doc, {t for t in (query.phone, query.email) if t})
                 else:
                     view["message"] = "Nothing found: no event, consent entry or registration in Sinch."
     html = render_template_string(TRACE_PAGE, style=_PAGE_STYLE, max_events=MAX_TRACE_EVENTS, **view)

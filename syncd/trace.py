@@ -163,12 +163,12 @@ def render_text(doc: dict[str, Any]) -> str:
     for e in events:
         out += ["", f"Event {e['event_id']}  ({e.get('status') or '-'}"
                     f"{': ' + str(e['status_reason']) if e.get('status_reason') else ''})"]
-        out += table(["", ""], [
-            ["source", e["source"]], ["kind", e["kind"]], ["channel", e["channel"]],
-            ["raw channel", e.get("raw_channel") or "(as modelled)"],
-            ["occurred", local_and_utc(e["occurred_at"])], ["received", local_and_utc(e["received_at"])],
-            ["deadline", local_and_utc(e["deadline"]) if e["deadline"] else "-"],
-        ])[1:]
+        facts = [["source", e["source"]], ["kind", e["kind"]], ["channel", e["channel"]]]
+        if e.get("raw_channel"):   # only where the source's value differed from the modelled one
+            facts.append(["raw channel", e["raw_channel"]])
+        facts += [["occurred", local_and_utc(e["occurred_at"])], ["received", local_and_utc(e["received_at"])],
+                  ["deadline", local_and_utc(e["deadline"]) if e["deadline"] else "-"]]
+        out += table(["", ""], facts)[1:]
         if e["targets"]:
             out += table(["CRM", "OBJECT", "RECORD", "STATE", "ATTEMPTS", "DONE (UTC)", "LAST ERROR"],
                          [[t["crm"], t["object"], t["record_id"], t["state"], t["attempts"],

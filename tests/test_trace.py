@@ -159,6 +159,7 @@ def test_deadline_comes_from_the_clock_for_opt_outs_only(journal):
     by_id = {e["event_id"]: e for e in doc["events"]}
     assert by_id[ids["sms"]]["deadline"] == "2026-12-16T15:00:01.000000Z"
     assert by_id[ids["opt_in"]]["deadline"] is None
+    assert by_id[ids["note"]]["deadline"] is None      # Sinch confirming our registration: nothing to honour
     assert all(d.tzinfo is not None for d in seen)
     assert all(e["deadline"] is None for e in trace(journal, PHONE)["events"])
 

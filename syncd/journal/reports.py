@@ -192,7 +192,9 @@ def _trace_event(row: dict[str, Any], targets: list[dict[str, Any]],
     raw = details.get("raw_channel") or details.get("sinch_channel")
     raw_channel = str(raw) if raw is not None and str(raw).strip().lower() != (row["channel"] or "") else None
     due = None
-    if deadline is not None and row["event_type"] == "consent" and row["kind"] in OPT_OUT_KINDS:
+    # An opt-out to honour: not Sinch's confirmation of a registration of ours (reconciled).
+    if deadline is not None and row["event_type"] == "consent" and row["kind"] in OPT_OUT_KINDS \
+            and row["status"] != "reconciled":
         due = iso(deadline(parse_iso(str(row["received_at"]))))
     return {
         "event_id": int(row["id"]), "source": row["source"], "kind": row["kind"], "channel": row["channel"],
