@@ -269,7 +269,7 @@ def trace(c: Ctx, query: str, as_json: bool) -> None:
     from syncd.trace import BadQuery, found_anything, render_text, tracer_for
 
     cfg = c.config()
-    tracer = tracer_for(cfg, None)
+    tracer = tracer_for(cfg, reports=None)   # the query is read first: a bad one needs no journal
     try:
         parsed = tracer.parse(query)
     except BadQuery as exc:
