@@ -137,15 +137,16 @@ class ReportStore:
         operator's own lookup (callers mask what they log)."""
         with self.engine.read() as tx:
             events = _trace_events(tx, query)
-            targets = _chunked(tx, "trace_targets", "event_ids", sorted(events))
+            targets = _chunked(lambda ids: tx.all("trace_targets", event_ids=ids), sorted(events))
             phones = sorted({p for p in [query.phone, *(e["phone"] for e in events.values())] if p})
             emails = {normalize_email(e) for e in [query.email, *(e["email"] for e in events.values())]
                       if e and e.strip()}
-            consent = _chunked(tx, "ledger_states", "identities", sorted({*phones, *emails}))
-            reflections = {r["id"]: r for r in _chunked(tx, "trace_reflections_by_phone", "phones", phones)}
-            reflections.update((r["id"], r) for r in _chunked(tx, "trace_reflections_by_record", "ids",
-                                                               list(query.record_ids)))
-            notes = _chunked(tx, "trace_sinch_notifications", "phones",
+            consent = _chunked(lambda ids: tx.all("ledger_states", identities=ids), sorted({*phones, *emails}))
+            reflections = {r["id"]: r for r in _chunked(
+                lambda part: tx.all("trace_reflections_by_phone", phones=part), phones)}
+            reflections.update((r["id"], r) for r in _chunked(
+                lambda part: tx.all("trace_reflections_by_record", ids=part), list(query.record_ids)))
+            notes = _chunked(lambda part: tx.all("trace_sinch_notifications", phones=part),
                              sorted({r["phone"] for r in reflections.values()}))
         by_event: dict[int, list[dict[str, Any]]] = {}
         for t in targets:
@@ -165,10 +166,9 @@ class ReportStore:
 OPT_OUT_KINDS = ("opt_out", "do_not_contact")
 
 
-def _chunked(tx: Tx, name: str, param: str, values: list[Any]) -> list[dict[str, Any]]:
-    """``name`` run over ``values`` in IN-lists of :data:`TRACE_CHUNK` (none when empty)."""
-    return [row for start in range(0, len(values), TRACE_CHUNK)
-            for row in tx.all(name, **{param: values[start:start + TRACE_CHUNK]})]
+def _chunked(read: Callable[[list[Any]], list[dict[str, Any]]], values: list[Any]) -> list[dict[str, Any]]:
+    """``read`` over ``values`` in IN-lists of :data:`TRACE_CHUNK` (no call when empty)."""
+    return [row for start in range(0, len(values), TRACE_CHUNK) for row in read(values[start:start + TRACE_CHUNK])]
 
 
 def _trace_events(tx: Tx, query: TraceQuery) -> dict[int, dict[str, Any]]:
