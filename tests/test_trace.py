@@ -125,6 +125,20 @@ def test_a_record_only_reached_by_fan_out_finds_its_event(journal):
     assert event_ids(trace(journal, HUBSPOT_ID)) == [ids["manual"]]
 
 
+def test_a_flag_set_inside_the_crm_is_part_of_the_records_story(journal):
+    from syncd.reflector import crm_flag_event
+
+    ids = seed(journal)
+    flag = journal.events.record(crm_flag_event("salesforce", "Contact", CONTACT, PHONE, "call",
+                                                datetime(2024, 3, 1, tzinfo=timezone.utc), None)).event_id
+    other = journal.events.record(crm_flag_event("salesforce", "Contact", "003XX000004DHPZZZZ", PHONE, "call",
+                                                 datetime(2024, 3, 1, tzinfo=timezone.utc), None)).event_id
+    found = event_ids(trace(journal, "003XX000004DHPY"))
+    assert flag in found and ids["sms"] in found and other not in found
+    (e,) = [e for e in trace(journal, CONTACT)["events"] if e["event_id"] == flag]
+    assert e["source"] == "crm:salesforce" and e["status"] == "reconciled" and e["deadline"] is None
+
+
 def test_an_email_any_case_finds_its_events(journal):
     ids = seed(journal)
     doc = trace(journal, "  DANA.reyes@example.COM ")

@@ -179,6 +179,9 @@ def _trace_events(tx: Tx, query: TraceQuery) -> dict[int, dict[str, Any]]:
         rows += tx.all("trace_events_by_email", email=query.email)
     if query.record_ids:
         rows += tx.all("trace_events_by_record", ids=list(query.record_ids))
+        for record_id in query.record_ids:
+            rows += [r for r in tx.all("trace_crm_flags_by_record", pattern=f'%"record_id": "{record_id}"%')
+                     if json.loads(r["details"] or "{}").get("record_id") == record_id]
     if query.event_id is not None:
         rows += tx.all("trace_event_by_id", id=query.event_id)
     return {int(r["id"]): r for r in rows}

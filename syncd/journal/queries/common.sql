@@ -306,6 +306,13 @@ SELECT id, source, event_type, kind, channel, external_lead_id, phone, email, oc
 FROM events
 WHERE external_lead_id IN (%(ids)s) OR id IN (SELECT event_id FROM deliveries WHERE record_id IN (%(ids)s));
 
+-- name: trace_crm_flags_by_record
+-- A do-not-contact flag a CRM user set on the record (the reflector keeps the record in
+-- details); the caller checks the parsed details, as LIKE's _ matches any character.
+SELECT id, source, event_type, kind, channel, external_lead_id, phone, email, occurred_at, received_at,
+       status, status_reason, details
+FROM events WHERE event_type = 'crm_flag' AND details LIKE %(pattern)s;
+
 -- name: trace_event_by_id
 SELECT id, source, event_type, kind, channel, external_lead_id, phone, email, occurred_at, received_at,
        status, status_reason, details
