@@ -14,7 +14,8 @@ newest consent events with each target's delivery state and CRM error, and the d
 letters. Wide tables scroll inside their own box, so the page fits 390 px phones.
 Every value is autoescaped (error texts come from CRMs), and
 no phone, email or message text is queried or shown, except on the search's
-``GET /status/trace?q=`` (:func:`_trace_view`): the person the admin typed is shown in full. Error texts were masked when
+``GET /status/trace?q=`` (:func:`_trace_view`): the person the admin typed is shown
+in full, anyone found with them masked. Error texts were masked when
 they were written to the journal; they are masked again here in case an older row
 was not.
 """
@@ -190,7 +191,6 @@ h1 { font-size: 1.5em; margin: 0 0 .6em; }
 label { display: block; margin: 0 0 .6em; }
 input { font: inherit; padding: .3em; width: 24em; max-width: 100%; }
 p.error { color: #82071e; font-weight: 600; }
-div.trace-event .scroll + .scroll { margin-top: .4em; }
 </style>
 </head>
 <body>
@@ -327,6 +327,7 @@ p.empty { color: #57606a; font-style: italic; }
 form.search label { display: block; margin: 0 0 .3em; }
 p.error { color: #82071e; font-weight: 600; }
 form.search input { font: inherit; padding: .3em; width: 24em; max-width: 100%; box-sizing: border-box; }
+div.trace-event .scroll + .scroll { margin-top: .4em; }
 </style>
 </head>
 <body>

@@ -152,7 +152,8 @@ def render_text(doc: dict[str, Any]) -> str:
     """The trace for a terminal: the consent table, a table per event with its targets,
     then the registrations in Sinch."""
     events, consent, reflections = doc["events"], doc["consent"], doc["reflections"]
-    out = [f"trace {doc['query']}: {len(events)} event(s), {len(consent)} consent entr{'y' if len(consent) == 1 else 'ies'},"
+    entries = "entry" if len(consent) == 1 else "entries"
+    out = [f"trace {doc['query']}: {len(events)} event(s), {len(consent)} consent {entries},"
            f" {len(reflections)} registration(s) in Sinch", ""]
     out.append("Consent (ledger, per identity and channel)")
     if consent:
