@@ -124,6 +124,10 @@ class StatusReads:
                 limit, CachedRead(lambda: self._reports.recent_activity(limit), self._max_age))
         return read()
 
+    def trace(self, query: Any, deadline: Any = None) -> Any:
+        """The status page's search: read fresh each time (never cached)."""
+        return self._reports.trace(query, deadline)
+
     def page_stats(self, since: str) -> Any:
         if self._stats is None or self._stats[0] != since:
             self._stats = (since, CachedRead(lambda: self._reports.page_stats(since), self._max_age))

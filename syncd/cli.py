@@ -258,6 +258,35 @@ def export(c: Ctx, fmt: str, since: str | None) -> None:
         writer.writerow(row)
 
 
+@cli.command()
+@click.argument("query")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (personal data unmasked).")
+@pass_ctx
+def trace(c: Ctx, query: str, as_json: bool) -> None:
+    """The whole story of a phone, an email, a CRM record id or an event id.
+
+    Exits 1 when the journal knows nothing about QUERY, 2 when QUERY is none of these."""
+    from syncd.trace import BadQuery, found_anything, render_text, tracer_for
+
+    cfg = c.config()
+    tracer = tracer_for(cfg, reports=None)   # the query is read first: a bad one needs no journal
+    try:
+        parsed = tracer.parse(query)
+    except BadQuery as exc:
+        click.echo(f"syncd trace: {exc}", err=True)
+        sys.exit(2)
+    tracer.reports = c.journal().reports
+    doc = tracer.read(parsed)
+    if as_json:
+        _echo_json(doc)
+    elif found_anything(doc):
+        click.echo(render_text(doc))
+    if not found_anything(doc):
+        click.echo(f"syncd trace: nothing found for {parsed.text!r}: no event, consent entry or registration "
+                   "in Sinch", err=True)
+        sys.exit(1)
+
+
 @cli.command("send-test")
 @click.argument("source", type=click.Choice(["apten", "lox24", "sinch"]))
 @click.option("--phone", default=None, metavar="E164", help="Put this phone in the example.")

@@ -23,7 +23,8 @@ from syncd.journal.base import JournalBusy
 from syncd.receiver import create_app
 from syncd.runtime import Runtime, open_runtime
 from syncd.scheduler import Scheduler
-from syncd.status_page import CRM_HEALTH_KEY
+from syncd.status_page import CRM_HEALTH_KEY, TRACE_KEY
+from syncd.trace import tracer_for
 
 log = logging.getLogger("syncd.daemon")
 CIRCUIT_READY_SECONDS = 900.0  # /readyz fails once a CRM has been paused this long
@@ -89,6 +90,7 @@ class Daemon:
         self.admin_app = create_admin_app(self.rt.journal.reports, self.rt.metrics, readiness,
                                           status_token=cfg.admin.status_token)
         self.admin_app.config[CRM_HEALTH_KEY] = self.rt.health.report  # the status page's CRM health
+        self.admin_app.config[TRACE_KEY] = tracer_for(cfg, self.rt.journal.reports)  # the status page's search
         self.server: Any = self._listen(self.app, cfg.receiver.host, cfg.receiver.port, public_server_options(cfg))
         self.admin_server: Any = self._listen(self.admin_app, cfg.admin.host, cfg.admin.port, ADMIN_SERVER_OPTIONS)
         self._stopped = threading.Event()

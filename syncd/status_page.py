@@ -13,7 +13,9 @@ counts, each CRM's health, two inline SVG charts (:mod:`syncd.status_charts`), t
 newest consent events with each target's delivery state and CRM error, and the dead
 letters. Wide tables scroll inside their own box, so the page fits 390 px phones.
 Every value is autoescaped (error texts come from CRMs), and
-no phone, email or message text is queried or shown. Error texts were masked when
+no phone, email or message text is queried or shown, except on the search's
+``GET /status/trace?q=`` (:func:`_trace_view`): the person the admin typed is shown
+in full, anyone found with them masked. Error texts were masked when
 they were written to the journal; they are masked again here in case an older row
 was not.
 """
@@ -28,7 +30,7 @@ from flask import Flask, Response, current_app, jsonify, redirect, render_templa
 from itsdangerous import BadSignature, TimestampSigner
 from werkzeug.wrappers import Response as BaseResponse  # what redirect() returns
 
-from syncd.masking import mask_text
+from syncd.masking import mask_email, mask_phone, mask_text
 
 log = logging.getLogger("syncd.status_page")
 
@@ -87,7 +89,8 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
         resp.headers["WWW-Authenticate"] = 'Bearer realm="syncd status"'
         return answer(resp, 401)
 
-    def status_page() -> tuple[BaseResponse, int]:
+    def gate() -> tuple[BaseResponse, int] | None:
+        """None when the request may see the page; else the answer that refuses it."""
         bearer = _bearer_token()
         if bearer is not None:  # a script: the header, when sent, decides
             if not token_matches(bearer):
@@ -96,7 +99,17 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
             if _wants_html():
                 return answer(redirect("/status/login", 303), 303)
             return refused("missing status token")
-        return render_page()
+        return None
+
+    def status_page() -> tuple[BaseResponse, int]:
+        return gate() or render_page()
+
+    def trace_page() -> tuple[BaseResponse, int]:
+        refusal = gate()
+        if refusal:
+            return refusal
+        html, status = render_trace(journal, request.args.get("q", ""))
+        return answer(Response(html, content_type="text/html; charset=utf-8"), status)
 
     def login_form() -> tuple[BaseResponse, int]:
         return login_page("", 200)
@@ -146,6 +159,7 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
         return answer(Response(html, content_type="text/html; charset=utf-8"), 200)
 
     app.add_url_rule("/status", "status_page", status_page, methods=["GET"])
+    app.add_url_rule("/status/trace", "status_trace", trace_page, methods=["GET"])
     app.add_url_rule("/status/login", "status_login_form", login_form, methods=["GET"])
     app.add_url_rule("/status/login", "status_login", login, methods=["POST"])
     app.add_url_rule("/status/logout", "status_logout", logout, methods=["POST"])
@@ -310,11 +324,24 @@ svg.chart { display: block; width: 100%; max-width: 900px; height: auto; }
 .state-pending td.state, .status-unrouted td.state { color: #7d4e00; }
 tr.dead-letter td.id { font-weight: 600; }
 p.empty { color: #57606a; font-style: italic; }
+form.search label { display: block; margin: 0 0 .3em; }
+p.error { color: #82071e; font-weight: 600; }
+form.search input { font: inherit; padding: .3em; width: 24em; max-width: 100%; box-sizing: border-box; }
+div.trace-event .scroll + .scroll { margin-top: .4em; }
 </style>
 </head>
 <body>
 <h1>syncd status</h1>
 <p class="meta">Read-only. Generated {{ generated_at }}; reload for fresh numbers.</p>
+
+<section id="search">
+<h2>Trace a person</h2>
+<form method="get" action="/status/trace" class="search">
+<label for="q">Phone (any format), email, CRM record id or event id</label>
+<input id="q" name="q" type="search" maxlength="254" required autocomplete="off">
+<button type="submit">Trace</button>
+</form>
+</section>
 
 <section id="counts">
 <h2>Counts</h2>
@@ -425,6 +452,185 @@ p.empty { color: #57606a; font-style: italic; }
 <p class="empty">No dead letters.</p>
 {% endif %}
 </section>
+</body>
+</html>
+"""
+
+
+# --- the search: GET /status/trace?q= (the `syncd trace` view) ---------------------------
+# The daemon puts its configured tracer here (phone region, routing rules, compliance
+# clock: syncd.trace.tracer_for); without it, a tracer with the defaults reads the journal.
+TRACE_KEY = "SYNCD_TRACE"
+MAX_TRACE_EVENTS = 200  # the page stays small; `syncd trace` lists them all
+
+
+def render_trace(journal: Any, text: str) -> tuple[str, int]:
+    """The trace page for ``text``: 200 with the story (or "nothing found"), 400 with
+    the reason for a query that is no phone, email or id, 503 when the journal cannot
+    be read. Never a 5xx for what the admin typed."""
+    from syncd.trace import BadQuery, Tracer, found_anything
+
+    tracer = current_app.config.get(TRACE_KEY) or Tracer(journal)
+    view: dict[str, Any] = {"q": text, "message": "", "trace": None}
+    status = 200
+    if text.strip():
+        try:
+            query = tracer.parse(text)
+        except BadQuery as exc:
+            view["message"], status = str(exc), 400
+        else:
+            try:
+                doc = tracer.read(query)
+            except Exception as exc:  # journal locked beyond its timeout, database down...
+                log.error("status page could not trace", extra={"error": mask_text(repr(exc))})
+                view["message"], status = "The journal could not be read; please retry.", 503
+            else:
+                if found_anything(doc):
+                    view["trace"] = _trace_view(doc, {t for t in (query.phone, query.email) if t})
+                else:
+                    view["message"] = "Nothing found: no event, consent entry or registration in Sinch."
+    html = render_template_string(TRACE_PAGE, style=_PAGE_STYLE, max_events=MAX_TRACE_EVENTS, **view)
+    return html, status
+
+
+def _shown(identity: Any, typed: set[str]) -> str:
+    """The person the admin typed in full; anyone else found with them masked, as the
+    rest of the page shows no personal data."""
+    text = _text(identity)
+    if text in typed:
+        return text
+    return (mask_email(text) if "@" in text else mask_phone(text)) or ""
+
+
+def _trace_view(doc: dict[str, Any], typed: set[str]) -> dict[str, Any]:
+    events = doc["events"]
+    return {
+        "consent": [{"identity": _shown(c["identity"], typed), "channel": _text(c["channel"]),
+                     "state": _text(c["state"]), "since": _time(c["since"]), "source": _text(c["source"])}
+                    for c in doc["consent"]],
+        "events_total": len(events),
+        "events": [{
+            "event_id": _text(e["event_id"]), "source": _text(e["source"]), "kind": _text(e["kind"]),
+            "channel": _text(e["channel"]), "raw_channel": _text(e.get("raw_channel")),
+            "status": _text(e.get("status")), "status_reason": _error(e.get("status_reason")),
+            "occurred_at": _time(e["occurred_at"]), "received_at": _time(e["received_at"]),
+            "deadline": _time(e["deadline"]) or "none",
+            "targets": [{"crm": _text(t["crm"]), "object": _text(t["object"]), "record_id": _text(t["record_id"]),
+                         "state": _text(t["state"]), "attempts": _text(t["attempts"]),
+                         "done_at": _time(t["done_at"]), "error": _error(t["error"])} for t in e["targets"]],
+        } for e in events[:MAX_TRACE_EVENTS]],
+        "reflections": [{
+            "id": _text(r["id"]), "target": _target(r["crm"], r["object"], r["record_id"]),
+            "phone": _shown(r["phone"], typed), "channel": _text(r["channel"]), "kind": _text(r["kind"]),
+            "state": _text(r["state"]), "attempts": _text(r["attempts"]), "done_at": _time(r["done_at"]),
+            "error": _error(r["error"]),
+            "notifications": ", ".join(f"event {n['event_id']}: {_text(n['status'])}" for n in r["notifications"]),
+        } for r in doc["reflections"]],
+    }
+
+
+# The trace page wears the status page's own style sheet.
+_PAGE_STYLE = PAGE[PAGE.index("<style>"):PAGE.index("</style>") + len("</style>")]
+
+TRACE_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex, nofollow">
+<title>syncd status: trace</title>
+{{ style|safe }}
+</head>
+<body>
+<h1>syncd trace</h1>
+<p class="meta"><a href="/status">Back to the status page</a>. Read-only; times in UTC.</p>
+<section id="search">
+<form method="get" action="/status/trace" class="search">
+<label for="q">Phone (any format), email, CRM record id or event id</label>
+<input id="q" name="q" type="search" maxlength="254" required autocomplete="off" value="{{ q }}">
+<button type="submit">Trace</button>
+</form>
+{% if message %}<p class="error" id="trace-message">{{ message }}</p>{% endif %}
+</section>
+{% if trace %}
+<section id="trace-consent">
+<h2>Consent <small>(the ledger, per identity and channel)</small></h2>
+{% if trace.consent %}
+<div class="scroll">
+<table class="consent">
+<thead><tr><th>Identity</th><th>Channel</th><th>State</th><th>Since</th><th>Source</th></tr></thead>
+<tbody>
+{% for c in trace.consent %}
+<tr class="consent-row consent-{{ c.state }}"><td class="id">{{ c.identity }}</td><td>{{ c.channel }}</td>
+<td class="state">{{ c.state }}</td><td class="time">{{ c.since }}</td><td>{{ c.source }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+</div>
+{% else %}
+<p class="empty">No ledger entry.</p>
+{% endif %}
+</section>
+
+<section id="trace-events">
+<h2>Events <small>({{ trace.events_total }}, newest first)</small></h2>
+{% if trace.events_total > trace.events|length %}
+<p class="meta">Showing the newest {{ trace.events|length }}; <code>syncd trace</code> lists them all.</p>
+{% endif %}
+{% for e in trace.events %}
+<div class="trace-event" data-event="{{ e.event_id }}">
+<h3>Event {{ e.event_id }}: {{ e.source }} {{ e.kind }} {{ e.channel }}</h3>
+<div class="scroll">
+<table class="event-facts">
+<tr><th>Status</th><td class="state">{{ e.status }}{% if e.status_reason %}: {{ e.status_reason }}{% endif %}</td></tr>
+{% if e.raw_channel %}<tr><th>Raw channel</th><td>{{ e.raw_channel }}</td></tr>{% endif %}
+<tr><th>Occurred</th><td class="time">{{ e.occurred_at }}</td></tr>
+<tr><th>Received</th><td class="time">{{ e.received_at }}</td></tr>
+<tr><th>Deadline</th><td class="time">{{ e.deadline }}</td></tr>
+</table>
+</div>
+{% if e.targets %}
+<div class="scroll">
+<table class="targets">
+<thead><tr><th>CRM</th><th>Object</th><th>Record</th><th>State</th><th>Attempts</th><th>Done</th><th>Last error</th></tr></thead>
+<tbody>
+{% for t in e.targets %}
+<tr class="target state-{{ t.state }}" data-record="{{ t.record_id }}"><td>{{ t.crm }}</td><td>{{ t.object }}</td>
+<td class="id">{{ t.record_id }}</td><td class="state">{{ t.state }}</td><td class="num">{{ t.attempts }}</td>
+<td class="time">{{ t.done_at }}</td><td class="error">{{ t.error }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+</div>
+{% else %}
+<p class="empty">No targets.</p>
+{% endif %}
+</div>
+{% endfor %}
+</section>
+
+<section id="trace-reflections">
+<h2>Registrations in Sinch</h2>
+{% if trace.reflections %}
+<div class="scroll">
+<table class="reflections">
+<thead><tr><th>Id</th><th>Record (crm:object:record)</th><th>Phone</th><th>Channel</th><th>Kind</th><th>State</th>
+<th>Attempts</th><th>Done</th><th>Last error</th><th>Notifications</th></tr></thead>
+<tbody>
+{% for r in trace.reflections %}
+<tr class="reflection state-{{ r.state }}" data-id="{{ r.id }}"><td class="id">{{ r.id }}</td><td class="target">{{ r.target }}</td>
+<td class="id">{{ r.phone }}</td><td>{{ r.channel }}</td><td>{{ r.kind }}</td><td class="state">{{ r.state }}</td>
+<td class="num">{{ r.attempts }}</td><td class="time">{{ r.done_at }}</td><td class="error">{{ r.error }}</td>
+<td>{{ r.notifications }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+</div>
+{% else %}
+<p class="empty">None.</p>
+{% endif %}
+</section>
+{% endif %}
 </body>
 </html>
 """

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Protocol
 
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent
@@ -132,6 +132,18 @@ class Registration:
 
 
 @dataclass(frozen=True)
+class TraceQuery:
+    """What ``syncd trace`` looks for, already normalised (:func:`syncd.trace.parse_query`
+    reads the operator's text): any of a phone, an email, record ids and an event id."""
+
+    text: str                           # as the operator typed it
+    phone: str | None = None            # E.164
+    email: str | None = None            # lower-cased, trimmed
+    record_ids: tuple[str, ...] = ()    # every form a CRM may hold (Salesforce's 15 and 18 chars)
+    event_id: int | None = None
+
+
+@dataclass(frozen=True)
 class Clock:
     occurred_at: str
     value: Any
@@ -202,6 +214,8 @@ class Reports(Protocol):
     def export_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]: ...
     def recent_activity(self, limit: int = 50) -> list[dict[str, Any]]: ...
     def page_stats(self, since_iso: str, limit: int = 100_000) -> dict[str, Any]: ...
+    def trace(self, query: TraceQuery,
+              deadline: Callable[[datetime], datetime] | None = None) -> dict[str, Any]: ...
 
 
 @dataclass

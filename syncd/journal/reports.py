@@ -1,14 +1,18 @@
 """The reports store: read-only views across the journal for ``syncd status``,
-``dead-letters``, ``export``, the status page and the metrics."""
+``dead-letters``, ``export``, ``trace``, the status page and the metrics."""
 from __future__ import annotations
 
 import json
 import time
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from syncd.events import iso, utcnow
+from syncd.events import iso, parse_iso, utcnow
+from syncd.journal.base import TraceQuery
 from syncd.journal.engine import Engine, Tx
+from syncd.journal.ledger import normalize_email
+
+TRACE_CHUNK = 500   # ids per IN (...) list
 
 
 class ReportStore:
@@ -121,3 +125,103 @@ class ReportStore:
                    # and the fields syncd kept without modelling them.
                    "raw_channel": details.get("raw_channel") or details.get("sinch_channel"),
                    "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None}
+
+    # --- trace: one person's whole story ------------------------------------------------
+    def trace(self, query: TraceQuery,
+              deadline: Callable[[datetime], datetime] | None = None) -> dict[str, Any]:
+        """Everything the journal knows about a phone, an email, a record or an event:
+        the ledger's consent for every identity involved, each event (newest first)
+        with its targets, and the registrations in Sinch with their notifications.
+        ``deadline`` (the compliance clock) gives an opt-out's deadline from its
+        received time; without it ``deadline`` is null. Nothing is masked: this is the
+        operator's own lookup (callers mask what they log)."""
+        with self.engine.read() as tx:
+            events = _trace_events(tx, query)
+            targets = _chunked(lambda ids: tx.all("trace_targets", event_ids=ids), sorted(events))
+            phones = sorted({p for p in [query.phone, *(e["phone"] for e in events.values())] if p})
+            emails = {normalize_email(e) for e in [query.email, *(e["email"] for e in events.values())]
+                      if e and e.strip()}
+            consent = _chunked(lambda ids: tx.all("ledger_states", identities=ids), sorted({*phones, *emails}))
+            reflections = {r["id"]: r for r in _chunked(
+                lambda part: tx.all("trace_reflections_by_phone", phones=part), phones)}
+            reflections.update((r["id"], r) for r in _chunked(
+                lambda part: tx.all("trace_reflections_by_record", ids=part), list(query.record_ids)))
+            notes = _chunked(lambda part: tx.all("trace_sinch_notifications", phones=part),
+                             sorted({r["phone"] for r in reflections.values()}))
+        by_event: dict[int, list[dict[str, Any]]] = {}
+        for t in targets:
+            by_event.setdefault(int(t["event_id"]), []).append(t)
+        newest_first = sorted(events.values(), key=lambda e: (str(e["received_at"]), int(e["id"])), reverse=True)
+        return {
+            "query": query.text,
+            "consent": [{"identity": c["identity"], "channel": c["channel"], "state": c["state"],
+                         "since": c["since"], "source": c["source"]}
+                        for c in sorted(consent, key=lambda c: (c["identity"], c["channel"]))],
+            "events": [_trace_event(e, by_event.get(int(e["id"]), []), deadline) for e in newest_first],
+            "reflections": [_trace_reflection(r, notes) for r in sorted(reflections.values(),
+                                                                         key=lambda r: int(r["id"]), reverse=True)],
+        }
+
+
+OPT_OUT_KINDS = ("opt_out", "do_not_contact")
+
+
+def _chunked(read: Callable[[list[Any]], list[dict[str, Any]]], values: list[Any]) -> list[dict[str, Any]]:
+    """``read`` over ``values`` in IN-lists of :data:`TRACE_CHUNK` (no call when empty)."""
+    return [row for start in range(0, len(values), TRACE_CHUNK) for row in read(values[start:start + TRACE_CHUNK])]
+
+
+def _trace_events(tx: Tx, query: TraceQuery) -> dict[int, dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    if query.phone:
+        rows += tx.all("trace_events_by_phone", phone=query.phone)
+    if query.email:
+        rows += tx.all("trace_events_by_email", email=query.email)
+    if query.record_ids:
+        rows += tx.all("trace_events_by_record", ids=list(query.record_ids))
+        for record_id in query.record_ids:
+            rows += [r for r in tx.all("trace_crm_flags_by_record", pattern=f'%"record_id": "{record_id}"%')
+                     if json.loads(r["details"] or "{}").get("record_id") == record_id]
+    if query.event_id is not None:
+        rows += tx.all("trace_event_by_id", id=query.event_id)
+    return {int(r["id"]): r for r in rows}
+
+
+def _trace_event(row: dict[str, Any], targets: list[dict[str, Any]],
+                 deadline: Callable[[datetime], datetime] | None) -> dict[str, Any]:
+    details = json.loads(row["details"] or "{}")
+    # The source's own channel value (Apten ``manual``, Sinch ``MMS``...), where it is
+    # not what syncd modelled.
+    raw = details.get("raw_channel") or details.get("sinch_channel")
+    raw_channel = str(raw) if raw is not None and str(raw).strip().lower() != (row["channel"] or "") else None
+    due = None
+    # An opt-out to honour: not Sinch's confirmation of a registration of ours (reconciled).
+    if deadline is not None and row["event_type"] == "consent" and row["kind"] in OPT_OUT_KINDS \
+            and row["status"] != "reconciled":
+        due = iso(deadline(parse_iso(str(row["received_at"]))))
+    return {
+        "event_id": int(row["id"]), "source": row["source"], "kind": row["kind"], "channel": row["channel"],
+        "occurred_at": row["occurred_at"], "received_at": row["received_at"], "deadline": due,
+        "targets": [{"crm": t["crm"], "object": t["obj"], "record_id": t["record_id"], "state": t["state"],
+                     "attempts": t["attempts"], "done_at": t["delivered_at"], "error": t["last_error"]}
+                    for t in targets],
+        # Beyond the contract's keys: what the source sent and why an event has no target.
+        "raw_channel": raw_channel,
+        "status": "unrouted" if row["status"] == "new" else row["status"],
+        "status_reason": row["status_reason"],
+    }
+
+
+def _trace_reflection(row: dict[str, Any], notes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A registration in Sinch and the notifications that answered it."""
+    named = f"reflection r{row['id']}:"
+    answers = []
+    for n in notes:
+        details = json.loads(n["details"] or "{}")
+        if details.get("request_id") == row["request_id"] or str(n["status_reason"] or "").startswith(named):
+            answers.append({"event_id": int(n["id"]), "status": details.get("status"),
+                            "received_at": n["received_at"]})
+    return {"id": f"r{row['id']}", "crm": row["crm"], "object": row["obj"], "record_id": row["record_id"],
+            "phone": row["phone"], "channel": row["channel"], "kind": row["kind"], "state": row["state"],
+            "attempts": row["attempts"], "created_at": row["created_at"], "registered_at": row["registered_at"],
+            "done_at": row["done_at"], "error": row["last_error"], "notifications": answers}

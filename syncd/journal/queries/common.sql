@@ -283,6 +283,61 @@ LEFT JOIN reflections r ON r.id = (SELECT MAX(x.id) FROM reflections x
 WHERE e.event_type = 'consent' AND e.received_at >= %(since)s
 ORDER BY e.id, d.id;
 
+-- ===== trace (syncd trace, the status page's search) ==================================
+-- One person's story: events by phone, email, record id or event id, their targets, and
+-- the registrations in Sinch. No index covers phone, email or record_id alone: these
+-- scan, which suits an operator's lookup (see README, "syncd trace").
+
+-- name: trace_events_by_phone
+SELECT id, source, event_type, kind, channel, external_lead_id, phone, email, occurred_at, received_at,
+       status, status_reason, details
+FROM events WHERE phone = %(phone)s;
+
+-- name: trace_events_by_email
+-- Stored as the source sent it; the ledger's identity is lower-cased and trimmed.
+SELECT id, source, event_type, kind, channel, external_lead_id, phone, email, occurred_at, received_at,
+       status, status_reason, details
+FROM events WHERE LOWER(TRIM(email)) = %(email)s;
+
+-- name: trace_events_by_record
+-- The record the source named, or any record the event was delivered to (fan-out).
+SELECT id, source, event_type, kind, channel, external_lead_id, phone, email, occurred_at, received_at,
+       status, status_reason, details
+FROM events
+WHERE external_lead_id IN (%(ids)s) OR id IN (SELECT event_id FROM deliveries WHERE record_id IN (%(ids)s));
+
+-- name: trace_crm_flags_by_record
+-- A do-not-contact flag a CRM user set on the record (the reflector keeps the record in
+-- details); the caller checks the parsed details, as LIKE's _ matches any character.
+SELECT id, source, event_type, kind, channel, external_lead_id, phone, email, occurred_at, received_at,
+       status, status_reason, details
+FROM events WHERE event_type = 'crm_flag' AND details LIKE %(pattern)s;
+
+-- name: trace_event_by_id
+SELECT id, source, event_type, kind, channel, external_lead_id, phone, email, occurred_at, received_at,
+       status, status_reason, details
+FROM events WHERE id = %(id)s;
+
+-- name: trace_targets
+SELECT event_id, crm, obj, record_id, state, attempts, delivered_at, last_error
+FROM deliveries WHERE event_id IN (%(event_ids)s) ORDER BY event_id, id;
+
+-- name: trace_reflections_by_phone
+SELECT id, crm, obj, record_id, phone, channel, kind, request_id, state, attempts, last_error, created_at,
+       registered_at, done_at
+FROM reflections WHERE phone IN (%(phones)s);
+
+-- name: trace_reflections_by_record
+SELECT id, crm, obj, record_id, phone, channel, kind, request_id, state, attempts, last_error, created_at,
+       registered_at, done_at
+FROM reflections WHERE record_id IN (%(ids)s);
+
+-- name: trace_sinch_notifications
+-- Sinch's notifications for these phones; joined to registrations by request_id (or the
+-- registration the reflector matched them to, named in status_reason).
+SELECT id, kind, occurred_at, received_at, status_reason, details
+FROM events WHERE source = 'sinch' AND phone IN (%(phones)s) ORDER BY id;
+
 -- ===== consent ledger ================================================================
 
 -- name: ledger_upsert
