@@ -121,3 +121,10 @@ class ReportStore:
                    # and the fields syncd kept without modelling them.
                    "raw_channel": details.get("raw_channel") or details.get("sinch_channel"),
                    "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None}
+
+    # --- audit ---------------------------------------------------------------------------
+    def audit_targets(self, crm: str | None = None) -> list[dict[str, Any]]:
+        """Done deliveries (one row per record and event that targeted it) of records
+        with nothing pending, with the event's kind, channel and identities."""
+        with self.engine.read() as tx:
+            return tx.all("audit_targets", all_crms=1 if crm is None else 0, crm=crm or "")
