@@ -3,6 +3,7 @@ simulators; repair through the pusher; batched reads (calls counted in the simul
 from __future__ import annotations
 
 import json
+import time
 import math
 from datetime import datetime, timedelta, timezone
 
@@ -213,3 +214,74 @@ def test_read_leaves_out_ids_that_are_not_the_crms(crm_stack, stack_runtime):
     cl.clear_log()
     assert stack_runtime.connectors["close"].read([RecordRef("close", "lead", "lead_../x")], ["Call Opt Out"]) == {}
     assert cl.requests == []
+
+
+# --- the journal side, on every engine ----------------------------------------------------
+
+def test_audit_targets_and_requeue_on_every_engine(journal):
+    from syncd.journal.base import Outcome
+
+    ref = RecordRef("salesforce", "Contact", CONTACT)
+    other = RecordRef("hubspot", "contact", "51")
+    rec = journal.events.record(opt_out(1, "003XX000004DHPY"))
+    journal.deliveries.add_targets(rec.event_id, [ref, other])
+    claimed = journal.deliveries.claim(10, 60)
+    journal.deliveries.settle([Outcome(d.id, "done", ref=d.ref) for d in claimed if d.ref == ref])
+    rows = journal.reports.audit_targets()
+    assert [(r["crm"], r["record_id"], r["event_id"], r["kind"], r["channel"], r["phone"]) for r in rows] == [
+        ("salesforce", CONTACT, rec.event_id, "opt_out", "sms", "+13305550001")]  # hubspot's is still pending
+    assert journal.reports.audit_targets("hubspot") == []
+    assert [r["crm"] for r in journal.reports.audit_targets("salesforce")] == ["salesforce"]
+
+    journal.deliveries.add_targets(rec.event_id, [ref])          # add_targets leaves a done pair as it is
+    assert journal.reports.counts()["deliveries"]["done"] == 1
+    assert journal.deliveries.requeue([(rec.event_id, ref)]) == 1  # requeue puts it back
+    again = [d for d in journal.deliveries.claim(10, 60) if d.ref == ref]
+    assert [(d.event_id, d.attempts) for d in again] == [(rec.event_id, 1)]
+    assert journal.reports.audit_targets("salesforce") == []       # in flight: not audited
+    assert journal.deliveries.requeue([(rec.event_id, ref)]) == 0  # pending already: nothing to do
+    fresh = journal.events.record(opt_out(2, "003XX000004DHPY"))
+    assert journal.deliveries.requeue([(fresh.event_id, ref)]) == 1  # a pair never delivered: a new delivery
+
+
+def test_only_the_leader_sweeps_on_postgresql():
+    import os
+    import time
+
+    url = os.environ.get("SYNCD_TEST_PG_URL")
+    if not url:
+        pytest.skip("SYNCD_TEST_PG_URL not set")
+    from syncd.journal import journal_on
+    from syncd.journal.postgres import PostgresEngine
+
+    schema = f"audit{os.getpid()}_{time.time_ns()}"
+    first, second = (journal_on(PostgresEngine(url, schema=schema)) for _ in range(2))
+    try:
+        sweeps = [AuditSweep(Auditor(j, {}, {})) for j in (first, second)]
+        assert sweeps[0].run() is not None
+        assert sweeps[1].run() is None          # the other replica leads: report nothing, read nothing
+        first.ops.resign("audit")
+        assert sweeps[1].run() is not None
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_sweep_interval_defaults_to_a_day_and_zero_turns_it_off(tmp_path):
+    from syncd.config import ConfigError, parse_config
+
+    base = {"crm": {"close": {"api_key": "k" * 24}}}
+    assert parse_config(base, base_dir=tmp_path, env={}).schedule.audit_interval_hours == 24
+    off = parse_config({**base, "schedule": {"audit_interval_hours": 0}}, base_dir=tmp_path, env={})
+    assert off.schedule.audit_interval_hours == 0
+    with pytest.raises(ConfigError, match="audit_interval_hours"):
+        parse_config({**base, "schedule": {"audit_interval_hours": -1}}, base_dir=tmp_path, env={})
+
+
+def test_the_scheduler_can_hold_a_first_run_back():
+    from syncd.scheduler import Scheduler
+
+    sched = Scheduler()
+    sched.every("audit", 3600, lambda: None, first_after=3600)
+    job = sched._sched.get_job("audit")
+    assert job.next_run_time.timestamp() - time.time() > 3500
