@@ -734,10 +734,10 @@ class SalesforceConnector:
                     record_id = row.get("Id")
                     if not isinstance(record_id, str) or not SF_ID.match(record_id):
                         continue
-                    ref = wanted.get(to_18(record_id))
-                    if ref is not None:
+                    hit = wanted.get(to_18(record_id))
+                    if hit is not None:
                         values = {k: v for k, v in row.items() if k not in ("attributes", "Id")}
-                        found[ref] = self._requested(values, names)
+                        found[hit] = self._requested(values, names)
         return found
 
     @staticmethod

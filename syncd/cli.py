@@ -294,7 +294,7 @@ def audit(c: Ctx, crm_name: str | None, repair: bool, as_json: bool) -> None:
 
 def _audit_progress(show: bool) -> Any:
     """A progress bar on stderr while records are read; a silent stand-in otherwise."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]   # tqdm ships no type hints
 
     return tqdm(total=0, unit="record", desc="audit", file=sys.stderr, disable=not show, leave=False)
 
