@@ -285,3 +285,18 @@ def test_the_scheduler_can_hold_a_first_run_back():
     sched.every("audit", 3600, lambda: None, first_after=3600)
     job = sched._sched.get_job("audit")
     assert job.next_run_time.timestamp() - time.time() > 3500
+
+
+def test_read_leaves_out_records_the_crm_no_longer_has(crm_stack, stack_runtime):
+    hs_conn, cl_conn = stack_runtime.connectors["hubspot"], stack_runtime.connectors["close"]
+    known, gone = RecordRef("hubspot", "contact", "51"), RecordRef("hubspot", "contact", "99999")
+    assert hs_conn.read([known, gone], ["sms_opt_out"]) == {known: {"sms_opt_out": False}}
+    lead, no_lead = RecordRef("close", "lead", "lead_abc123"), RecordRef("close", "lead", "lead_gone1")
+    got = cl_conn.read([lead, no_lead], ["SMS Opt Out", "@unsubscribe"])
+    assert list(got) == [lead] and got[lead] == {"SMS Opt Out": False, "@unsubscribe": False}
+    sf_conn = stack_runtime.connectors["salesforce"]
+    there = RecordRef("salesforce", "Contact", CONTACT)
+    missing = RecordRef("salesforce", "Contact", "003XX000009ZZZZ")   # valid, not in the org
+    crm_stack.sandboxes["salesforce"].clear_log()
+    assert sf_conn.read([there, missing], ["SMS_Opt_Out__c", "DoNotCall"]) == {
+        there: {"SMS_Opt_Out__c": False, "DoNotCall": False}}
