@@ -28,6 +28,17 @@ from datetime import datetime, timedelta, timezone
 DRIFT_PER_CRM = 5
 
 
+def timed(fn, into: dict, key: str):
+    """``fn``, adding its wall time to ``into[key]``."""
+    def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            into[key] += time.perf_counter() - t0
+    return wrapper
+
+
 def run(n: int) -> dict:
     from syncd.audit import Auditor
     from syncd.config import load_config
@@ -73,6 +84,9 @@ def run(n: int) -> dict:
             cl.set_custom(cl_ids[i], "SMS Opt Out", None)
         for sb in (sf, hs, cl):
             sb.clear_log()
+        read_s = {name: 0.0 for name in rt.connectors}
+        for name, conn in rt.connectors.items():
+            conn.read = timed(conn.read, read_s, name)  # type: ignore[method-assign]
         t0 = time.perf_counter()
         result = Auditor(rt.journal, rt.connectors, rt.mappings).run()
         audited = time.perf_counter() - t0
@@ -91,6 +105,7 @@ def run(n: int) -> dict:
                  len(hs.requests_to(r"/crm/v3/objects/contacts/batch/read$", "POST")), math.ceil(len(hs_ids) / 100)),
                 ("close", "lead", len(cl_ids), len(cl.requests_to(r"/lead/lead_[^/]+/$", "GET")), len(cl_ids)),
             ],
+            "read_s": read_s,
             "all_requests": {"salesforce": len(sf.requests), "hubspot": len(hs.requests), "close": len(cl.requests)},
         }
     finally:
@@ -99,11 +114,14 @@ def run(n: int) -> dict:
 
 
 def report(r: dict) -> None:
-    print(f"\n{'CRM':<12}{'object':<9}{'records':>8}{'calls':>7}{'target':>8}{'verdict':>9}{'drift found':>13}")
+    print(f"\n{'CRM':<12}{'object':<9}{'records':>8}{'calls':>7}{'target':>8}{'verdict':>9}{'drift found':>13}"
+          f"{'read s (CRM)':>14}")
     for crm, obj, records, calls, target in r["rows"]:
         verdict = "PASS" if calls <= target else "FAIL"
-        print(f"{crm:<12}{obj:<9}{records:>8}{calls:>7}{target:>8}{verdict:>9}"
-              f"{r['drift'][crm] if obj in ('Lead', 'contact', 'lead') else '':>13}")
+        first = obj in ("Lead", "contact", "lead")
+        drift = str(r["drift"][crm]) if first else ""
+        seconds = f"{r['read_s'][crm]:.1f}" if first else ""
+        print(f"{crm:<12}{obj:<9}{records:>8}{calls:>7}{target:>8}{verdict:>9}{drift:>13}{seconds:>14}")
     total = sum(row[3] for row in r["rows"])
     print(f"\naudited {r['checked']} of {r['n']} written records ({r['done']} deliveries done) in "
           f"{r['audit_s']:.1f} s ({r['checked'] / r['audit_s']:.0f} records/s), {total} CRM calls; "

@@ -3,11 +3,14 @@ simulators; repair through the pusher; batched reads (calls counted in the simul
 from __future__ import annotations
 
 import json
-import time
 import math
+import re
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies
 
 from connectors.types import RecordRef
 from syncd.audit import Auditor, AuditSweep, matches
@@ -300,3 +303,18 @@ def test_read_leaves_out_records_the_crm_no_longer_has(crm_stack, stack_runtime)
     crm_stack.sandboxes["salesforce"].clear_log()
     assert sf_conn.read([there, missing], ["SMS_Opt_Out__c", "DoNotCall"]) == {
         there: {"SMS_Opt_Out__c": False, "DoNotCall": False}}
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=strategies.integers(0, 1200), fields=strategies.lists(strategies.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,60}", fullmatch=True),
+                                               max_size=400))
+def test_audit_soql_covers_every_id_once_within_salesforces_limits(n, fields):
+    from connectors.salesforce import READ_IDS, SOQL_MAX_CHARS, SalesforceConnector, to_18
+
+    ids = [to_18(f"003XX{i:010d}") for i in range(n)]
+    statements = list(SalesforceConnector._read_queries("Contact", ["Id", *fields], ids))
+    seen = [i for soql in statements for i in re.findall(r"'([A-Za-z0-9]{18})'", soql)]
+    assert seen == ids
+    assert all(len(soql) <= SOQL_MAX_CHARS and soql.count("'") <= 2 * READ_IDS for soql in statements)
+    if len(", ".join(["Id", *fields])) < 50_000:
+        assert len(statements) == math.ceil(n / READ_IDS)
