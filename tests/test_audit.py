@@ -318,3 +318,30 @@ def test_audit_soql_covers_every_id_once_within_salesforces_limits(n, fields):
     assert all(len(soql) <= SOQL_MAX_CHARS and soql.count("'") <= 2 * READ_IDS for soql in statements)
     if len(", ".join(["Id", *fields])) < 50_000:
         assert len(statements) == math.ceil(n / READ_IDS)
+
+
+def test_the_running_daemon_sweeps_on_schedule_and_only_reports():
+    import requests
+
+    st = Stack(extra_config={"schedule": {"audit_interval_hours": 0.001}}).start()   # every 3.6 s
+    daemon = st.serve()
+    try:
+        sf = st.sandboxes["salesforce"]
+        assert st.post_apten(fixture_bytes("apten_optout_sms.json")).status_code == 200
+        assert wait_for(lambda: json.loads(st.syncd("status", "--json").stdout)["deliveries"]["done"] == 1)
+        sf.set_field("Contact", CONTACT, "SMS_Opt_Out__c", False)
+
+        def drift_lines():
+            return [r for r in daemon.log_lines() if r.get("msg") == "consent drift in CRM"]
+        assert wait_for(lambda: drift_lines(), timeout=30, interval=0.5)
+        line = drift_lines()[0]
+        assert (line["crm"], line["object"], line["field"], line["expected"], line["actual"]) == (
+            "salesforce", "Contact", "SMS_Opt_Out__c", "True", "False")
+        assert "3305551234" not in daemon.log()
+        metrics = requests.get(f"{st.admin_url}/metrics", timeout=10).text
+        assert 'syncd_audit_drift{crm="salesforce"} 1.0' in metrics
+        assert sf.get_record("Contact", CONTACT)["SMS_Opt_Out__c"] is False     # report only: nothing repaired
+        assert json.loads(st.syncd("status", "--json").stdout)["deliveries"]["pending"] == 0
+    finally:
+        assert daemon.terminate() == 0
+        st.cleanup()
