@@ -94,6 +94,8 @@ def test_audit_refuses_a_journal_that_does_not_exist(tmp_path):
     try:
         run = st.syncd("audit", "--json")
         assert run.returncode == 2 and "journal" in run.stderr.lower() and not run.stdout
+        other = st.syncd("audit", "--crm", "close")
+        assert other.returncode == 2 and "'close' is not an enabled CRM (enabled: salesforce)" in other.stderr
     finally:
         st.cleanup()
 
@@ -345,3 +347,32 @@ def test_the_running_daemon_sweeps_on_schedule_and_only_reports():
     finally:
         assert daemon.terminate() == 0
         st.cleanup()
+
+
+def test_a_progress_bar_on_a_terminal_only(served_sf):
+    import os
+    import subprocess
+    import sys
+
+    from syncd.config import DEMO_ENV
+
+    st = served_sf
+    assert st.post_apten(fixture_bytes("apten_optout_sms.json")).status_code == 200
+    assert wait_for(lambda: json.loads(st.syncd("status", "--json").stdout)["deliveries"]["done"] == 1)
+
+    def audit_on(*args: str, terminal: bool) -> str:
+        main, side = os.openpty() if terminal else (None, subprocess.PIPE)
+        try:
+            run = subprocess.run([sys.executable, "-m", "syncd.cli", "-c", str(st.config_path), "audit", *args],
+                                 stdout=side, stderr=subprocess.PIPE, text=True, timeout=60, cwd=st.workdir,
+                                 env={**os.environ, DEMO_ENV: "1"})
+        finally:
+            if terminal:
+                os.close(side)
+                os.close(main)
+        assert run.returncode == 0, run.stderr
+        return run.stderr
+
+    assert "record" in audit_on(terminal=True)                   # tqdm's bar: "audit: 100%|...| 1/1 [..record/s]"
+    assert "record" not in audit_on(terminal=False)
+    assert "record" not in audit_on("--json", terminal=True)
