@@ -113,7 +113,7 @@ class Auditor:
             if om is None:
                 continue
             winner: dict[str, Entry] = {}
-            for key in record_keys:
+            for key in sorted(record_keys):   # a fixed order: equal entries pick the same event each run
                 entry = ledger.get(key)
                 if entry is not None and wins(entry, winner.get(entry.channel)):
                     winner[entry.channel] = entry
