@@ -1,7 +1,7 @@
 """The seam between the daemon and each CRM: what a connector must offer."""
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from connectors.types import FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult, Watermark
 
@@ -20,6 +20,11 @@ class CrmConnector(Protocol):
 
     def find_by_phone(self, e164: str) -> list[RecordRef]:
         """Every supported record (leads, contacts) carrying this phone number."""
+        ...
+
+    def read(self, refs: list[RecordRef], fields: list[str]) -> dict[RecordRef, dict[str, Any]]:
+        """The current values of ``fields`` on known records (``syncd audit``), batched to
+        the CRM's limits; a record the CRM no longer has is absent, not an error."""
         ...
 
     def changed_since(self, mark: Watermark, fields: list[str], limit: int = 200) -> Page:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CLOSE_LEAD = re.compile(r"^lead_[A-Za-z0-9]+$")
 CLOSE_CONTACT = re.compile(r"^cont_[A-Za-z0-9]+$")
 OBJECTS = ("lead", "contact")
+UNSUBSCRIBE_FIELD = "@unsubscribe"  # a mapping's name for email consent kept on the unsubscribe list
 
 _CUSTOM_ID = re.compile(r"^[a-z]{0,2}cf_[A-Za-z0-9]+$")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -669,6 +670,61 @@ class CloseConnector:
         values["phones"] = phones
         return ChangedRecord(ref=RecordRef(self.name, "lead", lead["id"]), values=values,
                              modified=str(lead["date_updated"]))
+
+    # --- audit: read mapped fields of known records ------------------------------------
+    def read(self, refs: list[RecordRef], fields: list[str]) -> dict[RecordRef, dict[str, Any]]:
+        """The values of ``fields`` on each lead or contact: one ``GET /lead|contact/{id}/``
+        with ``_fields`` per record (Close documents no read of many records by id),
+        paced per endpoint group by ``RateLimit`` like every call. Flag-like custom
+        fields come back as booleans. ``@unsubscribe`` reads the record's own addresses'
+        ``is_unsubscribed``: True when all are, False when none is, ``"partial"``
+        otherwise; left out for a record without an address. A record Close does not
+        have (404) is absent from the answer; an id that is not Close's is never sent."""
+        found: dict[RecordRef, dict[str, Any]] = {}
+        for ref in refs:
+            if ref.crm != self.name:
+                continue
+            try:
+                obj = record_object(ref.record_id)
+            except Permanent:
+                continue
+            if str(ref.obj).lower() != obj:
+                continue
+            try:
+                found[ref] = self._read_one(obj, ref.record_id, fields)
+            except NotFound:
+                continue
+        return found
+
+    def _read_one(self, obj: str, record_id: str, fields: list[str]) -> dict[str, Any]:
+        want_email = UNSUBSCRIBE_FIELD in fields
+        wanted: dict[str, dict[str, Any] | None] = {}  # requested name -> custom field meta (None: built-in)
+        for name in dict.fromkeys(fields):
+            if name == UNSUBSCRIBE_FIELD:
+                continue
+            if name in BUILTIN_FIELDS[obj]:
+                wanted[name] = None
+                continue
+            meta = self._lookup(obj, name)
+            if meta is None:
+                raise Permanent(f"unknown Close {obj} field: {name}")
+            wanted[name] = meta
+        keys = ["id", *[n if meta is None else f"custom.{meta['id']}" for n, meta in wanted.items()]]
+        if want_email:
+            keys.append("contacts" if obj == "lead" else "emails")
+        data = self._call("GET", f"/{obj}/{record_id}/", params={"_fields": ",".join(dict.fromkeys(keys))})
+        data = data if isinstance(data, dict) else {}
+        values = {name: data.get(name) if meta is None else self._from_close(meta, data.get(f"custom.{meta['id']}"))
+                  for name, meta in wanted.items()}
+        if want_email:
+            people = (data.get("contacts") or []) if obj == "lead" else [data]
+            states = [entry.get("is_unsubscribed") is True
+                      for person in people if isinstance(person, dict)
+                      for entry in person.get("emails") or []
+                      if isinstance(entry, dict) and isinstance(entry.get("email"), str) and entry["email"].strip()]
+            if states:
+                values[UNSUBSCRIBE_FIELD] = True if all(states) else ("partial" if any(states) else False)
+        return values
 
     def fields(self, obj: str) -> dict[str, FieldInfo]:
         """Built-in fields plus every custom field under both its name and its id.

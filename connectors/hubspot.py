@@ -55,6 +55,7 @@ DEFAULT_EXPLANATION = "Opt-out received through a messaging channel and synced b
 SEARCH_RATE = 4.0
 STATUSES = "/communication-preferences/v4/statuses/{subscriberIdString}"
 OWN_EMAILS = ("email", "hs_additional_emails")  # hs_additional_emails: ";"-separated
+UNSUBSCRIBE_FIELD = "@unsubscribe"  # a mapping's name for email consent kept outside properties
 _OBJECTS = ("contact", "contacts")
 _API_ERRORS = (hs_contacts.ApiException, hs_properties.ApiException, hs_comm.ApiException)
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
@@ -496,6 +497,69 @@ class HubSpotConnector:
                 if not answer.results or not (answer.paging and answer.paging.next):
                     break
             floor, after = str(stamp), None
+    # --- audit: read mapped properties and email consent of known contacts ------------
+    def read(self, refs: list[RecordRef], fields: list[str]) -> dict[RecordRef, dict[str, Any]]:
+        """Property values of each contact (batch/read, ``BATCH_SIZE`` ids a call); a
+        contact HubSpot no longer has is absent from the answer. Booleans come back as
+        True/False, empty values as None. ``@unsubscribe`` among ``fields`` reads the
+        email consent of the contact's own addresses through communication preferences
+        v4: True when every address is unsubscribed (from the configured subscription
+        type, else from all email), False when none is, ``"partial"`` otherwise; left
+        out for a contact without an address. That costs one GET per address: the v4
+        batch status reads need Marketing Hub Enterprise scopes (see SOURCES.md)."""
+        want_email = UNSUBSCRIBE_FIELD in fields
+        props = [f for f in dict.fromkeys(fields) if f != UNSUBSCRIBE_FIELD]
+        names = list(dict.fromkeys([*props, *(OWN_EMAILS if want_email else ())]))
+        wanted = {ref.record_id: ref for ref in refs if ref.crm == self.name and self._check_ref(ref) is None}
+        ids = list(wanted)
+        found: dict[RecordRef, dict[str, Any]] = {}
+        for start in range(0, len(ids), BATCH_SIZE):
+            for obj in self._read_properties(ids[start:start + BATCH_SIZE], names):
+                ref = wanted.get(str(obj.id))
+                if ref is None:
+                    continue
+                values = obj.properties or {}
+                found[ref] = {name: self._from_batch_read(values.get(name)) for name in props}
+                if want_email:
+                    addresses = _split_emails(values)
+                    if addresses:
+                        found[ref][UNSUBSCRIBE_FIELD] = self._email_opted_out(addresses)
+        return found
+
+    @short_retry()
+    def _read_properties(self, ids: list[str], names: list[str]) -> list[Any]:
+        """One batch/read of up to 100 contacts; unknown ids are left out of the answer."""
+        body = hs_contacts.BatchReadInputSimplePublicObjectId(
+            inputs=[hs_contacts.SimplePublicObjectId(id=i, local_vars_configuration=self._cfg) for i in ids],
+            properties=names, properties_with_history=[], local_vars_configuration=self._cfg)
+        answer = self._call(self._batch_api.read, batch_read_input_simple_public_object_id=body,
+                            archived=False)
+        return list(answer.results or [])
+
+    @staticmethod
+    def _from_batch_read(value: Any) -> Any:
+        """HubSpot answers strings: "true"/"false" for a checkbox, "" for no value."""
+        if value is None or value == "":
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        return value
+
+    def _email_opted_out(self, addresses: list[str]) -> bool | str:
+        states = []
+        for address in addresses:
+            if self.email_subscription_id:
+                answer = self._preferences("GET", address)
+                status = next((r.get("status") for r in answer.get("results") or []
+                               if isinstance(r, dict)
+                               and str(r.get("subscriptionId")) == self.email_subscription_id), None)
+                states.append(status == "UNSUBSCRIBED")
+            else:
+                states.append(self._unsubscribed_from_all(address))
+        if all(states):
+            return True
+        return "partial" if any(states) else False
+
     def fields(self, obj: str) -> dict[str, FieldInfo]:
         """Contact property metadata; ``updateable`` is False where HubSpot marks the
         value read-only (``hs_email_optout`` among them)."""

@@ -55,6 +55,10 @@ E164 = re.compile(r"^\+[1-9][0-9]{3,14}\Z")
 KEY_PREFIXES = {"00Q": "Lead", "003": "Contact"}
 OBJECTS = ("Lead", "Contact")
 BATCH_SIZE = 200  # sObject Collections limit
+READ_IDS = 200    # ids per audit query (``Id IN (...)``)
+# "Maximum length of SOQL statements: by default, 100,000 characters" (Salesforce
+# Developer Limits, "SOQL and SOSL Limits for Search Queries").
+SOQL_MAX_CHARS = 100_000
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # The JWT bearer flow's ``aud`` is Salesforce's login server, never the org's own My
 # Domain: login.salesforce.com, or test.salesforce.com for sandboxes (Salesforce Help,
@@ -704,6 +708,64 @@ class SalesforceConnector:
                     and _SF_DATETIME.match(modstamp):
                 out.append((_parse_sf_datetime(modstamp), dict(row)))
         return out, len(rows) >= limit, server_now
+
+    # --- audit: read mapped fields of known records ---------------------------------
+    def read(self, refs: list[RecordRef], fields: list[str]) -> dict[RecordRef, dict[str, Any]]:
+        """The values of ``fields`` on each record, by SOQL ``Id IN (...)``: at most
+        ``READ_IDS`` ids per query, fewer if the statement would pass Salesforce's
+        100,000-character SOQL limit. A record that no longer exists (deleted, or an id
+        of another org) is simply absent from the answer. Ids are validated (and
+        refs of other objects or CRMs left out) before any text reaches the query."""
+        names = [_validate_name(f, "field") for f in fields]
+        select = ["Id", *[n for n in dict.fromkeys(names) if n.lower() != "id"]]
+        by_obj: dict[str, dict[str, RecordRef]] = {}
+        for ref in refs:
+            if ref.crm != self.name or ref.obj not in OBJECTS:
+                continue
+            try:
+                long_id = validate_id(ref.record_id, ref.obj)
+            except Permanent:
+                continue
+            by_obj.setdefault(ref.obj, {})[long_id] = ref
+        found: dict[RecordRef, dict[str, Any]] = {}
+        for obj, wanted in by_obj.items():
+            for soql in self._read_queries(obj, select, list(wanted)):
+                for row in self._query_rows(soql):
+                    record_id = row.get("Id")
+                    if not isinstance(record_id, str) or not SF_ID.match(record_id):
+                        continue
+                    hit = wanted.get(to_18(record_id))
+                    if hit is not None:
+                        values = {k: v for k, v in row.items() if k not in ("attributes", "Id")}
+                        found[hit] = self._requested(values, names)
+        return found
+
+    @staticmethod
+    def _read_queries(obj: str, select: list[str], ids: list[str]) -> Iterable[str]:
+        """``SELECT <select> FROM <obj> WHERE Id IN (...)`` statements covering ``ids``."""
+        head = f"SELECT {', '.join(select)} FROM {obj} WHERE Id IN ("
+        chunk: list[str] = []
+        size = len(head) + 1
+        for record_id in ids:
+            literal = soql_quote(record_id)
+            if chunk and (len(chunk) == READ_IDS or size + len(literal) + 2 > SOQL_MAX_CHARS):
+                yield head + ", ".join(chunk) + ")"
+                chunk, size = [], len(head) + 1
+            chunk.append(literal)
+            size += len(literal) + 2
+        if chunk:
+            yield head + ", ".join(chunk) + ")"
+
+    def _query_rows(self, soql: str) -> list[dict[str, Any]]:
+        """Every row of one SOQL query (following ``nextRecordsUrl``)."""
+        def run(sf: Salesforce) -> list[dict[str, Any]]:
+            page = sf.query(soql)
+            rows = list(page.get("records", []))
+            while not page.get("done", True) and page.get("nextRecordsUrl"):
+                page = sf.query_more(page["nextRecordsUrl"], identifier_is_url=True)
+                rows.extend(page.get("records", []))
+            return rows
+        return [row for row in self._call(run) if isinstance(row, dict)]
 
     def _server_time(self) -> dt.datetime:
         """Salesforce's clock from the last response's Date header (ours if absent)."""

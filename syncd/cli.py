@@ -287,6 +287,64 @@ def trace(c: Ctx, query: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--crm", "crm_name", default=None, metavar="NAME", help="Audit one CRM only (default: every enabled one).")
+@click.option("--repair", is_flag=True, help="Queue a delivery for each drifted record (the running daemon pushes it).")
+@click.option("--json", "as_json", is_flag=True,
+              help='One JSON object: {"checked": n, "drift": [...], "repaired": n, "missing": [...], "errors": [...]}.')
+@pass_ctx
+def audit(c: Ctx, crm_name: str | None, repair: bool, as_json: bool) -> None:
+    """Compare each written record's consent fields with the ledger (exit 1: drift left)."""
+    from syncd.audit import Auditor
+    from syncd.runtime import build_connectors, load_mappings
+
+    cfg = c.config()
+    enabled = list(cfg.crm.blocks())
+    if crm_name is not None and crm_name not in enabled:
+        raise click.BadParameter(f"{crm_name!r} is not an enabled CRM (enabled: {', '.join(enabled) or 'none'})",
+                                 param_hint="--crm")
+    journal = c.journal()
+    try:
+        mappings = load_mappings(cfg)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            click.echo(f"syncd: config error: {line}", err=True)
+        sys.exit(2)
+    auditor = Auditor(journal, build_connectors(cfg, mappings), mappings)
+    with _audit_progress(show=not as_json and sys.stdout.isatty()) as bar:
+        result = auditor.run(crm_name, repair=repair, progress=bar.update, on_total=bar.reset)
+    journal.close()
+    if as_json:
+        _echo_json(result.as_json())
+    else:
+        _print_audit(result, repair)
+    sys.exit(1 if result.drift_left or result.errors else 0)
+
+
+def _audit_progress(show: bool) -> Any:
+    """A progress bar on stderr while records are read; a silent stand-in otherwise."""
+    from tqdm import tqdm  # type: ignore[import-untyped]   # tqdm ships no type hints
+
+    return tqdm(total=0, unit="record", desc="audit", file=sys.stderr, disable=not show, leave=False)
+
+
+def _print_audit(result: Any, repair: bool) -> None:
+    for d in result.drift:
+        click.echo(f"drift  {d.crm} {d.object} {d.record_id}  {d.field}: expected {d.expected!r}, "
+                   f"found {d.actual!r}")
+    for ref in result.missing:
+        click.echo(f"gone   {ref.crm} {ref.obj} {ref.record_id}: the record is no longer in the CRM "
+                   f"(deleted or merged); nothing to compare")
+    for line in result.errors:
+        click.echo(f"syncd audit: {line}", err=True)
+    summary = f"checked {result.checked} record(s): {len(result.drift)} drifted field(s)"
+    if repair:
+        summary += f", {result.repaired} queued for repair (the running daemon pushes them)"
+    elif result.drift:
+        summary += "; run with --repair to set them again"
+    click.echo(summary)
+
+
 @cli.command("send-test")
 @click.argument("source", type=click.Choice(["apten", "lox24", "sinch"]))
 @click.option("--phone", default=None, metavar="E164", help="Put this phone in the example.")

@@ -197,6 +197,7 @@ class ScheduleConfig(_Strict):
     poll_interval_seconds: float = Field(60.0, gt=0, le=86400)
     batch_size: int = Field(1000, ge=1, le=10000)
     lease_seconds: float = Field(120.0, ge=5, le=3600)
+    audit_interval_hours: float = Field(24.0, ge=0, le=8760)   # report-only drift sweep; 0 turns it off
 
 
 class RetryConfig(_Strict):

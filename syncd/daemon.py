@@ -78,6 +78,9 @@ class Daemon:
         self.scheduler.every("push", cfg.schedule.push_interval_seconds, self.rt.tick)
         for name, interval, fn in self.extra_jobs():
             self.scheduler.every(name, interval, fn)
+        if cfg.schedule.audit_interval_hours > 0:  # report-only drift sweep, first one after an interval
+            audit_seconds = cfg.schedule.audit_interval_hours * 3600
+            self.scheduler.every("audit", audit_seconds, self.audit_sweep().run, first_after=audit_seconds)
         self.app = create_app(self.rt.journal, self.rt.sources, self.rt.router,
                               max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics,
                               api_token=cfg.api.token, default_region=cfg.phone.default_region)
@@ -114,6 +117,11 @@ class Daemon:
             return []
         return [("poll", self.cfg.schedule.poll_interval_seconds, reflector.poll_once),
                 ("reflect", self.cfg.schedule.push_interval_seconds, reflector.register_due)]
+
+    def audit_sweep(self) -> Any:
+        from syncd.audit import Auditor, AuditSweep
+
+        return AuditSweep(Auditor(self.rt.journal, self.rt.connectors, self.rt.mappings), self.rt.metrics)
 
     @property
     def port(self) -> int:

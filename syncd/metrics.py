@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 
@@ -41,6 +41,9 @@ class Metrics:
         self.scheduler_runs = Counter(
             "syncd_scheduler_runs", "Scheduled job runs by job and result",
             ["job", "result"], registry=self.registry)
+        self.audit_drift = Gauge(
+            "syncd_audit_drift", "Mapped fields found different from the consent ledger by the last audit sweep",
+            ["crm"], registry=self.registry)
         self._journal_counts: Callable[[], dict] | None = None
 
     def watch_journal(self, counts: Callable[[], dict], max_age_seconds: float = 5.0) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -42,7 +42,8 @@ class Scheduler:
         self._running = 0
         self._idle = threading.Condition()
 
-    def every(self, name: str, seconds: float, fn: Callable[[], object]) -> None:
+    def every(self, name: str, seconds: float, fn: Callable[[], object], *, first_after: float = 0.0) -> None:
+        """Run ``fn`` every ``seconds``: now, or ``first_after`` seconds from now."""
         def job() -> None:
             with self._idle:
                 if self.stopping.is_set():
@@ -62,7 +63,7 @@ class Scheduler:
                 self.metrics.scheduler_runs.labels(name, result).inc()
 
         self._sched.add_job(job, "interval", seconds=seconds, id=name, name=name,
-                            next_run_time=datetime.now(timezone.utc))
+                            next_run_time=datetime.now(timezone.utc) + timedelta(seconds=first_after))
 
     def start(self) -> None:
         self._sched.start()

@@ -610,8 +610,12 @@ class CloseSandbox(Sandbox):
                           "data": page})
 
         def one(kind: str, record_id: str, fetch: Callable[[str], dict[str, Any]]) -> Response:
+            # ``_fields`` limits the answer to the listed keys (``custom`` = every custom
+            # field): https://developer.close.com/api/resources/leads.md and
+            # https://developer.close.com/api/overview/fields
+            fields = request.args.get("_fields")
             try:
-                return _json(fetch(record_id))
+                return _json(self._project(fetch(record_id), fields.split(",") if fields else None))
             except KeyError:
                 return _json({"error": f"Empty query: {kind} matching query does not exist."}, 404)
 

@@ -39,6 +39,7 @@ JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # The JWT bearer flow's accepted audiences (Salesforce Help, "OAuth 2.0 JWT Bearer Flow for
 # Server-to-Server Integration", remoteaccess_oauth_jwt_flow.htm): the login server, not My Domain.
 PRODUCTION_AUDIENCE = "https://login.salesforce.com"
+SOQL_MAX_CHARS = 100_000
 SANDBOX_AUDIENCE = "https://test.salesforce.com"
 # REQUEST_LIMIT_EXCEEDED texts. The REST API guide ("Status Codes and Error Responses",
 # errorcodes.htm) documents 403 and the errorCode but not the messages; these are the
@@ -917,6 +918,11 @@ class SalesforceSandbox(Sandbox):
         text = request.args.get("q", "")
         if not text.strip():
             raise _malformed("the q parameter is required")
+        # "Maximum length of SOQL statements: by default, 100,000 characters" (Developer
+        # Limits, "SOQL and SOSL Limits for Search Queries"); the error code and text are
+        # not documented there: MALFORMED_QUERY is assumed.
+        if len(text) > SOQL_MAX_CHARS:
+            raise _malformed(f"SOQL statements cannot exceed {SOQL_MAX_CHARS} characters")
         query = SoqlParser(text).parse()
         sobject = self._sobject_for_query(query.sobject)
         with self.lock:

@@ -33,6 +33,21 @@ class DeliveryStore:
                                record_id=ref.record_id, now=now, now_iso=now_iso)
                 tx.execute("mark_event_routed", now=now_iso, id=event_id)
 
+    def requeue(self, targets: list[tuple[int, RecordRef]]) -> int:
+        """Push (event, record) again (``syncd audit --repair``): a new delivery, or the
+        done/dead one of that pair back to pending (``add_targets`` keeps an existing
+        pair as it is). Returns how many were queued."""
+        if not targets:
+            return 0
+        now_iso, now = iso(utcnow()), time.time()
+        queued = 0
+        with self.engine.begin() as tx:
+            for event_id, ref in targets:
+                keys = {"event_id": event_id, "crm": ref.crm, "obj": ref.obj, "record_id": ref.record_id}
+                added = tx.execute("insert_delivery", now=now, now_iso=now_iso, **keys)
+                queued += added or tx.execute("requeue_delivery_for_audit", now=now, **keys)
+        return queued
+
     def claim(self, limit: int, lease_seconds: float, crm: str | None = None) -> list[Delivery]:
         """Lease up to ``limit`` due deliveries (of one CRM, when named), never two
         processes' leases on one record at once."""

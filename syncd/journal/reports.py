@@ -225,3 +225,11 @@ def _trace_reflection(row: dict[str, Any], notes: list[dict[str, Any]]) -> dict[
             "phone": row["phone"], "channel": row["channel"], "kind": row["kind"], "state": row["state"],
             "attempts": row["attempts"], "created_at": row["created_at"], "registered_at": row["registered_at"],
             "done_at": row["done_at"], "error": row["last_error"], "notifications": answers}
+
+
+    # --- audit ---------------------------------------------------------------------------
+    def audit_targets(self, crm: str | None = None) -> list[dict[str, Any]]:
+        """Done deliveries (one row per record and event that targeted it) of records
+        with nothing pending, with the event's kind, channel and identities."""
+        with self.engine.read() as tx:
+            return tx.all("audit_targets", all_crms=1 if crm is None else 0, crm=crm or "")

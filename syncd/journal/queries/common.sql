@@ -106,6 +106,14 @@ WHERE state = 'dead';
 UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = %(now)s, lease_until = 0, outcome = NULL
 WHERE id = %(id)s AND state = 'dead';
 
+-- name: requeue_delivery_for_audit
+-- syncd audit --repair: a target found drifted in its CRM is pushed again (a done or dead
+-- delivery back to pending; the field clocks keep the push idempotent).
+UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = %(now)s, lease_until = 0,
+                      lease_owner = NULL, last_error = NULL, outcome = NULL
+WHERE event_id = %(event_id)s AND crm = %(crm)s AND obj = %(obj)s AND record_id = %(record_id)s
+  AND state IN ('done', 'dead');
+
 -- ===== reflections (CRM flags registered in Sinch) =====================================
 
 -- name: sinch_kind
@@ -364,3 +372,17 @@ DELETE FROM consent_ledger;
 -- name: ledger_events_after
 SELECT id, source, event_type, kind, channel, phone, email, occurred_at FROM events
 WHERE id > %(after)s ORDER BY id LIMIT %(limit)s;
+
+-- ===== audit =========================================================================
+
+-- name: audit_targets
+-- Every record syncd has written (a done delivery), with the event that targeted it;
+-- records with a delivery still pending are in flight and left out. all_crms = 1 reads
+-- every CRM, else only %(crm)s.
+SELECT d.crm, d.obj, d.record_id, d.event_id, e.event_type, e.kind, e.channel, e.phone, e.email,
+       e.occurred_at, e.source
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.state = 'done' AND (%(all_crms)s = 1 OR d.crm = %(crm)s)
+  AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.crm = d.crm AND p.obj = d.obj
+                  AND p.record_id = d.record_id AND p.state = 'pending')
+ORDER BY d.crm, d.obj, d.record_id, d.event_id;
