@@ -166,6 +166,14 @@ class ReportStore:
 OPT_OUT_KINDS = ("opt_out", "do_not_contact")
 
 
+    # --- audit ---------------------------------------------------------------------------
+    def audit_targets(self, crm: str | None = None) -> list[dict[str, Any]]:
+        """Done deliveries (one row per record and event that targeted it) of records
+        with nothing pending, with the event's kind, channel and identities."""
+        with self.engine.read() as tx:
+            return tx.all("audit_targets", all_crms=1 if crm is None else 0, crm=crm or "")
+
+
 def _chunked(read: Callable[[list[Any]], list[dict[str, Any]]], values: list[Any]) -> list[dict[str, Any]]:
     """``read`` over ``values`` in IN-lists of :data:`TRACE_CHUNK` (no call when empty)."""
     return [row for start in range(0, len(values), TRACE_CHUNK) for row in read(values[start:start + TRACE_CHUNK])]
@@ -225,11 +233,3 @@ def _trace_reflection(row: dict[str, Any], notes: list[dict[str, Any]]) -> dict[
             "phone": row["phone"], "channel": row["channel"], "kind": row["kind"], "state": row["state"],
             "attempts": row["attempts"], "created_at": row["created_at"], "registered_at": row["registered_at"],
             "done_at": row["done_at"], "error": row["last_error"], "notifications": answers}
-
-
-    # --- audit ---------------------------------------------------------------------------
-    def audit_targets(self, crm: str | None = None) -> list[dict[str, Any]]:
-        """Done deliveries (one row per record and event that targeted it) of records
-        with nothing pending, with the event's kind, channel and identities."""
-        with self.engine.read() as tx:
-            return tx.all("audit_targets", all_crms=1 if crm is None else 0, crm=crm or "")
