@@ -162,16 +162,15 @@ class ReportStore:
                                                                          key=lambda r: int(r["id"]), reverse=True)],
         }
 
-
-OPT_OUT_KINDS = ("opt_out", "do_not_contact")
-
-
     # --- audit ---------------------------------------------------------------------------
     def audit_targets(self, crm: str | None = None) -> list[dict[str, Any]]:
         """Done deliveries (one row per record and event that targeted it) of records
         with nothing pending, with the event's kind, channel and identities."""
         with self.engine.read() as tx:
             return tx.all("audit_targets", all_crms=1 if crm is None else 0, crm=crm or "")
+
+
+OPT_OUT_KINDS = ("opt_out", "do_not_contact")
 
 
 def _chunked(read: Callable[[list[Any]], list[dict[str, Any]]], values: list[Any]) -> list[dict[str, Any]]:
