@@ -120,4 +120,5 @@ class ReportStore:
                    # The source's own channel value (Apten ``manual``, Sinch ``VIBERBM``...)
                    # and the fields syncd kept without modelling them.
                    "raw_channel": details.get("raw_channel") or details.get("sinch_channel"),
-                   "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None}
+                   "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None,
+                   "honoured_at": r["honoured_at"]}   # the compliance clock's (syncd export adds the deadline)
