@@ -58,8 +58,12 @@ class Metrics:
         """The compliance gauges and breach counter, from the journal (every replica
         reports the same numbers), read at most once per ``max_age_seconds``."""
         if self._compliance is None:
-            self.registry.register(_ComplianceCollector(CachedRead(lambda: self._compliance(), max_age_seconds)))
+            self.registry.register(_ComplianceCollector(CachedRead(self._compliance_summary, max_age_seconds)))
         self._compliance = summary
+
+    def _compliance_summary(self) -> dict:
+        assert self._compliance is not None
+        return self._compliance()
 
     @staticmethod
     def call_status(exc: BaseException | None) -> str:
