@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("syncd.compliance")
 
 END_OF_DAY = time(23, 59, 59, 999999)
+MAX_ALERTS_PER_CHECK = 20   # one message per opt-out up to this many per check, then one for the rest
 
 
 def holiday_calendar(code: str | None) -> holidays_lib.HolidayBase | None:
@@ -217,16 +218,26 @@ class ComplianceCheck:
         return {"honoured": honoured, "breached": breached, "alerted": alerted}
 
     def announce_at_risk(self, now: datetime) -> int:
+        """One warning line and one alert per opt-out that turned at risk; beyond
+        ``MAX_ALERTS_PER_CHECK`` in one check (a CRM down for days), one message counts
+        the rest instead of flooding the channel."""
         risky = self.clock.at_risk(self.store, now)
         ids = {r["event_id"] for r in risky}
         self._alerted &= ids          # an event that left the at-risk set may be announced again
         fresh = [r for r in risky if r["event_id"] not in self._alerted]
-        for r in fresh:
+        for n, r in enumerate(fresh):
             self._alerted.add(r["event_id"])
             log.warning("opt-out at risk", extra={"event_id": r["event_id"], "deadline": r["deadline"],
                                                   "pending": r["pending"], "status": r["status"]})
-            if self.alerts is not None:
+            if self.alerts is not None and n < MAX_ALERTS_PER_CHECK:
                 self.alerts.opt_out_at_risk(r["event_id"], r["deadline"], r["pending"] or [r["status"]])
+        rest = fresh[MAX_ALERTS_PER_CHECK:]
+        if rest and self.alerts is not None:
+            self.alerts.notify(f"at_risk:more:{rest[0]['event_id']}", "at_risk",
+                               f"syncd: {len(rest)} more opt-outs turned at risk (deadlines from "
+                               f"{rest[0]['deadline']}); see syncd status and the status page",
+                               {"opt-outs": str(len(rest)), "first event": str(rest[0]["event_id"]),
+                                "first deadline": rest[0]["deadline"]})
         return len(fresh)
 
     def honour_confirmed_flags(self) -> int:

@@ -150,9 +150,14 @@ class AlertBook:
 
     def __init__(self):
         self.calls: list[tuple[int, str, list[str]]] = []
+        self.notes: list[str] = []
 
     def opt_out_at_risk(self, event_id: int, deadline: str, pending: list[str]) -> bool:
         self.calls.append((event_id, deadline, pending))
+        return True
+
+    def notify(self, cause: str, kind: str, text: str, fields: dict) -> bool:
+        self.notes.append(text)
         return True
 
 
@@ -203,6 +208,25 @@ def test_a_dead_letter_turns_at_risk_then_breached_and_is_honoured_after_replay(
     (row, _) = [r for r in journal.reports.export_rows(None) if r["event_id"] == eid]
     assert row["honoured_at"] is not None
     assert clock.export_columns(row)["within_deadline"] is False   # honoured, but late
+
+
+def test_many_opt_outs_turning_at_risk_at_once_send_a_bounded_number_of_messages(tmp_path):
+    from syncd.compliance import MAX_ALERTS_PER_CHECK
+    from syncd.journal import open_journal
+
+    j = open_journal(f"sqlite:///{tmp_path}/many.db")
+    try:
+        for n in range(MAX_ALERTS_PER_CHECK + 5):
+            j.events.record(opt_out(n, at(2025, 11, 26, 9) + timedelta(seconds=n), quarantine_reason="none"))
+        alerts = AlertBook()
+        check = ComplianceCheck(ComplianceClock(now=FakeNow(at(2025, 12, 10, 0, 1))), j.compliance, alerts=alerts)
+        assert check.run_once()["alerted"] == MAX_ALERTS_PER_CHECK + 5
+        assert len(alerts.calls) == MAX_ALERTS_PER_CHECK
+        assert alerts.notes == ["syncd: 5 more opt-outs turned at risk (deadlines from 2025-12-12T04:59:59.999999Z); "
+                                "see syncd status and the status page"]
+        assert check.run_once()["alerted"] == 0 and len(alerts.calls) == MAX_ALERTS_PER_CHECK
+    finally:
+        j.close()
 
 
 def test_which_events_count(journal):
