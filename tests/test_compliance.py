@@ -461,3 +461,33 @@ def test_the_status_page_has_no_panel_without_the_clock(tmp_path):
         live.close()
         live.journal.close()
     assert "<h1>syncd status</h1>" in html and 'id="compliance"' not in html
+
+
+def test_the_at_risk_alert_reaches_a_slack_compatible_sink_once(tmp_path):
+    """The real Alerts client posting to a local incoming-webhook sink over HTTP."""
+    from syncd.alerts import Alerts
+    from syncd.journal import open_journal
+    from tests.test_alerts import Sink
+
+    sink = Sink()
+    alerts = Alerts(sink.url, cooldown_seconds=0)     # no cooldown: the check itself says "once"
+    j = open_journal(f"sqlite:///{tmp_path}/alert.db")
+    try:
+        eid = j.events.record(opt_out(1, at(2025, 11, 26, 9), email="jane.doe@example.com")).event_id
+        j.deliveries.add_targets(eid, [HS])
+        now = FakeNow(at(2025, 12, 10, 0, 1))
+        check = ComplianceCheck(ComplianceClock(now=now), j.compliance, ops=j.ops, alerts=alerts)
+        check.run_once()
+        now.value += timedelta(hours=3)
+        check.run_once()
+        assert alerts.flush(10)
+    finally:
+        j.close()
+        alerts.close()
+        sink.close()
+    (body,) = sink.bodies
+    assert body["syncd"] == {"kind": "at_risk", "event": str(eid), "deadline": "2025-12-12T04:59:59.999999Z",
+                             "pending": "hubspot:contacts (pending)"}
+    assert body["text"] == (f"syncd: opt-out event {eid} is at risk: not honoured everywhere, "
+                            "deadline 2025-12-12T04:59:59.999999Z")
+    assert "3305551234" not in json.dumps(body) and "jane.doe" not in json.dumps(body)
