@@ -127,7 +127,9 @@ def check(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def status(c: Ctx, as_json: bool) -> None:
     """Counts by state, oldest pending age, last push per CRM."""
-    counts = c.journal().reports.counts()
+    journal = c.journal()
+    counts = journal.reports.counts()
+    counts["compliance"] = _compliance_status(c.config(), journal)
     if as_json:
         _echo_json(counts)
         return
@@ -140,6 +142,21 @@ def status(c: Ctx, as_json: bool) -> None:
     click.echo(f"oldest pending: {'-' if age is None else f'{age:.0f} s'}")
     for crm, info in counts["crms"].items():
         click.echo(f"{crm}: last push {info['last_push_at'] or '-'}  last poll {info['last_poll_at'] or '-'}")
+    _print_compliance(counts["compliance"])
+
+
+def _compliance_status(cfg: Config, journal: Any) -> dict[str, Any]:
+    """``status``'s ``compliance`` object: the contract's four keys."""
+    from syncd.compliance import ComplianceClock
+
+    summary = ComplianceClock.from_config(cfg).summary(journal.compliance)
+    return {key: summary[key] for key in ("open", "at_risk", "breached", "oldest_open_age_seconds")}
+
+
+def _print_compliance(c: dict[str, Any]) -> None:
+    age = c["oldest_open_age_seconds"]
+    click.echo(f"compliance   open opt-outs {c['open']}  at risk {c['at_risk']}  breached {c['breached']}"
+               f"  oldest open {'-' if age is None else f'{age:.0f} s'}")
 
 
 @cli.command("dead-letters")
@@ -222,7 +239,7 @@ def _print_replay(results: list[dict[str, Any]]) -> None:
 EXPORT_COLUMNS = ["event_id", "source", "source_event_id", "received_at", "occurred_at", "kind", "channel",
                   "target_crm", "target_object", "target_record", "state", "delivered_at", "attempts",
                   "error", "outcome", "reflection", "reflection_at", "reflection_error", "raw_channel",
-                  "unmodelled"]
+                  "unmodelled", "deadline", "honoured_at", "within_deadline"]
 
 
 @cli.command()
@@ -240,7 +257,7 @@ def export(c: Ctx, fmt: str, since: str | None) -> None:
             when = parse_iso(since)
         except ValueError:
             raise click.BadParameter(f"not an ISO 8601 date-time: {since!r}", param_hint="--since") from None
-    rows = c.journal().reports.export_rows(when)
+    rows = _with_deadlines(c.config(), c.journal().reports.export_rows(when))
     out = sys.stdout
     if fmt == "jsonl":
         for row in rows:
@@ -255,7 +272,21 @@ def export(c: Ctx, fmt: str, since: str | None) -> None:
     writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
+        if row.get("within_deadline") is not None:
+            row["within_deadline"] = "true" if row["within_deadline"] else "false"
         writer.writerow(row)
+
+
+def _with_deadlines(cfg: Config, rows: Any) -> Any:
+    """The compliance clock's columns on each export row: ``deadline``, ``honoured_at``
+    and ``within_deadline`` (empty while open and the deadline is ahead)."""
+    from syncd.compliance import ComplianceClock
+
+    clock = ComplianceClock.from_config(cfg)
+    now = clock.now()
+    for row in rows:
+        row.update(clock.export_columns(row, now))
+        yield row
 
 
 @cli.command()

@@ -239,6 +239,40 @@ class AlertsConfig(_Strict):
 
 
 
+class ComplianceConfig(_Strict):
+    """The compliance clock (syncd/compliance.py): a deadline per opt-out."""
+    business_days: int = Field(10, ge=1, le=365)      # FCC 24-24 / CAN-SPAM: 10 business days
+    holidays: str | None = "US"                       # country or country-subdivision (US-CA, DE-BY); null: none
+    timezone: str = "America/New_York"                # where business days are counted
+    warn_business_days: int = Field(2, ge=0, le=365)  # at risk with this many business days left
+
+    @field_validator("holidays")
+    @classmethod
+    def _holidays(cls, v: str | None) -> str | None:
+        from syncd.compliance import holiday_calendar
+
+        holiday_calendar(v)   # ValueError names what is unknown
+        return v.strip().upper() if v else None
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (an IANA name such as America/New_York)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _warn(self) -> "ComplianceConfig":
+        if self.warn_business_days > self.business_days:
+            raise ValueError(f"warn_business_days ({self.warn_business_days}) must not exceed "
+                             f"business_days ({self.business_days})")
+        return self
+
+
 class ApiConfig(_Strict):
     """The consent API on the receiver's public port."""
     token: OptionalOwnSecret = None   # bearer token; empty: the API is off (404)
@@ -264,6 +298,7 @@ class Config(_Strict):
     api: ApiConfig = Field(default_factory=ApiConfig)
     logging: LoggingConfig = LoggingConfig()
     alerts: AlertsConfig = AlertsConfig()
+    compliance: ComplianceConfig = ComplianceConfig()
 
     # Where the file lives: relative mapping and journal paths resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True)

@@ -18,16 +18,18 @@ from typing import Any
 from waitress.server import create_server
 
 from syncd.admin import Readiness, create_admin_app
+from syncd.compliance import ComplianceReads, watch_metrics
 from syncd.config import Config, ConfigError
 from syncd.journal.base import JournalBusy
 from syncd.receiver import create_app
 from syncd.runtime import Runtime, open_runtime
 from syncd.scheduler import Scheduler
-from syncd.status_page import CRM_HEALTH_KEY, TRACE_KEY
+from syncd.status_page import COMPLIANCE_KEY, CRM_HEALTH_KEY, TRACE_KEY
 from syncd.trace import tracer_for
 
 log = logging.getLogger("syncd.daemon")
 CIRCUIT_READY_SECONDS = 900.0  # /readyz fails once a CRM has been paused this long
+COMPLIANCE_CHECK_SECONDS = 60.0  # breaches stamped and at-risk opt-outs announced this often
 ADMIN_SERVER_OPTIONS: dict[str, Any] = {
     "threads": 2,  # scrapes and the status page never take a webhook's thread
     "ident": "syncd-admin", "max_request_body_size": 16 * 1024, "asyncore_use_poll": True,
@@ -81,6 +83,10 @@ class Daemon:
         if cfg.schedule.audit_interval_hours > 0:  # report-only drift sweep, first one after an interval
             audit_seconds = cfg.schedule.audit_interval_hours * 3600
             self.scheduler.every("audit", audit_seconds, self.audit_sweep().run, first_after=audit_seconds)
+
+
+        if self.rt.compliance is not None:   # the deadline clock: breaches and at-risk alerts
+            self.scheduler.every("compliance", COMPLIANCE_CHECK_SECONDS, self.rt.compliance.run_once)
         self.app = create_app(self.rt.journal, self.rt.sources, self.rt.router,
                               max_body_bytes=cfg.receiver.max_body_bytes, metrics=self.rt.metrics,
                               api_token=cfg.api.token, default_region=cfg.phone.default_region)
@@ -94,6 +100,9 @@ class Daemon:
                                           status_token=cfg.admin.status_token)
         self.admin_app.config[CRM_HEALTH_KEY] = self.rt.health.report  # the status page's CRM health
         self.admin_app.config[TRACE_KEY] = tracer_for(cfg, self.rt.journal.reports)  # the status page's search
+
+
+        self._watch_compliance()
         self.server: Any = self._listen(self.app, cfg.receiver.host, cfg.receiver.port, public_server_options(cfg))
         self.admin_server: Any = self._listen(self.admin_app, cfg.admin.host, cfg.admin.port, ADMIN_SERVER_OPTIONS)
         self._stopped = threading.Event()
@@ -109,6 +118,14 @@ class Daemon:
             self.rt.journal.close()
             reason = (exc.strerror or str(exc)).lower()
             raise CannotListen(f"cannot listen on {host}:{port}: {reason}") from None
+
+    def _watch_compliance(self) -> None:
+        """The compliance clock on ``/metrics`` and the status page."""
+        check = self.rt.compliance
+        if check is None:
+            return
+        watch_metrics(self.rt.metrics, check.clock, check.store)
+        self.admin_app.config[COMPLIANCE_KEY] = ComplianceReads(check.clock, check.store)
 
     def extra_jobs(self) -> list[tuple[str, float, Any]]:
         """Jobs beyond the pusher: the reflector's CRM poll and Sinch registrations."""

@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 class Metrics:
@@ -45,6 +45,10 @@ class Metrics:
             "syncd_audit_drift", "Mapped fields found different from the consent ledger by the last audit sweep",
             ["crm"], registry=self.registry)
         self._journal_counts: Callable[[], dict] | None = None
+        self.honour_seconds = Histogram(
+            "syncd_opt_out_honour_seconds", "Time from an opt-out's arrival to a CRM target settled done",
+            ["crm"], buckets=HONOUR_BUCKETS, registry=self.registry)
+        self._compliance: Callable[[], dict] | None = None
 
     def watch_journal(self, counts: Callable[[], dict], max_age_seconds: float = 5.0) -> None:
         """Journal gauges are read from the journal, so every replica reports the truth;
@@ -52,6 +56,17 @@ class Metrics:
         if self._journal_counts is None:
             self.registry.register(_JournalCollector(CachedRead(counts, max_age_seconds)))
         self._journal_counts = counts
+
+    def watch_compliance(self, summary: Callable[[], dict], max_age_seconds: float = 5.0) -> None:
+        """The compliance gauges and breach counter, from the journal (every replica
+        reports the same numbers), read at most once per ``max_age_seconds``."""
+        if self._compliance is None:
+            self.registry.register(_ComplianceCollector(CachedRead(self._compliance_summary, max_age_seconds)))
+        self._compliance = summary
+
+    def _compliance_summary(self) -> dict:
+        assert self._compliance is not None
+        return self._compliance()
 
     @staticmethod
     def call_status(exc: BaseException | None) -> str:
@@ -63,6 +78,12 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# An opt-out's way to its CRM: seconds when all is well, days when a CRM is down, and
+# the legal limit (10 business days) is about two weeks.
+HONOUR_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400, 14 * 86400,
+                  21 * 86400)
 
 
 class CachedRead:
@@ -104,3 +125,20 @@ class _JournalCollector:
         yield GaugeMetricFamily("syncd_journal_oldest_pending_age_seconds",
                                 "Age of the oldest event or delivery not yet settled",
                                 value=c["oldest_pending_age_seconds"] or 0.0)
+
+
+class _ComplianceCollector:
+    def __init__(self, summary: Callable[[], dict]):
+        self.summary = summary
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        c = self.summary()
+        yield GaugeMetricFamily("syncd_compliance_open", "Opt-outs not yet honoured everywhere", value=c["open"])
+        yield GaugeMetricFamily("syncd_compliance_at_risk",
+                                "Opt-outs not honoured with compliance.warn_business_days or fewer left",
+                                value=c["at_risk"])
+        yield CounterMetricFamily("syncd_compliance_breached", "Opt-outs ever seen open past their deadline",
+                                  value=c.get("breached_total", 0))

@@ -20,6 +20,7 @@ from connectors.types import RecordRef
 from syncd.alerts import Alerts
 from syncd.backoff import RetryPolicy
 from syncd.crm_health import CrmHealthBook
+from syncd.events import parse_iso, utcnow
 from syncd.journal.base import Deliveries, Delivery, Operations, Outcome
 from syncd.mapping import Mapping, RecordPlan, plan_record
 from syncd.masking import mask_text
@@ -94,6 +95,7 @@ class Pusher:
         for crm, deliveries in by_crm.items():
             outcomes.extend(self._push_crm(crm, deliveries))
         self.deliveries.settle(outcomes)
+        self._observe_honour(claimed, outcomes)
         for o in outcomes:
             state = "retry" if o.state == "paused" else o.state
             setattr(stats, state, getattr(stats, state) + 1)
@@ -105,6 +107,18 @@ class Pusher:
                 "record": f"{o.ref.obj}:{o.ref.record_id}" if o.ref else None, "error": o.error})
             if o.state == "dead":
                 self._dead_lettered(o)
+
+    def _observe_honour(self, claimed: list[Delivery], outcomes: list[Outcome]) -> None:
+        """``syncd_opt_out_honour_seconds{crm}``: an opt-out's arrival to its target done."""
+        if self.metrics is None:
+            return
+        by_id = {d.id: d for d in claimed}
+        now = utcnow()
+        for o in outcomes:
+            d = by_id.get(o.delivery_id)
+            if o.state == "done" and d is not None and d.kind in ("opt_out", "do_not_contact"):
+                seconds = (now - parse_iso(d.received_at)).total_seconds()
+                self.metrics.honour_seconds.labels(d.ref.crm).observe(max(0.0, seconds))
 
     def _dead_lettered(self, o: Outcome) -> None:
         """An operator must act on a dead letter: a warning carrying the CRM's own text

@@ -8,6 +8,7 @@ from connectors.plugin import BuildContext
 from connectors.registry import CRM_PLUGINS
 from syncd.alerts import Alerts
 from syncd.backoff import RetryPolicy
+from syncd.compliance import ComplianceCheck, ComplianceClock
 from syncd.config import Config, ConfigError
 from syncd.crm_health import CrmHealthBook
 from syncd.journal import Journal, open_journal
@@ -83,6 +84,7 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     reflector: Reflector | None = None
     alerts: Alerts | None = None  # alerts.webhook_url; the compliance check calls alerts.opt_out_at_risk
+    compliance: ComplianceCheck | None = None  # the deadline clock's scheduled check
 
     def tick(self) -> TickStats:
         """The scheduled work, in order: route new events, then push due deliveries."""
@@ -126,4 +128,10 @@ def open_runtime(cfg: Config) -> Runtime:
                               events=journal.events, ledger=journal.ledger)
     return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
                    connectors=connectors, routing=routing, pusher=pusher, pauses=pauses, health=health,
-                   metrics=metrics, reflector=reflector, alerts=alerts)
+                   metrics=metrics, reflector=reflector, alerts=alerts,
+                   compliance=build_compliance(cfg, journal, alerts))
+
+
+def build_compliance(cfg: Config, journal: Journal, alerts: Alerts | None) -> ComplianceCheck:
+    return ComplianceCheck(ComplianceClock.from_config(cfg), journal.compliance, ops=journal.ops, alerts=alerts,
+                           sinch_channels=cfg.sinch.channels if cfg.sinch is not None else None)

@@ -141,6 +141,7 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
             activity = journal.recent_activity(RECENT_EVENTS)
             letters = journal.dead_letters()
             extras = _extras(journal, counts)
+            extras.update(_compliance_panel())
         except Exception as exc:  # journal locked beyond its timeout, database down...
             log.error("status page could not read the journal", extra={"error": mask_text(repr(exc))})
             return answer(jsonify({"error": "journal unavailable, please retry", "status": 503}), 503)
@@ -209,6 +210,28 @@ p.error { color: #82071e; font-weight: 600; }
 # The daemon puts its pusher's per-CRM health report here (a callable); without it
 # the health table shows what the journal knows.
 CRM_HEALTH_KEY = "SYNCD_CRM_HEALTH"
+
+
+# The daemon puts a :class:`syncd.compliance.ComplianceReads` here; without it the
+# page has no compliance panel.
+COMPLIANCE_KEY = "SYNCD_COMPLIANCE"
+
+
+def _compliance_panel() -> dict[str, Any]:
+    """The compliance panel's numbers and at-risk rows (ids, times, CRM names: no
+    personal data), or ``compliance=None`` when the clock is not wired."""
+    reads = current_app.config.get(COMPLIANCE_KEY)
+    if reads is None:
+        return {"compliance": None}
+    summary = reads.summary()
+    rows = [{"event_id": _text(r["event_id"]), "source": _text(r["source"]), "kind": _text(r["kind"]),
+             "channel": _text(r["channel"]), "received_at": _time(r["received_at"]),
+             "deadline": _time(r["deadline"]), "pending": mask_text(", ".join(r["pending"]) or _text(r["status"]))}
+            for r in reads.at_risk()]
+    return {"compliance": {"open": summary["open"], "at_risk": summary["at_risk"], "breached": summary["breached"],
+                           "oldest": _age(summary["oldest_open_age_seconds"]), "rows": rows,
+                           "limit": reads.limit, "business_days": reads.clock.business_days,
+                           "warn_business_days": reads.clock.warn_business_days}}
 
 
 def _extras(journal: Any, counts: dict[str, Any]) -> dict[str, Any]:
@@ -328,6 +351,9 @@ form.search label { display: block; margin: 0 0 .3em; }
 p.error { color: #82071e; font-weight: 600; }
 form.search input { font: inherit; padding: .3em; width: 24em; max-width: 100%; box-sizing: border-box; }
 div.trace-event .scroll + .scroll { margin-top: .4em; }
+
+
+td.alarm { color: #82071e; font-weight: 600; }
 </style>
 </head>
 <body>
@@ -370,6 +396,39 @@ div.trace-event .scroll + .scroll { margin-top: .4em; }
 </table>
 </div>
 </section>
+
+{% if compliance %}
+<section id="compliance">
+<h2>Compliance clock</h2>
+<p class="meta">Each opt-out is due by the end of the {{ compliance.business_days }}th business day after it arrived;
+at risk with {{ compliance.warn_business_days }} business day(s) or fewer left.</p>
+<div class="scroll">
+<table class="compliance">
+<tr><th>Opt-outs</th>
+<td>open <span data-count="compliance-open">{{ compliance.open }}</span></td>
+<td class="{{ 'alarm' if compliance.at_risk else '' }}">at risk <span data-count="compliance-at-risk">{{ compliance.at_risk }}</span></td>
+<td class="{{ 'alarm' if compliance.breached else '' }}">breached <span data-count="compliance-breached">{{ compliance.breached }}</span></td>
+<td>oldest open <span data-count="compliance-oldest">{{ compliance.oldest }}</span></td></tr>
+</table>
+</div>
+{% if compliance.rows %}
+<h3>At risk{% if compliance.rows|length >= compliance.limit %} (the oldest {{ compliance.limit }}){% endif %}</h3>
+<div class="scroll">
+<table class="at-risk">
+<thead><tr><th>Event</th><th>Source</th><th>Kind</th><th>Channel</th><th>Received</th><th>Deadline</th>
+<th>Waiting for</th></tr></thead>
+<tbody>
+{% for r in compliance.rows %}
+<tr class="at-risk-row" data-event="{{ r.event_id }}">
+<td class="id num">{{ r.event_id }}</td><td>{{ r.source }}</td><td>{{ r.kind }}</td><td>{{ r.channel }}</td>
+<td class="time">{{ r.received_at }}</td><td class="time deadline">{{ r.deadline }}</td><td class="target">{{ r.pending }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+</div>
+{% endif %}
+</section>
+{% endif %}
 
 <section id="health">
 <h2>CRM health</h2>

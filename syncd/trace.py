@@ -103,8 +103,10 @@ def tracer_for(cfg: Any, reports: Any) -> Tracer:
 
 
 def _compliance_deadline(cfg: Any) -> Deadline | None:
-    """The compliance clock's ``deadline(received_at)``; None until one is wired in."""
-    return None
+    """The compliance clock's ``deadline(received_at)`` (config ``compliance.*``)."""
+    from syncd.compliance import ComplianceClock
+
+    return ComplianceClock.from_config(cfg).deadline
 
 
 def found_anything(doc: dict[str, Any]) -> bool:

@@ -24,7 +24,7 @@ def used_statement_names(*files: str) -> set[str]:
 
 def test_every_statement_a_store_or_engine_runs_exists_in_its_dialects():
     stores = used_statement_names("events.py", "deliveries.py", "reflections.py", "operations.py", "reports.py",
-                                  "ledger.py")
+                                  "ledger.py", "compliance.py")
     assert {"claim_deliveries", "insert_events", "export_rows"} <= stores
     sqlite, postgres = set(load_queries("sqlite")), set(load_queries("postgresql"))
     assert stores <= sqlite and stores <= postgres, (stores - sqlite, stores - postgres)

@@ -245,3 +245,41 @@ def test_the_migration_builds_the_consent_ledger_from_the_events_held(old_journa
         assert j.ledger.all() == built
     finally:
         j.close()
+
+
+def _execute_before_migration(url: str, sql: str) -> None:
+    """Change an old journal's rows as the old code could have left them."""
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url[len("sqlite:///"):]) as conn:
+            conn.execute(sql)
+        return
+    import psycopg
+
+    base, _, schema = url.rpartition("schema=")
+    with psycopg.connect(base.rstrip("?&"), autocommit=True) as conn:
+        conn.execute(f'SET search_path TO "{schema}"')
+        conn.execute(sql)
+
+
+def test_the_compliance_migration_honours_opt_outs_already_delivered_everywhere(old_journal):
+    """0004: an opt-out whose every target was done before the upgrade is honoured when
+    its last target was; the others stay open for the compliance clock."""
+    from syncd.compliance import ComplianceClock
+
+    url, ids, query = old_journal
+    _execute_before_migration(url, "UPDATE deliveries SET state = 'done', delivered_at = "
+                                   f"'2024-02-18T09:47:00.000000Z' WHERE event_id = {ids['routed']}")
+    j = open_journal(url)
+    try:
+        honoured = dict(query("SELECT id, honoured_at FROM events ORDER BY id"))
+        assert honoured == {ids["routed"]: "2024-02-18T09:47:00.000000Z", ids["new"]: None,
+                            ids["quarantined"]: None}
+        clock = ComplianceClock(now=lambda: datetime(2024, 2, 19, 12, tzinfo=timezone.utc))
+        summary = clock.summary(j.compliance)
+        assert (summary["open"], summary["at_risk"], summary["breached"]) == (2, 0, 0)
+        (row, *_) = [r for r in j.reports.export_rows(None) if r["event_id"] == ids["routed"]]
+        # Received on a Sunday; Monday 2024-02-19 is Presidents' Day: day 10 is Monday 2024-03-04.
+        assert clock.export_columns(row) == {"deadline": "2024-03-05T04:59:59.999999Z",
+                                             "honoured_at": "2024-02-18T09:47:00.000000Z", "within_deadline": True}
+    finally:
+        j.close()

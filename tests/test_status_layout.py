@@ -110,6 +110,7 @@ def look(devtools: DevTools, url: str, width: int, shot: Path) -> dict:
       svgs: document.querySelectorAll('svg.chart').length,
       bars: document.querySelectorAll('#events-chart rect').length,
       honour: document.querySelectorAll('#honour-chart rect').length,
+      atRisk: document.querySelectorAll('tr.at-risk-row td.deadline').length,
       health: [...document.querySelectorAll('tr.health-row')].map(r => r.dataset.crm + ':' +
               r.querySelector('td.state').textContent),
       errorWidth: Math.min(...[...document.querySelectorAll('table.dead-letters td.error')]
@@ -126,6 +127,29 @@ def status_url(stack: Stack) -> str:
     return f"{stack.admin_url}/status"
 
 
+def seed_at_risk(stack: Stack) -> None:
+    """An opt-out that arrived nine business days ago and is still open: the
+    compliance panel lists it with its deadline."""
+    from datetime import datetime, timedelta, timezone
+
+    from syncd.compliance import ComplianceClock
+    from syncd.events import ConsentEvent
+    from syncd.journal import open_journal
+
+    clock = ComplianceClock()
+    now = datetime.now(timezone.utc)
+    received = next(now - timedelta(hours=h) for h in range(24, 24 * 40)
+                    if clock.warn_at(now - timedelta(hours=h)) < now <= clock.deadline(now - timedelta(hours=h)))
+    journal = open_journal(f"sqlite:///{stack.workdir / 'syncd.db'}", must_exist=True)
+    try:
+        journal.events.record(ConsentEvent(
+            source="apten", source_event_id="at-risk-1", kind="opt_out", channel="sms", occurred_at=received,
+            received_at=received, raw=b"{}", quarantine_reason="no record with this phone in salesforce",
+            phone="+13305550199"))
+    finally:
+        journal.close()
+
+
 def test_status_page_fits_1280_and_390_with_health_and_charts(tmp_path):
     chromium = find_chromium()
     stack = Stack(extra_config={"admin": {"status_token": TOKEN}}).start()
@@ -133,6 +157,7 @@ def test_status_page_fits_1280_and_390_with_health_and_charts(tmp_path):
         daemon = stack.serve()
         try:
             seed_delivered_and_dead(stack, LONG_ERROR)
+            seed_at_risk(stack)
 
             devtools = DevTools(chromium, tmp_path / "profile")
             try:
@@ -154,6 +179,7 @@ def test_status_page_fits_1280_and_390_with_health_and_charts(tmp_path):
         assert seen["scrollWidth"] <= seen["innerWidth"], seen
         assert seen["svgs"] == 2 and seen["bars"] >= 1 and seen["honour"] >= 1, seen
         assert seen["health"] == ["salesforce:ok"], seen
+        assert seen["atRisk"] == 1, seen     # the compliance panel lists the at-risk opt-out
     assert wide["errorWidth"] >= 200, wide   # the Error column no longer collapses to a letter per line
     for name in ("status-1280.png", "status-390.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -278,6 +278,15 @@ def test_cli_json_is_one_document_in_the_contracts_shape(seeded):
     assert PHONE in result.stdout and "dana.reyes@example.com" in result.stdout   # the operator's own lookup
 
 
+def test_cli_deadline_is_the_configured_compliance_clocks(seeded):
+    path, ids = seeded
+    doc = json.loads(run("-c", str(path), "trace", PHONE, "--json").stdout)
+    by_id = {e["event_id"]: e for e in doc["events"]}
+    # Received Wednesday 2026-12-02 (New York): 10 US business days end on Wednesday 2026-12-16.
+    assert by_id[ids["sms"]]["deadline"] == "2026-12-17T04:59:59.999999Z"
+    assert by_id[ids["opt_in"]]["deadline"] is None
+
+
 def test_cli_terminal_form_has_the_tables_in_local_time_and_utc(seeded, monkeypatch):
     path, ids = seeded
     monkeypatch.setenv("TZ", "America/New_York")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from syncd.journal.base import (Delivery, Journal, JournalBusy, JournalMissing, Outcome, Recorded,
                                 StoredEvent)
+from syncd.journal.compliance import ComplianceStore
 from syncd.journal.deliveries import DeliveryStore
 from syncd.journal.engine import Engine
 from syncd.journal.events import DEFAULT_MAX_STORED_BODY_BYTES, EventStore
@@ -30,7 +31,8 @@ def journal_on(engine: Engine, max_stored_body_bytes: int | None = None) -> Jour
     ledger = LedgerStore(engine)
     return Journal(events=EventStore(engine, cap, ledger), deliveries=DeliveryStore(engine),
                    reflections=ReflectionStore(engine), ops=OperationsStore(engine),
-                   reports=ReportStore(engine), engine=engine, ledger=ledger)
+                   reports=ReportStore(engine), engine=engine, ledger=ledger,
+                   compliance=ComplianceStore(engine))
 
 
 def open_engine(url: str, base_dir: str | None = None, must_exist: bool = False) -> Engine:

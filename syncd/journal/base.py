@@ -222,6 +222,17 @@ class Reports(Protocol):
     def audit_targets(self, crm: str | None = None) -> list[dict[str, Any]]: ...
 
 
+class Compliance(Protocol):
+    """The compliance clock's reads and stamps (syncd/journal/compliance.py)."""
+    def counts(self, breach_before: str, risk_before: str, with_flags: bool) -> dict[str, Any]: ...
+    def open_between(self, start: str, before: str, with_flags: bool,
+                     limit: int = 500) -> list[dict[str, Any]]: ...
+    def mark_breached(self, breach_before: str, now_iso: str, with_flags: bool) -> int: ...
+    def open_crm_flags(self, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]: ...
+    def sinch_confirmations(self, phones: list[str]) -> dict[str, dict[str, tuple[str, str | None, Any]]]: ...
+    def honour(self, stamps: list[tuple[int, str]]) -> int: ...
+
+
 @dataclass
 class Journal:
     """The stores over one engine; callers take the store they need."""
@@ -233,6 +244,7 @@ class Journal:
     reports: Reports
     engine: Engine
     ledger: Ledger
+    compliance: Compliance
 
     def replay(self, ids: list[str] | None) -> int:
         """Re-queue dead deliveries (``d<N>``), quarantined events (``q<N>``) and dead

@@ -88,6 +88,14 @@ class DeliveryStore:
                     tx.execute("settle_delivery_dead", error=o.error, note=o.note or "dead", id=o.delivery_id)
             for crm in sorted(pushed):
                 tx.execute("note_push", crm=crm, now_iso=now_iso)
+            self._honour_events(tx, [o.delivery_id for o in outcomes if o.state == "done"], now_iso)
+
+    @staticmethod
+    def _honour_events(tx: Tx, done_ids: list[int], now_iso: str | None) -> None:
+        """An opt-out whose last target just settled done is honoured now (the
+        compliance clock's ``honoured_at``), in the settle's own transaction."""
+        if done_ids:
+            tx.execute("honour_settled_events", ids=done_ids, now_iso=now_iso)
 
     @staticmethod
     def _advance_clock(tx: Tx, o: Outcome, name: str, value: object) -> None:

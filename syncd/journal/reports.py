@@ -124,7 +124,8 @@ class ReportStore:
                    # The source's own channel value (Apten ``manual``, Sinch ``VIBERBM``...)
                    # and the fields syncd kept without modelling them.
                    "raw_channel": details.get("raw_channel") or details.get("sinch_channel"),
-                   "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None}
+                   "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None,
+                   "honoured_at": r["honoured_at"]}   # the compliance clock's (syncd export adds the deadline)
 
     # --- trace: one person's whole story ------------------------------------------------
     def trace(self, query: TraceQuery,
@@ -232,3 +233,4 @@ def _trace_reflection(row: dict[str, Any], notes: list[dict[str, Any]]) -> dict[
             "phone": row["phone"], "channel": row["channel"], "kind": row["kind"], "state": row["state"],
             "attempts": row["attempts"], "created_at": row["created_at"], "registered_at": row["registered_at"],
             "done_at": row["done_at"], "error": row["last_error"], "notifications": answers}
+

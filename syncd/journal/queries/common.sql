@@ -283,7 +283,8 @@ SELECT e.id AS event_id, e.source, e.source_event_id, e.received_at, e.occurred_
        e.status AS event_status, e.status_reason AS event_reason, d.crm, d.obj, d.record_id, d.state,
        d.delivered_at, d.attempts, d.last_error, d.outcome, r.state AS reflection_state,
        COALESCE(r.done_at, r.registered_at, r.created_at) AS reflection_at, r.last_error AS reflection_error,
-       e.details
+       e.details,
+       e.honoured_at
 FROM events e
 LEFT JOIN deliveries d ON d.event_id = e.id
 LEFT JOIN reflections r ON r.id = (SELECT MAX(x.id) FROM reflections x
@@ -373,7 +374,7 @@ DELETE FROM consent_ledger;
 SELECT id, source, event_type, kind, channel, phone, email, occurred_at FROM events
 WHERE id > %(after)s ORDER BY id LIMIT %(limit)s;
 
--- ===== audit =========================================================================
+-- ===== audit ==================================================================
 
 -- name: audit_targets
 -- Every record syncd has written (a done delivery), with the event that targeted it;
@@ -386,3 +387,64 @@ WHERE d.state = 'done' AND (%(all_crms)s = 1 OR d.crm = %(crm)s)
   AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.crm = d.crm AND p.obj = d.obj
                   AND p.record_id = d.record_id AND p.state = 'pending')
 ORDER BY d.crm, d.obj, d.record_id, d.event_id;
+=======
+-- ===== compliance clock (syncd/compliance.py) ========================================
+-- "Open" repeats the partial index events_compliance_open's predicate verbatim, so both
+-- engines read only the open opt-outs; %(flags)s = 0 leaves CRM-side flags uncounted.
+
+-- name: honour_settled_events
+-- In the settle transaction: the events of deliveries just done whose every target is done.
+UPDATE events SET honoured_at = %(now_iso)s
+WHERE id IN (SELECT event_id FROM deliveries WHERE id IN (%(ids)s))
+  AND honoured_at IS NULL AND kind IN ('opt_out', 'do_not_contact') AND event_type = 'consent'
+  AND status = 'routed'
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND d.state <> 'done');
+
+-- name: compliance_counts
+SELECT COUNT(*) AS open,
+       SUM(CASE WHEN received_at < %(breach_before)s THEN 1 ELSE 0 END) AS breached,
+       SUM(CASE WHEN received_at >= %(breach_before)s AND received_at < %(risk_before)s THEN 1 ELSE 0 END)
+         AS at_risk,
+       MIN(received_at) AS oldest
+FROM events
+WHERE honoured_at IS NULL AND kind IN ('opt_out', 'do_not_contact')
+  AND (event_type = 'crm_flag' OR (event_type = 'consent' AND status IN ('new', 'routed', 'quarantined')))
+  AND (event_type = 'consent' OR %(flags)s = 1);
+
+-- name: compliance_at_risk
+-- The open opt-outs received in [from, before), oldest first, with their targets not yet done.
+SELECT e.id, e.source, e.event_type, e.kind, e.channel, e.status, e.received_at, d.crm, d.obj, d.state
+FROM (SELECT id, source, event_type, kind, channel, status, received_at FROM events
+      WHERE honoured_at IS NULL AND kind IN ('opt_out', 'do_not_contact')
+        AND (event_type = 'crm_flag' OR (event_type = 'consent' AND status IN ('new', 'routed', 'quarantined')))
+        AND (event_type = 'consent' OR %(flags)s = 1)
+        AND received_at >= %(from)s AND received_at < %(before)s
+      ORDER BY received_at, id LIMIT %(limit)s) e
+LEFT JOIN deliveries d ON d.event_id = e.id AND d.state <> 'done'
+ORDER BY e.received_at, e.id, d.id;
+
+-- name: mark_breached
+UPDATE events SET breached_at = %(now_iso)s
+WHERE honoured_at IS NULL AND kind IN ('opt_out', 'do_not_contact')
+  AND (event_type = 'crm_flag' OR (event_type = 'consent' AND status IN ('new', 'routed', 'quarantined')))
+  AND (event_type = 'consent' OR %(flags)s = 1)
+  AND received_at < %(breach_before)s AND breached_at IS NULL;
+
+-- name: breached_total
+SELECT COUNT(*) AS n FROM events WHERE breached_at IS NOT NULL;
+
+-- name: open_crm_flags
+SELECT id, phone, received_at FROM events
+WHERE honoured_at IS NULL AND kind IN ('opt_out', 'do_not_contact')
+  AND (event_type = 'crm_flag' OR (event_type = 'consent' AND status IN ('new', 'routed', 'quarantined')))
+  AND event_type = 'crm_flag' AND id > %(after)s
+ORDER BY id LIMIT %(limit)s;
+
+-- name: sinch_confirmations
+-- What Sinch holds for these phones: a registration of ours confirmed (done) or Sinch's own change.
+SELECT s.phone, s.channel, s.kind, r.state, COALESCE(r.done_at, s.updated_at) AS at, s.reflection_id
+FROM sinch_state s LEFT JOIN reflections r ON r.id = s.reflection_id
+WHERE s.phone IN (%(phones)s);
+
+-- name: honour_event
+UPDATE events SET honoured_at = %(at)s WHERE id = %(id)s AND honoured_at IS NULL;
