@@ -170,6 +170,18 @@ class PostgresEngine:
                     conn.read_only = False
                 # else the connection is broken and the pool discards it
 
+    def read_one(self, query: str, /, **params: Any) -> dict[str, Any] | None:
+        """The first row of one read statement in autocommit: one round trip instead of
+        BEGIN, SELECT, COMMIT (the consent API's per-request lookup; fine on a replica)."""
+        with self.pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    return Tx(cur, self.queries).one(query, **params)
+            finally:
+                if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+                    conn.autocommit = False
+
     # --- schema ----------------------------------------------------------------------
     def _migrate(self, must_exist: bool = False) -> None:
         """Create the schema and tables if missing. Serialized across replicas by an

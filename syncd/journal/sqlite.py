@@ -19,7 +19,7 @@ import stat
 import threading
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from syncd.journal import migrate
 from syncd.journal.base import JournalBusy, JournalMissing
@@ -145,6 +145,16 @@ class SqliteEngine:
             yield Tx(cur, self.queries)
         finally:
             conn.execute("COMMIT")
+            cur.close()
+
+    def read_one(self, query: str, /, **params: Any) -> dict[str, Any] | None:
+        """The first row of one read statement, run on its own (SQLite reads a single
+        statement consistently without BEGIN/COMMIT: a third of the calls of
+        :meth:`read`, for the consent API's per-request lookup)."""
+        cur = self._conn().cursor()
+        try:
+            return Tx(cur, self.queries).one(query, **params)
+        finally:
             cur.close()
 
     def _migrate(self) -> None:
