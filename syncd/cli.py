@@ -127,7 +127,9 @@ def check(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def status(c: Ctx, as_json: bool) -> None:
     """Counts by state, oldest pending age, last push per CRM."""
-    counts = c.journal().reports.counts()
+    reports = c.journal().reports
+    counts = reports.counts()
+    counts["ledger"] = reports.ledger_counts()
     if as_json:
         _echo_json(counts)
         return
@@ -136,10 +138,16 @@ def status(c: Ctx, as_json: bool) -> None:
     click.echo(f"events       received {counts['events']['received']}  unrouted {counts['events']['unrouted']}"
                f"  quarantined {counts['quarantined']}  ignored {counts.get('ignored', 0)}")
     click.echo(f"reflections  pending {r['pending']}  done {r['done']}  failed {r['failed']}")
+    _echo_ledger(counts["ledger"])
     age = counts["oldest_pending_age_seconds"]
     click.echo(f"oldest pending: {'-' if age is None else f'{age:.0f} s'}")
     for crm, info in counts["crms"].items():
         click.echo(f"{crm}: last push {info['last_push_at'] or '-'}  last poll {info['last_poll_at'] or '-'}")
+
+
+def _echo_ledger(ledger: dict[str, int]) -> None:
+    """The consent ledger's size by state: identity x channel entries."""
+    click.echo(f"ledger       opted_out {ledger['opted_out']}  opted_in {ledger['opted_in']}")
 
 
 @cli.command("dead-letters")
@@ -222,7 +230,8 @@ def _print_replay(results: list[dict[str, Any]]) -> None:
 EXPORT_COLUMNS = ["event_id", "source", "source_event_id", "received_at", "occurred_at", "kind", "channel",
                   "target_crm", "target_object", "target_record", "state", "delivered_at", "attempts",
                   "error", "outcome", "reflection", "reflection_at", "reflection_error", "raw_channel",
-                  "unmodelled"]
+                  "unmodelled",
+                  "phone", "email"]   # the consent ledger's identities (E.164; lower-cased email)
 
 
 @cli.command()

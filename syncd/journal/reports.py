@@ -9,6 +9,15 @@ from typing import Any, Iterator
 
 from syncd.events import iso, utcnow
 from syncd.journal.engine import Engine, Tx
+from syncd.journal.ledger import normalize_email
+
+
+def _identity_columns(r: dict[str, Any]) -> dict[str, Any]:
+    """The person the event is about, as the consent ledger keys them: the phone in
+    E.164 (as parsed on receipt; a number that did not parse has none) and the email
+    lower-cased and trimmed."""
+    email = r["email"]
+    return {"phone": r["phone"] or None, "email": normalize_email(email) if email and email.strip() else None}
 
 
 class ReportStore:
@@ -44,6 +53,13 @@ class ReportStore:
             "oldest_pending_age_seconds": age,
             "crms": crms,
         }
+
+    def ledger_counts(self) -> dict[str, int]:
+        """The consent ledger's size by state (identity x channel entries). A scan of the
+        state index: read separately from :meth:`counts` so callers can cache it longer."""
+        with self.engine.read() as tx:
+            by = {r["state"]: int(r["n"]) for r in tx.all("ledger_counts")}
+        return {"opted_out": by.get("opted_out", 0), "opted_in": by.get("opted_in", 0)}
 
     @staticmethod
     def _reflection_counts(tx: Tx) -> dict[str, int]:
@@ -120,4 +136,5 @@ class ReportStore:
                    # The source's own channel value (Apten ``manual``, Sinch ``VIBERBM``...)
                    # and the fields syncd kept without modelling them.
                    "raw_channel": details.get("raw_channel") or details.get("sinch_channel"),
-                   "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None}
+                   "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None,
+                   **_identity_columns(r)}
