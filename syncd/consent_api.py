@@ -110,7 +110,7 @@ def add_consent_api(app: Flask, ledger: Ledger, token: str | None, region: str) 
     @guarded
     def consent_get() -> Response:
         try:
-            key = parse_check(request.args.to_dict(flat=True), region)
+            key = parse_check(request.args, region)
         except BadCheck as exc:
             return _bad(exc)
         return _json(answer(key[1], ledger.state(*key)))

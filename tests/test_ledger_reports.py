@@ -125,3 +125,13 @@ def test_single_lookup_answers_as_the_batch_does(journal):
     assert [journal.ledger.state(*k) for k in keys] == journal.ledger.states(keys)
     assert journal.ledger.state("+13305551234", "call").state == "opted_in"
     assert journal.ledger.state("+19999999999", "sms") is None
+
+
+def test_single_lookup_sees_each_new_commit(journal):
+    """The one-statement lookup holds no read snapshot between calls: an opt-out
+    recorded after a lookup is seen by the next lookup on the same thread."""
+    assert journal.ledger.state("+13305551234", "sms") is None
+    journal.events.record(event(1, "opt_out", "sms"))
+    assert journal.ledger.state("+13305551234", "sms").state == "opted_out"
+    journal.events.record(event(9, "opt_in", "sms"))
+    assert journal.ledger.state("+13305551234", "sms").state == "opted_in"

@@ -151,11 +151,10 @@ class SqliteEngine:
         """The first row of one read statement, run on its own (SQLite reads a single
         statement consistently without BEGIN/COMMIT: a third of the calls of
         :meth:`read`, for the consent API's per-request lookup)."""
-        cur = self._conn().cursor()
-        try:
-            return Tx(cur, self.queries).one(query, **params)
-        finally:
-            cur.close()
+        sql, args = self.queries[query].render(params)
+        cur = self._conn().execute(sql, args)
+        rows = cur.fetchall()   # to the end: the statement resets and ends its read snapshot now
+        return dict(zip([d[0] for d in cur.description], rows[0])) if rows else None
 
     def _migrate(self) -> None:
         """Apply the schema's migrations this file has not seen (one transaction)."""
