@@ -135,3 +135,48 @@ def test_single_lookup_sees_each_new_commit(journal):
     assert journal.ledger.state("+13305551234", "sms").state == "opted_out"
     journal.events.record(event(9, "opt_in", "sms"))
     assert journal.ledger.state("+13305551234", "sms").state == "opted_in"
+
+
+def test_postgres_lookup_survives_a_dropped_connection(journal):
+    """PostgreSQL: the per-thread reader connection of the single-key lookup is replaced
+    when the server dropped it (restart, failover, idle kill), and the read retried."""
+    engine = journal.ledger.engine
+    if engine.dialect != "postgresql":
+        return
+    journal.events.record(event(1, "opt_out", "sms"))
+    assert journal.ledger.state("+13305551234", "sms").state == "opted_out"
+    victim = engine._local.reader.info.backend_pid
+    with engine.pool.connection() as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (victim,))
+    assert journal.ledger.state("+13305551234", "sms").state == "opted_out"
+    assert engine._local.reader.info.backend_pid != victim
+
+
+def test_consent_api_answers_503_when_the_ledger_cannot_be_read(tmp_path, monkeypatch):
+    import sqlite3
+
+    from syncd.config import parse_config
+    from syncd.receiver import create_app
+    from syncd.routing import Router
+    from tests.conftest import LiveReceiver
+
+    journal = open_journal(f"sqlite:///{tmp_path}/api.db")
+    live = LiveReceiver(create_app(journal, {}, Router.from_config(parse_config({}, base_dir=tmp_path, env={})),
+                                   api_token=TOKEN, default_region="US"))
+    try:
+        def locked(*_args, **_kw):
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(journal.ledger, "state", locked)
+        monkeypatch.setattr(journal.ledger, "states", locked)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        got = requests.get(f"{live.url}/v1/consent", params={"phone": "+13305551234", "channel": "sms"},
+                           headers=auth, timeout=5)
+        assert got.status_code == 503 and got.json()["error"] == "consent ledger unavailable, please retry"
+        posted = requests.post(f"{live.url}/v1/consent", json={"checks": [{"phone": "+13305551234",
+                                                                           "channel": "sms"}]},
+                               headers=auth, timeout=5)
+        assert posted.status_code == 503
+    finally:
+        live.close()
+        journal.close()
