@@ -180,7 +180,7 @@ def drive(port: int, paths: list[str], clients: int) -> dict:
                 if resp.status != 200:
                     errors.append(f"{resp.status} {body[:200]!r}")
                 else:
-                    state = json.loads(body)["state"]
+                    state = json.loads(body).get("state", "-")
                     states[state] = states.get(state, 0) + 1
         except Exception as exc:  # noqa: BLE001 - reported, the round is marked
             errors.append(repr(exc))
