@@ -27,6 +27,7 @@ log = logging.getLogger("syncd.admin")
 
 GAUGE_MAX_AGE_SECONDS = 5.0   # journal gauges in /metrics are at most this old
 STATUS_MAX_AGE_SECONDS = 2.0  # the status page's journal reads are at most this old
+LEDGER_COUNTS_MAX_AGE_SECONDS = 30.0  # the consent ledger's size by state on the status page
 PROBE_MAX_AGE_SECONDS = 10.0  # /readyz writes at most one probe per this, none while webhooks commit
 
 
@@ -114,6 +115,8 @@ class StatusReads:
         self._max_age = max_age
         self.counts = CachedRead(reports.counts, max_age)
         self.dead_letters = CachedRead(reports.dead_letters, max_age)
+        # A scan of the ledger's state index (~0.1-0.3 s at 1,000,000 entries): read less often.
+        self.ledger_counts = CachedRead(reports.ledger_counts, max(max_age, LEDGER_COUNTS_MAX_AGE_SECONDS))
         self._recent: dict[int, CachedRead] = {}
         self._stats: tuple[str, CachedRead] | None = None  # (since, read): the charts' window moves hourly
 

@@ -130,6 +130,7 @@ def status(c: Ctx, as_json: bool) -> None:
     journal = c.journal()
     counts = journal.reports.counts()
     counts["compliance"] = _compliance_status(c.config(), journal)
+    counts["ledger"] = journal.reports.ledger_counts()
     if as_json:
         _echo_json(counts)
         return
@@ -138,6 +139,7 @@ def status(c: Ctx, as_json: bool) -> None:
     click.echo(f"events       received {counts['events']['received']}  unrouted {counts['events']['unrouted']}"
                f"  quarantined {counts['quarantined']}  ignored {counts.get('ignored', 0)}")
     click.echo(f"reflections  pending {r['pending']}  done {r['done']}  failed {r['failed']}")
+    _echo_ledger(counts["ledger"])
     age = counts["oldest_pending_age_seconds"]
     click.echo(f"oldest pending: {'-' if age is None else f'{age:.0f} s'}")
     for crm, info in counts["crms"].items():
@@ -157,6 +159,11 @@ def _print_compliance(c: dict[str, Any]) -> None:
     age = c["oldest_open_age_seconds"]
     click.echo(f"compliance   open opt-outs {c['open']}  at risk {c['at_risk']}  breached {c['breached']}"
                f"  oldest open {'-' if age is None else f'{age:.0f} s'}")
+
+
+def _echo_ledger(ledger: dict[str, int]) -> None:
+    """The consent ledger's size by state: identity x channel entries."""
+    click.echo(f"ledger       opted_out {ledger['opted_out']}  opted_in {ledger['opted_in']}")
 
 
 @cli.command("dead-letters")
@@ -239,7 +246,8 @@ def _print_replay(results: list[dict[str, Any]]) -> None:
 EXPORT_COLUMNS = ["event_id", "source", "source_event_id", "received_at", "occurred_at", "kind", "channel",
                   "target_crm", "target_object", "target_record", "state", "delivered_at", "attempts",
                   "error", "outcome", "reflection", "reflection_at", "reflection_error", "raw_channel",
-                  "unmodelled", "deadline", "honoured_at", "within_deadline"]
+                  "unmodelled", "deadline", "honoured_at", "within_deadline",
+                  "phone", "email"]   # the consent ledger's identities (E.164; lower-cased email)
 
 
 @cli.command()

@@ -35,7 +35,8 @@ GENERATE_SECRET = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 # DEMO_ENV=1, which the demo stack (syncd.stack) sets for itself and its child processes.
 DEMO_SECRETS = {"apten": "syncd-demo-apten-secret-do-not-use",
                 "lox24": "syncd-demo-lox24-token-do-not-use",
-                "sinch": "syncd-demo-sinch-secret-do-not-use"}
+                "sinch": "syncd-demo-sinch-secret-do-not-use",
+                "api": "syncd-demo-consent-api-token-do-not-use"}   # api.token: the consent API
 DEMO_ENV = "SYNCD_DEMO"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from typing import Any, Callable, Mapping
 
 from flask import Flask, Response, request
@@ -17,6 +18,9 @@ from flask import Flask, Response, request
 from syncd.journal.base import Ledger
 from syncd.journal.ledger import CHANNELS, PHONE_CHANNELS, Entry, normalize_email
 from syncd.phones import MAX_PHONE_LEN, to_e164
+from syncd.masking import mask_text
+
+log = logging.getLogger("syncd.consent_api")
 
 MAX_CHECKS = 1000
 MAX_EMAIL_LEN = 254
@@ -86,6 +90,13 @@ def _bad(exc: BadCheck) -> Response:
     return _json({"error": str(exc), "field": exc.field, "status": 400}, 400)
 
 
+def _unavailable(exc: Exception) -> Response:
+    """The ledger cannot be read now: a 503 the caller may retry (its platform's
+    fail-closed setting then holds the send), never an answer made up."""
+    log.error("consent ledger unavailable", extra={"error": mask_text(repr(exc))})
+    return _json({"error": "consent ledger unavailable, please retry", "status": 503}, 503)
+
+
 def add_consent_api(app: Flask, ledger: Ledger, token: str | None, region: str) -> None:
     """Register the consent routes; without a token the API is off (a JSON 404)."""
     if not token:
@@ -110,10 +121,14 @@ def add_consent_api(app: Flask, ledger: Ledger, token: str | None, region: str) 
     @guarded
     def consent_get() -> Response:
         try:
-            key = parse_check(request.args.to_dict(flat=True), region)
+            key = parse_check(request.args, region)
         except BadCheck as exc:
             return _bad(exc)
-        return _json(answer(key[1], ledger.state(*key)))
+        try:
+            entry = ledger.state(*key)
+        except Exception as exc:   # journal locked beyond its timeout, database down
+            return _unavailable(exc)
+        return _json(answer(key[1], entry))
 
     @app.post("/v1/consent")
     @guarded
@@ -135,4 +150,8 @@ def add_consent_api(app: Flask, ledger: Ledger, token: str | None, region: str) 
                 keys.append(parse_check(check, region, f"checks[{i}]."))
         except BadCheck as exc:
             return _bad(exc)
-        return _json({"results": [answer(ch, e) for (_, ch), e in zip(keys, ledger.states(keys))]})
+        try:
+            entries = ledger.states(keys)
+        except Exception as exc:
+            return _unavailable(exc)
+        return _json({"results": [answer(ch, e) for (_, ch), e in zip(keys, entries)]})

@@ -7,6 +7,11 @@ process, sends Apten's two published ``optOut`` examples and LOX24's published
 Close id, and shows the records before and after. Then it reflects those
 do-not-contact flags to the Sinch simulator (``optouts:register``) and shows the
 signed notifications reconciling them.
+
+One duplicate is seeded (a HubSpot contact with the Salesforce Contact's phone): the
+demo says how many of the records with that phone the sms opt-out reached, and asks
+the consent API (``GET /v1/consent``, the demo's ``api.token``) about the phone
+before and after the opt-out.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import time
 
 import click
 
-from syncd.stack import ALL_CRMS, Stack, wait_for
+import requests
+
+from syncd.stack import ALL_CRMS, API_TOKEN, DUPLICATE_CONTACT, Stack, seed_duplicate, wait_for
 
 # Apten's published optOut examples, byte for byte.
 APTEN_SMS = b"""{
@@ -76,6 +83,7 @@ LOX24_EXAMPLE = b"""{
 SF_FIELDS = ("HasOptedOutOfEmail", "DoNotCall", "SMS_Opt_Out__c", "WhatsApp_Opt_Out__c")
 CONTACT = "003XX000004DHPYYA4"
 LEAD = "00QXX000001LOX22AO"
+CHECK_PHONE, CHECK_SHOWN = "+13305551234", "+1 330 555 1234"   # the sms example's phone
 
 
 def _apten(ext_id: str, channel: str) -> bytes:
@@ -105,6 +113,31 @@ def _landed(stack: Stack) -> bool:
                 and cl.custom_value("lead_abc123", "Call Opt Out") not in (None, "", False))
 
 
+# --- the person behind the records: a consent check, and the duplicate ------------------
+def _consent(stack: Stack) -> dict:
+    """``GET /v1/consent`` for the sms example's phone, as a messaging platform asks
+    before a send (the demo's ``api.token``)."""
+    resp = requests.get(f"{stack.url}/v1/consent", params={"phone": CHECK_PHONE, "channel": "sms"},
+                        headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def _verdict(answer: dict) -> str:
+    allowed = "allowed" if answer["allowed"] else "not allowed"
+    if answer["state"] == "unknown":
+        return f"{allowed} (unknown)"
+    return f"{allowed} ({answer['state']} since {answer['since']}, source {answer['source']})"
+
+
+def _sms_records(stack: Stack) -> list[tuple[str, bool]]:
+    """Every demo record carrying the sms example's phone, and whether its sms flag is set."""
+    sf, hs = stack.sandboxes["salesforce"], stack.sandboxes["hubspot"]
+    return [(f"Salesforce Contact {CONTACT}", bool(sf.get_record("Contact", CONTACT)["SMS_Opt_Out__c"])),
+            (f"HubSpot contact {DUPLICATE_CONTACT}",
+             hs.get_contact(DUPLICATE_CONTACT)["sms_opt_out"] == "true")]
+
+
 def _stop(signum: int, _frame: object) -> None:
     """SIGTERM unwinds like Ctrl-C, so the ``finally`` below stops ``serve`` and
     removes the demo's folders instead of leaving them behind."""
@@ -113,10 +146,12 @@ def _stop(signum: int, _frame: object) -> None:
 
 def run_demo(keep: bool = False) -> int:
     previous = signal.signal(signal.SIGTERM, _stop)
-    stack = Stack(crms=ALL_CRMS, push_interval=0.5, sinch=True, poll_interval=0.5)
+    stack = Stack(crms=ALL_CRMS, push_interval=0.5, sinch=True, poll_interval=0.5,
+                  extra_config={"api": {"token": API_TOKEN}})
     daemon = None
     try:
         stack.start()
+        seed_duplicate(stack.sandboxes["hubspot"])
         daemon = stack.serve()
         return _run(stack, daemon, keep)
     except KeyboardInterrupt:
@@ -140,10 +175,15 @@ def _run(stack: Stack, daemon, keep: bool) -> int:
     echo(f"  config              {stack.config_path}")
     echo(f"  syncd serve         {stack.url}  pid {daemon.proc.pid}  log {daemon.log_path}")
     echo(f"  admin listener      {stack.admin_url}  (/metrics, /readyz, /status)")
+    echo(f"  consent API         {stack.url}/v1/consent  (api.token {API_TOKEN})")
     echo("")
     echo("before:")
     for line in _records(stack):
         echo(f"  {line}")
+    echo(f"  HubSpot contact {DUPLICATE_CONTACT}: the same person as Salesforce Contact {CONTACT} "
+         f"(phone +1 330-555-1234), a duplicate")
+    before = _consent(stack)
+    echo(f"  consent check {CHECK_SHOWN} sms: {_verdict(before)}")
     echo("")
     sends = (("apten", "Apten optOut example, sms", APTEN_SMS),
              ("apten", "Apten optOut example, email", APTEN_EMAIL),
@@ -162,6 +202,12 @@ def _run(stack: Stack, daemon, keep: bool) -> int:
         echo(f"  {line}")
     calls = len(sf.requests_to(r"/composite/sobjects$", "PATCH"))
     echo(f"  Salesforce composite update calls: {calls}")
+    wait_for(lambda: all(flagged for _, flagged in _sms_records(stack)), timeout=3)
+    records = _sms_records(stack)
+    reached = [name for name, flagged in records if flagged]
+    echo(f"  the sms opt-out for {CHECK_SHOWN} reached {len(reached)} of the {len(records)} records with "
+         f"that phone: {', '.join(reached) or 'none'}")
+    echo(f"  consent check {CHECK_SHOWN} sms: {_verdict(before)} -> {_verdict(_consent(stack))}")
     echo("")
     sinch = stack.sandboxes["sinch"]
     sf.advance(10)  # the org's clock moves past the poller's settle window

@@ -29,6 +29,7 @@ from syncd.config import DEMO_ENV, DEMO_SECRETS
 APTEN_SECRET = DEMO_SECRETS["apten"]
 LOX24_TOKEN = DEMO_SECRETS["lox24"]
 SINCH_SECRET = DEMO_SECRETS["sinch"]
+API_TOKEN = DEMO_SECRETS["api"]
 HUBSPOT_SUBSCRIPTION = "1001"  # the sandbox's "Marketing Information" subscription type
 ALL_CRMS = ("salesforce", "hubspot", "close")
 
@@ -206,6 +207,18 @@ def seed_salesforce(sf: Any) -> None:
 def seed_hubspot(hs: Any) -> None:
     hs.add_contact("51", firstname="Ana", lastname="Silva", email="ana.silva@example.com",
                    phone="+13305550151", sms_opt_out="false", call_opt_out="false", whatsapp_opt_out="false")
+
+
+def seed_duplicate(hs: Any) -> str:
+    """``syncd demo``'s duplicate: the Salesforce Contact's person again, as a HubSpot
+    contact with the same phone written another way. Not in :func:`seed_hubspot`: a
+    second record with that phone would change what phone lookups find in other uses."""
+    return hs.add_contact(DUPLICATE_CONTACT, firstname="Dana", lastname="Reyes", email="dana.reyes@example.com",
+                          phone="+1 330-555-1234", sms_opt_out="false", call_opt_out="false",
+                          whatsapp_opt_out="false")
+
+
+DUPLICATE_CONTACT = "52"
 
 
 def seed_close(cl: Any) -> None:

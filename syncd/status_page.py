@@ -9,8 +9,8 @@ proxies and histories would keep them. A wrong or missing token gets a 401 JSON
 answer (a browser is sent to the login form instead).
 
 The page is plain server-rendered HTML with no JavaScript. It shows the journal's
-counts, each CRM's health, two inline SVG charts (:mod:`syncd.status_charts`), the
-newest consent events with each target's delivery state and CRM error, and the dead
+counts (with the consent ledger's size by state), each CRM's health, two inline SVG
+charts (:mod:`syncd.status_charts`), the newest consent events with each target's delivery state and CRM error, and the dead
 letters. Wide tables scroll inside their own box, so the page fits 390 px phones.
 Every value is autoescaped (error texts come from CRMs), and
 no phone, email or message text is queried or shown, except on the search's
@@ -53,6 +53,7 @@ class StatusJournal(Protocol):
     def counts(self) -> dict[str, Any]: ...
     def recent_activity(self, limit: int = 50) -> list[dict[str, Any]]: ...
     def dead_letters(self) -> list[dict[str, Any]]: ...
+    def ledger_counts(self) -> dict[str, int]: ...
 
 
 def register_status_page(app: Flask, journal: StatusJournal, token: str | None) -> None:
@@ -142,6 +143,7 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
             letters = journal.dead_letters()
             extras = _extras(journal, counts)
             extras.update(_compliance_panel())
+            ledger = journal.ledger_counts()
         except Exception as exc:  # journal locked beyond its timeout, database down...
             log.error("status page could not read the journal", extra={"error": mask_text(repr(exc))})
             return answer(jsonify({"error": "journal unavailable, please retry", "status": 503}), 503)
@@ -155,6 +157,7 @@ def register_status_page(app: Flask, journal: StatusJournal, token: str | None) 
             recent_events=RECENT_EVENTS,
             letters=[_letter_row(r) for r in letters[:MAX_DEAD_LETTERS]],
             letters_total=len(letters),
+            ledger=ledger,
             **extras,
         )
         return answer(Response(html, content_type="text/html; charset=utf-8"), 200)
@@ -388,6 +391,10 @@ td.alarm { color: #82071e; font-weight: 600; }
 <td>done <span data-count="reflections-done">{{ counts.reflections.done }}</span></td>
 <td>failed <span data-count="reflections-failed">{{ counts.reflections.failed }}</span></td>
 <td></td></tr>
+<tr class="ledger"><th>Consent ledger</th>
+<td>opted out <span data-count="ledger-opted-out">{{ ledger.opted_out }}</span></td>
+<td>opted in <span data-count="ledger-opted-in">{{ ledger.opted_in }}</span></td>
+<td colspan="2">entries per phone or email and channel</td></tr>
 {% for name, info in crms %}
 <tr class="crm" data-crm="{{ name }}"><th>{{ name }}</th>
 <td colspan="2">last push <span class="time">{{ info.last_push_at or "never" }}</span></td>

@@ -136,6 +136,17 @@ def test_the_demos_published_secrets_are_refused_outside_the_demo(monkeypatch, s
     assert "secrets.token_urlsafe(32)" in str(err.value)
 
 
+def test_the_demos_consent_api_token_is_refused_outside_the_demo(monkeypatch):
+    from syncd.config import DEMO_ENV, DEMO_SECRETS
+
+    monkeypatch.setenv(DEMO_ENV, "1")
+    assert parse_config({"api": {"token": DEMO_SECRETS["api"]}}, env={}).api.token == DEMO_SECRETS["api"]
+    monkeypatch.delenv(DEMO_ENV)
+    with pytest.raises(ConfigError) as err:
+        parse_config({"api": {"token": DEMO_SECRETS["api"]}}, env={})
+    assert str(err.value).startswith("api.token: is the published value of syncd demo")
+
+
 def test_serve_refuses_a_config_with_the_demos_secret(tmp_path):
     import os
 

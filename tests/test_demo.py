@@ -56,3 +56,23 @@ def test_demo_keep_cleans_up_on_sigterm():
     while _alive(serve_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(serve_pid)
+
+
+def test_demo_checks_consent_before_and_after_the_opt_out_and_reports_the_duplicate():
+    """The demo asks the consent API about the sms example's phone before the opt-out
+    (unknown, allowed) and after it (opted out, not allowed), and says how many of the
+    records carrying that phone (a Salesforce Contact and its HubSpot duplicate) it reached."""
+    done = subprocess.run([sys.executable, "-m", "syncd.cli", "demo"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [x.strip() for x in done.stdout.splitlines()]
+    first_post = next(i for i, x in enumerate(lines) if x.startswith("POST /webhooks/"))
+    before = lines.index("consent check +1 330 555 1234 sms: allowed (unknown)")
+    assert before < first_post
+    (after,) = [x for x in lines[first_post:] if x.startswith("consent check +1 330 555 1234 sms:")]
+    assert re.fullmatch(r"consent check \+1 330 555 1234 sms: allowed \(unknown\) -> not allowed "
+                        r"\(opted_out since 2024-02-18T09:45:22(\.0+)?Z, source apten\)", after), after
+    assert any(x.startswith("HubSpot contact 52: the same person as Salesforce Contact 003XX000004DHPYYA4")
+               for x in lines[:first_post])
+    (reached,) = [x for x in lines if x.startswith("the sms opt-out for +1 330 555 1234 reached")]
+    assert re.match(r"the sms opt-out for \+1 330 555 1234 reached [12] of the 2 records with that phone: "
+                    r"Salesforce Contact 003XX000004DHPYYA4", reached), reached

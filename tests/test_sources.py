@@ -128,6 +128,26 @@ def test_to_e164_examples(raw, region, expected):
     assert to_e164(raw, region) == expected
 
 
+def _e164_by_phonenumbers(raw: str, region: str) -> str | None:
+    """to_e164 without its North American shortcut: phonenumbers alone."""
+    import phonenumbers
+
+    try:
+        number = phonenumbers.parse(raw, None if raw.strip().startswith("+") else region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+@settings(max_examples=500)
+@given(raw=st.from_regex(r"\+1[0-9]{8,11}", fullmatch=True) | st.from_regex(r"\+1[2-9][0-9]{9}", fullmatch=True)
+       | st.from_regex(r"\+?1?[2-9][0-9]{9}.?", fullmatch=True), region=st.sampled_from(["US", "CA", "DE", "GB"]))
+def test_to_e164_shortcut_for_north_american_e164_agrees_with_phonenumbers(raw, region):
+    assert to_e164(raw, region) == _e164_by_phonenumbers(raw, region)
+
+
 @given(digits=st.from_regex(r"\+?[1-9][0-9]{9,13}", fullmatch=True),
        local=st.from_regex(r"[a-z]{1,10}", fullmatch=True), prefix=st.text(max_size=20))
 def test_mask_text_hides_phones_emails_and_secrets(digits, local, prefix):

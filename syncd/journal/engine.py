@@ -139,6 +139,7 @@ class Engine(Protocol):
 
     def begin(self) -> AbstractContextManager[Tx]: ...          # a write transaction
     def read(self) -> AbstractContextManager[Tx]: ...           # a read-only one
+    def read_one(self, query: str, /, **params: Any) -> dict[str, Any] | None: ...  # one statement alone
     def ingest(self) -> AbstractContextManager[Tx]: ...         # group commit's insert
     def before_lease(self) -> None: ...                         # before a process takes a lease
     def lock_claims(self, tx: Tx) -> None: ...                  # serialize claims (PostgreSQL)

@@ -128,7 +128,9 @@ class LedgerStore:
                       for e in entries_for(event, event_id)])
 
     def state(self, identity: str, channel: str) -> Entry | None:
-        return self.states([(identity, channel)])[0]
+        """One key: a single primary-key read on its own (the consent API's hot path)."""
+        row = self.engine.read_one("ledger_state", identity=identity, channel=channel)
+        return None if row is None else entry_of(row)
 
     def states(self, keys: list[tuple[str, str]]) -> list[Entry | None]:
         """One lookup for many (identity, channel) keys, answered in order."""

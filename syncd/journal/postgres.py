@@ -87,6 +87,8 @@ class PostgresEngine:
         self._search_path = f'"{self.schema}"'
         self._leaders: dict[str, psycopg.Connection] = {}
         self._leader_lock = threading.Lock()
+        self._local = threading.local()                  # per-thread reader for read_one
+        self._readers: set[psycopg.Connection] = set()
         self._pool: ConnectionPool | None = None
         self._next_takeover = 0.0
 
@@ -169,6 +171,42 @@ class PostgresEngine:
                 if conn.info.transaction_status == TransactionStatus.IDLE:
                     conn.read_only = False
                 # else the connection is broken and the pool discards it
+
+    def read_one(self, query: str, /, **params: Any) -> dict[str, Any] | None:
+        """The first row of one read statement, on this thread's own autocommit connection:
+        one round trip (a pooled read costs BEGIN, SELECT, COMMIT and the pool's liveness
+        query at checkout). For the consent API's per-request lookup; fine on a replica. A
+        connection that broke since its last use is replaced and the read tried once more."""
+        for attempt in (1, 2):
+            conn = self._reader()
+            try:
+                with conn.cursor() as cur:
+                    return Tx(cur, self.queries).one(query, **params)
+            except psycopg.OperationalError:
+                self._drop_reader(conn)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _reader(self) -> psycopg.Connection:
+        conn = getattr(self._local, "reader", None)
+        if conn is None or conn.closed:
+            self.pool  # noqa: B018 - raises PostgresUnavailable once the engine is closed
+            conn = self._connect(autocommit=True)
+            conn.execute("SELECT set_config('search_path', %s, false)", (self._search_path,))
+            self._local.reader = conn
+            with self._leader_lock:
+                self._readers.add(conn)
+        return conn
+
+    def _drop_reader(self, conn: psycopg.Connection) -> None:
+        self._local.reader = None
+        with self._leader_lock:
+            self._readers.discard(conn)
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass
 
     # --- schema ----------------------------------------------------------------------
     def _migrate(self, must_exist: bool = False) -> None:
@@ -347,6 +385,13 @@ class PostgresEngine:
         """Drop any leadership and close the pool. Safe to call twice."""
         for name in list(self._leaders):
             self.resign(name)
+        with self._leader_lock:
+            readers, self._readers = list(self._readers), set()
+        for conn in readers:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
         if self._pool is not None and not self._pool.closed:
             self._pool.close()
 

@@ -15,6 +15,14 @@ from syncd.journal.ledger import normalize_email
 TRACE_CHUNK = 500   # ids per IN (...) list
 
 
+def _identity_columns(r: dict[str, Any]) -> dict[str, Any]:
+    """The person the event is about, as the consent ledger keys them: the phone in
+    E.164 (as parsed on receipt; a number that did not parse has none) and the email
+    lower-cased and trimmed."""
+    email = r["email"]
+    return {"phone": r["phone"] or None, "email": normalize_email(email) if email and email.strip() else None}
+
+
 class ReportStore:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -48,6 +56,13 @@ class ReportStore:
             "oldest_pending_age_seconds": age,
             "crms": crms,
         }
+
+    def ledger_counts(self) -> dict[str, int]:
+        """The consent ledger's size by state (identity x channel entries). A scan of the
+        state index: read separately from :meth:`counts` so callers can cache it longer."""
+        with self.engine.read() as tx:
+            by = {r["state"]: int(r["n"]) for r in tx.all("ledger_counts")}
+        return {"opted_out": by.get("opted_out", 0), "opted_in": by.get("opted_in", 0)}
 
     @staticmethod
     def _reflection_counts(tx: Tx) -> dict[str, int]:
@@ -125,7 +140,8 @@ class ReportStore:
                    # and the fields syncd kept without modelling them.
                    "raw_channel": details.get("raw_channel") or details.get("sinch_channel"),
                    "unmodelled": ";".join(f"{k}={v}" for k, v in sorted(unmodelled.items())) or None,
-                   "honoured_at": r["honoured_at"]}   # the compliance clock's (syncd export adds the deadline)
+                   "honoured_at": r["honoured_at"],   # the compliance clock's (syncd export adds the deadline)
+                   **_identity_columns(r)}
 
     # --- trace: one person's whole story ------------------------------------------------
     def trace(self, query: TraceQuery,

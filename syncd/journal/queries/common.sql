@@ -283,7 +283,7 @@ SELECT e.id AS event_id, e.source, e.source_event_id, e.received_at, e.occurred_
        e.status AS event_status, e.status_reason AS event_reason, d.crm, d.obj, d.record_id, d.state,
        d.delivered_at, d.attempts, d.last_error, d.outcome, r.state AS reflection_state,
        COALESCE(r.done_at, r.registered_at, r.created_at) AS reflection_at, r.last_error AS reflection_error,
-       e.details,
+       e.details, e.phone, e.email,
        e.honoured_at
 FROM events e
 LEFT JOIN deliveries d ON d.event_id = e.id
@@ -364,6 +364,14 @@ WHERE excluded.since > consent_ledger.since
 SELECT identity, channel, state, since, source, event_id FROM consent_ledger
 WHERE identity IN (%(identities)s);
 
+-- name: ledger_state
+SELECT identity, channel, state, since, source, event_id FROM consent_ledger
+WHERE identity = %(identity)s AND channel = %(channel)s;
+
+-- name: ledger_counts
+-- By state over the consent_ledger_state index (a covering-index scan).
+SELECT state, COUNT(*) AS n FROM consent_ledger GROUP BY state;
+
 -- name: ledger_all
 SELECT identity, channel, state, since, source, event_id FROM consent_ledger ORDER BY identity, channel;
 
@@ -387,7 +395,6 @@ WHERE d.state = 'done' AND (%(all_crms)s = 1 OR d.crm = %(crm)s)
   AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.crm = d.crm AND p.obj = d.obj
                   AND p.record_id = d.record_id AND p.state = 'pending')
 ORDER BY d.crm, d.obj, d.record_id, d.event_id;
-=======
 -- ===== compliance clock (syncd/compliance.py) ========================================
 -- "Open" repeats the partial index events_compliance_open's predicate verbatim, so both
 -- engines read only the open opt-outs; %(flags)s = 0 leaves CRM-side flags uncounted.
