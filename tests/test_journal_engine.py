@@ -18,7 +18,7 @@ def used_statement_names(*files: str) -> set[str]:
     """The statement names these modules run (``tx.execute("name", ...)`` etc.)."""
     names: set[str] = set()
     for name in files:
-        names |= set(re.findall(r"tx\.(?:execute|one|all|value)\(\s*f?\"(\w+)\"", (JOURNAL / name).read_text()))
+        names |= set(re.findall(r"(?:tx\.(?:execute|one|all|value)|engine\.read_one)\(\s*f?\"(\w+)\"", (JOURNAL / name).read_text()))
     return names
 
 

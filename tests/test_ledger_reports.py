@@ -99,7 +99,7 @@ def test_status_page_shows_the_ledger_by_state(tmp_path):
 def test_export_csv_adds_the_identity_columns_at_the_end(tmp_path):
     out = _run("-c", str(_journal(tmp_path)), "export", "--format", "csv")
     reader = csv.DictReader(io.StringIO(out))
-    assert reader.fieldnames == OLD_COLUMNS + ["phone", "email"] == EXPORT_COLUMNS
+    assert reader.fieldnames == OLD_COLUMNS + ["deadline", "honoured_at", "within_deadline", "phone", "email"] == EXPORT_COLUMNS
     rows = {r["source_event_id"]: r for r in reader}
     assert (rows["ev-1"]["phone"], rows["ev-1"]["email"]) == ("+13305551234", "")
     assert (rows["ev-3"]["phone"], rows["ev-3"]["email"]) == ("", "dana.reyes@example.com")
