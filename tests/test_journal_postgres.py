@@ -324,3 +324,28 @@ def test_leases_of_a_replica_that_is_gone_are_taken_over_at_once(journals):
     assert sorted(d.id for d in alive.deliveries.claim(10, 600)) == sorted(d.id for d in taken)
     assert [e.id for e in alive.events.to_route(10, 600)] == [routing.event_id]
     assert [r.id for r in alive.reflections.claim(10, 600)] == [r.id for r in reflection]
+
+
+def test_an_event_and_its_ledger_entries_commit_together(journals, monkeypatch):
+    """The ledger is written in the event's transaction: when the ledger write fails,
+    the event is not left committed without it, and the group commit's retry records
+    both (an autocommit INSERT used to keep the event, so the retry found a duplicate
+    and the opt-out never reached the ledger)."""
+    from syncd.journal.ledger import LedgerStore
+
+    j = journals()
+    real_apply = LedgerStore.apply
+    failures = []
+
+    def apply_failing_once(self, tx, events):
+        if not failures:
+            failures.append(events)
+            raise psycopg.errors.QueryCanceled("ledger write interrupted")
+        return real_apply(self, tx, events)
+
+    monkeypatch.setattr(LedgerStore, "apply", apply_failing_once)
+    recorded = j.events.record(event(7, phone="+13305551234"))
+    assert failures, "the ledger write was not attempted"
+    assert recorded.created
+    entry = j.ledger.state("+13305551234", "sms")
+    assert entry is not None and entry.state == "opted_out" and entry.event_id == recorded.event_id

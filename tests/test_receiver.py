@@ -224,3 +224,21 @@ def test_still_healthy_after_fuzzing(receiver):
         for post in (post_apten, post_lox24, post_sinch):
             assert post(receiver, body).status_code < 500
     assert requests.get(f"{receiver.url}/healthz", timeout=10).status_code == 200
+
+
+def test_serve_moves_start_up_objects_out_of_full_collections():
+    """What exists when ``serve`` starts is frozen: full collections no longer walk it
+    (each walk held the GIL over ~67,000 objects and stalled every webhook)."""
+    import gc
+
+    from syncd.daemon import freeze_startup_objects
+
+    built_at_start = {"validators": [{"field": "phone"}]}
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is built_at_start for o in gc.get_objects())
+        created_later = {"event": []}
+        assert any(o is created_later for o in gc.get_objects())
+    finally:
+        gc.unfreeze()

@@ -252,3 +252,31 @@ def test_sinch_identifier_holding_a_lone_surrogate_or_nul_is_a_400_naming_it(bod
     with pytest.raises(BadPayload) as err:
         SINCH.parse(body, NOW)
     assert str(err.value).startswith(name)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=st.dictionaries(st.text(max_size=8), _json_values, max_size=5), ascii_only=st.booleans())
+def test_load_json_cleans_exactly_what_needs_cleaning(doc, ascii_only):
+    """Whether a body takes the fast path (no ``\\u`` escape: nothing to clean) or not,
+    the document is the cleaned one: every lone surrogate and NUL replaced, and
+    only those strings marked dirty."""
+    from syncd.sources.base import _clean, load_json
+
+    body = json.dumps(doc, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    if not ascii_only:   # a raw lone surrogate is not UTF-8: send such a document escaped
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            body = json.dumps(doc).encode()
+    dirty: set[str] = set()
+    expected = _clean(doc, "", dirty)
+    loaded = load_json(body)
+    assert loaded.doc == expected
+    assert loaded.original == doc
+    assert loaded.dirty == frozenset(dirty)
