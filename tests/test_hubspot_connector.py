@@ -350,7 +350,7 @@ def test_find_by_phone(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
     [call] = sandbox.requests_to(SEARCH, "POST")
     body = call.json()
     assert body["limit"] <= 200 and len(body["filterGroups"]) <= 5
-    assert {"propertyName": "phone", "operator": "EQ", "value": "+14155550123"} in \
+    assert {"propertyName": "phone", "operator": "IN", "values": ["+14155550123"]} in \
         [f for g in body["filterGroups"] for f in g["filters"]]
     assert hub.find_by_phone("+15005550000") == []
 
