@@ -636,7 +636,7 @@ class SalesforceConnector:
             ref = self._row_ref(row)
             if ref is None:
                 continue
-            numbers = {self._e164(row.get(name)) for name in phone_fields[ref.obj]} & wanted
+            numbers = {n for n in (self._e164(row.get(name)) for name in phone_fields[ref.obj]) if n} & wanted
             for number in sorted(numbers):
                 found.setdefault(ref, ({}, {}))[0].setdefault(number)
 
