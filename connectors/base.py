@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from connectors.types import FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult, Watermark
+from connectors.types import FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate, UpdateResult, Watermark
 
 
 @runtime_checkable
@@ -16,6 +16,12 @@ class CrmConnector(Protocol):
 
     def update(self, updates: list[RecordUpdate]) -> list[UpdateResult]:
         """Write every update; one result per update, same order."""
+        ...
+
+    def find(self, phones: list[str], emails: list[str]) -> list[FoundRecord]:
+        """Every supported record (leads, contacts) carrying one of these phones (E.164)
+        or emails (lower-cased), each with the ones it carries; batched as the CRM
+        allows. A value that cannot be a number or an address matches nothing."""
         ...
 
     def find_by_phone(self, e164: str) -> list[RecordRef]:

@@ -34,7 +34,7 @@ from connectors.http import (error_for_status, make_session, parse_retry_after, 
                              wrap_transport_error)
 from connectors.plugin import BuildContext, CrmPlugin, IdRule
 from connectors.settings import CrmSettings, OutboundUrl, Secret
-from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate,
+from connectors.types import (ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate,
                               UpdateResult, Watermark)
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ _TRUE_WORDS = {"yes", "true", "1", "y", "on", "opted out", "opt out", "opted-out
 _FALSE_WORDS = {"no", "false", "0", "n", "off"}
 
 MAX_PAGE = 200          # Close's largest _limit for lists and searches
+# Phones and emails per lookup search. Close documents no cap on a query's size;
+# 100 conditions a search is our own choice, not Close's.
+LOOKUP_BATCH = 100
 METADATA_TTL = 30.0     # a missed field name refetches metadata at most this often
 MAX_RESET = 86400.0     # a RateLimit reset beyond a day is an epoch stamp (or nonsense)
 
@@ -547,35 +550,70 @@ class CloseConnector:
         """Leads (first) and contacts with a contact phone equal to ``e164``."""
         if not isinstance(e164, str) or not _E164.fullmatch(e164):
             raise Permanent("phone number is not in E.164 form")
-        body = {
-            "query": {"type": "and", "queries": [
-                {"type": "object_type", "object_type": "contact"},
-                {"type": "has_related", "this_object_type": "contact",
-                 "related_object_type": "contact_phone",
-                 "related_query": {
-                     "type": "field_condition",
-                     "field": {"type": "regular_field", "object_type": "contact_phone",
-                               "field_name": "phone"},
-                     "condition": {"type": "text", "mode": "exact_value", "value": e164}}},
-            ]},
-            "_fields": {"contact": ["id", "lead_id"]},
-            "_limit": MAX_PAGE,
-        }
-        leads: dict[str, None] = {}
-        contacts: dict[str, None] = {}
-        for page in self._search(body):
-            for contact in page:
-                # Ids from the wire are checked too: they go into URLs later.
-                if isinstance(contact.get("id"), str) and CLOSE_CONTACT.fullmatch(contact["id"]):
-                    contacts.setdefault(contact["id"])
-                if isinstance(contact.get("lead_id"), str) and CLOSE_LEAD.fullmatch(contact["lead_id"]):
-                    leads.setdefault(contact["lead_id"])
-        refs: list[RecordRef] = []
+        return [found.ref for found in self.find([e164], [])]
+
+    def find(self, phones: list[str], emails: list[str]) -> list[FoundRecord]:
+        """Leads (first) and contacts whose contact carries one of ``phones`` (E.164, as
+        Close stores them) or ``emails``: one Advanced Filtering search per batch of
+        ``LOOKUP_BATCH`` values, an ``or`` of exact-value conditions on the contact's
+        phones and emails (addresses lower-cased, as Close's own scripts send them),
+        paged by cursor and paced in the search group like every search."""
+        wanted_phones = list(dict.fromkeys(p for p in phones if isinstance(p, str) and _E164.fullmatch(p)))
+        wanted_emails = list(dict.fromkeys(e.strip().lower() for e in emails
+                                           if isinstance(e, str) and _EMAIL.fullmatch(e.strip())))
+        leads: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
+        contacts: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
+        values = [("phone", p) for p in wanted_phones] + [("email", e) for e in wanted_emails]
+        for start in range(0, len(values), LOOKUP_BATCH):
+            batch = values[start:start + LOOKUP_BATCH]
+            for page in self._search(self._lookup_body(batch)):
+                for contact in page:
+                    self._take_match(contact, batch, leads, contacts)
+        refs: list[FoundRecord] = []
         if "lead" in self.phone_lookup:
-            refs += [RecordRef(self.name, "lead", i) for i in leads]
+            refs += [FoundRecord(RecordRef(self.name, "lead", i), tuple(p), tuple(e)) for i, (p, e) in leads.items()]
         if "contact" in self.phone_lookup:
-            refs += [RecordRef(self.name, "contact", i) for i in contacts]
+            refs += [FoundRecord(RecordRef(self.name, "contact", i), tuple(p), tuple(e))
+                     for i, (p, e) in contacts.items()]
         return refs
+
+    @staticmethod
+    def _lookup_body(batch: list[tuple[str, str]]) -> dict[str, Any]:
+        def related(kind: str) -> dict[str, Any] | None:
+            wanted = [value for k, value in batch if k == kind]
+            if not wanted:
+                return None
+            related_type = f"contact_{kind}"
+            return {"type": "has_related", "this_object_type": "contact", "related_object_type": related_type,
+                    "related_query": {"type": "or", "queries": [
+                        {"type": "field_condition",
+                         "field": {"type": "regular_field", "object_type": related_type, "field_name": kind},
+                         "condition": {"type": "text", "mode": "exact_value", "value": value}}
+                        for value in wanted]}}
+        either = [q for q in (related("phone"), related("email")) if q is not None]
+        return {"query": {"type": "and", "queries": [{"type": "object_type", "object_type": "contact"},
+                                                     {"type": "or", "queries": either}]},
+                "_fields": {"contact": ["id", "lead_id", "phones", "emails"]}, "_limit": MAX_PAGE}
+
+    @staticmethod
+    def _take_match(contact: dict[str, Any], batch: list[tuple[str, str]],
+                    leads: dict[str, tuple[dict[str, None], dict[str, None]]],
+                    contacts: dict[str, tuple[dict[str, None], dict[str, None]]]) -> None:
+        """Record which looked-up values this contact (and so its lead) carries. Ids
+        from the wire are checked too: they go into URLs later."""
+        own_phones = {p.get("phone") for p in contact.get("phones") or [] if isinstance(p, dict)}
+        own_emails = {str(e.get("email") or "").strip().lower()
+                      for e in contact.get("emails") or [] if isinstance(e, dict)}
+        phones = [v for k, v in batch if k == "phone" and v in own_phones]
+        emails = [v for k, v in batch if k == "email" and v in own_emails]
+        if not phones and not emails:
+            return
+        for ident, pattern, into in ((contact.get("id"), CLOSE_CONTACT, contacts),
+                                     (contact.get("lead_id"), CLOSE_LEAD, leads)):
+            if isinstance(ident, str) and pattern.fullmatch(ident):
+                mine = into.setdefault(ident, ({}, {}))
+                mine[0].update(dict.fromkeys(phones))
+                mine[1].update(dict.fromkeys(emails))
 
     def changed_since(self, mark: Watermark, fields: list[str], limit: int = 100) -> Page:
         """Leads whose ``date_updated`` is after ``mark``, oldest first, at most ``limit``.

@@ -39,13 +39,16 @@ from connectors.errors import (AuthFailed, ConnectorError, NotFound, Permanent, 
 from connectors.http import USER_AGENT, parse_retry_after, short_retry
 from connectors.plugin import BuildContext, CrmPlugin, IdRule
 from connectors.settings import CrmSettings, OutboundUrl, Secret
-from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate,
+from connectors.types import (ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate,
                               UpdateResult, Watermark)
 
 HUBSPOT_ID = re.compile(r"^[0-9]+$")
 BATCH_SIZE = 100          # batch/update and batch/read accept at most 100 inputs
 SEARCH_PAGE = 200         # search accepts limit <= 200
 SEARCH_CAP = 10_000       # search cannot page past 10,000 results of one query
+# Values per IN filter in a lookup. HubSpot's pages retrieved here state no number of
+# values for IN; 100 (its batch size elsewhere) is our own cap, not HubSpot's.
+IN_VALUES = 100
 LEGAL_BASES = ("LEGITIMATE_INTEREST_PQL", "LEGITIMATE_INTEREST_CLIENT", "PERFORMANCE_OF_CONTRACT",
                "CONSENT_WITH_NOTICE", "NON_GDPR", "PROCESS_AND_STORE", "LEGITIMATE_INTEREST_OTHER")
 DEFAULT_EXPLANATION = "Opt-out received through a messaging channel and synced by syncd."
@@ -60,6 +63,7 @@ _OBJECTS = ("contact", "contacts")
 _API_ERRORS = (hs_contacts.ApiException, hs_properties.ApiException, hs_comm.ApiException)
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 _PHONE = re.compile(r"\+\d[\d\s().-]{5,20}\d")
+_E164 = re.compile(r"^\+[1-9][0-9]{3,14}\Z")
 
 
 def scrub(text: str) -> str:
@@ -178,6 +182,40 @@ def _flt(name: str, operator: str, value: str) -> dict[str, str]:
 
 def _eq(name: str, value: str) -> dict[str, Any]:
     return {"filters": [_flt(name, "EQ", value)]}
+
+
+def _in(name: str, values: list[str]) -> dict[str, Any]:
+    """A filter group of one ``IN`` filter (exact match against any of ``values``)."""
+    return {"filters": [{"propertyName": name, "operator": "IN", "values": list(values)}]}
+
+
+def _national(e164: str) -> str | None:
+    try:
+        return str(phonenumbers.parse(e164, None).national_number)
+    except phonenumbers.NumberParseException:
+        return None
+
+
+def _region(e164: str) -> str | None:
+    try:
+        return phonenumbers.region_code_for_number(phonenumbers.parse(e164, None))
+    except phonenumbers.NumberParseException:
+        return None
+
+
+def _e164s(stored: str | None, regions: set[str | None]) -> set[str]:
+    """What a stored number can be as E.164: read as written when it has a ``+``,
+    else in each region of the numbers being looked up."""
+    if not stored or not stored.strip():
+        return set()
+    out = set()
+    for region in ({None} if stored.strip().startswith("+") else regions - {None}):
+        try:
+            parsed = phonenumbers.parse(stored, region)
+        except phonenumbers.NumberParseException:
+            continue
+        out.add(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+    return out
 
 
 class SearchPacer:
@@ -406,29 +444,54 @@ class HubSpotConnector:
         return [UpdateResult(ref=u.ref, error=e) for u, e in zip(updates, errors)]
 
     def find_by_phone(self, e164: str) -> list[RecordRef]:
-        """Contacts whose phone or mobile phone is this number. HubSpot keeps numbers as
-        typed, so besides exact matches the search also asks HubSpot's calculated
-        searchable numbers (national digits) and keeps only hits whose stored number
-        parses to the same E.164 (the national digits alone can collide across countries)."""
+        """Contacts whose phone or mobile phone is this number (see :meth:`find`)."""
         e164 = (e164 or "").strip()
         if not e164:
             return []
-        groups = [_eq("phone", e164), _eq("mobilephone", e164)]
-        region = None
-        try:
-            number = phonenumbers.parse(e164, None)
-            region = phonenumbers.region_code_for_number(number)
-            national = str(number.national_number)
-            groups += [_eq("hs_searchable_calculated_phone_number", national),
-                       _eq("hs_searchable_calculated_mobile_number", national)]
-        except phonenumbers.NumberParseException:
-            pass
-        refs: dict[str, RecordRef] = {}
-        for obj in self._search_all(groups, ["phone", "mobilephone"]):
-            props = obj.properties or {}
-            if any(self._same_number(props.get(n), e164, region) for n in ("phone", "mobilephone")):
-                refs.setdefault(obj.id, RecordRef(crm=self.name, obj="contact", record_id=obj.id))
-        return list(refs.values())
+        return [found.ref for found in self.find([e164], [])]
+
+    def find(self, phones: list[str], emails: list[str]) -> list[FoundRecord]:
+        """Contacts whose phone or mobile phone is one of ``phones`` (E.164) or whose
+        email is one of ``emails``: one search per batch of up to 100 of each, with
+        ``IN`` filters in five filter groups (HubSpot allows five). HubSpot keeps
+        numbers as typed, so besides exact matches the search also asks HubSpot's
+        calculated searchable numbers (national digits), and a contact counts only for
+        the numbers its stored phone parses to (the national digits alone can collide
+        across countries). Only the primary ``email`` is searched: the
+        ``;``-separated ``hs_additional_emails`` cannot be matched with ``IN``."""
+        wanted_phones = list(dict.fromkeys(p.strip() for p in phones
+                                           if isinstance(p, str) and _E164.match(p.strip())))
+        wanted_emails = list(dict.fromkeys(e.strip().lower() for e in emails
+                                           if isinstance(e, str) and _EMAIL.fullmatch(e.strip())))
+        found: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
+        for start in range(0, max(len(wanted_phones), len(wanted_emails)), IN_VALUES):
+            chunk_phones = wanted_phones[start:start + IN_VALUES]
+            chunk_emails = wanted_emails[start:start + IN_VALUES]
+            regions = {_region(p) for p in chunk_phones}
+            for obj in self._search_all(self._lookup_groups(chunk_phones, chunk_emails),
+                                        ["phone", "mobilephone", "email"]):
+                props = obj.properties or {}
+                numbers = {n for name in ("phone", "mobilephone") for n in _e164s(props.get(name), regions)}
+                matched = (sorted(numbers & set(chunk_phones)),
+                           [e for e in [str(props.get("email") or "").strip().lower()] if e in chunk_emails])
+                if matched[0] or matched[1]:
+                    mine = found.setdefault(str(obj.id), ({}, {}))
+                    mine[0].update(dict.fromkeys(matched[0]))
+                    mine[1].update(dict.fromkeys(matched[1]))
+        return [FoundRecord(RecordRef(crm=self.name, obj="contact", record_id=cid), tuple(p), tuple(e))
+                for cid, (p, e) in found.items() if HUBSPOT_ID.match(cid)]
+
+    @staticmethod
+    def _lookup_groups(phones: list[str], emails: list[str]) -> list[dict[str, Any]]:
+        groups = []
+        if phones:
+            nationals = sorted({n for n in (_national(p) for p in phones) if n})
+            groups += [_in("phone", phones), _in("mobilephone", phones),
+                       _in("hs_searchable_calculated_phone_number", nationals),
+                       _in("hs_searchable_calculated_mobile_number", nationals)]
+        if emails:
+            groups.append(_in("email", emails))
+        return groups
 
     def changed_since(self, mark: Watermark, fields: list[str], limit: int = 100) -> Page:
         """Contacts with ``lastmodifieddate`` after ``mark.ts`` (epoch ms), oldest first.
@@ -669,18 +732,6 @@ class HubSpotConnector:
             after = answer.paging.next.after if answer.paging and answer.paging.next else None
             if after is None or _offset(after) + SEARCH_PAGE > self.search_result_cap:
                 return
-
-    @staticmethod
-    def _same_number(stored: str | None, e164: str, region: str | None) -> bool:
-        if not stored:
-            return False
-        if stored.strip() == e164:
-            return True
-        try:
-            parsed = phonenumbers.parse(stored, region)
-        except phonenumbers.NumberParseException:
-            return False
-        return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) == e164
 
     def _field_types(self) -> dict[str, str]:
         if self._types is None:

@@ -35,8 +35,8 @@ from connectors.http import error_for_status, make_session, parse_retry_after, s
     wrap_transport_error
 from connectors.plugin import BuildContext, CrmPlugin, IdRule, QuotaLimits
 from connectors.settings import CrmSettings, OptionalSecret, OutboundUrl, Strict
-from connectors.types import ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult, \
-    Watermark
+from connectors.types import ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate, \
+    UpdateResult, Watermark
 
 if TYPE_CHECKING:
     from simple_salesforce import Salesforce
@@ -59,6 +59,13 @@ READ_IDS = 200    # ids per audit query (``Id IN (...)``)
 # "Maximum length of SOQL statements: by default, 100,000 characters" (Salesforce
 # Developer Limits, "SOQL and SOSL Limits for Search Queries").
 SOQL_MAX_CHARS = 100_000
+# SOQL and SOSL Reference, "FIND {SearchQuery}": beyond 4,000 characters the search
+# text loses its logical operators; a SOSL answer holds at most 2,000 rows ("LIMIT n").
+SOSL_MAX_QUERY = 4000
+SOSL_MAX_ROWS = 2000
+# Emails per SOQL IN list, by characters: REST requests are limited to 16,384 bytes of
+# URI and headers (Help article 000386264), and the query travels in the URL.
+SOQL_MAX_IN = 4000
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # The JWT bearer flow's ``aud`` is Salesforce's login server, never the org's own My
 # Domain: login.salesforce.com, or test.salesforce.com for sandboxes (Salesforce Help,
@@ -153,6 +160,43 @@ def validate_id(record_id: Any, obj: str | None = None) -> str:
 def soql_quote(value: str) -> str:
     """A SOQL string literal (backslash and quote escaped)."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _plausible_email(value: Any) -> bool:
+    """Worth searching as an address: one ``@`` with text on both sides, no spaces."""
+    if not isinstance(value, str):
+        return False
+    local, at, domain = value.strip().partition("@")
+    return bool(at and local and domain and "@" not in domain and not any(c.isspace() for c in value.strip()))
+
+
+def _sosl_terms(e164: str) -> list[str]:
+    """How one E.164 number is searched: its digits, and its national number when
+    that differs (numbers typed without the country code)."""
+    terms = [e164[1:]]
+    try:
+        national = phonenumbers.national_significant_number(phonenumbers.parse(e164, None))
+    except phonenumbers.NumberParseException:
+        national = ""
+    if len(national) >= 2 and national != terms[0]:
+        terms.append(national)
+    return terms
+
+
+def _text_batches(values: list[str], terms: Callable[[str], list[str]], limit: int,
+                  sep: str = " OR ") -> Iterable[list[str]]:
+    """``values`` in batches whose joined terms stay within ``limit`` characters."""
+    batch: list[str] = []
+    size = 0
+    for value in values:
+        cost = sum(len(t) + len(sep) for t in terms(value))
+        if batch and size + cost > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(value)
+        size += cost
+    if batch:
+        yield batch
 
 
 def _validate_name(name: Any, what: str) -> str:
@@ -545,56 +589,95 @@ class SalesforceConnector:
         return Permanent(message, code=code)
 
     def find_by_phone(self, e164: str) -> list[RecordRef]:
-        """Leads and Contacts with this number in a phone field.
-
-        Salesforce keeps numbers as typed (US users mostly type ``(330) 555-1234``,
-        without the country code), so the SOSL phone search asks for the E.164
-        digits OR the national number, and only records with a phone field that
-        parses (in ``default_region``) to this same E.164 are kept: a search hit
-        whose number merely ends the same (another country, an extension) is not
-        this person.
-        """
+        """Leads and Contacts with this number in a phone field (see :meth:`find`)."""
         if not isinstance(e164, str) or not E164.match(e164):
             raise Permanent("phone number is not in E.164 form", code="INVALID_PHONE")
-        terms = [e164[1:]]
-        try:
-            national = phonenumbers.national_significant_number(phonenumbers.parse(e164, None))
-        except phonenumbers.NumberParseException:
-            national = ""
-        if len(national) >= 2 and national != terms[0]:
-            terms.append(national)
-        phone_fields = {obj: self._phone_fields(obj) for obj in OBJECTS}
+        return [found.ref for found in self.find([e164], [])]
+
+    def find(self, phones: list[str], emails: list[str]) -> list[FoundRecord]:
+        """Leads and Contacts carrying one of ``phones`` (E.164) in a phone field or one
+        of ``emails`` in ``Email``.
+
+        Phones: one SOSL ``FIND {a OR b OR ...} IN PHONE FIELDS`` per batch, the search
+        text kept within SOSL's 4,000 characters (beyond them Salesforce drops the OR
+        operators). Salesforce keeps numbers as typed (US users mostly type ``(330)
+        555-1234``, without the country code), so each number is searched as its E.164
+        digits OR its national number, and a record counts only for the numbers one of
+        its phone fields parses to (in ``default_region``): a hit whose number merely
+        ends the same (another country, an extension) is not this person. A batch whose
+        answer reaches SOSL's 2,000-row cap is split and searched again.
+
+        Emails: ``SELECT Id, Email FROM Lead|Contact WHERE Email IN (...)`` per batch
+        (SOQL compares text case-insensitively), kept to the same length so the GET URL
+        stays far below the 16,384-byte limit.
+        """
+        wanted_phones = list(dict.fromkeys(p for p in phones if isinstance(p, str) and E164.match(p)))
+        wanted_emails = list(dict.fromkeys(e.strip().lower() for e in emails if _plausible_email(e)))
+        found: dict[RecordRef, tuple[dict[str, None], dict[str, None]]] = {}
+        if wanted_phones:
+            phone_fields = {obj: self._phone_fields(obj) for obj in OBJECTS}
+            for batch in _text_batches(wanted_phones, _sosl_terms, SOSL_MAX_QUERY):
+                self._search_phones(batch, phone_fields, found)
+        for batch in _text_batches(wanted_emails, lambda e: [soql_quote(e)], SOQL_MAX_IN, sep=", "):
+            for obj in OBJECTS:
+                self._query_emails(obj, batch, found)
+        return [FoundRecord(ref, tuple(p), tuple(e)) for ref, (p, e) in found.items()]
+
+    def _search_phones(self, batch: list[str], phone_fields: dict[str, list[str]],
+                       found: dict[RecordRef, tuple[dict[str, None], dict[str, None]]]) -> None:
+        terms = [t for phone in batch for t in _sosl_terms(phone)]
         returning = ", ".join(f"{obj}({', '.join(['Id', *phone_fields[obj]])})" for obj in OBJECTS)
         sosl = f"FIND {{{' OR '.join(terms)}}} IN PHONE FIELDS RETURNING {returning}"
         body = self._call(lambda sf: sf.search(sosl))
-        refs: list[RecordRef] = []
-        for row in (body or {}).get("searchRecords", []) or []:
-            if not isinstance(row, dict):
+        rows = [r for r in (body or {}).get("searchRecords", []) or [] if isinstance(r, dict)]
+        if len(rows) >= SOSL_MAX_ROWS and len(batch) > 1:
+            half = len(batch) // 2  # the answer may be cut short: search each half alone
+            self._search_phones(batch[:half], phone_fields, found)
+            self._search_phones(batch[half:], phone_fields, found)
+            return
+        wanted = set(batch)
+        for row in rows:
+            ref = self._row_ref(row)
+            if ref is None:
                 continue
-            obj = (row.get("attributes") or {}).get("type")
-            record_id = row.get("Id")
-            if obj not in OBJECTS or not isinstance(record_id, str) or not SF_ID.match(record_id):
-                continue
-            if not any(self._same_number(row.get(name), e164) for name in phone_fields[obj]):
-                continue
-            ref = RecordRef(crm=self.name, obj=obj, record_id=to_18(record_id))
-            if ref not in refs:
-                refs.append(ref)
-        return refs
+            numbers = {n for n in (self._e164(row.get(name)) for name in phone_fields[ref.obj]) if n} & wanted
+            for number in sorted(numbers):
+                found.setdefault(ref, ({}, {}))[0].setdefault(number)
+
+    def _query_emails(self, obj: str, batch: list[str],
+                      found: dict[RecordRef, tuple[dict[str, None], dict[str, None]]]) -> None:
+        soql = f"SELECT Id, Email FROM {obj} WHERE Email IN ({', '.join(soql_quote(e) for e in batch)})"
+        body = self._call(lambda sf: sf.query_all(soql))
+        wanted = set(batch)
+        for row in (body or {}).get("records", []) or []:
+            ref = self._row_ref(row) if isinstance(row, dict) else None
+            email = row.get("Email") if ref is not None else None
+            if ref is not None and isinstance(email, str) and email.strip().lower() in wanted:
+                found.setdefault(ref, ({}, {}))[1].setdefault(email.strip().lower())
+
+    def _row_ref(self, row: dict[str, Any]) -> RecordRef | None:
+        """The record a search or query row names, when its type and id are ones syncd
+        may put into a URL."""
+        obj = (row.get("attributes") or {}).get("type")
+        record_id = row.get("Id")
+        if obj not in OBJECTS or not isinstance(record_id, str) or not SF_ID.match(record_id):
+            return None
+        return RecordRef(crm=self.name, obj=obj, record_id=to_18(record_id))
 
     def _phone_fields(self, obj: str) -> list[str]:
         """The object's phone-type fields (those SOSL's PHONE FIELDS scope searches)."""
         return sorted(name for name, info in self.fields(obj).items()
                       if info.type == "phone" and FIELD_NAME.match(name))
 
-    def _same_number(self, stored: Any, e164: str) -> bool:
+    def _e164(self, stored: Any) -> str | None:
+        """A stored phone value as E.164 (national numbers read in ``default_region``)."""
         if not isinstance(stored, str) or not stored.strip():
-            return False
+            return None
         try:
             parsed = phonenumbers.parse(stored, self.default_region)
         except phonenumbers.NumberParseException:
-            return False
-        return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) == e164
+            return None
+        return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
     def changed_since(self, mark: Watermark, fields: list[str], limit: int = 200) -> Page:
         """Leads and Contacts modified after ``mark``, oldest first, with ``fields``.

@@ -18,6 +18,16 @@ class RecordRef:
 
 
 @dataclass(frozen=True)
+class FoundRecord:
+    """A record a batched lookup (``find``) found, with the looked-up phones (E.164)
+    and emails (lower-cased, as passed in) it carries: what ties it to each event."""
+
+    ref: RecordRef
+    phones: tuple[str, ...] = ()
+    emails: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RecordUpdate:
     """Field values to write on one record. ``fields`` maps CRM field name to value
     (bool, str, or None). ``email_unsubscribe`` asks the connector to unsubscribe

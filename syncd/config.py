@@ -232,6 +232,7 @@ class RoutingRule(_Strict):
 
 class RoutingConfig(_Strict):
     rules: list[RoutingRule] = []
+    fan_out: bool = True    # every record sharing the event's phone/email, not only the named one
 
 
 class AlertsConfig(_Strict):

@@ -27,7 +27,7 @@ class Metrics:
             "syncd_crm_requests", "CRM write calls by CRM and result",
             ["crm", "status"], registry=self.registry)
         self.crm_lookups = Counter(
-            "syncd_crm_lookups", "Phone lookups (searches) by CRM and result",
+            "syncd_crm_lookups", "Record lookups (phone/email searches) by CRM and result",
             ["crm", "status"], registry=self.registry)
         self.crm_polls = Counter(
             "syncd_crm_polls", "Reflector polls for changed records, one per page, by CRM and result",

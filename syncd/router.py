@@ -3,15 +3,26 @@
 Each tick leases new events and routes them: a Sinch notification first settles the
 registration it answers (see ``reflector.SinchNotifications``); an event of a channel
 syncd does not model is ignored; an ``externalLeadId`` matching an id rule
-(:mod:`syncd.routing`) names its record directly; otherwise the phone is looked up
-in every enabled CRM. Failed lookups are deferred with backoff, then quarantined;
-an event no rule and no lookup can route is quarantined.
+(:mod:`syncd.routing`) names its record directly.
+
+Fan-out (``routing.fan_out``, the default): besides the named record, every record in
+every enabled CRM that carries the event's phone (sms, call, whatsapp, all) or email
+(email, all) is a target: one person, every duplicate. Without fan-out, only an event
+with no routable id is looked up, by phone. Lookups are batched: the phones and emails
+of a whole routing batch go to each CRM's ``find`` ``LOOKUP_CHUNK`` at a time, so a
+phone shared by many events is looked up once.
+
+A failed lookup defers the event with backoff; the records already known (the named
+one, those found in CRMs that answered) get their deliveries at once and the event
+keeps waiting for the rest. When the retries give up, the event is routed to what is
+known, with the failure kept as its status reason; with nothing known it is
+quarantined. An event no rule and no lookup can route is quarantined.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from connectors.base import CrmConnector
@@ -20,7 +31,8 @@ from connectors.types import RecordRef
 from syncd.backoff import RetryPolicy
 from syncd.crm_health import CrmHealthBook
 from syncd.journal.base import Deliveries, Events, Operations, StoredEvent
-from syncd.masking import mask_phone, mask_text
+from syncd.journal.ledger import normalize_email
+from syncd.masking import mask_email, mask_phone, mask_text
 from syncd.metrics import Metrics
 from syncd.pauses import CrmPauses, error_text
 from syncd.routing import Router
@@ -30,6 +42,12 @@ log = logging.getLogger("syncd.router")
 # True when a Sinch webhook answered a registration of ours (nothing to route).
 Reconcile = Callable[[StoredEvent], bool]
 
+# Phones and emails per ``find`` call. Each connector batches inside to its CRM's own
+# limits (SOSL text length, HubSpot's IN filters, Close's searches); a failure costs
+# at most this chunk's results.
+LOOKUP_CHUNK = 100
+PHONE_CHANNELS = ("sms", "call", "whatsapp")
+
 
 @dataclass
 class RouteStats:
@@ -37,11 +55,44 @@ class RouteStats:
     quarantined: int = 0
 
 
+@dataclass
+class Plan:
+    """One event's routing: the record it names and the identities to look up."""
+
+    event: StoredEvent
+    named: RecordRef | None
+    phones: tuple[str, ...] = ()
+    emails: tuple[str, ...] = ()
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return self.phones + self.emails
+
+
+@dataclass
+class Lookups:
+    """What one routing batch's lookups found, per CRM and identity."""
+
+    found: dict[str, dict[str, list[RecordRef]]] = field(default_factory=dict)
+    failed: dict[str, dict[str, ConnectorError]] = field(default_factory=dict)
+    paused: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Routed:
+    """A routing batch's writes, committed together at its end."""
+
+    done: list[tuple[int, list[RecordRef]]] = field(default_factory=list)
+    notes: dict[int, str] = field(default_factory=dict)
+    partial: list[tuple[int, list[RecordRef]]] = field(default_factory=list)  # event still routing
+    deferred: list[tuple[int, str, float]] = field(default_factory=list)
+
+
 class EventRouter:
     def __init__(self, events: Events, deliveries: Deliveries, ops: Operations, rules: Router,
                  connectors: dict[str, CrmConnector], pauses: CrmPauses, policy: RetryPolicy,
                  reconcile: Reconcile, *, batch_size: int = 1000, lease_seconds: float = 120.0,
-                 metrics: Metrics | None = None, health: CrmHealthBook | None = None):
+                 metrics: Metrics | None = None, health: CrmHealthBook | None = None, fan_out: bool = True):
         self.events = events
         self.deliveries = deliveries
         self.ops = ops
@@ -53,6 +104,7 @@ class EventRouter:
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.metrics = metrics
+        self.fan_out = fan_out
         self.health = health or CrmHealthBook(ops, connectors)  # lookups count toward a CRM's health
         self.stopping = threading.Event()  # set on SIGTERM: finish the batch in hand, take no more
 
@@ -67,73 +119,144 @@ class EventRouter:
 
     def route_batch(self, stats: RouteStats) -> int:
         events = self.events.to_route(self.batch_size, self.lease_seconds)
-        by_id: list[tuple[int, list[RecordRef]]] = []
-        for event in events:
-            self._route(event, stats, by_id)
-        # Events routed by id need no I/O: their deliveries commit together.
-        self.deliveries.add_targets_many(by_id)
+        out = Routed()
+        plans = [plan for plan in (self._plan(event, stats) for event in events) if plan is not None]
+        needs_lookup = [plan for plan in plans if plan.identities]
+        lookups = self._look_up(needs_lookup) if needs_lookup else Lookups()
+        for plan in plans:
+            self._settle(plan, lookups, stats, out)
+        # Deliveries first: a crash before the deferrals only repeats idempotent inserts.
+        self.deliveries.add_targets_many(out.partial, still_routing={event_id for event_id, _ in out.partial})
+        for event_id, text, retry_at in out.deferred:
+            self.events.defer(event_id, text, retry_at)
+        self.deliveries.add_targets_many(out.done, notes=out.notes)
         return len(events)
 
-    def _route(self, event: StoredEvent, stats: RouteStats, by_id: list[tuple[int, list[RecordRef]]]) -> None:
+    # --- what each event needs ------------------------------------------------------
+    def _plan(self, event: StoredEvent, stats: RouteStats) -> Plan | None:
         ignored = event.details.get("ignored")  # a channel syncd does not model: kept, no CRM field written
         # A notification may still answer a registration of ours (joined by request_id or phone).
         could_answer = not ignored or event.phone or event.details.get("request_id")
         if event.source == "sinch" and could_answer and self.reconcile(event):
-            return
+            return None
         if ignored:
             self.events.ignore(event.id, str(ignored))
             log.info("event ignored", extra={"event_id": event.id, "source": event.source,
                                              "reason": mask_text(str(ignored))})
-            return
-        ref = self.rules.route_id(event.external_lead_id)
-        if ref is not None:
-            by_id.append((event.id, [ref]))
-            stats.routed += 1
-            log.info("event routed", extra={"event_id": event.id, "source": event.source,
-                                            "targets": [f"{ref.crm}:{ref.obj}:{ref.record_id}"], "by": "id"})
-            return
-        if not event.phone:
+            return None
+        named = self.rules.route_id(event.external_lead_id)
+        plan = Plan(event, named, *self._identities(event, named))
+        if named is None and not plan.identities:
             reason = self.rules.unroutable_reason(event.external_lead_id, event.phone, event.phone_raw)
             self._quarantine(event, reason or "not routable", stats)
-            return
-        self._route_by_phone(event, event.phone, stats)
+            return None
+        return plan
 
-    def _route_by_phone(self, event: StoredEvent, phone: str, stats: RouteStats) -> None:
-        targets: list[RecordRef] = []
-        searched: list[str] = []
+    def _identities(self, event: StoredEvent, named: RecordRef | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The phones and emails to look up: without fan-out, the phone of an event
+        with no routable id; with it, the identities of the event's channel."""
+        if not self.fan_out:
+            return ((event.phone,) if named is None and event.phone else ()), ()
+        every = event.kind == "do_not_contact" or event.channel == "all"
+        phones = (event.phone,) if event.phone and (every or event.channel in PHONE_CHANNELS) else ()
+        email = normalize_email(event.email) if event.email and (every or event.channel == "email") else ""
+        emails = (email,) if "@" in email else ()
+        if named is None and not phones and not emails and event.phone:
+            phones = (event.phone,)  # no id and no identity of its channel: the phone decides, as ever
+        return phones, emails
+
+    # --- lookups --------------------------------------------------------------------
+    def _look_up(self, plans: list[Plan]) -> Lookups:
+        """Each CRM's ``find`` once per chunk of the batch's distinct phones and emails.
+        A paused CRM is not asked; after a failure the CRM is asked no more this batch."""
+        phones = sorted({p for plan in plans for p in plan.phones})
+        emails = sorted({e for plan in plans for e in plan.emails})
+        identities = [(p, True) for p in phones] + [(e, False) for e in emails]
+        out = Lookups()
         for name, connector in self.connectors.items():
             paused = self.pauses.in_force(name)
             if paused is not None:
-                self.events.defer(event.id, f"phone lookup in {name} waits: CRM paused", paused)
-                return
-            try:
-                targets.extend(connector.find_by_phone(phone))
-                searched.append(name)
-            except ConnectorError as exc:
-                self._count_lookup(name, exc)
-                self.pauses.after_error(name, exc)
-                self._lookup_failed(event, name, exc, stats)
-                return
-            finally:
-                self.pauses.check_budget(name)
-            self._count_lookup(name, None)
-        if not targets:
-            self._quarantine(event, f"no record with this phone in {', '.join(searched) or 'any CRM'}", stats)
-            return
-        self.deliveries.add_targets(event.id, list(dict.fromkeys(targets)))
-        stats.routed += 1
-        log.info("event routed", extra={"event_id": event.id, "source": event.source, "by": "phone",
-                                        "phone": mask_phone(phone),
-                                        "targets": [f"{t.crm}:{t.obj}:{t.record_id}" for t in targets]})
+                out.paused[name] = paused
+                continue
+            found = out.found.setdefault(name, {})
+            for start in range(0, len(identities), LOOKUP_CHUNK):
+                chunk = identities[start:start + LOOKUP_CHUNK]
+                try:
+                    records = connector.find([i for i, is_phone in chunk if is_phone],
+                                             [i for i, is_phone in chunk if not is_phone])
+                except ConnectorError as exc:
+                    self._count_lookup(name, exc)
+                    self.pauses.after_error(name, exc)
+                    out.failed[name] = {i: exc for i, _ in identities[start:]}
+                    break
+                finally:
+                    self.pauses.check_budget(name)
+                self._count_lookup(name, None)
+                for record in records:
+                    for identity in record.phones + record.emails:
+                        found.setdefault(identity, []).append(record.ref)
+        return out
 
-    def _lookup_failed(self, event: StoredEvent, crm: str, exc: ConnectorError, stats: RouteStats) -> None:
-        text = f"phone lookup in {crm} failed: {error_text(exc)}"
-        attempts = event.route_attempts + 1
-        if self.policy.give_up(exc, attempts, event.received_at):
-            self._quarantine(event, text, stats)
-            return
-        self.events.defer(event.id, text, self.policy.next_try(exc, attempts))
-        log.warning("routing deferred", extra={"event_id": event.id, "crm": crm, "error": text})
+    # --- decisions ------------------------------------------------------------------
+    def _settle(self, plan: Plan, lookups: Lookups, stats: RouteStats, out: Routed) -> None:
+        event = plan.event
+        targets = [plan.named] if plan.named is not None else []
+        failure: tuple[str, ConnectorError] | None = None
+        for crm in self.connectors:
+            for identity in plan.identities:
+                exc = lookups.failed.get(crm, {}).get(identity)
+                if exc is not None:
+                    failure = failure or (crm, exc)
+                targets.extend(lookups.found.get(crm, {}).get(identity, []))
+        targets = list(dict.fromkeys(targets))
+        paused = [crm for crm in self.connectors if crm in lookups.paused] if plan.identities else []
+        if paused:
+            until = max(lookups.paused[crm] for crm in paused)
+            self._wait(plan, targets, f"lookup in {', '.join(paused)} waits: CRM paused", until, out)
+        elif failure is not None:
+            self._lookup_failed(plan, targets, *failure, stats, out)
+        elif targets:
+            self._route(plan, targets, stats, out)
+        else:
+            searched = ", ".join(self.connectors) or "any CRM"
+            self._quarantine(event, f"no record with this {self._what(plan)} in {searched}", stats)
+
+    def _lookup_failed(self, plan: Plan, targets: list[RecordRef], crm: str, exc: ConnectorError,
+                       stats: RouteStats, out: Routed) -> None:
+        text = f"{self._what(plan)} lookup in {crm} failed: {error_text(exc)}"
+        attempts = plan.event.route_attempts + 1
+        gave_up = self.policy.give_up(exc, attempts, plan.event.received_at)
+        if gave_up is None:
+            self._wait(plan, targets, text, self.policy.next_try(exc, attempts), out)
+            log.warning("routing deferred", extra={"event_id": plan.event.id, "crm": crm, "error": text,
+                                                   "targets_now": len(targets)})
+        elif targets:  # the named record (and what other CRMs found) must not wait on a lookup forever
+            out.notes[plan.event.id] = f"{gave_up.prefix}{text}"
+            self._route(plan, targets, stats, out)
+            log.warning("fan-out lookup gave up; routed to the records known", extra={
+                "event_id": plan.event.id, "crm": crm, "error": f"{gave_up.prefix}{text}"})
+        else:
+            self._quarantine(plan.event, f"{gave_up.prefix}{text}", stats)
+
+    def _wait(self, plan: Plan, targets: list[RecordRef], text: str, retry_at: float, out: Routed) -> None:
+        """Route again at ``retry_at``; the records already known get their deliveries now."""
+        if targets:
+            out.partial.append((plan.event.id, targets))
+        out.deferred.append((plan.event.id, text, retry_at))
+
+    def _route(self, plan: Plan, targets: list[RecordRef], stats: RouteStats, out: Routed) -> None:
+        out.done.append((plan.event.id, targets))
+        stats.routed += 1
+        by = "id" if not plan.identities else ("id+lookup" if plan.named is not None else "lookup")
+        log.info("event routed", extra={
+            "event_id": plan.event.id, "source": plan.event.source, "by": by,
+            "phone": mask_phone(plan.phones[0]) if plan.phones else None,
+            "email": mask_email(plan.emails[0]) if plan.emails else None,
+            "targets": [f"{t.crm}:{t.obj}:{t.record_id}" for t in targets]})
+
+    @staticmethod
+    def _what(plan: Plan) -> str:
+        return " or ".join(kind for kind, values in (("phone", plan.phones), ("email", plan.emails)) if values)
 
     def _quarantine(self, event: StoredEvent, reason: str, stats: RouteStats) -> None:
         self.events.quarantine(event.id, reason)

@@ -120,7 +120,7 @@ def open_runtime(cfg: Config) -> Runtime:
     notifications = SinchNotifications(journal.reflections, journal.events, policy)
     routing = EventRouter(journal.events, journal.deliveries, journal.ops, router, connectors, pauses, policy,
                           notifications.reconcile, batch_size=batch, lease_seconds=lease, metrics=metrics,
-                          health=health)
+                          health=health, fan_out=cfg.routing.fan_out)
     reflector = None
     sinch = build_sinch(cfg)
     if sinch is not None:

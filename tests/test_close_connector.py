@@ -420,6 +420,19 @@ def test_find_by_phone_returns_leads_then_contacts(close: CloseConnector, sandbo
     assert leads_only.find_by_phone("+15551230001") == [lead_ref("lead_abc123"), lead_ref("lead_other9")]
 
 
+def test_find_looks_up_phones_and_emails_in_one_search(close: CloseConnector, sandbox: CloseSandbox) -> None:
+    from connectors.types import FoundRecord
+
+    found = close.find(["+15551230009", "not-a-phone"], ["ANN@example.com", "nobody@example.com"])
+    assert [f.ref.obj for f in found] == ["lead", "lead", "contact", "contact"]
+    assert set(found) == {
+        FoundRecord(lead_ref("lead_other9"), ("+15551230009",), ()),
+        FoundRecord(lead_ref("lead_abc123"), (), ("ann@example.com",)),
+        FoundRecord(RecordRef("close", "contact", "cont_oth1"), ("+15551230009",), ()),
+        FoundRecord(RecordRef("close", "contact", "cont_abc1"), (), ("ann@example.com",))}
+    assert len(sandbox.requests_to(r"/data/search/$", "POST")) == 1
+
+
 def test_find_by_phone_pages_through_the_cursor(sandbox: CloseSandbox, close: CloseConnector) -> None:
     for n in range(250):
         sandbox.add_lead(f"lead_many{n}")

@@ -151,7 +151,8 @@ def test_metrics_and_readiness_of_a_running_daemon(served):
                  'syncd_deliveries{state="quarantined"} 0.0'):
         assert name in text, name
     assert "3305551234" not in text and "003XX" not in text   # no personal data or ids in labels
-    assert "syncd_crm_lookups_total{" not in text             # routed by id: no phone lookup yet
+    # routed by id, fanned out by phone: one search for the duplicates
+    assert 'syncd_crm_lookups_total{crm="salesforce",status="ok"} 1.0' in text
     assert stack.post_lox24(fixture_bytes("lox24_phone_unsubscribe.json")).status_code == 200
     assert wait_for(lambda: 'syncd_crm_lookups_total{crm="salesforce",status="ok"} 1.0'
                     in requests.get(f"{stack.admin_url}/metrics", timeout=10).text)

@@ -24,7 +24,7 @@ from connectors.errors import AuthFailed, ConnectorError, NotFound, Permanent
 from connectors.plugin import BuildContext, CrmPlugin, IdRule
 from connectors.registry import CRM_PLUGINS
 from connectors.settings import CrmSettings, OutboundUrl, Secret
-from connectors.types import (ChangedRecord, FieldInfo, Page, RecordRef, RecordUpdate, UpdateResult,
+from connectors.types import (ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate, UpdateResult,
                               Watermark)
 from syncd.config import ConfigError, parse_config
 from syncd.events import ConsentEvent
@@ -151,6 +151,10 @@ class TinyConnector:
     def find_by_phone(self, e164: str) -> list[RecordRef]:
         found = self._call("GET", "/v1/people", params={"phone": e164})["people"]
         return [RecordRef(self.name, "person", p["id"]) for p in found]
+
+    def find(self, phones: list[str], emails: list[str]) -> list[FoundRecord]:
+        # TinyCRM has no batch search and no emails: one lookup per phone
+        return [FoundRecord(ref, phones=(phone,)) for phone in phones for ref in self.find_by_phone(phone)]
 
     def changed_since(self, mark: Watermark, fields: list[str], limit: int = 100) -> Page:
         found = self._call("GET", "/v1/people", params={"modified_after": mark.ts or "0", "limit": limit})["people"]

@@ -350,9 +350,26 @@ def test_find_by_phone(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
     [call] = sandbox.requests_to(SEARCH, "POST")
     body = call.json()
     assert body["limit"] <= 200 and len(body["filterGroups"]) <= 5
-    assert {"propertyName": "phone", "operator": "EQ", "value": "+14155550123"} in \
+    assert {"propertyName": "phone", "operator": "IN", "values": ["+14155550123"]} in \
         [f for g in body["filterGroups"] for f in g["filters"]]
     assert hub.find_by_phone("+15005550000") == []
+
+
+def test_find_batches_phones_and_emails_into_one_search(sandbox: HubSpotSandbox, hub: HubSpotConnector) -> None:
+    from connectors.types import FoundRecord, RecordRef
+
+    sandbox.add_contact("1", phone="(415) 555-0123", email="ann@example.com")
+    sandbox.add_contact("2", mobilephone="+1 212 555 0100")
+    sandbox.add_contact("3", phone="+49 4155550123")                # same digits, another country
+    sandbox.add_contact("4", email="bob@example.com")
+    found = hub.find(["+14155550123", "+12125550100"], ["Ann@Example.com", "bob@example.com"])
+    assert sorted(found, key=lambda f: f.ref.record_id) == [
+        FoundRecord(RecordRef("hubspot", "contact", "1"), ("+14155550123",), ("ann@example.com",)),
+        FoundRecord(RecordRef("hubspot", "contact", "2"), ("+12125550100",), ()),
+        FoundRecord(RecordRef("hubspot", "contact", "4"), (), ("bob@example.com",))]
+    [call] = sandbox.requests_to(SEARCH, "POST")
+    groups = call.json()["filterGroups"]
+    assert len(groups) == 5 and all(f["operator"] == "IN" for g in groups for f in g["filters"])
 
 
 def test_concurrent_searchers_share_one_pace_and_meet_no_429(sandbox: HubSpotSandbox) -> None:

@@ -386,13 +386,13 @@ def test_failed_phone_lookups_count_toward_the_crms_health(runtime, sf_sandbox):
 
     sf_sandbox.add_fault("GET", r"/search/", 503, [{"errorCode": "SERVER_UNAVAILABLE", "message": "busy"}],
                          times=1000)
-    for n in range(FAILING_AFTER):
+    for n in range(FAILING_AFTER):  # lookups are batched per tick: one failing search a tick
         runtime.journal.events.record(ConsentEvent(
             source="apten", source_event_id=f"l{n}", kind="opt_out", channel="sms",
             occurred_at=datetime(2024, 2, 18, tzinfo=timezone.utc), received_at=datetime.now(timezone.utc),
             raw=b"{}", phone="+13305551234"))
-    stats = runtime.tick()
-    assert (stats.routed, stats.quarantined) == (0, 0)                       # deferred, not lost
+        stats = runtime.tick()
+        assert (stats.routed, stats.quarantined) == (0, 0)                   # deferred, not lost
     health = runtime.health.report()["salesforce"]
     assert health["consecutive_failures"] == FAILING_AFTER and health["failing_since"] is not None
     assert "busy" in health["last_error"]

@@ -489,6 +489,32 @@ def test_find_by_phone(sandbox, sf):
                                  "Lead(Id, MobilePhone, Phone), Contact(Id, MobilePhone, Phone)"]
 
 
+def test_find_batches_numbers_and_emails_and_says_which_each_record_carries(sandbox, sf):
+    from connectors.types import FoundRecord
+
+    both = sandbox.add_record("Contact", LastName="A", Phone="(330) 555-1234", Email="Dana@Example.com")
+    mobile = sandbox.add_record("Lead", LastName="B", Company="X", MobilePhone="+1 415 555 0100")
+    sandbox.add_record("Contact", LastName="C", Phone="+44 330 555 1234", Email="other@example.com")
+    found = sf.find(["+13305551234", "+14155550100", "not a phone"], ["dana@example.com", "nobody"])
+    assert sorted(found, key=lambda f: f.ref.record_id) == sorted([
+        FoundRecord(RecordRef("salesforce", "Contact", both), ("+13305551234",), ("dana@example.com",)),
+        FoundRecord(RecordRef("salesforce", "Lead", mobile), ("+14155550100",), ()),
+    ], key=lambda f: f.ref.record_id)
+    assert len(sandbox.requests_to(r"/search/?$")) == 1          # one SOSL for both numbers
+    assert len(sandbox.requests_to(r"/query/?$")) == 2           # one SOQL per object for the address
+
+
+def test_find_splits_a_batch_whose_answer_reaches_the_sosl_row_cap(sandbox, sf):
+    """SOSL answers at most 2,000 rows: a full answer may hide the other numbers'
+    records, so the batch is searched again in halves."""
+    for i in range(2000):
+        sandbox.add_record("Contact", LastName=f"Crowd{i}", Phone="(330) 555-0001")
+    last = sandbox.add_record("Contact", LastName="Last", Phone="(330) 555-0002")
+    found = sf.find(["+13305550001", "+13305550002"], [])
+    assert RecordRef("salesforce", "Contact", last) in [f.ref for f in found]
+    assert len(sandbox.requests_to(r"/search/?$")) == 3
+
+
 def test_find_by_phone_matches_numbers_typed_without_country_code(sandbox, sf):
     """US users type (330) 555-1234; the E.164 digits alone do not find it."""
     typed = [sandbox.add_record("Contact", LastName="A", Phone="(330) 555-1234"),

@@ -678,7 +678,11 @@ class CloseSandbox(Sandbox):
                 return _json({"error": "Empty query: CustomField matching query does not exist."}, 404)
             return _json(copy.deepcopy(meta))
 
-        # https://developer.close.com/resources/advanced-filtering/
+        # https://developer.close.com/resources/advanced-filtering/ (queries and, or,
+        # object_type, field_condition, has_related; _fields, _limit, cursor). Lookups by
+        # contact_phone / contact_email with text exact_value conditions follow Close's
+        # own closeio/close-api-scripts scripts/CloseApiWrapper.py (build_contact_email_query,
+        # value lower-cased; search pages of _limit 200 by cursor).
         @app.post(f"{p}/data/search/")
         def search() -> Response:
             return self._search(request.get_json(silent=True))

@@ -34,6 +34,9 @@ from connectors.sandbox.base import Sandbox
 BATCH_LIMIT = 100
 SEARCH_PAGE_LIMIT = 200
 SEARCH_CAP = 10_000
+# Filter limits: 5 groups, 10 filters a group, 25 in all (HubSpot developer changelog,
+# "Breaking Change: Expanded Filtering Capabilities and Error Messaging in HubSpot's
+# Search API", from 2024-08-26); the 400 text below is assumed.
 MAX_FILTER_GROUPS = 5
 MAX_FILTERS_PER_GROUP = 10
 MAX_FILTERS = 25
@@ -779,6 +782,10 @@ class HubSpotSandbox(Sandbox):
             return stored is None
         have = self._comparable(name, stored)
         if op in ("IN", "NOT_IN"):
+            # IN: exact match against any of ``values`` (hubspot-api-client 12,
+            # hubspot/crm/contacts/models/filter.py: ``values: list[str]``, operators EQ ...
+            # IN, NOT_IN ...). How many values one IN takes is not stated in the pages
+            # retrieved: the simulator sets no cap. Matching is exact (case-sensitive).
             values = {self._comparable(name, str(v)) for v in flt.get("values") or []}
             return (have in values) == (op == "IN")
         if op in ("CONTAINS_TOKEN", "NOT_CONTAINS_TOKEN"):

@@ -50,6 +50,7 @@ CONCURRENT_LIMIT_MESSAGES = {
     "ConcurrentPerOrgLongTxn": "ConcurrentPerOrgLongTxn Limit exceeded.",
 }
 _ID = re.compile(r"^[a-zA-Z0-9]{15}([a-zA-Z0-9]{3})?\Z")
+SOSL_MAX_ROWS = 2000
 _SUFFIX = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
 _UTC = dt.timezone.utc
 _SESSION_INVALID = [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]
@@ -1064,6 +1065,11 @@ class SalesforceSandbox(Sandbox):
         scope = (scope or "ALL").upper()
         # FIND {a OR b}: the documented OR operator (SOQL and SOSL Reference, "FIND
         # {SearchQuery}", sforce_api_calls_sosl_find.htm). AND / AND NOT are not modelled.
+        # "SOSL Syntax": beyond 10,000 characters the search returns no rows; beyond 4,000
+        # its logical operators are removed (AND turns into OR), which changes nothing for
+        # the OR-only searches modelled here.
+        if len(term) > 10000:
+            return self._json({"searchRecords": []})
         alternatives = [alt.strip().strip('"') for alt in re.split(r"\s+OR\s+", term, flags=re.I)]
         found: list[dict[str, Any]] = []
         with self.lock:
@@ -1074,8 +1080,9 @@ class SalesforceSandbox(Sandbox):
                     if any(self._search_match(sobject, record, scope, alt, re.sub(r"\D", "", alt))
                            for alt in alternatives if alt):
                         found.append(self._render(sobject, record, select, version))
-        if limit:
-            found = found[:int(limit)]
+        # "LIMIT n": at most 2,000 rows, the default when no LIMIT is given (SOQL and SOSL
+        # Reference, "SOSL Syntax", sforce_api_calls_sosl_syntax.htm).
+        found = found[:min(int(limit), SOSL_MAX_ROWS) if limit else SOSL_MAX_ROWS]
         return self._json({"searchRecords": found})
 
     def _search_match(self, sobject: str, record: dict[str, Any], scope: str, term: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Collection, Mapping
 
 from connectors.types import RecordRef
 from syncd.events import iso, utcnow
@@ -21,8 +22,12 @@ class DeliveryStore:
     def add_targets(self, event_id: int, targets: list[RecordRef]) -> None:
         self.add_targets_many([(event_id, targets)])
 
-    def add_targets_many(self, routed: list[tuple[int, list[RecordRef]]]) -> None:
-        """One delivery per (event, target record), for many events in one transaction."""
+    def add_targets_many(self, routed: list[tuple[int, list[RecordRef]]], *,
+                         still_routing: Collection[int] = (), notes: Mapping[int, str] | None = None) -> None:
+        """One delivery per (event, target record), for many events in one transaction.
+        Events in ``still_routing`` get their deliveries but keep waiting for routing (a
+        lookup is still owed; a later pass adds the rest, and inserts are idempotent).
+        ``notes`` keeps, as the event's status reason, why it was routed short of a lookup."""
         if not routed:
             return
         now_iso, now = iso(utcnow()), time.time()
@@ -31,7 +36,8 @@ class DeliveryStore:
                 for ref in targets:
                     tx.execute("insert_delivery", event_id=event_id, crm=ref.crm, obj=ref.obj,
                                record_id=ref.record_id, now=now, now_iso=now_iso)
-                tx.execute("mark_event_routed", now=now_iso, id=event_id)
+                if event_id not in still_routing:
+                    tx.execute("mark_event_routed", now=now_iso, id=event_id, reason=(notes or {}).get(event_id))
 
     def requeue(self, targets: list[tuple[int, RecordRef]]) -> int:
         """Push (event, record) again (``syncd audit --repair``): a new delivery, or the

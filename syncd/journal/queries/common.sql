@@ -37,7 +37,8 @@ UPDATE events SET route_attempts = route_attempts + 1, next_route_at = %(retry_a
 WHERE id = %(id)s AND status = 'new';
 
 -- name: mark_event_routed
-UPDATE events SET status = 'routed', status_reason = NULL, updated_at = %(now)s
+-- reason: NULL, or why the event was routed short of a lookup (it gave up).
+UPDATE events SET status = 'routed', status_reason = %(reason)s, updated_at = %(now)s
 WHERE id = %(id)s AND status IN ('new', 'quarantined');
 
 -- name: replay_quarantined_events
