@@ -250,6 +250,21 @@ def test_which_events_count(journal):
     assert summary(clock, journal)["open"] == 1
 
 
+def test_an_opt_out_delivered_while_a_lookup_was_owed_is_honoured_when_routing_ends(journal):
+    # Fan-out delivers the named record at once and keeps the event waiting for a lookup
+    # that failed; when routing ends with every target already done, the opt-out is honoured.
+    clock = ComplianceClock(now=FakeNow(at(2026, 11, 3, 9)))
+    eid = journal.events.record(opt_out(1, at(2026, 11, 2, 9))).event_id
+    journal.deliveries.add_targets_many([(eid, [SF])], still_routing={eid})
+    (d,) = journal.deliveries.claim(10, 60)
+    journal.deliveries.settle([Outcome(d.id, "done", ref=SF)])
+    assert summary(clock, journal)["open"] == 1              # a lookup is still owed
+    journal.deliveries.add_targets_many([(eid, [])], notes={eid: "phone lookup in hubspot failed"})
+    assert summary(clock, journal)["open"] == 0
+    (row,) = [r for r in journal.reports.export_rows(None) if r["event_id"] == eid]
+    assert row["honoured_at"] is not None
+
+
 def test_a_crm_flag_counts_only_with_sinch_and_is_honoured_when_sinch_confirms(journal):
     from syncd.reflector import crm_flag_event
 

@@ -38,6 +38,7 @@ class DeliveryStore:
                                record_id=ref.record_id, now=now, now_iso=now_iso)
                 if event_id not in still_routing:
                     tx.execute("mark_event_routed", now=now_iso, id=event_id, reason=(notes or {}).get(event_id))
+                    tx.execute("honour_routed_event", now_iso=now_iso, id=event_id)
 
     def requeue(self, targets: list[tuple[int, RecordRef]]) -> int:
         """Push (event, record) again (``syncd audit --repair``): a new delivery, or the

@@ -41,6 +41,15 @@ WHERE id = %(id)s AND status = 'new';
 UPDATE events SET status = 'routed', status_reason = %(reason)s, updated_at = %(now)s
 WHERE id = %(id)s AND status IN ('new', 'quarantined');
 
+-- name: honour_routed_event
+-- An opt-out whose targets were all done while a lookup was still owed (fan-out routes
+-- the named record first) is honoured when routing ends, not at a later settle.
+UPDATE events SET honoured_at = %(now_iso)s
+WHERE id = %(id)s AND honoured_at IS NULL AND kind IN ('opt_out', 'do_not_contact')
+  AND event_type = 'consent' AND status = 'routed'
+  AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND d.state <> 'done');
+
 -- name: replay_quarantined_events
 UPDATE events SET status = 'new', route_attempts = 0, next_route_at = 0, updated_at = %(now)s
 WHERE status = 'quarantined';
