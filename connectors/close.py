@@ -34,7 +34,7 @@ from connectors.http import (error_for_status, make_session, parse_retry_after, 
                              wrap_transport_error)
 from connectors.plugin import BuildContext, CrmPlugin, IdRule
 from connectors.settings import CrmSettings, OutboundUrl, Secret
-from connectors.types import (ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate,
+from connectors.types import (EMAILS_FIELD, ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate,
                               UpdateResult, Watermark)
 
 log = logging.getLogger(__name__)
@@ -736,9 +736,10 @@ class CloseConnector:
 
     def _read_one(self, obj: str, record_id: str, fields: list[str]) -> dict[str, Any]:
         want_email = UNSUBSCRIBE_FIELD in fields
+        want_emails = EMAILS_FIELD in fields
         wanted: dict[str, dict[str, Any] | None] = {}  # requested name -> custom field meta (None: built-in)
         for name in dict.fromkeys(fields):
-            if name == UNSUBSCRIBE_FIELD:
+            if name in (UNSUBSCRIBE_FIELD, EMAILS_FIELD):
                 continue
             if name in BUILTIN_FIELDS[obj]:
                 wanted[name] = None
@@ -748,14 +749,19 @@ class CloseConnector:
                 raise Permanent(f"unknown Close {obj} field: {name}")
             wanted[name] = meta
         keys = ["id", *[n if meta is None else f"custom.{meta['id']}" for n, meta in wanted.items()]]
-        if want_email:
+        if want_email or want_emails:
             keys.append("contacts" if obj == "lead" else "emails")
         data = self._call("GET", f"/{obj}/{record_id}/", params={"_fields": ",".join(dict.fromkeys(keys))})
         data = data if isinstance(data, dict) else {}
         values = {name: data.get(name) if meta is None else self._from_close(meta, data.get(f"custom.{meta['id']}"))
                   for name, meta in wanted.items()}
+        people = (data.get("contacts") or []) if obj == "lead" else [data]
+        if want_emails:
+            values[EMAILS_FIELD] = list(dict.fromkeys(
+                entry["email"].strip() for person in people if isinstance(person, dict)
+                for entry in person.get("emails") or []
+                if isinstance(entry, dict) and isinstance(entry.get("email"), str) and entry["email"].strip()))
         if want_email:
-            people = (data.get("contacts") or []) if obj == "lead" else [data]
             states = [entry.get("is_unsubscribed") is True
                       for person in people if isinstance(person, dict)
                       for entry in person.get("emails") or []

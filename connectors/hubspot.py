@@ -39,7 +39,7 @@ from connectors.errors import (AuthFailed, ConnectorError, NotFound, Permanent, 
 from connectors.http import USER_AGENT, parse_retry_after, short_retry
 from connectors.plugin import BuildContext, CrmPlugin, IdRule
 from connectors.settings import CrmSettings, OutboundUrl, Secret
-from connectors.types import (ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate,
+from connectors.types import (EMAILS_FIELD, ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate,
                               UpdateResult, Watermark)
 
 HUBSPOT_ID = re.compile(r"^[0-9]+$")
@@ -571,8 +571,9 @@ class HubSpotConnector:
         out for a contact without an address. That costs one GET per address: the v4
         batch status reads need Marketing Hub Enterprise scopes (see SOURCES.md)."""
         want_email = UNSUBSCRIBE_FIELD in fields
-        props = [f for f in dict.fromkeys(fields) if f != UNSUBSCRIBE_FIELD]
-        names = list(dict.fromkeys([*props, *(OWN_EMAILS if want_email else ())]))
+        want_emails = EMAILS_FIELD in fields
+        props = [f for f in dict.fromkeys(fields) if f not in (UNSUBSCRIBE_FIELD, EMAILS_FIELD)]
+        names = list(dict.fromkeys([*props, *(OWN_EMAILS if want_email or want_emails else ())]))
         wanted = {ref.record_id: ref for ref in refs if ref.crm == self.name and self._check_ref(ref) is None}
         ids = list(wanted)
         found: dict[RecordRef, dict[str, Any]] = {}
@@ -583,6 +584,8 @@ class HubSpotConnector:
                     continue
                 values = obj.properties or {}
                 found[ref] = {name: self._from_batch_read(values.get(name)) for name in props}
+                if want_emails:
+                    found[ref][EMAILS_FIELD] = _split_emails(values)
                 if want_email:
                     addresses = _split_emails(values)
                     if addresses:

@@ -35,7 +35,7 @@ from connectors.http import error_for_status, make_session, parse_retry_after, s
     wrap_transport_error
 from connectors.plugin import BuildContext, CrmPlugin, IdRule, QuotaLimits
 from connectors.settings import CrmSettings, OptionalSecret, OutboundUrl, Strict
-from connectors.types import ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate, \
+from connectors.types import EMAILS_FIELD, ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate, \
     UpdateResult, Watermark
 
 if TYPE_CHECKING:
@@ -799,8 +799,10 @@ class SalesforceConnector:
         100,000-character SOQL limit. A record that no longer exists (deleted, or an id
         of another org) is simply absent from the answer. Ids are validated (and
         refs of other objects or CRMs left out) before any text reaches the query."""
-        names = [_validate_name(f, "field") for f in fields]
-        select = ["Id", *[n for n in dict.fromkeys(names) if n.lower() != "id"]]
+        want_emails = EMAILS_FIELD in fields
+        names = [_validate_name(f, "field") for f in fields if f != EMAILS_FIELD]
+        select = ["Id", *[n for n in dict.fromkeys([*names, *(["Email"] if want_emails else [])])
+                          if n.lower() != "id"]]
         by_obj: dict[str, dict[str, RecordRef]] = {}
         for ref in refs:
             if ref.crm != self.name or ref.obj not in OBJECTS:
@@ -821,6 +823,9 @@ class SalesforceConnector:
                     if hit is not None:
                         values = {k: v for k, v in row.items() if k not in ("attributes", "Id")}
                         found[hit] = self._requested(values, names)
+                        if want_emails:
+                            email = self._requested(values, ["Email"]).get("Email")
+                            found[hit][EMAILS_FIELD] = [email] if isinstance(email, str) and email.strip() else []
         return found
 
     @staticmethod

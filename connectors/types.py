@@ -7,6 +7,12 @@ from typing import Any
 from connectors.errors import ConnectorError
 
 
+# A pseudo-field for ``CrmConnector.read``: the record's own email addresses, as a list
+# (Salesforce ``Email``; HubSpot ``email`` and ``hs_additional_emails``; a Close lead's
+# contacts' addresses). The router reads it to fan out an email opt-out that named a
+# record but carried no address (Apten's ``optOut``).
+EMAILS_FIELD = "@emails"
+
 @dataclass(frozen=True)
 class RecordRef:
     """One CRM record: ``crm`` is the connector name, ``obj`` the object type

@@ -12,6 +12,11 @@ with no routable id is looked up, by phone. Lookups are batched: the phones and 
 of a whole routing batch go to each CRM's ``find`` ``LOOKUP_CHUNK`` at a time, so a
 phone shared by many events is looked up once.
 
+An email opt-out that names a record but carries no address (Apten's ``optOut``) first
+reads the named record's address (``read`` with ``EMAILS_FIELD``, one call per CRM and
+batch), keeps it on the event and in the ledger (``Events.learn_email``), then fans out
+by it.
+
 A failed lookup defers the event with backoff; the records already known (the named
 one, those found in CRMs that answered) get their deliveries at once and the event
 keeps waiting for the rest. When the retries give up, the event is routed to what is
@@ -27,7 +32,7 @@ from typing import Callable
 
 from connectors.base import CrmConnector
 from connectors.errors import ConnectorError
-from connectors.types import RecordRef
+from connectors.types import EMAILS_FIELD, RecordRef
 from syncd.backoff import RetryPolicy
 from syncd.crm_health import CrmHealthBook
 from syncd.journal.base import Deliveries, Events, Operations, StoredEvent
@@ -63,6 +68,9 @@ class Plan:
     named: RecordRef | None
     phones: tuple[str, ...] = ()
     emails: tuple[str, ...] = ()
+    # Reading the named record's address: (crm, error) when it failed, (crm, until) when paused.
+    email_failure: tuple[str, ConnectorError] | None = None
+    email_paused: tuple[str, float] | None = None
 
     @property
     def identities(self) -> tuple[str, ...]:
@@ -121,6 +129,7 @@ class EventRouter:
         events = self.events.to_route(self.batch_size, self.lease_seconds)
         out = Routed()
         plans = [plan for plan in (self._plan(event, stats) for event in events) if plan is not None]
+        self._learn_emails([plan for plan in plans if self._needs_address(plan)])
         needs_lookup = [plan for plan in plans if plan.identities]
         lookups = self._look_up(needs_lookup) if needs_lookup else Lookups()
         for plan in plans:
@@ -165,6 +174,47 @@ class EventRouter:
             phones = (event.phone,)  # no id and no identity of its channel: the phone decides, as ever
         return phones, emails
 
+    def _needs_address(self, plan: Plan) -> bool:
+        event = plan.event
+        wants_email = event.kind == "do_not_contact" or event.channel in ("email", "all")
+        return (self.fan_out and wants_email and plan.named is not None and not plan.emails
+                and not (event.email or "").strip())
+
+    def _learn_emails(self, plans: list[Plan]) -> None:
+        """Read the address of each named record (one ``read`` per CRM) and keep it on
+        the event, so the ledger and the consent API know it and fan-out reaches every
+        record carrying it."""
+        by_crm: dict[str, list[Plan]] = {}
+        for plan in plans:
+            assert plan.named is not None
+            by_crm.setdefault(plan.named.crm, []).append(plan)
+        for crm, group in by_crm.items():
+            connector = self.connectors.get(crm)
+            if connector is None:
+                continue
+            paused = self.pauses.in_force(crm)
+            if paused is not None:
+                for plan in group:
+                    plan.email_paused = (crm, paused)
+                continue
+            try:
+                values = connector.read(list(dict.fromkeys(p.named for p in group if p.named)), [EMAILS_FIELD])
+            except ConnectorError as exc:
+                self._count_lookup(crm, exc)
+                self.pauses.after_error(crm, exc)
+                for plan in group:
+                    plan.email_failure = (crm, exc)
+                continue
+            finally:
+                self.pauses.check_budget(crm)
+            self._count_lookup(crm, None)
+            for plan in group:
+                addresses = values.get(plan.named, {}).get(EMAILS_FIELD) or [] if plan.named else []
+                email = next((normalize_email(a) for a in addresses if "@" in str(a)), None)
+                if email is not None:
+                    self.events.learn_email(plan.event.id, email)
+                    plan.emails = (email,)
+
     # --- lookups --------------------------------------------------------------------
     def _look_up(self, plans: list[Plan]) -> Lookups:
         """Each CRM's ``find`` once per chunk of the batch's distinct phones and emails.
@@ -201,7 +251,7 @@ class EventRouter:
     def _settle(self, plan: Plan, lookups: Lookups, stats: RouteStats, out: Routed) -> None:
         event = plan.event
         targets = [plan.named] if plan.named is not None else []
-        failure: tuple[str, ConnectorError] | None = None
+        failure: tuple[str, ConnectorError] | None = plan.email_failure
         for crm in self.connectors:
             for identity in plan.identities:
                 exc = lookups.failed.get(crm, {}).get(identity)
@@ -209,9 +259,11 @@ class EventRouter:
                     failure = failure or (crm, exc)
                 targets.extend(lookups.found.get(crm, {}).get(identity, []))
         targets = list(dict.fromkeys(targets))
-        paused = [crm for crm in self.connectors if crm in lookups.paused] if plan.identities else []
+        paused = {crm: lookups.paused[crm] for crm in self.connectors if crm in lookups.paused} if plan.identities else {}
+        if plan.email_paused is not None:
+            paused[plan.email_paused[0]] = plan.email_paused[1]
         if paused:
-            until = max(lookups.paused[crm] for crm in paused)
+            until = max(paused.values())
             self._wait(plan, targets, f"lookup in {', '.join(paused)} waits: CRM paused", until, out)
         elif failure is not None:
             self._lookup_failed(plan, targets, *failure, stats, out)
@@ -256,7 +308,8 @@ class EventRouter:
 
     @staticmethod
     def _what(plan: Plan) -> str:
-        return " or ".join(kind for kind, values in (("phone", plan.phones), ("email", plan.emails)) if values)
+        return " or ".join(kind for kind, values in (("phone", plan.phones), ("email", plan.emails)) if values) \
+            or "email"   # the named record's address, which could not be read
 
     def _quarantine(self, event: StoredEvent, reason: str, stats: RouteStats) -> None:
         self.events.quarantine(event.id, reason)

@@ -136,6 +136,66 @@ def test_an_email_opt_out_reaches_every_record_with_the_address_and_writes_no_ph
     assert sf.requests_to(r"/search/?$", "GET") == []                         # no phone lookup for email
 
 
+def test_an_email_opt_out_without_an_address_reads_the_named_records_and_fans_out_by_it(make_runtime):
+    # Apten's optOut carries no address: the named Contact's Email (dana.reyes@example.com)
+    # is read first, kept on the event and in the ledger, then every record with it is reached.
+    st_, rt = make_runtime()
+    sf, hs, cl = st_.sandboxes["salesforce"], st_.sandboxes["hubspot"], st_.sandboxes["close"]
+    lead = sf.add_record("Lead", None, LastName="Reyes", Company="Y", Email="DANA.REYES@example.com",
+                         Phone="+15555550100", HasOptedOutOfEmail=False, DoNotCall=False)
+    hs.add_contact(None, email="dana.reyes@example.com", sms_opt_out="false")
+    cl.add_lead("lead_mail2", name="Mail Ltd")
+    cl.add_contact("cont_mail2", "lead_mail2", name="Dana", emails=["dana.reyes@example.com"])
+    event_id = apten_seed(rt, "apten_optout_email.json")
+    assert rt.journal.events.get(event_id).email is None
+    stats = rt.tick()
+    assert (stats.routed, stats.dead) == (1, 0)
+    assert rt.journal.events.get(event_id).email == "dana.reyes@example.com"
+    assert sf.get_record("Contact", NAMED)["HasOptedOutOfEmail"] is True
+    assert sf.get_record("Lead", lead)["HasOptedOutOfEmail"] is True
+    assert not sf.get_record("Lead", lead)["DoNotCall"]
+    assert [u["email"] for u in hs.unsubscribes] == ["dana.reyes@example.com"]
+    assert "dana.reyes@example.com" in cl.unsubscribed
+    reads = sf.requests_to(r"/query/?$", "GET")
+    assert any("WHERE Id IN" in r.query["q"][0] for r in reads)       # one read of the named record
+    entry = rt.journal.ledger.state("dana.reyes@example.com", "email")
+    assert (entry.state, entry.event_id) == ("opted_out", event_id)
+    before = sorted(rt.journal.ledger.all())
+    rt.journal.ledger.rebuild()                                       # the events still hold the whole truth
+    assert sorted(rt.journal.ledger.all()) == before
+
+
+def test_each_crm_reads_a_records_own_addresses(make_runtime):
+    from connectors.types import EMAILS_FIELD, RecordRef
+
+    st_, rt = make_runtime()
+    st_.sandboxes["close"].add_contact("cont_abc124", "lead_abc123", name="Kim", emails=["Kim@Example.com"])
+    refs = {"salesforce": RecordRef("salesforce", "Contact", NAMED), "hubspot": RecordRef("hubspot", "contacts", "51"),
+            "close": RecordRef("close", "lead", "lead_abc123")}
+    got = {crm: rt.connectors[crm].read([ref], [EMAILS_FIELD])[ref][EMAILS_FIELD] for crm, ref in refs.items()}
+    assert got == {"salesforce": ["dana.reyes@example.com"], "hubspot": ["ana.silva@example.com"],
+                   "close": ["sam.okafor@example.com", "Kim@Example.com"]}
+
+
+def test_an_unreadable_named_record_delays_the_email_fan_out_but_not_the_record(make_runtime):
+    st_, rt = make_runtime(retry={"max_attempts": 3, "initial_backoff_seconds": 0.05, "max_backoff_seconds": 0.1})
+    sf = st_.sandboxes["salesforce"]
+    fault = sf.add_fault("GET", r"/query/?$", 503, [{"errorCode": "SERVER_UNAVAILABLE", "message": "down"}],
+                         times=1000)
+    event_id = apten_seed(rt, "apten_optout_email.json")
+    rt.tick()
+    fault.times = 0                                                   # Salesforce answers again
+    stored = rt.journal.events.get(event_id)
+    assert stored.status == "new" and "salesforce" in (stored.status_reason or "")   # deferred, read again later
+    assert sf.get_record("Contact", NAMED)["HasOptedOutOfEmail"] is True               # the named record did not wait
+    deadline = time.time() + 20
+    while rt.journal.events.get(event_id).status == "new" and time.time() < deadline:
+        time.sleep(0.1)
+        rt.tick()
+    assert rt.journal.events.get(event_id).email == "dana.reyes@example.com"
+    assert rt.journal.events.get(event_id).status == "routed"
+
+
 def test_a_phone_shared_by_many_events_of_a_batch_is_looked_up_once_per_crm(make_runtime):
     st_, rt = make_runtime()
     duplicates(st_)

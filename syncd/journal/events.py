@@ -135,6 +135,18 @@ class EventStore:
         with self.engine.begin() as tx:
             tx.execute("settle_new_event", status=status, reason=reason, now=iso(utcnow()), id=event_id)
 
+    def learn_email(self, event_id: int, email: str) -> bool:
+        """Keep the address of an email opt-out that named a record but no address (read
+        from that record) on the event, and enter it in the consent ledger in the same
+        transaction, as if it had come with the event (a rebuild gives the same ledger)."""
+        with self.engine.begin() as tx:
+            if not tx.execute("learn_event_email", email=email, now=iso(utcnow()), id=event_id):
+                return False
+            row = tx.one("event_by_id", id=event_id)
+            if row is not None:
+                self.ledger.apply(tx, [(event_id, row)])
+        return True
+
     def defer(self, event_id: int, error: str, retry_at: float) -> None:
         """Route again at ``retry_at`` (a lookup failed or its CRM is paused)."""
         with self.engine.begin() as tx:

@@ -50,6 +50,11 @@ WHERE id = %(id)s AND honoured_at IS NULL AND kind IN ('opt_out', 'do_not_contac
   AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)
   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND d.state <> 'done');
 
+-- name: learn_event_email
+-- The address an email opt-out named no address for, read from the record it named.
+UPDATE events SET email = %(email)s, updated_at = %(now)s
+WHERE id = %(id)s AND (email IS NULL OR TRIM(email) = '');
+
 -- name: replay_quarantined_events
 UPDATE events SET status = 'new', route_attempts = 0, next_route_at = 0, updated_at = %(now)s
 WHERE status = 'quarantined';
