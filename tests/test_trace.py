@@ -368,3 +368,24 @@ def test_trace_finds_a_delivered_webhook_by_phone_and_by_record_id():
         assert {"identity": PHONE, "channel": "sms", "state": "opted_out",
                 "since": event["occurred_at"], "source": "apten"} in doc["consent"]
     assert as_text.returncode == 0 and CONTACT in as_text.stdout
+
+
+@pytest.mark.parametrize("query, params, index", [
+    ("trace_events_by_phone", {"phone": "+13305551234"}, "events_phone"),
+    ("trace_events_by_email", {"email": "dana.reyes@example.com"}, "events_email"),
+    ("trace_events_by_record", {"ids": ["003XX000004DHPYYA4"]}, "deliveries_record_id"),
+    ("trace_events_by_record", {"ids": ["003XX000004DHPYYA4"]}, "events_external_lead_id"),
+    ("trace_crm_flags_by_record", {"pattern": "%x%"}, "events_crm_flags"),
+    ("trace_reflections_by_phone", {"phones": ["+13305551234"]}, "reflections_phone"),
+])
+def test_trace_lookups_read_an_index_not_every_event(tmp_path, query, params, index):
+    """A person is found through an index (0006_trace_indexes.sql): on 200,000 events a
+    full scan took 50-170 ms per lookup, the indexes about 1-2 ms."""
+    j = open_journal(f"sqlite:///{tmp_path}/plan.db")
+    try:
+        with j.engine.read() as tx:
+            sql, args = tx.queries[query].render(params)
+            plan = " ".join(str(r[-1]) for r in tx.cur.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall())
+    finally:
+        j.close()
+    assert index in plan, plan
