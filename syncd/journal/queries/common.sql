@@ -40,6 +40,12 @@ WHERE id = %(id)s AND status = 'new';
 UPDATE events SET status = 'routed', status_reason = NULL, updated_at = %(now)s
 WHERE id = %(id)s AND status IN ('new', 'quarantined');
 
+-- name: mark_quarantined_event_routed
+-- A target found outside routing (the reflector's poll) ends a quarantine; an event
+-- still 'new' keeps waiting for its own routing.
+UPDATE events SET status = 'routed', status_reason = NULL, updated_at = %(now)s
+WHERE id = %(id)s AND status = 'quarantined';
+
 -- name: replay_quarantined_events
 UPDATE events SET status = 'new', route_attempts = 0, next_route_at = 0, updated_at = %(now)s
 WHERE status = 'quarantined';
