@@ -322,17 +322,26 @@ class Reflector:
                        ) -> set[int]:
         """An opt-out queued for a record may cover channels (``all``, do-not-contact)
         that the ledger holds as opted in by a newer event: that opt-in goes along, so
-        the pusher (newest per field wins) writes what the ledger says, not more."""
+        the pusher (newest per field wins) writes what the ledger says, not more. Only
+        an opt-in of that one channel: a wide one could also outrank, on this record,
+        an opt-out the ledger keeps for another identity (the safe side is the opt-out)."""
         opted_in = [e for e in entries if e.state == "opted_in" and e.event_id not in events]
         if not opted_in:
             return set()
         covered: set[str] = set()
         for event_id in events:
-            event = self._stored(event_id, cache)
-            if event is not None:
-                wide = event.kind == "do_not_contact" or event.channel not in CHANNELS
-                covered |= set(CHANNELS) if wide else {str(event.channel)}
-        return {int(e.event_id) for e in opted_in if e.channel in covered}  # type: ignore[arg-type]
+            covered |= self._channels_of(self._stored(event_id, cache))
+        return {int(e.event_id) for e in opted_in  # type: ignore[arg-type]
+                if e.channel in covered and self._channels_of(self._stored(int(e.event_id), cache)) == {e.channel}}
+
+    @staticmethod
+    def _channels_of(event: StoredEvent | None) -> set[str]:
+        """The channels an event writes (``all`` and do-not-contact: every one)."""
+        if event is None:
+            return set()
+        if event.kind == "do_not_contact" or event.channel not in CHANNELS:
+            return set(CHANNELS)
+        return {str(event.channel)}
 
     # --- registering in Sinch --------------------------------------------------------
     def register_due(self, limit: int = 100) -> dict[str, int]:

@@ -487,3 +487,30 @@ def test_a_found_record_ends_a_quarantine_and_never_preempts_routing():
     finally:
         rt.journal.close()
         st.cleanup()
+
+
+def test_a_found_do_not_contact_brings_the_newer_single_channel_opt_in_along():
+    """The ledger: do-not-contact at 09:00:01, an SMS opt-in at 09:00:02. A lead that
+    appears with the phone gets both, so SMS stays allowed on it as the ledger says."""
+    st = Stack().start()
+    rt = _runtime(st)
+    try:
+        sf, phone = st.sandboxes["salesforce"], "+13305550142"
+        rt.reflector.poll_once()
+        dnc = _event("d-1", "all", 1, phone=phone, phone_raw=phone)
+        dnc.kind = "do_not_contact"
+        optin = _event("i-1", "sms", 2, phone=phone, phone_raw=phone)
+        optin.kind = "opt_in"
+        ids = [rt.journal.events.record(e).event_id for e in (dnc, optin)]
+        rt.tick()                                                   # nobody has the phone yet
+        assert rt.journal.ledger.state(phone, "sms").state == "opted_in"
+        lead = sf.add_record("Lead", None, LastName="Late", Company="X", MobilePhone="330-555-0142")
+        sf.advance(10)
+        rt.reflector.poll_once()
+        assert sorted(e for e, _, rec, _ in _deliveries(rt) if rec == lead) == sorted(ids)
+        assert rt.tick().dead == 0
+        record = sf.get_record("Lead", lead)
+        assert (record["DoNotCall"], record["WhatsApp_Opt_Out__c"], record["SMS_Opt_Out__c"]) == (True, True, False)
+    finally:
+        rt.journal.close()
+        st.cleanup()
