@@ -296,7 +296,7 @@ class Reflector:
             entries = [e for e in (held[k] for k in keys) if e is not None and e.event_id is not None]
             missing = {int(e.event_id) for e in entries  # type: ignore[arg-type]
                        if e.state == "opted_out" and not channel_set(om, e.channel, rec.values)
-                       and not self._flagged_here(e, rec.ref, stored)}
+                       and not self._flagged_here(e, rec.ref, stored) and not self._echo(e, stored)}
             if not missing:
                 continue
             for event_id in sorted(missing | self._newer_opt_ins(entries, missing, stored)):
@@ -317,6 +317,15 @@ class Reflector:
         event = self._stored(entry.event_id, cache)
         d = event.details if event is not None else {}
         return (d.get("crm"), d.get("object"), d.get("record_id")) == (ref.crm, ref.obj, ref.record_id)
+
+    def _echo(self, entry: Entry, cache: dict[int, StoredEvent | None]) -> bool:
+        """Sinch's notification answering a registration syncd made for a CRM flag
+        (reconciled, never routed): the flag itself is in the ledger, its echo on
+        the Sinch channel is no news for the CRMs."""
+        if entry.source != "sinch" or entry.event_id is None:
+            return False
+        event = self._stored(entry.event_id, cache)
+        return event is not None and event.status == "reconciled"
 
     def _newer_opt_ins(self, entries: list[Entry], events: set[int], cache: dict[int, StoredEvent | None]
                        ) -> set[int]:

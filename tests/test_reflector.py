@@ -50,7 +50,11 @@ def test_admin_flag_is_registered_once_and_confirmed(sinch_stack):
         time.sleep(5 * 0.5 + 1.0)                                 # five more polls
         assert polled(st) != first_poll
         assert len(sinch.registrations) == 1
-        assert status(st)["reflections"] == {"pending": 0, "done": 1, "failed": 0}
+        shown = status(st)
+        assert shown["reflections"] == {"pending": 0, "done": 1, "failed": 0}
+        # Sinch's answer (a WhatsApp opt-out in the ledger) is the flag's echo: not pushed back
+        assert shown["deliveries"]["done"] == shown["deliveries"]["pending"] == 0
+        assert sf.get_record("Contact", CONTACT)["WhatsApp_Opt_Out__c"] is False
     finally:
         assert daemon.terminate() == 0
 
