@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 def optout(ext_id: str, n: int, channel: str = "sms") -> bytes:
     doc = json.loads(fixture_bytes("apten_optout_sms.json"))
-    doc["data"].update(externalLeadId=ext_id, channel=channel)
+    doc["data"].update(externalLeadId=ext_id, channel=channel,
+                       phone=f"+1330556{n:04d}")  # one no seeded record has (the poll flags those)
     doc["timestamp"] = f"2024-02-18T09:{n // 60 % 60:02d}:{n % 60:02d}Z"
     doc["data"]["leadId"] = f"lead-{n}"
     return json.dumps(doc).encode()

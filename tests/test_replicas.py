@@ -29,7 +29,8 @@ POLL = 0.5  # schedule.poll_interval_seconds of both replicas
 
 def optout(ext_id: str, n: int) -> bytes:
     doc = json.loads(fixture_bytes("apten_optout_sms.json"))
-    doc["data"].update(externalLeadId=ext_id, leadId=f"replica-lead-{n}")
+    doc["data"].update(externalLeadId=ext_id, leadId=f"replica-lead-{n}",
+                       phone=f"+1330556{n:04d}")  # one no seeded record has (the poll flags those)
     doc["timestamp"] = f"2024-02-18T10:{n // 60 % 60:02d}:{n % 60:02d}Z"
     return json.dumps(doc).encode()
 
