@@ -116,7 +116,7 @@ def _check_mapping(crm: str, mapping: Mapping, connector) -> list[str]:
                 problems += _check_field(mapping.path, crm, obj, name, meta, flag_types if booleans else frozenset())
         for name in om.audit_fields():
             problems += _check_field(mapping.path, crm, obj, name, meta, frozenset())
-        for name in [*mapping.reflect.fields, *mapping.reflect.phone_fields]:
+        for name in [*mapping.reflect.fields, *mapping.reflect.phone_fields, *mapping.reflect.email_fields]:
             if name not in meta:
                 problems.append(f"{mapping.path}: reflect: {obj}.{name}: no such field in {crm}")
     return problems

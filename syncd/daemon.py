@@ -139,12 +139,15 @@ class Daemon:
         self.admin_app.config[COMPLIANCE_KEY] = ComplianceReads(check.clock, check.store)
 
     def extra_jobs(self) -> list[tuple[str, float, Any]]:
-        """Jobs beyond the pusher: the reflector's CRM poll and Sinch registrations."""
+        """Jobs beyond the pusher: the reflector's CRM poll (whenever a CRM is enabled:
+        CRM flags feed the consent ledger) and, with Sinch configured, its registrations."""
         reflector = self.rt.reflector
         if reflector is None:
             return []
-        return [("poll", self.cfg.schedule.poll_interval_seconds, reflector.poll_once),
-                ("reflect", self.cfg.schedule.push_interval_seconds, reflector.register_due)]
+        jobs = [("poll", self.cfg.schedule.poll_interval_seconds, reflector.poll_once)]
+        if reflector.sinch is not None:
+            jobs.append(("reflect", self.cfg.schedule.push_interval_seconds, reflector.register_due))
+        return jobs
 
     def audit_sweep(self) -> Any:
         from syncd.audit import Auditor, AuditSweep

@@ -72,8 +72,13 @@ class EmailUnsubscribe(_Strict):
 
 
 class Reflect(_Strict):
+    """What the reflector's poll reads: the CRM-side flags (``fields``) and the fields
+    that identify the person (``phone_fields``, ``email_fields``), matched with the
+    consent ledger."""
+
     fields: list[str] = []
     phone_fields: list[str] = []
+    email_fields: list[str] = []
 
 
 class Mapping(_Strict):

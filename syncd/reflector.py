@@ -1,13 +1,25 @@
-"""The mirror image of the pusher: CRM do-not-contact flags -> Sinch opt-out registry.
+"""The mirror image of the pusher: CRM do-not-contact flags -> consent ledger and
+Sinch opt-out registry; records that appear later -> deliveries.
 
-``poll_once`` asks each CRM for records changed since its watermark (cost follows
-the number of changes) and queues one registration per phone and Sinch channel
-whose mapped flags say "do not message"; the queue and the new watermark commit
-together. ``register_due`` sends queued registrations (``optouts:register``) and
-waits for Sinch's signed notification, which :class:`SinchNotifications` (called
-by the routing step for every Sinch webhook) joins back by ``request_id`` and turns
-into an outcome. Missing or failed notifications are retried with backoff, then
-dead-lettered.
+``poll_once`` asks each enabled CRM for records changed since its watermark (cost
+follows the number of changes), whether Sinch is configured or not. Per page:
+
+* each flag set inside the CRM enters the consent ledger as an opt-out from
+  ``crm:<name>`` (a ``crm_flag`` event);
+* a record whose phone or email the ledger holds as opted out for a channel, and
+  whose mapped field for that channel is not set (a lead re-imported after the
+  opt-out), gets a delivery of the ledger entry's event; one per (event, record),
+  so syncd's own writes read back (the field is set) or a second sighting queue
+  nothing more;
+* with Sinch configured, one registration per phone and Sinch channel whose mapped
+  flags say "do not message" is queued. Without Sinch nothing is queued (no channel
+  to register in), and the watermark still moves with each page.
+
+The queue and the new watermark commit together. ``register_due`` sends queued
+registrations (``optouts:register``) and waits for Sinch's signed notification,
+which :class:`SinchNotifications` (called by the routing step for every Sinch
+webhook) joins back by ``request_id`` and turns into an outcome. Missing or failed
+notifications are retried with backoff, then dead-lettered.
 """
 from __future__ import annotations
 
@@ -23,11 +35,12 @@ from connectors.registry import CRM_PLUGINS
 from connectors.types import Page, Watermark
 from syncd.backoff import RetryPolicy
 from syncd.config import Config
-from syncd.journal.base import (Events, Ledger, Operations, ReflectionCandidate, ReflectionOutcome, Reflections,
-                                Registration, StoredEvent)
+from syncd.journal.base import (Deliveries, Events, Ledger, Operations, ReflectionCandidate, ReflectionOutcome,
+                                Reflections, Registration, StoredEvent)
 from syncd.events import ConsentEvent, parse_iso
 from syncd.journal.events import CRM_FLAG
-from syncd.mapping import Mapping
+from syncd.journal.ledger import CHANNELS, PHONE_CHANNELS, Entry, normalize_email
+from syncd.mapping import UNSUBSCRIBE, Mapping, ObjectMapping
 from syncd.masking import mask_phone, mask_text
 from syncd.metrics import Metrics
 from syncd.phones import to_e164
@@ -67,6 +80,33 @@ def phones_of(values: dict[str, Any], fields: list[str], region: str) -> list[st
     return found
 
 
+def emails_of(values: dict[str, Any], fields: list[str]) -> list[str]:
+    """The record's addresses as the ledger keys them (lower-cased, trimmed)."""
+    found: list[str] = []
+    for name in fields:
+        raw = values.get(name)
+        for item in raw if isinstance(raw, (list, tuple)) else [raw]:
+            if isinstance(item, dict):
+                item = item.get("email")
+            if isinstance(item, str) and "@" in item:
+                email = normalize_email(item)
+                if email not in found:
+                    found.append(email)
+    return found
+
+
+def channel_set(om: ObjectMapping, channel: str, values: dict[str, Any]) -> bool:
+    """Whether the record already carries the opt-out for ``channel``: every mapped
+    field of it read back set. A field the poll cannot read (``@unsubscribe``, a field
+    the CRM did not return) counts as not set: the delivery is queued once per event
+    and record, and the push is idempotent."""
+    names = om.channels.get(channel) or []  # type: ignore[call-overload]
+    if not names:
+        return True   # nothing to write for this channel on this object
+    return all(name != UNSUBSCRIBE and name in values
+               and (flag_set(values[name]) or values[name] == om.values.opt_out) for name in names)
+
+
 def modified_at(text: str | None) -> datetime:
     """A record's modification time as its CRM writes it (ISO text, or epoch ms for
     HubSpot); now when it says nothing readable."""
@@ -90,23 +130,29 @@ def crm_flag_event(crm: str, obj: str, record_id: str, phone: str, channel: str,
 
 
 class Reflector:
+    """Polls every enabled CRM (leader only). ``sinch`` None: CRM flags still reach the
+    consent ledger and records that appear later still get deliveries; no registration
+    is queued (``register_due`` has nothing to send and is not scheduled)."""
+
     def __init__(self, reflections: Reflections, ops: Operations, connectors: dict[str, CrmConnector],
                  mappings: dict[str, Mapping], sinch: Any, cfg: Config, *, page_limit: int = 200,
                  max_pages: int = 50, metrics: Metrics | None = None, events: Events | None = None,
-                 ledger: Ledger | None = None):
+                 ledger: Ledger | None = None, deliveries: Deliveries | None = None):
         self.reflections = reflections
         self.ledger = ledger
         self.events = events        # CRM-side flags enter the consent ledger as events
+        self.deliveries = deliveries  # records that appear later with an opted-out identity
         self.ops = ops
         self.metrics = metrics
         self.connectors = connectors
         self.mappings = mappings
         self.sinch = sinch
-        assert cfg.sinch is not None
-        self.channels = [c.upper() for c in cfg.sinch.channels]
-        self.reflect_opt_in = cfg.sinch.reflect_opt_in
-        self.backfill = cfg.sinch.reflect_backfill
-        self.notify_timeout = cfg.sinch.notification_timeout_seconds
+        # No Sinch: no channel to register in, so the poll queues no registration.
+        self.channels = [c.upper() for c in cfg.sinch.channels] if sinch is not None and cfg.sinch else []
+        self.reflect_opt_in = bool(cfg.sinch and cfg.sinch.reflect_opt_in)
+        self.backfill = bool(cfg.sinch and cfg.sinch.reflect_backfill)
+        self.notify_timeout = cfg.sinch.notification_timeout_seconds if cfg.sinch else 0.0
+        self.found_targets: dict[str, int] = {}   # deliveries queued for records that appeared, per CRM
         self.region = cfg.phone.default_region
         self.policy = RetryPolicy(cfg.retry)
         self.page_limit = page_limit
@@ -114,13 +160,15 @@ class Reflector:
 
     # --- polling the CRMs ------------------------------------------------------------
     def poll_once(self) -> dict[str, int]:
-        """One poll of every CRM whose mapping has a reflect section; leader only."""
+        """One poll of every CRM whose mapping names the fields that identify a person
+        (``reflect.phone_fields`` / ``email_fields``); leader only. Answers the number
+        of registrations queued per CRM (0 without Sinch)."""
         if not self.ops.try_leadership("reflector"):
             return {}
         queued: dict[str, int] = {}
         for crm, connector in self.connectors.items():
             reflect = self.mappings[crm].reflect
-            if not reflect.fields or not reflect.phone_fields:
+            if not reflect.phone_fields and not reflect.email_fields:
                 continue
             pause = self.ops.crm_pause(crm)
             if pause is not None and pause[0] > time.time():
@@ -130,6 +178,17 @@ class Reflector:
             except ConnectorError as exc:
                 log.warning("poll failed", extra={"crm": crm, "error": mask_text(str(exc))})
         return queued
+
+    def _read_fields(self, crm: str) -> list[str]:
+        """What a poll asks for: the flags, the identity fields, and (for records that
+        appear later) every mapped channel field the CRM can read back."""
+        mapping = self.mappings[crm]
+        r = mapping.reflect
+        mapped: list[str] = []
+        if self.deliveries is not None and self.ledger is not None:
+            mapped = [n for om in mapping.objects.values() for names in om.channels.values()
+                      for n in names if n != UNSUBSCRIBE]
+        return list(dict.fromkeys([*r.fields, *r.phone_fields, *r.email_fields, *mapped]))
 
     def _poll_page(self, crm: str, connector: CrmConnector, mark: Watermark, fields: list[str]) -> Page:
         try:
@@ -150,25 +209,36 @@ class Reflector:
             first = CRM_PLUGINS[crm].initial_watermark(start)
             self.reflections.add([], self.channels, (name, first, None))
             return 0
-        mark, total = Watermark(ts, last_id), 0
+        mark, total, found = Watermark(ts, last_id), 0, 0
+        fields = self._read_fields(crm)
         for _ in range(self.max_pages):
-            page = self._poll_page(crm, connector, mark, list(dict.fromkeys([*flags, *phone_fields])))
-            candidates = []
+            page = self._poll_page(crm, connector, mark, fields)
             self._enter_flags(crm, page, flags, phone_fields)
-            for rec in page.records:
-                flagged = any(flag_set(rec.values.get(f)) for f in flags)
-                if not flagged and not self.reflect_opt_in:
-                    continue
-                kind = "opt_out" if flagged else "opt_in"
-                for phone in phones_of(rec.values, phone_fields, self.region):
-                    candidates.append(ReflectionCandidate(rec.ref, phone, kind, rec.modified))
+            found += self._queue_found_targets(crm, page)
+            candidates = self._candidates(page, flags, phone_fields) if self.channels else []
             mark = page.next_mark
             total += self.reflections.add(candidates, self.channels, (name, mark.ts, mark.last_id))
             if not page.more:
                 break
         if total:
             log.info("reflections queued", extra={"crm": crm, "count": total})
+        if found:
+            self.found_targets[crm] = self.found_targets.get(crm, 0) + found
+            log.info("deliveries queued for records holding an opted-out identity",
+                     extra={"crm": crm, "count": found})
         return total
+
+    def _candidates(self, page: Page, flags: list[str], phone_fields: list[str]) -> list[ReflectionCandidate]:
+        """Registrations in Sinch: a flagged record's phones (cleared ones with reflect_opt_in)."""
+        candidates = []
+        for rec in page.records:
+            flagged = any(flag_set(rec.values.get(f)) for f in flags)
+            if not flagged and not self.reflect_opt_in:
+                continue
+            kind = "opt_out" if flagged else "opt_in"
+            for phone in phones_of(rec.values, phone_fields, self.region):
+                candidates.append(ReflectionCandidate(rec.ref, phone, kind, rec.modified))
+        return candidates
 
     def _enter_flags(self, crm: str, page: Page, flags: list[str], phone_fields: list[str]) -> None:
         """Each flag set inside the CRM enters the consent ledger as an opt-out from
@@ -195,9 +265,98 @@ class Reflector:
         if found:
             self.events.record_batch(found)
 
+    def _queue_found_targets(self, crm: str, page: Page) -> int:
+        """A record on this page whose phone or email the ledger holds as opted out for
+        a channel the record does not carry yet gets a delivery of the entry's event
+        (one ledger look-up per page). Runs after :meth:`_enter_flags`, so a flag set on
+        one record reaches its duplicates. The deliveries are unique per (event,
+        record): syncd's own write read back is set, and a second sighting adds nothing."""
+        if self.deliveries is None or self.ledger is None or not page.records:
+            return 0
+        mapping = self.mappings[crm]
+        reflect = mapping.reflect
+        per_record: list[tuple[Any, ObjectMapping, list[tuple[str, str]]]] = []
+        for rec in page.records:
+            om = mapping.for_object(rec.ref.obj)
+            if om is None:
+                continue
+            keys = [(phone, ch) for phone in phones_of(rec.values, reflect.phone_fields, self.region)
+                    for ch in PHONE_CHANNELS if ch in om.channels]
+            keys += [(email, "email") for email in emails_of(rec.values, reflect.email_fields)
+                     if "email" in om.channels]
+            if keys:
+                per_record.append((rec, om, keys))
+        wanted = list(dict.fromkeys(k for _, _, keys in per_record for k in keys))
+        if not wanted:
+            return 0
+        held = dict(zip(wanted, self.ledger.states(wanted)))
+        stored: dict[int, StoredEvent | None] = {}   # events read for this page, by id
+        targets: dict[int, list[Any]] = {}
+        for rec, om, keys in per_record:
+            entries = [e for e in (held[k] for k in keys) if e is not None and e.event_id is not None]
+            missing = {int(e.event_id) for e in entries  # type: ignore[arg-type]
+                       if e.state == "opted_out" and not channel_set(om, e.channel, rec.values)
+                       and not self._flagged_here(e, rec.ref, stored) and not self._echo(e, stored)}
+            if not missing:
+                continue
+            for event_id in sorted(missing | self._newer_opt_ins(entries, missing, stored)):
+                targets.setdefault(event_id, []).append(rec.ref)
+        return self.deliveries.add_found_targets(sorted(targets.items())) if targets else 0
+
+    def _stored(self, event_id: int, cache: dict[int, StoredEvent | None]) -> StoredEvent | None:
+        if event_id not in cache:
+            cache[event_id] = self.events.get(event_id) if self.events is not None else None
+        return cache[event_id]
+
+    def _flagged_here(self, entry: Entry, ref: Any, cache: dict[int, StoredEvent | None]) -> bool:
+        """A CRM-side flag read from this very record: a user who clears it there is
+        not overruled by the flag they cleared (as a record syncd wrote is not
+        rewritten: one delivery per event and record)."""
+        if not entry.source.startswith("crm:") or entry.event_id is None:
+            return False
+        event = self._stored(entry.event_id, cache)
+        d = event.details if event is not None else {}
+        return (d.get("crm"), d.get("object"), d.get("record_id")) == (ref.crm, ref.obj, ref.record_id)
+
+    def _echo(self, entry: Entry, cache: dict[int, StoredEvent | None]) -> bool:
+        """Sinch's notification answering a registration syncd made for a CRM flag
+        (reconciled, never routed): the flag itself is in the ledger, its echo on
+        the Sinch channel is no news for the CRMs."""
+        if entry.source != "sinch" or entry.event_id is None:
+            return False
+        event = self._stored(entry.event_id, cache)
+        return event is not None and event.status == "reconciled"
+
+    def _newer_opt_ins(self, entries: list[Entry], events: set[int], cache: dict[int, StoredEvent | None]
+                       ) -> set[int]:
+        """An opt-out queued for a record may cover channels (``all``, do-not-contact)
+        that the ledger holds as opted in by a newer event: that opt-in goes along, so
+        the pusher (newest per field wins) writes what the ledger says, not more. Only
+        an opt-in of that one channel: a wide one could also outrank, on this record,
+        an opt-out the ledger keeps for another identity (the safe side is the opt-out)."""
+        opted_in = [e for e in entries if e.state == "opted_in" and e.event_id not in events]
+        if not opted_in:
+            return set()
+        covered: set[str] = set()
+        for event_id in events:
+            covered |= self._channels_of(self._stored(event_id, cache))
+        return {int(e.event_id) for e in opted_in  # type: ignore[arg-type]
+                if e.channel in covered and self._channels_of(self._stored(int(e.event_id), cache)) == {e.channel}}
+
+    @staticmethod
+    def _channels_of(event: StoredEvent | None) -> set[str]:
+        """The channels an event writes (``all`` and do-not-contact: every one)."""
+        if event is None:
+            return set()
+        if event.kind == "do_not_contact" or event.channel not in CHANNELS:
+            return set(CHANNELS)
+        return {str(event.channel)}
+
     # --- registering in Sinch --------------------------------------------------------
     def register_due(self, limit: int = 100) -> dict[str, int]:
         stats = {"registered": 0, "retry": 0, "dead": 0, "expired": 0}
+        if self.sinch is None:
+            return stats
         stats["expired"] = self.reflections.expire(
             self.policy.max_attempts, f"no notification from Sinch within {self.notify_timeout:g} s")
         claimed = self.reflections.claim(limit, lease_seconds=120)

@@ -123,9 +123,9 @@ def open_runtime(cfg: Config) -> Runtime:
                           health=health, fan_out=cfg.routing.fan_out)
     reflector = None
     sinch = build_sinch(cfg)
-    if sinch is not None:
+    if connectors:   # the poll runs for every enabled CRM; Sinch registrations only when configured
         reflector = Reflector(journal.reflections, journal.ops, connectors, mappings, sinch, cfg, metrics=metrics,
-                              events=journal.events, ledger=journal.ledger)
+                              events=journal.events, ledger=journal.ledger, deliveries=journal.deliveries)
     return Runtime(cfg=cfg, journal=journal, sources=build_sources(cfg), router=router, mappings=mappings,
                    connectors=connectors, routing=routing, pusher=pusher, pauses=pauses, health=health,
                    metrics=metrics, reflector=reflector, alerts=alerts,

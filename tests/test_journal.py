@@ -69,6 +69,23 @@ def test_route_claim_settle_cycle(journal):
     assert row["state"] == "done" and row["target_record"] == REF.record_id and row["delivered_at"]
 
 
+def test_found_targets_are_unique_per_event_and_record_and_never_preempt_routing(journal):
+    """The reflector's poll adds targets of its own: a new event keeps waiting for its
+    routing, a quarantined one is routed, and a target an event has is never added twice."""
+    lead = RecordRef("salesforce", "Lead", "00QXX000001LOX22AO")
+    new = journal.events.record(event(1)).event_id
+    parked = journal.events.record(event(2)).event_id
+    journal.events.quarantine(parked, "no record has this phone")
+    assert journal.deliveries.add_found_targets([(new, [lead]), (parked, [lead])]) == 2
+    assert journal.events.get(new).status == "new" and journal.events.get(parked).status == "routed"
+    assert journal.deliveries.add_found_targets([(new, [lead]), (parked, [lead])]) == 0
+    assert [e.id for e in journal.events.to_route(10)] == [new]          # its own routing still runs
+    journal.deliveries.add_targets(new, [REF, lead])
+    assert journal.deliveries.add_found_targets([(new, [REF, lead])]) == 0
+    assert sorted((d.event_id, d.ref.record_id) for d in journal.deliveries.claim(10, 60)) == [
+        (new, REF.record_id), (new, lead.record_id), (parked, lead.record_id)]
+
+
 def test_expired_lease_is_claimed_again(journal):
     rec = journal.events.record(event(1))
     journal.deliveries.add_targets(rec.event_id, [REF])

@@ -50,7 +50,11 @@ def test_admin_flag_is_registered_once_and_confirmed(sinch_stack):
         time.sleep(5 * 0.5 + 1.0)                                 # five more polls
         assert polled(st) != first_poll
         assert len(sinch.registrations) == 1
-        assert status(st)["reflections"] == {"pending": 0, "done": 1, "failed": 0}
+        shown = status(st)
+        assert shown["reflections"] == {"pending": 0, "done": 1, "failed": 0}
+        # Sinch's answer (a WhatsApp opt-out in the ledger) is the flag's echo: not pushed back
+        assert shown["deliveries"]["done"] == shown["deliveries"]["pending"] == 0
+        assert sf.get_record("Contact", CONTACT)["WhatsApp_Opt_Out__c"] is False
     finally:
         assert daemon.terminate() == 0
 
@@ -274,4 +278,243 @@ def test_crm_side_flag_enters_the_consent_ledger_as_an_opt_out_from_the_crm():
         assert ledger.all() == before
         rt.journal.close()
     finally:
+        st.cleanup()
+
+
+# --- without Sinch: CRM flags reach the ledger; records that appear later are flagged ----------
+
+API_TOKEN = "consent-api-token-0123456789abcdef"
+PHONE = "+13305551234"
+
+
+def consent(st, channel: str, **identity: str) -> dict:
+    import requests
+
+    answer = requests.get(f"{st.url}/v1/consent", params={**identity, "channel": channel}, timeout=5,
+                          headers={"Authorization": f"Bearer {API_TOKEN}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def polls_run(st) -> float:
+    """Finished runs of the scheduled poll job, from /metrics (cheaper than a CLI call)."""
+    import requests
+
+    text = requests.get(f"{st.admin_url}/metrics", timeout=5).text
+    line = 'syncd_scheduler_runs_total{job="poll",result="ok"} '
+    return next((float(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+
+def next_polls(st, n: int = 1, timeout: float = 20) -> bool:
+    """Wait until ``n`` more polls have started and finished after this call."""
+    target = polls_run(st) + n + 1      # + 1: the poll running now may have read before the caller's edit
+    return wait_for(lambda: polls_run(st) >= target, timeout=timeout)
+
+
+def delivery_states(st) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(st.workdir / "syncd.db") as db:
+        return [r[0] for r in db.execute("SELECT state FROM deliveries ORDER BY id")]
+
+
+@pytest.fixture
+def no_sinch_stack():
+    st = Stack(poll_interval=0.5, extra_config={"api": {"token": API_TOKEN}}).start()
+    yield st
+    st.cleanup()
+
+
+def test_crm_flag_reaches_the_consent_api_without_sinch(no_sinch_stack):
+    st = no_sinch_stack
+    sf = st.sandboxes["salesforce"]
+    daemon = st.serve()
+    try:
+        assert next_polls(st)                                      # the poll runs with no Sinch configured
+        assert consent(st, "call", phone=PHONE)["state"] == "unknown"
+        sf.set_field("Contact", CONTACT, DoNotCall=True)          # an admin edit in Salesforce
+        sf.advance(10)                                             # past the poller's settle window
+        assert wait_for(lambda: consent(st, "call", phone=PHONE)["allowed"] is False, timeout=15)
+        answer = consent(st, "call", phone="(330) 555-1234")
+        assert (answer["state"], answer["source"]) == ("opted_out", "crm:salesforce")
+        assert consent(st, "sms", phone=PHONE)["state"] == "unknown"   # only the flag's own channel
+        assert next_polls(st, 2)
+        shown = status(st)
+        assert shown["reflections"] == {"pending": 0, "done": 0, "failed": 0}      # nothing for Sinch
+        assert shown["crms"]["salesforce"]["last_poll_at"] is not None
+        assert delivery_states(st) == []          # the flagged record itself is not written back
+        sf.set_field("Contact", CONTACT, DoNotCall=False)         # the admin clears it again
+        sf.advance(10)
+        assert next_polls(st, 2)
+        assert sf.get_record("Contact", CONTACT)["DoNotCall"] is False   # not overruled by its own flag
+        assert delivery_states(st) == []
+        assert consent(st, "call", phone=PHONE)["allowed"] is False       # clearing a flag is no opt-in
+    finally:
+        assert daemon.terminate() == 0
+
+
+def test_lead_created_after_an_opt_out_is_flagged_once(no_sinch_stack):
+    from tests.conftest import fixture_bytes
+
+    st = no_sinch_stack
+    sf = st.sandboxes["salesforce"]
+    daemon = st.serve()
+    try:
+        assert next_polls(st)
+        assert st.post_apten(fixture_bytes("apten_optout_sms.json")).status_code == 200
+        assert wait_for(lambda: sf.get_record("Contact", CONTACT)["SMS_Opt_Out__c"] is True)
+        sf.advance(10)                                             # the push read back: set, nothing to do
+        assert next_polls(st, 2)
+        assert delivery_states(st) == ["done"]
+        lead = sf.add_record("Lead", None, LastName="Reyes", Company="Re-import Inc",
+                             MobilePhone="(330) 555-1234", SMS_Opt_Out__c=False)   # re-imported, national format
+        sf.advance(10)
+        assert wait_for(lambda: sf.get_record("Lead", lead)["SMS_Opt_Out__c"] is True, timeout=15)
+        assert sf.get_record("Lead", lead)["DoNotCall"] is False                 # only the event's channel
+        assert wait_for(lambda: delivery_states(st) == ["done", "done"])
+        writes = len(sf.requests_to(r"/composite/sobjects$", "PATCH"))
+        sf.advance(10)                                             # the lead, now written by syncd, is read again
+        assert next_polls(st, 3)
+        time.sleep(3 * 0.2)                                        # a few push ticks
+        assert delivery_states(st) == ["done", "done"]
+        assert len(sf.requests_to(r"/composite/sobjects$", "PATCH")) == writes
+        rows = [json.loads(x) for x in st.syncd("export", "--format", "jsonl").stdout.splitlines()]
+        assert sorted(r["target_record"] for r in rows) == sorted([CONTACT, lead])
+        assert {r["event_id"] for r in rows} == {rows[0]["event_id"]}              # the Apten event's own
+    finally:
+        assert daemon.terminate() == 0
+
+
+def _runtime(st):
+    from syncd.runtime import open_runtime
+
+    rt = open_runtime(load_config(st.config_path, env={}))
+    if "hubspot" in rt.connectors:
+        rt.connectors["hubspot"].poll_lag_seconds = 0.0   # the simulator's search index has no lag
+    return rt
+
+
+def _event(sid: str, channel: str, at_second: int = 0, **identity):
+    from datetime import datetime, timezone
+
+    from syncd.events import ConsentEvent
+
+    return ConsentEvent(source="apten", source_event_id=sid, kind="opt_out", channel=channel,
+                        occurred_at=datetime(2024, 2, 18, 9, 0, at_second, tzinfo=timezone.utc),
+                        received_at=datetime.now(timezone.utc), raw=b"{}", **identity)
+
+
+def _deliveries(rt) -> list[tuple]:
+    """(event id, crm, record id, state) of every delivery, read from the SQLite file."""
+    import sqlite3
+
+    with sqlite3.connect(rt.journal.engine.path) as db:
+        return db.execute("SELECT event_id, crm, record_id, state FROM deliveries ORDER BY id").fetchall()
+
+
+def test_records_that_appear_later_in_salesforce_and_hubspot_get_the_opt_out_once():
+    """In process, no Sinch: an SMS opt-out by phone and an email opt-out by address are
+    in the ledger; a HubSpot contact and a Salesforce lead appear with them (other
+    formats, other case); one poll and one push flag them; more polls queue nothing."""
+    st = Stack(crms=("salesforce", "hubspot")).start()
+    rt = _runtime(st)
+    try:
+        sf, hs = st.sandboxes["salesforce"], st.sandboxes["hubspot"]
+        assert rt.reflector is not None and rt.reflector.sinch is None
+        assert rt.reflector.poll_once() == {"salesforce": 0, "hubspot": 0}   # watermarks at "now"
+        sms = rt.journal.events.record(_event("sms-1", "sms", 1, phone=PHONE, phone_raw=PHONE)).event_id
+        email = rt.journal.events.record(_event("email-1", "email", 2, email="Lee.Park@Example.com")).event_id
+        rt.tick()     # routed: the SMS one to the Contact with the phone; nobody has the address yet
+        assert _deliveries(rt) == [(sms, "salesforce", CONTACT, "done")]
+        time.sleep(1.1)
+        contact = hs.add_contact(None, phone="330-555-1234", email="lee.park@example.com ",
+                                 sms_opt_out="false", call_opt_out="false", whatsapp_opt_out="false")
+        lead = sf.add_record("Lead", None, LastName="Park", Company="Re-import Inc", Email="LEE.PARK@example.com")
+        sf.advance(10)
+        rt.reflector.poll_once()
+        assert sorted(_deliveries(rt)[1:]) == sorted([(sms, "hubspot", contact, "pending"),
+                                                       (email, "hubspot", contact, "pending"),
+                                                       (email, "salesforce", lead, "pending")])
+        stats = rt.tick()
+        assert (stats.done, stats.dead) == (3, 0)
+        assert hs.get_contact(contact)["sms_opt_out"] == "true" and hs.get_contact(contact)["call_opt_out"] == "false"
+        assert [u["email"] for u in hs.unsubscribes] == ["lee.park@example.com"]
+        assert sf.get_record("Lead", lead)["HasOptedOutOfEmail"] is True
+        assert sf.get_record("Lead", lead)["SMS_Opt_Out__c"] is False
+        assert rt.reflector.found_targets == {"hubspot": 2, "salesforce": 1}
+        # syncd's own writes are read back (set, or already delivered): nothing more, ever
+        time.sleep(1.1)
+        sf.advance(10)
+        hs.set_property(contact, "firstname", "Lee")                 # a later unrelated edit
+        for _ in range(2):
+            rt.reflector.poll_once()
+            assert rt.tick().done == 0
+        assert len(_deliveries(rt)) == 4 and len(hs.unsubscribes) == 1
+        assert rt.reflector.found_targets == {"hubspot": 2, "salesforce": 1}
+        # the events were routed already: their status and the ledger are as they were
+        assert [e.id for e in rt.journal.events.to_route(10)] == []
+    finally:
+        rt.journal.close()
+        st.cleanup()
+
+
+def test_a_found_record_ends_a_quarantine_and_never_preempts_routing():
+    """A quarantined opt-out (no record had the phone) is routed once a record with it
+    appears; an event not routed yet stays for its own routing, which adds no duplicate."""
+    st = Stack().start()
+    rt = _runtime(st)
+    try:
+        sf = st.sandboxes["salesforce"]
+        rt.reflector.poll_once()
+        lonely = rt.journal.events.record(_event("q-1", "call", 1, phone="+13305550199",
+                                                 phone_raw="+13305550199")).event_id
+        assert rt.tick().quarantined == 1
+        fresh = rt.journal.events.record(_event("n-1", "whatsapp", 2, phone=PHONE, phone_raw=PHONE)).event_id
+        lead = sf.add_record("Lead", None, LastName="Late", Company="X", Phone="330.555.0199",
+                             MobilePhone="+1 330 555 1234")
+        sf.advance(10)
+        rt.reflector.poll_once()
+        # the seeded Contact (stamped after the first watermark) carries PHONE as well
+        assert sorted(_deliveries(rt)) == sorted([(lonely, "salesforce", lead, "pending"),
+                                                  (fresh, "salesforce", lead, "pending"),
+                                                  (fresh, "salesforce", CONTACT, "pending")])
+        assert rt.journal.events.get(lonely).status == "routed"
+        assert rt.journal.events.get(fresh).status == "new"           # its own routing still runs
+        stats = rt.tick()
+        assert (stats.routed, stats.dead) == (1, 0)
+        assert sorted(_deliveries(rt)) == sorted([(lonely, "salesforce", lead, "done"),
+                                                  (fresh, "salesforce", lead, "done"),
+                                                  (fresh, "salesforce", CONTACT, "done")])
+        assert sf.get_record("Lead", lead)["DoNotCall"] is True
+        assert sf.get_record("Lead", lead)["WhatsApp_Opt_Out__c"] is True
+        assert sf.get_record("Contact", CONTACT)["WhatsApp_Opt_Out__c"] is True
+    finally:
+        rt.journal.close()
+        st.cleanup()
+
+
+def test_a_found_do_not_contact_brings_the_newer_single_channel_opt_in_along():
+    """The ledger: do-not-contact at 09:00:01, an SMS opt-in at 09:00:02. A lead that
+    appears with the phone gets both, so SMS stays allowed on it as the ledger says."""
+    st = Stack().start()
+    rt = _runtime(st)
+    try:
+        sf, phone = st.sandboxes["salesforce"], "+13305550142"
+        rt.reflector.poll_once()
+        dnc = _event("d-1", "all", 1, phone=phone, phone_raw=phone)
+        dnc.kind = "do_not_contact"
+        optin = _event("i-1", "sms", 2, phone=phone, phone_raw=phone)
+        optin.kind = "opt_in"
+        ids = [rt.journal.events.record(e).event_id for e in (dnc, optin)]
+        rt.tick()                                                   # nobody has the phone yet
+        assert rt.journal.ledger.state(phone, "sms").state == "opted_in"
+        lead = sf.add_record("Lead", None, LastName="Late", Company="X", MobilePhone="330-555-0142")
+        sf.advance(10)
+        rt.reflector.poll_once()
+        assert sorted(e for e, _, rec, _ in _deliveries(rt) if rec == lead) == sorted(ids)
+        assert rt.tick().dead == 0
+        record = sf.get_record("Lead", lead)
+        assert (record["DoNotCall"], record["WhatsApp_Opt_Out__c"], record["SMS_Opt_Out__c"]) == (True, True, False)
+    finally:
+        rt.journal.close()
         st.cleanup()

@@ -225,3 +225,24 @@ def test_a_killed_replicas_leased_deliveries_are_pushed_by_the_other_at_once(dat
         ca_dir = Path(sf.tls.ca_bundle).parent
         if ca_dir.name.startswith("syncd-sandbox-ca-"):
             shutil.rmtree(ca_dir, ignore_errors=True)
+
+
+def test_without_sinch_the_poll_still_runs_on_one_leader(database):
+    """No Sinch configured: every replica has a poller for the consent ledger, one
+    leads; when its journal session ends, the other takes over at its next poll."""
+    from syncd.config import load_config
+    from syncd.runtime import open_runtime
+
+    st = Stack(journal_url=database).start()
+    runtimes = [open_runtime(load_config(st.config_path, env={})) for _ in range(2)]
+    try:
+        one, two = (rt.reflector for rt in runtimes)
+        assert one is not None and two is not None and one.sinch is None
+        assert one.poll_once() == {"salesforce": 0}       # the leader: its first poll sets the watermark
+        assert two.poll_once() == {}                       # not the leader: polls nothing
+        runtimes[0].journal.close()
+        assert wait_for(lambda: two.poll_once() == {"salesforce": 0}, timeout=15)
+    finally:
+        for rt in runtimes[1:]:
+            rt.journal.close()
+        st.cleanup()

@@ -55,6 +55,25 @@ class DeliveryStore:
                 queued += added or tx.execute("requeue_delivery_for_audit", now=now, **keys)
         return queued
 
+    def add_found_targets(self, found: list[tuple[int, list[RecordRef]]]) -> int:
+        """Deliveries for records found outside routing (the reflector's poll saw a record
+        appear with an identity the ledger holds as opted out): one per (event, record),
+        so a target the event already has (pending, done or dead) is never added twice.
+        Unlike :meth:`add_targets_many`, an event still waiting for routing stays so (its
+        own routing must still reach the named record); a quarantined one is routed now.
+        Returns the number of deliveries added."""
+        if not found:
+            return 0
+        now_iso, now = iso(utcnow()), time.time()
+        added = 0
+        with self.engine.begin() as tx:
+            for event_id, targets in sorted(found, key=lambda p: p[0]):
+                for ref in targets:
+                    added += tx.execute("insert_delivery", event_id=event_id, crm=ref.crm, obj=ref.obj,
+                                        record_id=ref.record_id, now=now, now_iso=now_iso)
+                tx.execute("mark_quarantined_event_routed", now=now_iso, id=event_id)
+        return added
+
     def claim(self, limit: int, lease_seconds: float, crm: str | None = None) -> list[Delivery]:
         """Lease up to ``limit`` due deliveries (of one CRM, when named), never two
         processes' leases on one record at once."""

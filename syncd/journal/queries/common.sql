@@ -55,6 +55,12 @@ WHERE id = %(id)s AND honoured_at IS NULL AND kind IN ('opt_out', 'do_not_contac
 UPDATE events SET email = %(email)s, updated_at = %(now)s
 WHERE id = %(id)s AND (email IS NULL OR TRIM(email) = '');
 
+-- name: mark_quarantined_event_routed
+-- A target found outside routing (the reflector's poll) ends a quarantine; an event
+-- still 'new' keeps waiting for its own routing.
+UPDATE events SET status = 'routed', status_reason = NULL, updated_at = %(now)s
+WHERE id = %(id)s AND status = 'quarantined';
+
 -- name: replay_quarantined_events
 UPDATE events SET status = 'new', route_attempts = 0, next_route_at = 0, updated_at = %(now)s
 WHERE status = 'quarantined';
