@@ -280,8 +280,9 @@ class Reflector:
             om = mapping.for_object(rec.ref.obj)
             if om is None:
                 continue
-            keys = [(phone, ch) for phone in phones_of(rec.values, reflect.phone_fields, self.region)
-                    for ch in PHONE_CHANNELS if ch in om.channels]
+            keys: list[tuple[str, str]] = [(phone, ch) for phone in phones_of(rec.values, reflect.phone_fields,
+                                                                             self.region)
+                                           for ch in PHONE_CHANNELS if ch in om.channels]
             keys += [(email, "email") for email in emails_of(rec.values, reflect.email_fields)
                      if "email" in om.channels]
             if keys:
@@ -341,7 +342,8 @@ class Reflector:
         for event_id in events:
             covered |= self._channels_of(self._stored(event_id, cache))
         return {int(e.event_id) for e in opted_in  # type: ignore[arg-type]
-                if e.channel in covered and self._channels_of(self._stored(int(e.event_id), cache)) == {e.channel}}
+                if e.event_id is not None and e.channel in covered
+                and self._channels_of(self._stored(int(e.event_id), cache)) == {e.channel}}
 
     @staticmethod
     def _channels_of(event: StoredEvent | None) -> set[str]:
