@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from connectors.base import CrmConnector
-from connectors.errors import ConnectorError, QuotaExhausted
+from connectors.errors import ConnectorError, QuotaExhausted, RateLimited
 from syncd.journal.base import Operations
 from syncd.masking import mask_text
 
@@ -39,9 +39,23 @@ class CrmPauses:
         self.connectors = connectors
         self.quotas = quotas or {}
         self.paused_since: dict[str, float] = {}  # when this process first saw each pause
+        # A CRM's Retry-After holds every call of this process to it, not only the retried
+        # one: a 429/503 speaks for the client, and the next batch must not hit it early.
+        self.holds: dict[str, float] = {}
+
+    def held(self, crm: str) -> float | None:
+        """Until when the CRM's last Retry-After asks this process to wait, or None."""
+        until = self.holds.get(crm)
+        if until is not None and until > time.time():
+            return until
+        self.holds.pop(crm, None)
+        return None
 
     def in_force(self, crm: str) -> float | None:
-        """The time a paused CRM may be called again, or None when it is not paused."""
+        """The time a paused (or Retry-After held) CRM may be called again, or None."""
+        held = self.held(crm)
+        if held is not None:
+            return held
         pause = self.ops.crm_pause(crm)
         now = time.time()
         if pause is None:
@@ -98,6 +112,8 @@ class CrmPauses:
         if isinstance(exc, QuotaExhausted):
             wait = exc.retry_after if exc.retry_after is not None else self.quota(crm).probe_seconds
             self._pause(crm, time.time() + wait, f"quota exhausted: {error_text(exc)}")
+        elif isinstance(exc, RateLimited) and exc.retry_after is not None and exc.retry_after > 0:
+            self.holds[crm] = max(self.holds.get(crm, 0.0), time.time() + exc.retry_after)
 
     def _pause(self, crm: str, until: float, reason: str) -> None:
         self.ops.pause_crm(crm, until, reason)

@@ -106,14 +106,14 @@ def opt_out(n: int, ext_id: str, channel: str = "sms") -> ConsentEvent:
     at = datetime(2024, 2, 18, tzinfo=timezone.utc) + timedelta(seconds=n)
     return ConsentEvent(source="apten", source_event_id=f"a{n}", kind="opt_out", channel=channel, occurred_at=at,
                         received_at=datetime.now(timezone.utc), raw=b"{}", external_lead_id=ext_id,
-                        phone=f"+1330555{n:04d}")
+                        phone=f"+1330556{n:04d}")  # no seeded record has these (fan-out would reach it)
 
 
-def written(rt, events: list[ConsentEvent]) -> None:
+def written(rt, events: list[ConsentEvent], deliveries: int | None = None) -> None:
     for e in events:
         rt.journal.events.record(e)
     stats = rt.tick()
-    assert stats.dead == 0 and stats.done == len(events)
+    assert stats.dead == 0 and stats.done == (len(events) if deliveries is None else deliveries)
 
 
 def test_450_salesforce_records_read_in_three_queries_per_object(crm_stack, stack_runtime):
@@ -151,7 +151,8 @@ def test_close_reads_each_record_with_fields_and_email_consent(crm_stack, stack_
     cl = crm_stack.sandboxes["close"]
     by_email = opt_out(2, "lead_abc123", "email")
     by_email.email = "sam.okafor@example.com"      # the ledger keeps email consent per address
-    written(stack_runtime, [opt_out(1, "lead_abc123", "call"), by_email])
+    # the email opt-out also reaches the Close contact carrying the address (fan-out)
+    written(stack_runtime, [opt_out(1, "lead_abc123", "call"), by_email], deliveries=3)
     assert "sam.okafor@example.com" in cl.unsubscribed
     auditor = Auditor(stack_runtime.journal, stack_runtime.connectors, stack_runtime.mappings)
     assert auditor.run("close").drift == []
@@ -162,8 +163,10 @@ def test_close_reads_each_record_with_fields_and_email_consent(crm_stack, stack_
     result = auditor.run("close", repair=True)
     gets = cl.requests_to(r"/lead/lead_abc123/$", "GET")
     assert len(gets) == 1 and "custom." in gets[0].query.get("_fields", [""])[0]
-    assert [(d.field, d.expected, d.actual) for d in result.drift] == [("@unsubscribe", True, False)]
-    assert result.repaired == 1
+    # the lead and its contact both carry the address: both drifted, both repaired
+    assert sorted((d.record_id, d.field, d.expected, d.actual) for d in result.drift) == [
+        ("cont_abc123", "@unsubscribe", True, False), ("lead_abc123", "@unsubscribe", True, False)]
+    assert result.repaired == 2
     stack_runtime.tick()
     assert "sam.okafor@example.com" in cl.unsubscribed
     assert auditor.run("close").drift == []
@@ -234,7 +237,7 @@ def test_audit_targets_and_requeue_on_every_engine(journal):
     journal.deliveries.settle([Outcome(d.id, "done", ref=d.ref) for d in claimed if d.ref == ref])
     rows = journal.reports.audit_targets()
     assert [(r["crm"], r["record_id"], r["event_id"], r["kind"], r["channel"], r["phone"]) for r in rows] == [
-        ("salesforce", CONTACT, rec.event_id, "opt_out", "sms", "+13305550001")]  # hubspot's is still pending
+        ("salesforce", CONTACT, rec.event_id, "opt_out", "sms", "+13305560001")]  # hubspot's is still pending
     assert journal.reports.audit_targets("hubspot") == []
     assert [r["crm"] for r in journal.reports.audit_targets("salesforce")] == ["salesforce"]
 

@@ -206,6 +206,30 @@ def test_retry_after_sets_the_pause_length(runtime, sf_sandbox):
     assert time.time() + 30 < until < time.time() + 45
 
 
+def test_a_retry_after_holds_the_next_batch_for_other_records_too(runtime, sf_sandbox):
+    """A 429/503 with Retry-After speaks for the client: a delivery for another record
+    arriving in the next tick waits too (no attempt spent), then both land."""
+    import time
+
+    first, second = contact_ids(sf_sandbox, 2)
+    runtime.journal.events.record(apten_event(1, first))
+    sf_sandbox.add_fault("PATCH", r"/composite/sobjects$", 429,
+                         [{"errorCode": "REQUEST_LIMIT", "message": "try later"}],
+                         headers={"Retry-After": "2"}, times=20)
+    assert runtime.tick().retry == 1
+    sf_sandbox.faults.clear()
+    patches = len(sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH"))
+    runtime.journal.events.record(apten_event(2, second))
+    stats = runtime.tick()
+    assert (stats.done, stats.dead) == (0, 0)
+    assert len(sf_sandbox.requests_to(r"/composite/sobjects$", "PATCH")) == patches   # held: no call
+    (held,) = [r for r in runtime.journal.reports.export_rows(None) if r["target_record"] == second]
+    assert held["attempts"] == 0 and "Retry-After" in (held["error"] or "")
+    time.sleep(2.2)
+    assert runtime.tick().done == 2
+    assert all(sf_sandbox.get_record("Contact", r)["SMS_Opt_Out__c"] for r in (first, second))
+
+
 def test_concurrent_limit_is_retried_not_a_pause(runtime, sf_sandbox):
     rid = contact_ids(sf_sandbox, 1)[0]
     runtime.journal.events.record(apten_event(1, rid))
