@@ -1,8 +1,8 @@
 """A whole syncd installation on one machine, against the sandbox CRMs.
 
-Used by ``syncd demo``, the end-to-end tests and the benchmarks: starts the
-simulators, writes a config next to a fresh SQLite journal, runs ``syncd serve``
-as a real subprocess and signs webhooks the way each platform does.
+Used by ``syncd demo`` (and, extended in ``tests/support``, by the tests and the
+benchmarks): starts the simulators, writes a config next to a fresh SQLite journal,
+runs ``syncd serve`` as a real subprocess and signs webhooks the way each platform does.
 """
 from __future__ import annotations
 
@@ -184,15 +184,6 @@ class Stack:
         return requests.post(f"{self.url}/webhooks/lox24", data=body, timeout=timeout,
                              headers={"Content-Type": "application/json", "X-LOX24-Token": token})
 
-    def post_sinch(self, body: bytes, secret: str = SINCH_SECRET, timeout: float = 10) -> requests.Response:
-        import uuid
-
-        from connectors.sinch_signing import signature_headers
-
-        headers = signature_headers(secret, body, uuid.uuid4().hex, str(int(time.time())))
-        return requests.post(f"{self.url}/webhooks/sinch", data=body, timeout=timeout,
-                             headers={"Content-Type": "application/json", **headers})
-
 
 def seed_salesforce(sf: Any) -> None:
     """The records the seed documents talk about."""
@@ -277,11 +268,6 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait()
         return int(self.proc.returncode)
-
-    def kill9(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def wait_for(predicate, timeout: float = 20, interval: float = 0.05) -> bool:

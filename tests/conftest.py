@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from syncd.config import DEMO_ENV, parse_config
-from syncd.stack import APTEN_SECRET, Stack
+from tests.support.stack import APTEN_SECRET, Stack
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -40,7 +40,7 @@ def seed_delivered_and_dead(stack, error: str) -> str:
     dead letter); returns the second Contact's id once both have settled."""
     import json
 
-    from syncd.stack import wait_for
+    from tests.support.stack import wait_for
 
     sf = stack.sandboxes["salesforce"]
     assert stack.post_apten(fixture_bytes("apten_optout_sms.json")).json()["status"] == "accepted"
@@ -60,7 +60,7 @@ def seed_delivered_and_dead(stack, error: str) -> str:
 @pytest.fixture
 def sf_sandbox():
     from connectors.sandbox.salesforce import SalesforceSandbox
-    from syncd.stack import seed_salesforce
+    from tests.support.stack import seed_salesforce
 
     sb = SalesforceSandbox()
     seed_salesforce(sb)
@@ -72,7 +72,7 @@ def sf_sandbox():
 @pytest.fixture
 def sf_config(tmp_path, sf_sandbox):
     """A validated Config for an in-process runtime against the Salesforce sandbox."""
-    from syncd.stack import default_mapping_text
+    from tests.support.stack import default_mapping_text
 
     (tmp_path / "mappings").mkdir()
     (tmp_path / "mappings" / "salesforce.yaml").write_text(default_mapping_text("salesforce"))
@@ -139,7 +139,7 @@ def receiver(tmp_path):
     from syncd.receiver import create_app
     from syncd.routing import Router
     from syncd.sources import build_sources
-    from syncd.stack import LOX24_TOKEN, SINCH_SECRET
+    from tests.support.stack import LOX24_TOKEN, SINCH_SECRET
 
     cfg = parse_config({
         "sources": {"apten": {"secret": APTEN_SECRET}, "lox24": {"token": LOX24_TOKEN},
@@ -164,7 +164,7 @@ def receiver(tmp_path):
 @pytest.fixture
 def crm_stack():
     """Sandboxes of all three CRMs (no daemon process), config written."""
-    from syncd.stack import ALL_CRMS
+    from tests.support.stack import ALL_CRMS
 
     st = Stack(crms=ALL_CRMS).start()
     yield st

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import requests
 
-from syncd.stack import Stack
+from tests.support.stack import Stack
 from tests.conftest import LiveReceiver, fixture_bytes
 from tests.test_receiver import post_apten
 

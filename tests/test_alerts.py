@@ -11,7 +11,7 @@ import pytest
 
 from syncd.alerts import Alerts
 from syncd.scheduler import Scheduler
-from syncd.stack import Stack, wait_for
+from tests.support.stack import Stack, wait_for
 from tests.conftest import fixture_bytes
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies
 from connectors.types import RecordRef
 from syncd.audit import Auditor, AuditSweep, matches
 from syncd.events import ConsentEvent
-from syncd.stack import Stack, wait_for
+from tests.support.stack import Stack, wait_for
 from tests.conftest import fixture_bytes
 
 CONTACT = "003XX000004DHPYYA4"   # the seed's externalLeadId 003XX000004DHPY, 18-char form

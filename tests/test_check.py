@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from syncd.stack import ALL_CRMS, Stack
+from tests.support.stack import ALL_CRMS, Stack
 
 
 @pytest.fixture

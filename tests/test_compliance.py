@@ -314,7 +314,7 @@ def test_open_counts_read_only_open_opt_outs_through_the_index(tmp_path):
 
 # --- surfaces ----------------------------------------------------------------------------
 def _config(tmp_path: Path, extra: str = "") -> Path:
-    from syncd.stack import default_mapping_text
+    from tests.support.stack import default_mapping_text
 
     (tmp_path / "hs.yaml").write_text(default_mapping_text("hubspot"))
     path = tmp_path / "config.yaml"

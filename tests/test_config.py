@@ -151,7 +151,7 @@ def test_serve_refuses_a_config_with_the_demos_secret(tmp_path):
     import os
 
     from syncd.config import DEMO_ENV
-    from syncd.stack import APTEN_SECRET
+    from tests.support.stack import APTEN_SECRET
 
     path = tmp_path / "config.yaml"
     path.write_text(f"sources:\n  apten: {{secret: {APTEN_SECRET}}}\n")

@@ -146,7 +146,7 @@ def test_config_api_token_empty_is_off_and_short_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_serve_answers_the_consent_api_after_a_webhook():
-    from syncd.stack import Stack
+    from tests.support.stack import Stack
     from tests.conftest import fixture_bytes
 
     st = Stack(extra_config={"api": {"token": TOKEN}}).start()

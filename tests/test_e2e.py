@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from syncd.stack import wait_for
+from tests.support.stack import wait_for
 from tests.conftest import fixture_bytes
 
 CONTACT = "003XX000004DHPYYA4"

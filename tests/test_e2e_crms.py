@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from syncd.events import ConsentEvent
-from syncd.stack import ALL_CRMS, Stack, wait_for
+from tests.support.stack import ALL_CRMS, Stack, wait_for
 from tests.conftest import fixture_bytes
 
 pytestmark = pytest.mark.slow

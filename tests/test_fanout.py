@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from syncd.events import ConsentEvent
-from syncd.stack import ALL_CRMS, Stack
+from tests.support.stack import ALL_CRMS, Stack
 from tests.conftest import fixture_bytes
 
 pytestmark = pytest.mark.slow

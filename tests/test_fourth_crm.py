@@ -28,7 +28,7 @@ from connectors.types import (ChangedRecord, FieldInfo, FoundRecord, Page, Recor
                               Watermark)
 from syncd.config import ConfigError, parse_config
 from syncd.events import ConsentEvent
-from syncd.stack import APTEN_SECRET
+from tests.support.stack import APTEN_SECRET
 
 API_KEY = "tiny-api-key-0123456789"
 FLAGS = ("sms_opt_out", "call_opt_out")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from syncd.sources.apten import AptenSource
 from syncd.sources.sinch import SinchSource
-from syncd.stack import APTEN_SECRET, SINCH_SECRET
+from tests.support.stack import APTEN_SECRET, SINCH_SECRET
 from tests.conftest import fixture_bytes
 from tests.test_receiver import post_apten, post_lox24, post_sinch
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from syncd.stack import APTEN_SECRET, LOX24_TOKEN, SINCH_SECRET, Stack, wait_for
+from tests.support.stack import APTEN_SECRET, LOX24_TOKEN, SINCH_SECRET, Stack, wait_for
 from tests.conftest import fixture_bytes
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from syncd.config import ConfigError, parse_config
 from syncd.events import ConsentEvent
 from syncd.journal import open_journal
 from syncd.journal.base import Outcome
-from syncd.stack import Stack, default_mapping_text, free_port
+from tests.support.stack import Stack, default_mapping_text, free_port
 
 REF = RecordRef("salesforce", "Contact", "003XX000004DHPYYA4")
 
@@ -259,7 +259,7 @@ def test_serve_names_an_unreachable_crm_url_at_start(sf_stack):
     try:
         def probed() -> list[dict]:
             return [x for x in daemon.log_lines() if x.get("msg") == "CRM unreachable"]
-        from syncd.stack import wait_for
+        from tests.support.stack import wait_for
 
         assert wait_for(probed, timeout=20)
     finally:
@@ -339,7 +339,7 @@ def test_connector_transport_errors_name_host_and_cause(sf_stack, monkeypatch):
 def test_serve_names_refused_credentials_at_start(sf_stack):
     import yaml
 
-    from syncd.stack import wait_for
+    from tests.support.stack import wait_for
 
     cfg = yaml.safe_load(sf_stack.config_path.read_text())
     cfg["crm"]["salesforce"]["auth"]["client_secret"] = "wrong-secret-value"

@@ -15,7 +15,7 @@ import requests
 
 from syncd.events import ConsentEvent
 from syncd.journal import open_journal
-from syncd.stack import LOX24_TOKEN, Stack
+from tests.support.stack import LOX24_TOKEN, Stack
 from tests.conftest import fixture_bytes
 
 
@@ -102,7 +102,7 @@ def test_an_oversized_body_is_stored_as_its_hash_and_dedupes_on_the_whole_body(t
     from syncd.receiver import create_app
     from syncd.routing import Router
     from syncd.sources import build_sources
-    from syncd.stack import APTEN_SECRET
+    from tests.support.stack import APTEN_SECRET
     from syncd.config import parse_config
     from syncd.sources.apten import SIGNATURE_HEADER, sign
     from tests.conftest import LiveReceiver

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from connectors.sinch_signing import signature_headers
 from syncd.sources.apten import sign as apten_sign
-from syncd.stack import APTEN_SECRET, LOX24_TOKEN, SINCH_SECRET
+from tests.support.stack import APTEN_SECRET, LOX24_TOKEN, SINCH_SECRET
 from tests.conftest import fixture_bytes
 
 JSON = {"Content-Type": "application/json"}

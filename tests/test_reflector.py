@@ -8,7 +8,7 @@ import time
 import pytest
 
 from syncd.config import load_config
-from syncd.stack import Stack, wait_for
+from tests.support.stack import Stack, wait_for
 
 pytestmark = pytest.mark.slow
 CONTACT = "003XX000004DHPYYA4"
@@ -198,7 +198,7 @@ def test_cleared_flag_registers_an_opt_in_only_when_enabled():
 
 def test_hubspot_and_close_flags_are_polled_and_registered():
     from syncd.runtime import open_runtime
-    from syncd.stack import ALL_CRMS
+    from tests.support.stack import ALL_CRMS
 
     st = Stack(crms=ALL_CRMS, sinch=True).start()
     try:

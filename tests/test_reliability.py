@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from syncd.stack import Stack, wait_for
+from tests.support.stack import Stack, wait_for
 from tests.conftest import fixture_bytes
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from syncd.stack import APTEN_SECRET, DaemonProcess, Stack, free_port, wait_for
+from tests.support.stack import APTEN_SECRET, Daemon, Stack, free_port, wait_for
 from tests.conftest import fixture_bytes
 
 URL = os.environ.get("SYNCD_TEST_PG_URL")
@@ -42,7 +42,7 @@ def post_apten(base_url: str, body: bytes) -> requests.Response:
                          headers={"Content-Type": "application/json", SIGNATURE_HEADER: sign(APTEN_SECRET, body)})
 
 
-def logged(daemon: DaemonProcess, msg: str) -> list[dict]:
+def logged(daemon: Daemon, msg: str) -> list[dict]:
     return [x for x in daemon.log_lines() if x.get("msg") == msg]
 
 
@@ -79,11 +79,11 @@ def replicas(database):
     cfg["admin"]["port"] = free_port()
     config2 = st.workdir / "config2.yaml"
     config2.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    started: list[DaemonProcess] = []
+    started: list[Daemon] = []
     journal = None
     try:
         started.append(st.serve("replica1.log"))
-        started.append(DaemonProcess.start(config2, st.workdir / "replica2.log", f"http://127.0.0.1:{port2}",
+        started.append(Daemon.start(config2, st.workdir / "replica2.log", f"http://127.0.0.1:{port2}",
                                            cwd=st.workdir))
         journal = open_journal(database)
         st.journal = journal
@@ -193,7 +193,7 @@ def test_a_killed_replicas_leased_deliveries_are_pushed_by_the_other_at_once(dat
     st.extra_config = {"schedule": {"lease_seconds": 300}}
     st.write_config()
     sf = st.sandboxes["salesforce"]
-    daemons: list[DaemonProcess] = []
+    daemons: list[Daemon] = []
     try:
         ids = [sf.add_record("Contact", None, LastName=f"K{i}", SMS_Opt_Out__c=False) for i in range(6)]
         warm, ids = ids[0], ids[1:]

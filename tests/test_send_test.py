@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from syncd.send_test import EXAMPLES, example
-from syncd.stack import APTEN_SECRET, LOX24_TOKEN, SINCH_SECRET, Stack
+from tests.support.stack import APTEN_SECRET, LOX24_TOKEN, SINCH_SECRET, Stack
 from tests.conftest import fixture_bytes
 
 

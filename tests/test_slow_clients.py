@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from syncd.stack import Stack, wait_for
+from tests.support.stack import Stack, wait_for
 from tests.test_reliability import optout
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from syncd.stack import Stack
+from tests.support.stack import Stack
 from tests.conftest import seed_delivered_and_dead
 from tests.test_status_page import CHROMIUM_FLAGS, TOKEN, find_chromium
 

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from connectors.types import RecordRef
 from syncd.events import ConsentEvent
 from syncd.journal.base import Outcome
-from syncd.stack import Stack
+from tests.support.stack import Stack
 from tests.conftest import LiveReceiver, seed_delivered_and_dead
 
 TOKEN = "status-token-0123456789abcdef"

@@ -19,7 +19,7 @@ from markupsafe import escape
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from syncd.stack import Stack
+from tests.support.stack import Stack
 from tests.conftest import seed_delivered_and_dead
 from tests.test_status_layout import DevTools
 from tests.test_status_page import BEARER, CONTACT, TOKEN, XSS, event, fill, find_chromium, make_receiver, rows

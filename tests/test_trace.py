@@ -341,7 +341,7 @@ def test_cli_refuses_a_journal_that_does_not_exist(tmp_path):
 # --- end to end: a real receiver, pusher and Salesforce simulator --------------------------
 @pytest.mark.slow
 def test_trace_finds_a_delivered_webhook_by_phone_and_by_record_id():
-    from syncd.stack import Stack, wait_for
+    from tests.support.stack import Stack, wait_for
 
     stack = Stack().start()
     try:
