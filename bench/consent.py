@@ -32,7 +32,6 @@ database, dropped at the end). Exit status is always 0.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import random
@@ -46,7 +45,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import pct, proc_cpu, stop, wait_healthy  # noqa: E402  (same house tools)
+from ingest import drive as ingest_drive, proc_cpu, stop, wait_healthy  # noqa: E402  (same house tools)
 
 TARGET_RATIO = 0.8
 WAITRESS_THREADS = 8
@@ -151,57 +150,11 @@ def make_requests(n: int, ledger_size: int, rng: random.Random) -> list[str]:
 
 
 def drive(port: int, paths: list[str], clients: int) -> dict:
-    """Send every path once from ``clients`` keep-alive connections; time each answer."""
-    import itertools
-    import threading
-
-    cursor = itertools.count()
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[str] = []
-    answers: dict[str, int] = {}
-    merge = threading.Lock()
-    ready = threading.Barrier(clients + 1)
-    done = threading.Barrier(clients + 1)
+    """Send every path once from ``clients`` keep-alive connections; time each answer
+    and count the answers' states."""
     headers = {"Authorization": f"Bearer {TOKEN}"}
-
-    def worker(slot: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.connect()
-        mine = latencies[slot]
-        states: dict[str, int] = {}
-        ready.wait()
-        try:
-            while (i := next(cursor)) < len(paths):
-                t0 = time.perf_counter()
-                conn.request("GET", paths[i], headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-                mine.append(time.perf_counter() - t0)
-                if resp.status != 200:
-                    errors.append(f"{resp.status} {body[:200]!r}")
-                else:
-                    state = json.loads(body).get("state", "-")
-                    states[state] = states.get(state, 0) + 1
-        except Exception as exc:  # noqa: BLE001 - reported, the round is marked
-            errors.append(repr(exc))
-        finally:
-            conn.close()
-            with merge:
-                for k, v in states.items():
-                    answers[k] = answers.get(k, 0) + v
-            done.wait()
-
-    threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in range(clients)]
-    for t in threads:
-        t.start()
-    ready.wait()
-    started = time.perf_counter()
-    done.wait()
-    elapsed = time.perf_counter() - started
-    lat = sorted(x for per in latencies for x in per)
-    return {"rps": len(lat) / elapsed, "p50": pct(lat, 50) * 1000, "p99": pct(lat, 99) * 1000,
-            "n": len(lat), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "answers": answers}
+    return ingest_drive(port, [("GET", p, None, headers) for p in paths], clients,
+                        classify=lambda body: str(json.loads(body).get("state", "-")))
 
 
 # --- the run ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "apten_optout_sms.json"
@@ -114,11 +115,22 @@ def make_bodies(n: int) -> list[tuple[bytes, dict[str, str]]]:
 
 
 # --- load generator -------------------------------------------------------------------
-def drive(port: int, bodies: list[tuple[bytes, dict[str, str]]], clients: int) -> dict:
-    """Send every body once from ``clients`` keep-alive connections; time each ack."""
+Request = tuple[str, str, "bytes | None", dict[str, str]]   # method, path, body, headers
+
+
+def as_posts(bodies: list[tuple[bytes, dict[str, str]]]) -> list[Request]:
+    return [("POST", PATH, body, headers) for body, headers in bodies]
+
+
+def drive(port: int, requests: list[Request], clients: int,
+          classify: Callable[[bytes], str] | None = None) -> dict:
+    """Send every request once from ``clients`` keep-alive connections; time each answer.
+    ``classify`` names each 200 answer's kind; the counts come back as ``answers``."""
     cursor = itertools.count()
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors: list[str] = []
+    answers: dict[str, int] = {}
+    merge = threading.Lock()
     ready = threading.Barrier(clients + 1)
     done = threading.Barrier(clients + 1)
 
@@ -126,24 +138,28 @@ def drive(port: int, bodies: list[tuple[bytes, dict[str, str]]], clients: int) -
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.connect()
         mine = latencies[slot]
+        kinds: dict[str, int] = {}
         ready.wait()
         try:
-            while True:
-                i = next(cursor)
-                if i >= len(bodies):
-                    break
-                body, headers = bodies[i]
+            while (i := next(cursor)) < len(requests):
+                method, path, body, headers = requests[i]
                 t0 = time.perf_counter()
-                conn.request("POST", PATH, body, headers)
+                conn.request(method, path, body, headers)
                 resp = conn.getresponse()
-                resp.read()
+                answer = resp.read()
                 mine.append(time.perf_counter() - t0)
                 if resp.status != 200:
-                    errors.append(str(resp.status))
+                    errors.append(f"{resp.status} {answer[:200]!r}")
+                elif classify is not None:
+                    kind = classify(answer)
+                    kinds[kind] = kinds.get(kind, 0) + 1
         except Exception as exc:  # noqa: BLE001 - reported, the round is marked
             errors.append(repr(exc))
         finally:
             conn.close()
+            with merge:
+                for k, v in kinds.items():
+                    answers[k] = answers.get(k, 0) + v
             done.wait()
 
     threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in range(clients)]
@@ -154,8 +170,11 @@ def drive(port: int, bodies: list[tuple[bytes, dict[str, str]]], clients: int) -
     done.wait()
     elapsed = time.perf_counter() - started
     lat = sorted(x for per in latencies for x in per)
-    return {"rps": len(lat) / elapsed, "p50": pct(lat, 50) * 1000, "p99": pct(lat, 99) * 1000,
-            "n": len(lat), "errors": len(errors), "first_error": errors[0] if errors else None}
+    result = {"rps": len(lat) / elapsed, "p50": pct(lat, 50) * 1000, "p99": pct(lat, 99) * 1000,
+              "n": len(lat), "errors": len(errors), "first_error": errors[0] if errors else None}
+    if classify is not None:
+        result["answers"] = answers
+    return result
 
 
 def proc_cpu(pid: int) -> float:
@@ -238,7 +257,7 @@ def run(args: argparse.Namespace) -> None:
               f"Salesforce sandbox configured, push_interval=3600 s (no pushing during the run)"
               + ("; syncd-mem: the same with journal.record in memory (ceiling)" if ceiling else ""))
         for name, port in targets.items():  # warm-up: connections, imports, SQLite pages, JIT caches
-            drive(port, make_bodies(args.warmup), args.clients)
+            drive(port, as_posts(make_bodies(args.warmup)), args.clients)
 
         rows: list[tuple[str, int, dict]] = []
         for r in range(args.rounds):
@@ -246,7 +265,7 @@ def run(args: argparse.Namespace) -> None:
             for name in order:
                 bodies = make_bodies(args.requests)
                 cpu0, me0 = proc_cpu(pids[name]), os.times()
-                res = drive(targets[name], bodies, args.clients)
+                res = drive(targets[name], as_posts(bodies), args.clients)
                 cpu1, me1 = proc_cpu(pids[name]), os.times()
                 res["cpu_us"] = (cpu1 - cpu0) / args.requests * 1e6
                 res["client_cpu_us"] = ((me1.user + me1.system) - (me0.user + me0.system)) / args.requests * 1e6
