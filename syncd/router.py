@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 from connectors.base import CrmConnector
 from connectors.errors import ConnectorError
@@ -46,6 +46,7 @@ log = logging.getLogger("syncd.router")
 
 # True when a Sinch webhook answered a registration of ours (nothing to route).
 Reconcile = Callable[[StoredEvent], bool]
+T = TypeVar("T")
 
 # Phones and emails per ``find`` call. Each connector batches inside to its CRM's own
 # limits (SOSL text length, HubSpot's IN filters, Close's searches); a failure costs
@@ -184,32 +185,28 @@ class EventRouter:
         """Read the address of each named record (one ``read`` per CRM) and keep it on
         the event, so the ledger and the consent API know it and fan-out reaches every
         record carrying it."""
-        by_crm: dict[str, list[Plan]] = {}
+        by_crm: dict[str, list[tuple[Plan, RecordRef]]] = {}
         for plan in plans:
-            assert plan.named is not None
-            by_crm.setdefault(plan.named.crm, []).append(plan)
+            if plan.named is not None:
+                by_crm.setdefault(plan.named.crm, []).append((plan, plan.named))
         for crm, group in by_crm.items():
             connector = self.connectors.get(crm)
             if connector is None:
                 continue
             paused = self.pauses.in_force(crm)
             if paused is not None:
-                for plan in group:
+                for plan, _ in group:
                     plan.email_paused = (crm, paused)
                 continue
+            refs = list(dict.fromkeys(ref for _, ref in group))
             try:
-                values = connector.read(list(dict.fromkeys(p.named for p in group if p.named)), [EMAILS_FIELD])
+                values = self._ask(crm, lambda: connector.read(refs, [EMAILS_FIELD]))
             except ConnectorError as exc:
-                self._count_lookup(crm, exc)
-                self.pauses.after_error(crm, exc)
-                for plan in group:
+                for plan, _ in group:
                     plan.email_failure = (crm, exc)
                 continue
-            finally:
-                self.pauses.check_budget(crm)
-            self._count_lookup(crm, None)
-            for plan in group:
-                addresses = values.get(plan.named, {}).get(EMAILS_FIELD) or [] if plan.named else []
+            for plan, ref in group:
+                addresses = values.get(ref, {}).get(EMAILS_FIELD) or []
                 email = next((normalize_email(a) for a in addresses if "@" in str(a)), None)
                 if email is not None:
                     self.events.learn_email(plan.event.id, email)
@@ -232,20 +229,29 @@ class EventRouter:
             for start in range(0, len(identities), LOOKUP_CHUNK):
                 chunk = identities[start:start + LOOKUP_CHUNK]
                 try:
-                    records = connector.find([i for i, is_phone in chunk if is_phone],
-                                             [i for i, is_phone in chunk if not is_phone])
+                    records = self._ask(name, lambda: connector.find([i for i, is_phone in chunk if is_phone],
+                                                                     [i for i, is_phone in chunk if not is_phone]))
                 except ConnectorError as exc:
-                    self._count_lookup(name, exc)
-                    self.pauses.after_error(name, exc)
                     out.failed[name] = {i: exc for i, _ in identities[start:]}
                     break
-                finally:
-                    self.pauses.check_budget(name)
-                self._count_lookup(name, None)
                 for record in records:
                     for identity in record.phones + record.emails:
                         found.setdefault(identity, []).append(record.ref)
         return out
+
+    def _ask(self, crm: str, call: Callable[[], T]) -> T:
+        """One lookup call to a CRM: counted toward its health and metrics, its error
+        (re-raised) shown to the pauses, its API budget checked after."""
+        try:
+            result = call()
+        except ConnectorError as exc:
+            self._count_lookup(crm, exc)
+            self.pauses.after_error(crm, exc)
+            raise
+        finally:
+            self.pauses.check_budget(crm)
+        self._count_lookup(crm, None)
+        return result
 
     # --- decisions ------------------------------------------------------------------
     def _settle(self, plan: Plan, lookups: Lookups, stats: RouteStats, out: Routed) -> None:
