@@ -136,10 +136,9 @@ class Pusher:
         connector, mapping = self.connectors.get(crm), self.mappings.get(crm)
         if connector is None or mapping is None:
             return [self._failed(d, ConnectorError(f"CRM {crm} is not enabled in the config")) for d in deliveries]
-        held = self.pauses.held(crm)
-        paused = held if held is not None else self.pauses.in_force(crm)
+        paused = self.pauses.in_force(crm)
         if paused is not None:
-            why = "CRM asked to wait (Retry-After)" if held is not None else "CRM paused: API quota"
+            why = "CRM asked to wait (Retry-After)" if self.pauses.held(crm) is not None else "CRM paused: API quota"
             return [Outcome(d.id, "paused", error=why, retry_at=paused, ref=d.ref, note="paused")
                     for d in deliveries]
         by_record: dict[RecordRef, list[Delivery]] = defaultdict(list)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,14 @@ def consent_or_none(source, doc, now):
         assert str(exc)
         return None
     return None if isinstance(result, Ignored) else result
+
+
+def keep_screenshots(folder: Path, names: tuple[str, ...]) -> None:
+    """Copy a browser test's screenshots to ``$SYNCD_KEEP_SCREENSHOTS`` when it is set."""
+    keep = os.environ.get("SYNCD_KEEP_SCREENSHOTS")
+    if keep:
+        for name in names:
+            shutil.copy(folder / name, Path(keep) / name)
 
 
 def fixture_bytes(name: str) -> bytes:

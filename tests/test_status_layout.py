@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.stack import Stack
-from tests.conftest import seed_delivered_and_dead
+from tests.conftest import keep_screenshots, seed_delivered_and_dead
 from tests.test_status_page import CHROMIUM_FLAGS, TOKEN, find_chromium
 
 pytestmark = pytest.mark.slow
@@ -169,10 +168,7 @@ def test_status_page_fits_1280_and_390_with_health_and_charts(tmp_path):
             assert daemon.terminate() == 0
     finally:
         stack.cleanup()
-    keep = os.environ.get("SYNCD_KEEP_SCREENSHOTS")
-    if keep:
-        for name in ("status-1280.png", "status-390.png"):
-            shutil.copy(tmp_path / name, Path(keep) / name)
+    keep_screenshots(tmp_path, ("status-1280.png", "status-390.png"))
     for seen, width in ((wide, 1280), (narrow, 390)):
         assert seen["title"] == "syncd status"
         assert seen["innerWidth"] == width

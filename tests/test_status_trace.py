@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -20,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.stack import Stack
-from tests.conftest import seed_delivered_and_dead
+from tests.conftest import keep_screenshots, seed_delivered_and_dead
 from tests.test_status_layout import DevTools
 from tests.test_status_page import BEARER, CONTACT, TOKEN, XSS, event, fill, find_chromium, make_receiver, rows
 
@@ -215,10 +213,7 @@ def test_the_search_finds_a_seeded_person_at_1280_and_390(tmp_path):
             assert daemon.terminate() == 0
     finally:
         stack.cleanup()
-    keep = os.environ.get("SYNCD_KEEP_SCREENSHOTS")
-    if keep:
-        for name in ("trace-1280.png", "trace-390.png", "trace-record-390.png"):
-            shutil.copy(tmp_path / name, Path(keep) / name)
+    keep_screenshots(tmp_path, ("trace-1280.png", "trace-390.png", "trace-record-390.png"))
     for seen, width in ((wide, 1280), (narrow, 390), (by_record, 390)):
         assert seen["title"] == "syncd status: trace" and seen["innerWidth"] == width
         assert seen["scrollWidth"] <= seen["innerWidth"], seen
