@@ -16,11 +16,10 @@ import sys
 import threading
 from typing import Any
 
-from waitress.server import create_server
-
 from syncd.admin import Readiness, create_admin_app
 from syncd.compliance import ComplianceReads, watch_metrics
 from syncd.config import Config, ConfigError
+from syncd.http_server import serve_wsgi
 from syncd.journal.base import JournalBusy
 from syncd.receiver import create_app
 from syncd.runtime import Runtime, open_runtime
@@ -95,7 +94,6 @@ class Daemon:
             audit_seconds = cfg.schedule.audit_interval_hours * 3600
             self.scheduler.every("audit", audit_seconds, self.audit_sweep().run, first_after=audit_seconds)
 
-
         if self.rt.compliance is not None:   # the deadline clock: breaches and at-risk alerts
             self.scheduler.every("compliance", COMPLIANCE_CHECK_SECONDS, self.rt.compliance.run_once)
         self.app = create_app(self.rt.journal, self.rt.sources, self.rt.router,
@@ -112,7 +110,6 @@ class Daemon:
         self.admin_app.config[CRM_HEALTH_KEY] = self.rt.health.report  # the status page's CRM health
         self.admin_app.config[TRACE_KEY] = tracer_for(cfg, self.rt.journal.reports)  # the status page's search
 
-
         self._watch_compliance()
         self.server: Any = self._listen(self.app, cfg.receiver.host, cfg.receiver.port, public_server_options(cfg))
         self.admin_server: Any = self._listen(self.admin_app, cfg.admin.host, cfg.admin.port, ADMIN_SERVER_OPTIONS)
@@ -122,7 +119,7 @@ class Daemon:
         """A waitress server bound to ``host:port``; a port that cannot be bound is one
         clear line for the operator (CannotListen), not a traceback."""
         try:
-            return create_server(app, host=host, port=port, **options)
+            return serve_wsgi(app, host=host, port=port, **options)
         except OSError as exc:
             if getattr(self, "server", None) is not None:
                 self.server.close()
