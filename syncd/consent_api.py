@@ -19,6 +19,7 @@ from syncd.journal.base import Ledger
 from syncd.journal.ledger import CHANNELS, PHONE_CHANNELS, Entry, normalize_email
 from syncd.phones import MAX_PHONE_LEN, to_e164
 from syncd.masking import mask_text
+from syncd.lookup_group import LookupGroup
 
 log = logging.getLogger("syncd.consent_api")
 
@@ -102,6 +103,7 @@ def add_consent_api(app: Flask, ledger: Ledger, token: str | None, region: str) 
     if not token:
         return
     expected = f"Bearer {token}".encode()
+    lookups: LookupGroup[tuple[str, str], Entry | None] = LookupGroup(ledger.states_at_once)
 
     def authorized() -> bool:
         given = request.headers.get("Authorization", "").encode("utf-8", "replace")
@@ -125,7 +127,7 @@ def add_consent_api(app: Flask, ledger: Ledger, token: str | None, region: str) 
         except BadCheck as exc:
             return _bad(exc)
         try:
-            entry = ledger.state(*key)
+            entry = lookups.get(key)   # concurrent checks share one read
         except Exception as exc:   # journal locked beyond its timeout, database down
             return _unavailable(exc)
         return _json(answer(key[1], entry))

@@ -74,6 +74,32 @@ def test_answers_from_the_ledger(api):
     assert (mail["allowed"], mail["state"]) == (False, "opted_out")
 
 
+def test_concurrent_checks_each_get_their_own_answer(api):
+    """Concurrent GETs share ledger reads (syncd/lookup_group.py): 16 clients asking
+    about 48 different phones, half of them opted out, each answer is its own phone's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    phones = [f"+1330555{2000 + i:04d}" for i in range(48)]
+    expected = {}
+    for i, phone in enumerate(phones):
+        if i % 2 == 0:
+            expected[phone] = record(api.journal, 100 + i, "opt_out", "sms", i % 60, phone=phone, phone_raw=phone)
+        else:
+            expected[phone] = None
+
+    def ask(phone: str):
+        with requests.Session() as s:
+            return [(phone, s.get(f"{api.url}/v1/consent", params={"phone": phone, "channel": "sms"},
+                                  headers=AUTH).json()) for _ in range(3)]
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = [a for batch in pool.map(ask, phones) for a in batch]
+    assert len(answers) == 3 * len(phones)
+    for phone, body in answers:
+        assert body["event_id"] == expected[phone]
+        assert body["allowed"] is (expected[phone] is None)
+
+
 def test_batch_answers_in_order(api):
     record(api.journal, 1, "do_not_contact", "all", 0)
     checks = [{"phone": PHONE, "channel": c} for c in ("whatsapp", "sms", "call")]

@@ -92,6 +92,23 @@ def test_apply_with_the_insert_and_state_lookups(journal):
     assert not recorded and journal.ledger.state(PHONE, "sms").since.endswith("05.000000Z")
 
 
+def test_states_at_once_answers_as_the_single_lookups_do(journal):
+    """The consent API's grouped read (one statement, one row) against the one-key read,
+    on each engine: every channel of a held phone, an email, unknown keys, a key twice."""
+    journal.events.record(event(1, at=0))
+    journal.events.record(event(2, kind="opt_in", at=5, channel="call"))
+    journal.events.record(event(3, channel="all", at=1, email="Jane@Example.com"))
+    keys = [(PHONE, c) for c in ("sms", "call", "whatsapp")] + [
+        ("jane@example.com", "email"), ("+4915112345678", "sms"), (PHONE, "sms"), ("nobody@example.com", "email")]
+    at_once = journal.ledger.states_at_once(keys)
+    assert at_once == [journal.ledger.state(*key) for key in keys]
+    assert [e.state if e else None for e in at_once] == \
+        ["opted_out", "opted_in", "opted_out", "opted_out", None, "opted_out", None]
+    assert all(isinstance(e.event_id, int) for e in at_once if e)
+    assert journal.ledger.states_at_once([]) == []
+    assert journal.ledger.states_at_once([("+4915112345678", "sms")]) == [None]
+
+
 def test_the_group_commit_batch_applies_in_its_transaction(journal):
     threads = [threading.Thread(target=journal.events.record,
                                 args=(event(n, kind="opt_in" if n % 2 else "opt_out", at=n % 7,

@@ -54,3 +54,9 @@ UPDATE events SET next_route_at = 0, route_owner = NULL WHERE route_owner = %(ow
 
 -- name: take_over_reflections
 UPDATE reflections SET lease_until = 0, lease_owner = NULL WHERE lease_owner = %(owner)s AND state = 'pending';
+
+-- name: ledger_states_packed
+-- The entries of many identities as one row (a JSON array of arrays), as on SQLite.
+SELECT COALESCE(json_agg(json_build_array(identity, channel, state, since, source, event_id)), '[]'::json)::text
+       AS packed
+FROM consent_ledger WHERE identity IN (%(identities)s);

@@ -33,3 +33,9 @@ UPDATE reflections SET lease_until = 0 WHERE state = 'pending' AND lease_until >
 
 -- name: free_routing_leases
 UPDATE events SET next_route_at = 0 WHERE status = 'new' AND next_route_at > 0;
+
+-- name: ledger_states_packed
+-- The entries of many identities as one row (a JSON array of arrays): one step of the
+-- statement however many keys it answers (the consent API's grouped lookups).
+SELECT json_group_array(json_array(identity, channel, state, since, source, event_id)) AS packed
+FROM consent_ledger WHERE identity IN (%(identities)s);
