@@ -366,10 +366,10 @@ def test_a_lone_request_after_a_burst_waits_only_briefly(tmp_path):
 
 def test_a_bad_row_in_the_same_batch_as_good_ones_fails_alone(journal):
     """Deterministic form of the test above: one batch holding a bad row between two good ones."""
-    from syncd.journal.group_commit import _Waiter
+    from syncd.batching import Waiter
 
-    first, bad, last = _Waiter(event(1)), _Waiter(event(2, source=None)), _Waiter(event(3))
-    journal.events.group._commit([first, bad, last], first)
+    first, bad, last = Waiter(event(1)), Waiter(event(2, source=None)), Waiter(event(3))
+    journal.events.group._handle([first, bad, last], first)
     assert first.outcome().created and last.outcome().created
     assert isinstance(bad.error, Exception)
     assert not bad.lock.locked() and not last.lock.locked()     # both were woken

@@ -66,7 +66,7 @@ def test_list_parameters_expand_to_one_placeholder_per_value(ids, rows, dialect)
 def test_group_commit_imports_no_store_or_engine():
     tree = ast.parse((JOURNAL / "group_commit.py").read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "typing", "syncd.events", "syncd.journal.base"}, imported
+    assert imported <= {"__future__", "typing", "syncd.batching", "syncd.events", "syncd.journal.base"}, imported
 
 
 def test_field_clock_lookups_use_the_primary_key_not_a_scan(tmp_path):

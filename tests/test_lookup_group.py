@@ -87,7 +87,7 @@ def test_a_failed_read_fails_every_caller_of_its_batch_and_the_next_batch_runs()
 
     group: LookupGroup[int, int] = LookupGroup(read_many)
     results = run_concurrently(group, list(range(8)))
-    assert group.get(99) == 99 and group.reading is False   # the group is not left stuck
+    assert group.get(99) == 99 and group.busy is False   # the group is not left stuck
     errors = [r for r in results if r[0] == "error"]
     assert errors and all(isinstance(e, RuntimeError) and "locked" in str(e) for _, e in errors)
     assert all(r == ("ok", i) for i, r in enumerate(results) if r[0] == "ok")
@@ -98,7 +98,7 @@ def test_a_short_answer_fails_the_unanswered_callers_instead_of_hanging_them():
     group: LookupGroup[int, int] = LookupGroup(lambda batch: [])
     with pytest.raises(RuntimeError, match="interrupted"):
         group.get(1)
-    assert group.reading is False
+    assert group.busy is False
 
 
 def test_batches_are_capped():
