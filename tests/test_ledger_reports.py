@@ -161,14 +161,15 @@ def test_consent_api_answers_503_when_the_ledger_cannot_be_read(tmp_path, monkey
     from tests.conftest import LiveReceiver
 
     journal = open_journal(f"sqlite:///{tmp_path}/api.db")
+
+    def locked(*_args, **_kw):
+        raise sqlite3.OperationalError("database is locked")
+
+    for read in ("state", "states", "states_at_once"):   # before the app binds its readers
+        monkeypatch.setattr(journal.ledger, read, locked)
     live = LiveReceiver(create_app(journal, {}, Router.from_config(parse_config({}, base_dir=tmp_path, env={})),
                                    api_token=TOKEN, default_region="US"))
     try:
-        def locked(*_args, **_kw):
-            raise sqlite3.OperationalError("database is locked")
-
-        monkeypatch.setattr(journal.ledger, "state", locked)
-        monkeypatch.setattr(journal.ledger, "states", locked)
         auth = {"Authorization": f"Bearer {TOKEN}"}
         got = requests.get(f"{live.url}/v1/consent", params={"phone": "+13305551234", "channel": "sms"},
                            headers=auth, timeout=5)
