@@ -9,9 +9,10 @@ wait) and polls again. Every ``poll()`` gives the GIL back for a moment, but the
 main thread takes it again before the woken task thread runs, so the task thread
 that holds the lock cannot finish until CPython's switch interval (5 ms) forces the
 GIL over. Measured on the consent API (a SQLite read per request, whose calls also
-release the GIL): one task thread took 150 voluntary context switches per request
-while the main loop polled 185 times per request, 0.18x a bare Flask app's
-throughput; waiting for the lock instead: 2.4 switches, 0.95x (bench/README.md).
+release the GIL; bench/README.md): with one request thread, 127-152 voluntary context
+switches per request and 186 main-loop polls per request, 0.21x a bare Flask app's
+throughput; waiting for the lock instead: 2.4 switches, 0.95-1.16x. With eight
+request threads: 0.18-0.65x before, 0.78-0.80x after.
 
 The main thread now blocks on the lock (GIL released) for at most
 :attr:`HandOffChannel.lock_wait_seconds`; the task thread only holds it to append
