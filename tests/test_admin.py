@@ -8,7 +8,7 @@ import shutil
 import pytest
 import requests
 
-from tests.support.stack import Stack
+from tests.support.stack import Stack, wait_for
 from tests.conftest import LiveReceiver, fixture_bytes
 from tests.test_receiver import post_apten
 
@@ -133,7 +133,9 @@ def test_serve_readiness_fails_when_free_disk_is_below_the_threshold():
             assert any("admin.min_free_disk_mb" in p for p in resp.json()["problems"])
             # Webhooks are still taken: readiness tells the orchestrator, it does not refuse events.
             assert st.post_apten(fixture_bytes("apten_optout_sms.json")).json()["status"] == "accepted"
-            assert any(x.get("msg") == "free disk space low" for x in daemon.log_lines())
+            # Lines are written by the log's background writer, up to ~20 ms after the call.
+            assert wait_for(lambda: any(x.get("msg") == "free disk space low" for x in daemon.log_lines()),
+                            timeout=10)
         finally:
             assert daemon.terminate() == 0
     finally:
