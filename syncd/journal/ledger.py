@@ -129,7 +129,7 @@ class LedgerStore:
                       for e in entries_for(event, event_id)])
 
     def state(self, identity: str, channel: str) -> Entry | None:
-        """One key: a single primary-key read on its own (the consent API's hot path)."""
+        """One key: a single primary-key read on its own."""
         row = self.engine.read_one("ledger_state", identity=identity, channel=channel)
         return None if row is None else entry_of(row)
 
@@ -146,14 +146,13 @@ class LedgerStore:
         return [found.get(key) for key in keys]
 
     def states_at_once(self, keys: list[tuple[str, str]]) -> list[Entry | None]:
-        """:meth:`states` as one statement that answers in one row (a JSON array),
+        """:meth:`states` as one statement that answers in one row (a JSON array of objects),
         however many keys: the consent API's grouped lookups (syncd/lookup_group.py),
         at most a few hundred keys at a time."""
         if not keys:
             return []
         row = self.engine.read_one("ledger_states_packed", identities=sorted({identity for identity, _ in keys}))
-        found = {(r[0], r[1]): Entry(r[0], r[1], r[2], r[3], r[4], None if r[5] is None else int(r[5]))
-                 for r in json.loads(row["packed"] if row else "[]")}
+        found = {(r["identity"], r["channel"]): entry_of(r) for r in json.loads(row["packed"] if row else "[]")}
         return [found.get(key) for key in keys]
 
     def all(self) -> list[Entry]:

@@ -56,7 +56,9 @@ UPDATE events SET next_route_at = 0, route_owner = NULL WHERE route_owner = %(ow
 UPDATE reflections SET lease_until = 0, lease_owner = NULL WHERE lease_owner = %(owner)s AND state = 'pending';
 
 -- name: ledger_states_packed
--- The entries of many identities as one row (a JSON array of arrays), as on SQLite.
-SELECT COALESCE(json_agg(json_build_array(identity, channel, state, since, source, event_id)), '[]'::json)::text
+-- The entries of many identities as one row (a JSON array of objects), as on SQLite.
+SELECT COALESCE(json_agg(json_build_object('identity', identity, 'channel', channel, 'state', state,
+                                           'since', since, 'source', source, 'event_id', event_id)),
+                '[]'::json)::text
        AS packed
 FROM consent_ledger WHERE identity IN (%(identities)s);

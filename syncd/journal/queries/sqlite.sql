@@ -35,7 +35,8 @@ UPDATE reflections SET lease_until = 0 WHERE state = 'pending' AND lease_until >
 UPDATE events SET next_route_at = 0 WHERE status = 'new' AND next_route_at > 0;
 
 -- name: ledger_states_packed
--- The entries of many identities as one row (a JSON array of arrays): one step of the
+-- The entries of many identities as one row (a JSON array of objects): one step of the
 -- statement however many keys it answers (the consent API's grouped lookups).
-SELECT json_group_array(json_array(identity, channel, state, since, source, event_id)) AS packed
+SELECT json_group_array(json_object('identity', identity, 'channel', channel, 'state', state, 'since', since,
+                                     'source', source, 'event_id', event_id)) AS packed
 FROM consent_ledger WHERE identity IN (%(identities)s);
