@@ -18,6 +18,24 @@ def _server_and_channel():
     return server, channel, peer
 
 
+def hold_output_lock(channel, data: bytes, release: threading.Event) -> threading.Thread:
+    """A stand-in task thread: queues ``data`` and holds the connection's output lock
+    until ``release`` is set; returns once the lock is held."""
+    holding = threading.Event()
+
+    def task_thread() -> None:
+        with channel.outbuf_lock:
+            channel.outbufs[-1].append(data)
+            channel.total_outbufs_len += len(data)
+            holding.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=task_thread)
+    worker.start()
+    assert holding.wait(5)
+    return worker
+
+
 def test_listeners_accept_hand_off_channels():
     server, channel, peer = _server_and_channel()
     try:
@@ -36,20 +54,10 @@ def test_main_loop_flushes_after_the_task_thread_lets_go_of_the_lock():
     server, channel, peer = _server_and_channel()
     channel.lock_wait_seconds = 5.0   # the mechanism, not the production bound
     body = b'{"allowed":false}'
-    holding, let_go = threading.Event(), threading.Event()
-
-    def task_thread() -> None:
-        with channel.outbuf_lock:
-            channel.outbufs[-1].append(body)
-            channel.total_outbufs_len += len(body)
-            holding.set()
-            let_go.wait(5)
-
+    let_go = threading.Event()
     try:
         channel.requests = [object()]   # a task is in progress on this connection
-        worker = threading.Thread(target=task_thread)
-        worker.start()
-        assert holding.wait(5)
+        worker = hold_output_lock(channel, body, let_go)
         assert channel.writable()
         threading.Timer(0.05, let_go.set).start()
         channel.handle_write()           # the main loop's turn
@@ -71,25 +79,16 @@ def test_lock_wait_is_bounded():
     server, channel, peer = _server_and_channel()
     channel.lock_wait_seconds = 0.05
     release = threading.Event()
-    holding = threading.Event()
-
-    def task_thread() -> None:
-        with channel.outbuf_lock:
-            channel.outbufs[-1].append(b"x")
-            channel.total_outbufs_len += 1
-            holding.set()
-            release.wait(5)
-
+    worker = None
     try:
         channel.requests = [object()]
-        worker = threading.Thread(target=task_thread)
-        worker.start()
-        assert holding.wait(5)
+        worker = hold_output_lock(channel, b"x", release)
         channel.handle_write()
         assert channel.total_outbufs_len == 1   # nothing sent: the task still holds the lock
     finally:
         release.set()
-        worker.join(5)
+        if worker is not None:
+            worker.join(5)
         channel.requests = []
         channel.close()
         peer.close()
