@@ -17,6 +17,9 @@ _DATE_TIME = (r"(?<![\d+])(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01]
               r"(?:[T ](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:[.,]\d{1,9})?)?(?:Z|[+-]\d\d:?\d\d)?)?(?!\d)")
 _PHONE_OR_DATE = re.compile(f"(?P<date>{_DATE_TIME})|{_PHONE}")
 _BEARER = re.compile(r"(?i)(bearer\s+|access_token[\"'=:\s]+|authorization[\"'=:\s]+)[^\s\"',}]+")
+# What every pattern above needs: text with none of it (most log messages and field
+# values) is returned after one scan instead of three.
+_MAYBE_PERSONAL = re.compile(r"(?i)[\d@]|bearer|access_token|authorization")
 
 _lock = threading.Lock()
 _secrets: tuple[str, ...] = ()
@@ -54,6 +57,8 @@ def mask_text(text: str) -> str:
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "***")
+    if _MAYBE_PERSONAL.search(text) is None:
+        return text
     text = _BEARER.sub(lambda m: m.group(1) + "***", text)
     text = _EMAIL.sub(lambda m: mask_email(m.group(0)) or "", text)
     text = _PHONE_OR_DATE.sub(_mask_phone_match, text)

@@ -82,3 +82,59 @@ def test_field_clock_lookups_use_the_primary_key_not_a_scan(tmp_path):
     finally:
         j.close()
     assert "SCAN field_clocks" not in plan and "SEARCH f USING INDEX" in plan, plan
+
+
+_TEMP_FILE_PROBE = r'''
+import ctypes, os, struct, sys, tempfile
+from datetime import datetime, timezone
+from syncd.events import ConsentEvent
+from syncd.journal.events import EventStore
+from syncd.journal.sqlite import SqliteEngine
+
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init1(os.O_NONBLOCK)
+libc.inotify_add_watch(fd, os.environ["SQLITE_TMPDIR"].encode(), 0x100)   # IN_CREATE
+engine = SqliteEngine(os.path.join(sys.argv[1], "j.db"))
+store = EventStore(engine)
+if sys.argv[2] == "sqlite-default":
+    with engine.begin():
+        pass
+    engine._writer.execute("PRAGMA temp_store=DEFAULT")
+now = datetime.now(timezone.utc)
+for batch in range(40):
+    store.record_batch([ConsentEvent(source="apten", source_event_id=f"{batch}-{i}", kind="opt_out",
+                                     channel="sms", occurred_at=now, received_at=now, raw=b"{}" * 300,
+                                     phone=f"+1330555{batch:02d}{i:02d}", external_lead_id=f"{batch * 97 + i * 31}")
+                        for i in range(8)])
+created = 0
+try:
+    while True:
+        data = os.read(fd, 65536)
+        created += data.count(b"etilqs")   # SQLite's temporary file names
+except BlockingIOError:
+    pass
+print(created)
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="inotify: Linux only")
+def test_group_commits_create_no_temporary_files(tmp_path):
+    """SQLite keeps a statement's undo log in a temporary file once it passes 64 KiB,
+    which a group commit's multi-row statements did on about every other commit; the
+    writer keeps it in memory. Run in a subprocess: SQLite reads SQLITE_TMPDIR once."""
+    import os
+    import subprocess
+    import sys
+
+    def temp_files_created(mode: str) -> int:
+        work, temp = tmp_path / mode, tmp_path / f"{mode}-tmp"
+        work.mkdir()
+        temp.mkdir()
+        out = subprocess.run([sys.executable, "-c", _TEMP_FILE_PROBE, str(work), mode], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "SQLITE_TMPDIR": str(temp)},
+                             cwd=Path(__file__).resolve().parent.parent)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.strip())
+
+    assert temp_files_created("sqlite-default") > 0    # the probe sees them when SQLite makes them
+    assert temp_files_created("journal") == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, strategies as st
 
 from tests.support.stack import APTEN_SECRET, LOX24_TOKEN, SINCH_SECRET, Stack, wait_for
 from tests.conftest import fixture_bytes
@@ -165,3 +166,14 @@ def test_a_stalled_stream_slows_callers_instead_of_growing_memory():
     assert not caller.is_alive()
     handler.close()
     assert stream.lines == 200
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_json_timestamps_are_datetime_isoformat_to_the_millisecond(created):
+    from datetime import datetime, timezone
+
+    from syncd.logs import JsonFormatter
+    formatter = JsonFormatter()
+    assert formatter._timestamp(created) == datetime.fromtimestamp(created, timezone.utc).isoformat(
+        timespec="milliseconds")
+    assert formatter._timestamp(created) == formatter._timestamp(created)   # from the cached second too

@@ -70,3 +70,24 @@ def test_json_logs_keep_their_timestamps_and_mask_the_phone_beside_them():
                                   "2026-12-02T13:38:58.627+00:00", "2026-12-02T13:38:58.123456-05:00"])
 def test_dates_and_times_are_never_masked(text):
     assert mask_text(f"at {text} call 330-555-1234") == f"at {text} call 33*****234"
+
+
+def _mask_every_pattern(text: str) -> str:
+    """mask_text without its one-scan shortcut: every pattern applied."""
+    from syncd import masking
+    for secret in masking._secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    text = masking._BEARER.sub(lambda m: m.group(1) + "***", text)
+    text = masking._EMAIL.sub(lambda m: masking.mask_email(m.group(0)) or "", text)
+    return masking._PHONE_OR_DATE.sub(masking._mask_phone_match, text)
+
+
+_pieces = st.one_of(st.text(max_size=12), st.sampled_from(
+    ["+4915112345678", "(555) 010-9999", "a.b@example.com", "Bearer abc.def", "BEARER x", "ſearer",
+     "access_token=tok", "Authorization: k", "2026-12-03T10:00:00Z", "@", "٣٤٥٦٧٨٩٠١٢", " "]))
+
+
+@given(st.lists(_pieces, max_size=8).map("".join))
+def test_the_shortcut_for_text_without_digits_at_signs_or_token_words_masks_exactly_as_every_pattern(text):
+    assert mask_text(text) == _mask_every_pattern(text)

@@ -124,6 +124,11 @@ class SqliteEngine:
             conn = self._writer
             if conn is None:
                 conn = self._writer = self._connect()
+                # A statement's undo log (SQLite's statement journal) stays in memory: by
+                # default it spills to a temporary file past 64 KiB, and a group commit's
+                # multi-row statements crossed that on about every other commit (a file
+                # created, written and unlinked per commit). Bounded by the largest statement.
+                conn.execute("PRAGMA temp_store=MEMORY")
             cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
