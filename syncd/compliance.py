@@ -38,8 +38,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable
 from zoneinfo import ZoneInfo
 
-import holidays as holidays_lib
-
+from syncd.calendars import holiday_calendar
 from syncd.events import iso, parse_iso, utcnow
 
 if TYPE_CHECKING:
@@ -52,22 +51,6 @@ log = logging.getLogger("syncd.compliance")
 
 END_OF_DAY = time(23, 59, 59, 999999)
 MAX_ALERTS_PER_CHECK = 20   # one message per opt-out up to this many per check, then one for the rest
-
-
-def holiday_calendar(code: str | None) -> holidays_lib.HolidayBase | None:
-    """The public holidays of ``US``, ``US-CA``, ``DE-BY``... (None: weekends only).
-    Raises ValueError naming what is unknown."""
-    if not code:
-        return None
-    country, _, subdiv = code.strip().upper().partition("-")
-    supported = holidays_lib.list_supported_countries()
-    if country not in supported:
-        raise ValueError(f"unknown country {country!r} (an ISO 3166 code the holidays package knows, "
-                         f"e.g. US, DE, GB)")
-    if subdiv and subdiv not in [s.upper() for s in supported[country]]:
-        raise ValueError(f"{country} has no subdivision {subdiv!r} (known: {', '.join(supported[country][:12])}"
-                         f"{', ...' if len(supported[country]) > 12 else ''})")
-    return holidays_lib.country_holidays(country, subdiv=subdiv or None)
 
 
 @dataclass(frozen=True)

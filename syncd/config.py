@@ -251,7 +251,7 @@ class ComplianceConfig(_Strict):
     @field_validator("holidays")
     @classmethod
     def _holidays(cls, v: str | None) -> str | None:
-        from syncd.compliance import holiday_calendar
+        from syncd.calendars import holiday_calendar   # imports the holidays package: only when set
 
         holiday_calendar(v)   # ValueError names what is unknown
         return v.strip().upper() if v else None
