@@ -134,9 +134,10 @@ def test_nul_in_free_text_is_storable_in_postgresql():
 
 # (source, path in the seed body, role). "id": an identifier, 400 naming it when it holds
 # a lone surrogate or NUL; "free": free text, the opt-out is always kept (200/202);
-# "code": a value the source's schema decides on (an event name, a status, a time).
+# "code": a value the source's schema decides on (an event name, a status). A source's
+# time is "free": one syncd cannot read orders the event by its receipt time.
 FIELDS = [
-    ("apten", ("event",), "code"), ("apten", ("timestamp",), "code"),
+    ("apten", ("event",), "code"), ("apten", ("timestamp",), "free"),
     ("apten", ("data", "leadId"), "id"), ("apten", ("data", "externalLeadId"), "id"),
     ("apten", ("data", "phone"), "id"), ("apten", ("data", "email"), "id"),
     ("apten", ("data", "channel"), "free"), ("apten", ("data", "optOutReason"), "free"),
@@ -146,7 +147,7 @@ FIELDS = [
     ("lox24", ("data", "short_link_code"), "free"), ("lox24", ("data", "additional_data", "reason", "label"), "free"),
     ("lox24", ("data", "additional_data", "additional_text"), "free"), ("lox24", ("data", "somethingNew"), "free"),
     ("sinch", ("app_id",), "free"), ("sinch", ("project_id",), "free"), ("sinch", ("correlation_id",), "id"),
-    ("sinch", ("event_time",), "code"), ("sinch", ("message_metadata",), "free"),
+    ("sinch", ("event_time",), "free"), ("sinch", ("message_metadata",), "free"),
     ("sinch", ("opt_out_notification", "contact_id"), "id"), ("sinch", ("opt_out_notification", "identity"), "id"),
     ("sinch", ("opt_out_notification", "request_id"), "id"), ("sinch", ("opt_out_notification", "channel"), "code"),
     ("sinch", ("opt_out_notification", "status"), "code"),
@@ -235,3 +236,15 @@ def test_status_and_export_commands_show_ignored_and_raw_channels(receiver, tmp_
     assert (rows[viber]["state"], rows[viber]["raw_channel"]) == ("ignored", "VIBERBM")
     assert (rows[manual]["channel"], rows[manual]["raw_channel"], rows[manual]["unmodelled"]) == \
         ("all", "manual", "channel=manual")
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "yesterday", 1.5e9])
+def test_a_source_time_out_of_range_or_unreadable_is_recorded_not_a_4xx_or_5xx(receiver, stamp):
+    """A year that leaves the range once converted to UTC raised OverflowError: a 500."""
+    doc = json.loads(fixture_bytes("apten_optout_sms.json"))
+    doc["timestamp"] = stamp
+    resp = post_apten(receiver, json.dumps(doc).encode())
+    assert resp.status_code == 200 and resp.json()["status"] == "accepted", resp.text
+    event = receiver.journal.events.get(resp.json()["event_id"])
+    assert event.details["timestamp_unreadable"] == {"field": "timestamp", "value": str(stamp)}
+    assert event.occurred_at == event.received_at

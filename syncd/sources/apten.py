@@ -20,10 +20,9 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
-from syncd.events import Channel, ConsentEvent, Kind, canonical_hash, parse_iso
+from syncd.events import Channel, ConsentEvent, Kind, canonical_hash
 from syncd.phones import to_e164
-from syncd.sources.base import (BadPayload, HeaderLookup, Ignored, Unauthorized, bounded_occurred_at, clip,
-                                load_json, validated)
+from syncd.sources.base import HeaderLookup, Ignored, Unauthorized, clip, load_json, source_time, validated
 
 SIGNATURE_HEADER = "X-Signature-SHA256"
 CONSENT_EVENTS = ("optOut", "doNotContact")
@@ -39,7 +38,7 @@ MAX_LABEL, MAX_MESSAGE = 500, 10_000
 class _Envelope(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     event: str
-    timestamp: str | None = None
+    timestamp: Any = None     # ISO 8601 documented; anything else orders by receipt time (source_time)
     data: dict
 
 
@@ -99,15 +98,7 @@ class AptenSource:
             data = validated(_DoNotContactData, env.data, ("data",))
         loaded.require_text(*IDENTIFIERS)
         details: dict[str, Any] = {"apten_event": env.event, "lead_id": data.leadId}
-        if env.timestamp is None:
-            occurred = received_at
-            details["timestamp_missing"] = True
-        else:
-            try:
-                occurred = parse_iso(env.timestamp)
-            except ValueError:
-                raise BadPayload("timestamp: not an ISO 8601 date-time") from None
-            occurred = bounded_occurred_at(occurred, received_at, details)
+        occurred = source_time(env.timestamp, received_at, details, "timestamp")
         kind: Kind
         channel: Channel
         if isinstance(data, _OptOutData):

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from syncd.events import ConsentEvent
+from syncd.events import ConsentEvent, parse_iso
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -161,6 +161,30 @@ def validated(model: type[M], data: Any, prefix: tuple[str, ...] = ()) -> M:
 
 
 MAX_FUTURE_SKEW = timedelta(minutes=5)
+
+
+# Unix seconds between 2000 and 2100: anything else is not a real event time.
+MIN_EPOCH, MAX_EPOCH = 946684800, 4102444800
+MAX_KEPT_TIME_TEXT = 100
+
+
+def source_time(raw: Any, received_at: datetime, details: dict[str, Any], field: str) -> datetime:
+    """When the event happened, for "newest wins", from the source's own time field: ISO
+    8601 text, or Unix seconds where ``raw`` is an int. Missing: the receipt time (noted).
+    Unreadable (not a date-time, out of range, another type): the receipt time as well,
+    the value kept for the audit: refusing the webhook would lose the opt-out it carries."""
+    if raw is None:
+        details["timestamp_missing"] = True
+        return received_at
+    try:
+        if isinstance(raw, str):
+            return bounded_occurred_at(parse_iso(raw), received_at, details)
+        if isinstance(raw, int) and not isinstance(raw, bool) and MIN_EPOCH <= raw <= MAX_EPOCH:
+            return bounded_occurred_at(datetime.fromtimestamp(raw, timezone.utc), received_at, details)
+    except (ValueError, OverflowError):   # not ISO 8601; a year that leaves the range in UTC
+        pass
+    details["timestamp_unreadable"] = {"field": field, "value": str(raw)[:MAX_KEPT_TIME_TEXT]}
+    return received_at
 
 
 def bounded_occurred_at(occurred: datetime, received_at: datetime, details: dict[str, Any]) -> datetime:

@@ -8,18 +8,16 @@ delivery attempts change nothing. LOX24 sends no CRM id: the phone routes it.
 from __future__ import annotations
 
 import hmac
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from syncd.events import ConsentEvent
 from syncd.phones import to_e164
-from syncd.sources.base import HeaderLookup, Ignored, Unauthorized, bounded_occurred_at, clip, load_json, validated
+from syncd.sources.base import HeaderLookup, Ignored, Unauthorized, clip, load_json, source_time, validated
 
 TOKEN_HEADER = "X-LOX24-Token"
-# Unix seconds between 2000 and 2100: anything else is not a real event time.
-_MIN_TS, _MAX_TS = 946684800, 4102444800
 # Identifiers must be text (400 otherwise); every other string is free text, kept
 # with non-text code points replaced and cut to a stored length, never refused.
 IDENTIFIERS = ("id", "data.phone")
@@ -43,7 +41,7 @@ class _Data(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     phone: str = Field(min_length=1, max_length=64)
     user_id: int | None = Field(default=None, ge=0, le=2**53)
-    created_at: int | None = Field(default=None, ge=_MIN_TS, le=_MAX_TS)
+    created_at: Any = None   # Unix seconds; anything else orders by receipt time (source_time)
     campaign_code: str | None = None
     additional_data: _AdditionalData | None = None
     additional_text: str | None = None
@@ -57,7 +55,7 @@ class _Envelope(BaseModel):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
     name: str = Field(max_length=100)
     api_version: str | None = None
-    created_at: int | None = Field(default=None, ge=_MIN_TS, le=_MAX_TS)
+    created_at: Any = None
     attempt_number: int | None = Field(default=None, ge=0, le=1000)
     attempts_total: int | None = Field(default=None, ge=0, le=1000)  # the example's spelling
     attempt_total: int | None = Field(default=None, ge=0, le=1000)   # the schema's spelling
@@ -106,12 +104,9 @@ class Lox24Source:
         })
         if reason.id is not None and reason.id not in REASON_IDS:
             details["unmodelled"] = {"reason.id": str(reason.id)[:40]}
-        stamp = data.created_at or env.created_at
-        if stamp is None:
-            occurred = received_at
-            details["timestamp_missing"] = True
-        else:
-            occurred = bounded_occurred_at(datetime.fromtimestamp(stamp, timezone.utc), received_at, details)
+        field = "data.created_at" if data.created_at is not None else "created_at"
+        occurred = source_time(data.created_at if data.created_at is not None else env.created_at,
+                               received_at, details, field)
         return ConsentEvent(
             source=self.name,
             source_event_id=env.id,

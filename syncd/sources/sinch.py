@@ -28,10 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.sinch_signing import (ALGORITHM, HEADER_ALGORITHM, HEADER_NONCE, HEADER_SIGNATURE,
                                       HEADER_TIMESTAMP, timestamp_fresh, verify)
-from syncd.events import Channel, ConsentEvent, Kind, canonical_hash, parse_iso
+from syncd.events import Channel, ConsentEvent, Kind, canonical_hash
 from syncd.phones import to_e164
-from syncd.sources.base import (BadPayload, HeaderLookup, Ignored, Unauthorized, bounded_occurred_at,
-                                load_json, validated)
+from syncd.sources.base import BadPayload, HeaderLookup, Ignored, Unauthorized, load_json, source_time, validated
 
 CHANNELS: dict[str, Channel] = {"WHATSAPP": "whatsapp", "SMS": "sms", "MMS": "sms"}
 IDENTIFIERS = ("contact_id", "identity", "request_id")
@@ -93,13 +92,8 @@ class SinchSource:
             if succeeded:  # a failed result changes no consent anyway: it is only reconciled
                 details["ignored"] = (f"sinch channel {note.channel!r} is not modelled by syncd: "
                                       "no CRM field is written")
-        occurred = received_at
-        event_time = doc.get("event_time") or doc.get("accepted_time")
-        if isinstance(event_time, str):
-            try:
-                occurred = bounded_occurred_at(parse_iso(event_time), received_at, details)
-            except ValueError:
-                raise BadPayload("event_time: not an ISO 8601 date-time") from None
+        field = "event_time" if doc.get("event_time") is not None else "accepted_time"
+        occurred = source_time(doc.get(field), received_at, details, field)
         return ConsentEvent(
             source=self.name,
             source_event_id=canonical_hash(loaded.original),
