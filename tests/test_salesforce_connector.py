@@ -486,7 +486,22 @@ def test_find_by_phone(sandbox, sf):
     assert sf.find_by_phone("+14155550000") == []
     [search] = sandbox.requests_to(r"/search/?$")[:1]
     assert search.query["q"] == ["FIND {4911113333444 OR 11113333444} IN PHONE FIELDS RETURNING "
-                                 "Lead(Id, MobilePhone, Phone), Contact(Id, MobilePhone, Phone)"]
+                                 "Lead(Id, MobilePhone, Phone WHERE IsConverted = false), Contact(Id, MobilePhone, Phone)"]
+
+
+def test_lookups_skip_converted_leads_and_find_the_contact_they_became(sandbox, sf):
+    """A converted Lead is read-only (CANNOT_UPDATE_CONVERTED_LEAD): a delivery to it
+    would only dead-letter and leave the opt-out unhonoured on the compliance clock."""
+    converted = sandbox.add_record("Lead", LastName="Lo", Company="X", MobilePhone="+4911113333444",
+                                   Email="jonas@example.com", IsConverted=True)
+    open_lead = sandbox.add_record("Lead", LastName="Lo", Company="Y", Phone="+4911113333555",
+                                   Email="open@example.com")
+    contact = sandbox.add_record("Contact", LastName="Lo", MobilePhone="+4911113333444", Email="jonas@example.com")
+    found = {f.ref for f in sf.find(["+4911113333444", "+4911113333555"], ["jonas@example.com", "open@example.com"])}
+    assert found == {RecordRef("salesforce", "Contact", contact), RecordRef("salesforce", "Lead", open_lead)}
+    assert RecordRef("salesforce", "Lead", converted) not in found
+    emails = [q for r in sandbox.requests_to(r"/query/?$") for q in r.query.get("q", []) if "FROM Lead" in q]
+    assert emails and all(q.endswith(" AND IsConverted = false") for q in emails)
 
 
 def test_find_batches_numbers_and_emails_and_says_which_each_record_carries(sandbox, sf):

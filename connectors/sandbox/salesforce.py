@@ -130,7 +130,12 @@ _STANDARD_FIELDS: list[tuple[str, str, bool, str]] = [
     ("SMS_Opt_Out__c", "boolean", True, "SMS Opt Out"),
     ("WhatsApp_Opt_Out__c", "boolean", True, "WhatsApp Opt Out"),
 ]
-_EXTRA_FIELDS = {"Lead": [("Company", "string", True, "Company")]}
+# Lead.IsConverted: true once the lead is converted into a Contact (and Account); such a
+# lead can no longer be updated (the API answers CANNOT_UPDATE_CONVERTED_LEAD, "cannot
+# reference converted lead"). Object Reference, "Lead"; Change Data Capture, "Change
+# Events for Lead Conversion". Not updateable through the API (set by conversion).
+_EXTRA_FIELDS = {"Lead": [("Company", "string", True, "Company"),
+                          ("IsConverted", "boolean", False, "Converted")]}
 
 
 def _field_meta(name: str, ftype: str, updateable: bool, label: str) -> dict[str, Any]:
@@ -1052,16 +1057,24 @@ class SalesforceSandbox(Sandbox):
         term = re.sub(r"\\(.)", r"\1", term).strip()
         if len(term) < 2:
             raise ApiError(400, "MALFORMED_SEARCH", "search term must be longer than one character")
-        specs: list[tuple[str, list[str]]] = []
+        # "RETURNING ObjectTypeName [(FieldList [WHERE] ...)]" (SOQL and SOSL Reference,
+        # "RETURNING FieldSpec", sforce-api-calls-sosl-returning; "WHERE",
+        # sforce-api-calls-sosl-where): a SOQL-style condition on that object's rows.
+        specs: list[tuple[str, list[str], Any]] = []
         if returning:
             for part in re.findall(r"(?:[^,(]|\([^()]*\))+", returning):
                 item = re.fullmatch(r"\s*(\w+)\s*(?:\(([^()]*)\))?\s*", part)
                 if item is None:
                     raise ApiError(400, "MALFORMED_SEARCH", "unexpected RETURNING clause")
-                fields = [f.strip() for f in (item.group(2) or "Id").split(",") if f.strip()]
-                specs.append((item.group(1), fields))
+                inside = item.group(2) or "Id"
+                cut = re.search(r"(?i)\bWHERE\b", inside)
+                field_text, condition = (inside[:cut.start()], inside[cut.end():]) if cut else (inside, "")
+                where = (SoqlParser(f"SELECT Id FROM {item.group(1)} WHERE {condition}").parse().where
+                         if condition.strip() else None)
+                fields = [f.strip() for f in field_text.split(",") if f.strip()]
+                specs.append((item.group(1), fields, where))
         else:
-            specs = [(s, ["Id"]) for s in KEY_PREFIXES]
+            specs = [(s, ["Id"], None) for s in KEY_PREFIXES]
         scope = (scope or "ALL").upper()
         # FIND {a OR b}: the documented OR operator (SOQL and SOSL Reference, "FIND
         # {SearchQuery}", sforce_api_calls_sosl_find.htm). AND / AND NOT are not modelled.
@@ -1073,10 +1086,13 @@ class SalesforceSandbox(Sandbox):
         alternatives = [alt.strip().strip('"') for alt in re.split(r"\s+OR\s+", term, flags=re.I)]
         found: list[dict[str, Any]] = []
         with self.lock:
-            for name, fields in specs:
+            for name, fields, condition in specs:
                 sobject = self._sobject_for_query(name)
                 select = [self._query_field(sobject, f) for f in fields]
+                where = self._bind(sobject, condition) if condition is not None else None
                 for record in self.records[sobject].values():
+                    if where is not None and not self._eval(where, record):
+                        continue
                     if any(self._search_match(sobject, record, scope, alt, re.sub(r"\D", "", alt))
                            for alt in alternatives if alt):
                         found.append(self._render(sobject, record, select, version))
