@@ -310,14 +310,27 @@ def test_an_unreadable_source_time_keeps_the_opt_out_ordered_by_receipt(source, 
     assert kept["field"] == ".".join(path) and kept["value"] == str(value)[:100]
 
 
+@pytest.mark.parametrize("source,fixture,path,value", [
+    (AptenSource("apten-test-secret"), "apten_optout_sms.json", ("timestamp",), 1757849748),
+    (SINCH, "sinch_opt_out_notification.json", ("event_time",), 1757849748),
+    (LOX, "lox24_phone_unsubscribe.json", ("data", "created_at"), "2025-09-14T11:35:48Z"),
+], ids=["apten", "sinch", "lox24"])
+def test_a_time_in_a_form_the_vendor_does_not_document_is_kept_not_guessed(source, fixture, path, value):
+    """Apten and Sinch document ISO 8601 text, LOX24 Unix seconds: the other form is not
+    read as a time (it could mean something else), only kept."""
+    ev = source.parse(_with(json.loads(fixture_bytes(fixture)), path, value), NOW)
+    assert ev.occurred_at == NOW and ev.details["timestamp_unreadable"]["value"] == str(value)
+
+
 @given(st.one_of(st.none(), st.text(max_size=40), st.integers(min_value=-(10**20), max_value=10**20),
                  st.floats(allow_nan=False), st.booleans(),
-                 st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat())))
-def test_source_time_always_answers_an_aware_time_no_later_than_the_skew(raw):
+                 st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat())),
+       st.booleans())
+def test_source_time_always_answers_an_aware_time_no_later_than_the_skew(raw, unix_seconds):
     from syncd.sources.base import MAX_FUTURE_SKEW, source_time
 
     details: dict = {}
-    at = source_time(raw, NOW, details, "timestamp")
+    at = source_time(raw, NOW, details, "timestamp", unix_seconds=unix_seconds)
     assert at.tzinfo is not None and at - NOW <= MAX_FUTURE_SKEW
     if at == NOW and raw is not None:
         assert "timestamp_unreadable" in details or "source_time_in_future" in details or raw in (

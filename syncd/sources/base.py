@@ -168,19 +168,21 @@ MIN_EPOCH, MAX_EPOCH = 946684800, 4102444800
 MAX_KEPT_TIME_TEXT = 100
 
 
-def source_time(raw: Any, received_at: datetime, details: dict[str, Any], field: str) -> datetime:
-    """When the event happened, for "newest wins", from the source's own time field: ISO
-    8601 text, or Unix seconds where ``raw`` is an int. Missing: the receipt time (noted).
-    Unreadable (not a date-time, out of range, another type): the receipt time as well,
-    the value kept for the audit: refusing the webhook would lose the opt-out it carries."""
+def source_time(raw: Any, received_at: datetime, details: dict[str, Any], field: str,
+                unix_seconds: bool = False) -> datetime:
+    """When the event happened, for "newest wins", from the source's own time field, in
+    the one form its vendor documents: ISO 8601 text, or (``unix_seconds``) an integer.
+    Missing: the receipt time (noted). Unreadable (another form or type, out of range):
+    the receipt time as well, the value kept for the audit: refusing the webhook would
+    lose the opt-out it carries."""
     if raw is None:
         details["timestamp_missing"] = True
         return received_at
     try:
-        if isinstance(raw, str):
-            return bounded_occurred_at(parse_iso(raw), received_at, details)
-        if isinstance(raw, int) and not isinstance(raw, bool) and MIN_EPOCH <= raw <= MAX_EPOCH:
+        if unix_seconds and isinstance(raw, int) and not isinstance(raw, bool) and MIN_EPOCH <= raw <= MAX_EPOCH:
             return bounded_occurred_at(datetime.fromtimestamp(raw, timezone.utc), received_at, details)
+        if not unix_seconds and isinstance(raw, str):
+            return bounded_occurred_at(parse_iso(raw), received_at, details)
     except (ValueError, OverflowError):   # not ISO 8601; a year that leaves the range in UTC
         pass
     details["timestamp_unreadable"] = {"field": field, "value": str(raw)[:MAX_KEPT_TIME_TEXT]}

@@ -104,9 +104,9 @@ class Lox24Source:
         })
         if reason.id is not None and reason.id not in REASON_IDS:
             details["unmodelled"] = {"reason.id": str(reason.id)[:40]}
-        field = "data.created_at" if data.created_at is not None else "created_at"
-        occurred = source_time(data.created_at if data.created_at is not None else env.created_at,
-                               received_at, details, field)
+        stamp, field = ((data.created_at, "data.created_at") if data.created_at is not None
+                        else (env.created_at, "created_at"))
+        occurred = source_time(stamp, received_at, details, field, unix_seconds=True)
         return ConsentEvent(
             source=self.name,
             source_event_id=env.id,
