@@ -62,12 +62,12 @@ SOQL_MAX_CHARS = 100_000
 # SOQL and SOSL Reference, "FIND {SearchQuery}": beyond 4,000 characters the search
 # text loses its logical operators; a SOSL answer holds at most 2,000 rows ("LIMIT n").
 SOSL_MAX_QUERY = 4000
+SOSL_MAX_ROWS = 2000
 # A converted Lead is read-only (updates fail with CANNOT_UPDATE_CONVERTED_LEAD, "cannot
 # reference converted lead"); the person lives on in the Contact it was converted into,
-# which the same lookup finds. Lookups therefore skip converted Leads (Lead.IsConverted,
-# Object Reference "Lead"; SOSL "RETURNING ObjectTypeName(FieldList WHERE ...)").
+# which the same lookup finds. Lookups therefore skip converted Leads (Lead.IsConverted;
+# SOQL and SOSL Reference, "RETURNING FieldSpec" and SOSL "WHERE").
 _OPEN_ONLY = {"Lead": "IsConverted = false"}
-SOSL_MAX_ROWS = 2000
 # Emails per SOQL IN list, by characters: REST requests are limited to 16,384 bytes of
 # URI and headers (Help article 000386264), and the query travels in the URL.
 SOQL_MAX_IN = 4000
@@ -248,7 +248,13 @@ def _soql_datetime(value: dt.datetime) -> str:
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _open_only(obj: str, keyword: str) -> str:
+    """`` WHERE|AND <condition>`` that leaves out ``obj``'s closed records (see ``_OPEN_ONLY``)."""
+    return f" {keyword} {_OPEN_ONLY[obj]}" if obj in _OPEN_ONLY else ""
+
+
 # --- the connector -------------------------------------------------------------------
+
 
 class SalesforceConnector:
     """CrmConnector for Salesforce Leads and Contacts.
@@ -633,8 +639,8 @@ class SalesforceConnector:
     def _search_phones(self, batch: list[str], phone_fields: dict[str, list[str]],
                        found: dict[RecordRef, tuple[dict[str, None], dict[str, None]]]) -> None:
         terms = [t for phone in batch for t in _sosl_terms(phone)]
-        returning = ", ".join(f"{obj}({', '.join(['Id', *phone_fields[obj]])}"
-                              f"{' WHERE ' + _OPEN_ONLY[obj] if obj in _OPEN_ONLY else ''})" for obj in OBJECTS)
+        returning = ", ".join(f"{obj}({', '.join(['Id', *phone_fields[obj]])}{_open_only(obj, 'WHERE')})"
+                              for obj in OBJECTS)
         sosl = f"FIND {{{' OR '.join(terms)}}} IN PHONE FIELDS RETURNING {returning}"
         body = self._call(lambda sf: sf.search(sosl))
         rows = [r for r in (body or {}).get("searchRecords", []) or [] if isinstance(r, dict)]
@@ -655,7 +661,7 @@ class SalesforceConnector:
     def _query_emails(self, obj: str, batch: list[str],
                       found: dict[RecordRef, tuple[dict[str, None], dict[str, None]]]) -> None:
         soql = (f"SELECT Id, Email FROM {obj} WHERE Email IN ({', '.join(soql_quote(e) for e in batch)})"
-                f"{' AND ' + _OPEN_ONLY[obj] if obj in _OPEN_ONLY else ''}")
+                f"{_open_only(obj, 'AND')}")
         body = self._call(lambda sf: sf.query_all(soql))
         wanted = set(batch)
         for row in (body or {}).get("records", []) or []:

@@ -67,7 +67,7 @@ class JsonFormatter(logging.Formatter):
             "msg": mask_text(record.getMessage()),
         }
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and key[0] != "_":
+            if key not in _STANDARD and not key.startswith("_"):
                 doc[key] = _masked(value)
         if record.exc_info:
             doc["exc"] = mask_text(self.formatException(record.exc_info))
