@@ -154,15 +154,27 @@ class BackgroundStreamHandler(logging.Handler):
                 pass
 
     def close(self) -> None:
+        """Write what is queued and let the writer thread end. No join: ``logging.shutdown``
+        calls this holding the handler's lock, which the writer thread's own flush waits
+        for, so a join only timed out (it held every ``syncd`` exit up by 2 s). The lock
+        orders the two flushes; the writer finds nothing left and ends."""
         self._closed = True
         self._wake.set()
-        if self._writer is not threading.current_thread():
-            self._writer.join(timeout=2.0)
         self.flush()
         super().close()
 
 
+_settings = ("INFO", "json")
+
+
+def current_settings() -> tuple[str, str]:
+    """The level and format :func:`setup_logging` last applied (a child process logs alike)."""
+    return _settings
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json", stream=None) -> None:
+    global _settings
+    _settings = (str(level), fmt)
     # The formatters use none of these; skipping them saves work on every log call.
     logging.logThreads = False
     logging.logProcesses = False

@@ -177,3 +177,31 @@ def test_json_timestamps_are_datetime_isoformat_to_the_millisecond(created):
     assert formatter._timestamp(created) == datetime.fromtimestamp(created, timezone.utc).isoformat(
         timespec="milliseconds")
     assert formatter._timestamp(created) == formatter._timestamp(created)   # from the cached second too
+
+
+def test_logging_shutdown_writes_the_last_lines_without_waiting_for_the_writer_thread():
+    """``logging.shutdown`` (every exit) holds the handler's lock around flush and close;
+    a close that joined the writer thread, itself waiting for that lock, held each exit
+    up by its 2 s join timeout."""
+    import io
+    import logging
+    import time
+    import weakref
+
+    from syncd.logs import BackgroundStreamHandler
+
+    stream = io.StringIO()
+    handler = BackgroundStreamHandler(stream)
+    logger = logging.getLogger("syncd.test.shutdown")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("first")
+        assert wait_for(lambda: "first" in stream.getvalue(), timeout=5)   # the writer thread is idle again
+        logger.warning("last words")
+        started = time.monotonic()
+        logging.shutdown([weakref.ref(handler)])
+        assert time.monotonic() - started < 1.0
+        assert "last words" in stream.getvalue()
+    finally:
+        logger.removeHandler(handler)
