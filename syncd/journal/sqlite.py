@@ -78,6 +78,7 @@ class SqliteEngine:
         self._all_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
+        self._writers_fd: int | None = None
         make_private_dirs(self.path.parent)
         make_private_files(self.path)
         self._migrate()
@@ -120,7 +121,7 @@ class SqliteEngine:
     def begin(self) -> Iterator[Tx]:
         """A write transaction on the one writer connection (writes in a process take
         turns anyway; one connection keeps its page cache warm across them)."""
-        with self._write_lock:
+        with self._write_lock, self._writers_turn():
             conn = self._writer
             if conn is None:
                 conn = self._writer = self._connect()
@@ -140,6 +141,21 @@ class SqliteEngine:
                 conn.execute("COMMIT")
             finally:
                 cur.close()
+
+    @contextmanager
+    def _writers_turn(self) -> Iterator[None]:
+        """Writers in every process take turns on an ``flock`` of ``<file>.write.lock``
+        (``serve``'s ingest writer process, its scheduler, a CLI command): a waiter is
+        woken the moment the lock is free, where SQLite's busy handler would sleep and
+        poll (1, 2, 5, 10... ms), and a steady stream of webhook commits could keep a
+        push waiting through poll after poll."""
+        if self._writers_fd is None:
+            self._writers_fd = os.open(f"{self.path}.write.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._writers_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._writers_fd, fcntl.LOCK_UN)
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -227,6 +243,10 @@ class SqliteEngine:
             self._all.clear()
         self._local = threading.local()
         self._writer = None
+        with self._write_lock:
+            if self._writers_fd is not None:
+                os.close(self._writers_fd)
+                self._writers_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
