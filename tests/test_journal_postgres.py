@@ -334,16 +334,16 @@ def test_an_event_and_its_ledger_entries_commit_together(journals, monkeypatch):
     from syncd.journal.ledger import LedgerStore
 
     j = journals()
-    real_apply = LedgerStore.apply
+    real_apply = LedgerStore.apply_entries
     failures = []
 
-    def apply_failing_once(self, tx, events):
+    def apply_failing_once(self, tx, entries):
         if not failures:
-            failures.append(events)
+            failures.append(entries)
             raise psycopg.errors.QueryCanceled("ledger write interrupted")
-        return real_apply(self, tx, events)
+        return real_apply(self, tx, entries)
 
-    monkeypatch.setattr(LedgerStore, "apply", apply_failing_once)
+    monkeypatch.setattr(LedgerStore, "apply_entries", apply_failing_once)
     recorded = j.events.record(event(7, phone="+13305551234"))
     assert failures, "the ledger write was not attempted"
     assert recorded.created

@@ -149,10 +149,31 @@ class Clock:
     value: Any
 
 
+# One event ready for the journal, built by the request's own thread: its dedupe key,
+# its events row and its ledger entries (identity, channel, state, since, source),
+# all plain data, so it can cross to the ingest writer process (ingest_process.py).
+LedgerTuple = tuple[str, str, str, str, str]
+Prepared = tuple[tuple[str, str], tuple[Any, ...], tuple[LedgerTuple, ...]]
+
+
+class Committer(Protocol):
+    """Commits one webhook's event durably before returning (group commit in this
+    process, or the ingest writer process under ``syncd serve`` on SQLite)."""
+
+    last_ok: float
+    last_failed: float
+
+    def submit(self, event: ConsentEvent) -> Recorded: ...
+
+
 class Events(Protocol):
+    max_stored_body_bytes: int
+
     def record(self, event: ConsentEvent) -> Recorded: ...
     def record_batch(self, events: list[ConsentEvent]) -> list[Recorded]: ...
     def last_ingest_commit(self) -> tuple[float, float]: ...
+    def prepare(self, event: ConsentEvent, now: str | None) -> Prepared: ...
+    def commit_through(self, committer: Committer) -> None: ...
     def to_route(self, limit: int, lease_seconds: float = 120.0) -> list[StoredEvent]: ...
     def get(self, event_id: int) -> StoredEvent | None: ...
     def quarantine(self, event_id: int, reason: str) -> None: ...

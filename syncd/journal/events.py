@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 from syncd.events import ConsentEvent, iso, utcnow
-from syncd.journal.base import Recorded, StoredEvent
+from syncd.journal.base import Committer, Prepared, Recorded, StoredEvent
 from syncd.journal.engine import Engine, Tx
 from syncd.journal.group_commit import GroupCommit
-from syncd.journal.ledger import LedgerStore
+from syncd.journal.ledger import LedgerStore, entries_for, entry_from
 
 DEFAULT_MAX_STORED_BODY_BYTES = 65536
 # A do-not-contact flag a CRM user set inside a CRM, read by the reflector's poll.
@@ -49,11 +49,17 @@ class EventStore:
         self.ledger = ledger or LedgerStore(engine)
         self.max_stored_body_bytes = max_stored_body_bytes
         self.group = GroupCommit(self._insert_batch, engine.db_error)
+        self.committer: Committer = self.group
 
     # --- ingest ----------------------------------------------------------------------
     def record(self, event: ConsentEvent) -> Recorded:
         """Durably record ``event``; concurrent calls share one commit (group commit)."""
-        return self.group.submit(event)
+        return self.committer.submit(event)
+
+    def commit_through(self, committer: Committer) -> None:
+        """``syncd serve`` on SQLite: webhooks are committed by the ingest writer
+        process (journal/ingest_process.py) instead of a request thread of this one."""
+        self.committer = committer
 
     def record_batch(self, events: list[ConsentEvent]) -> list[Recorded]:
         """Record many events in one transaction of the caller's own (not a webhook's)."""
@@ -62,7 +68,7 @@ class EventStore:
     def last_ingest_commit(self) -> tuple[float, float]:
         """``time.monotonic()`` of the newest webhook commit that succeeded and of the
         newest that failed (0.0: none since start): readiness trusts live traffic."""
-        return self.group.last_ok, self.group.last_failed
+        return self.committer.last_ok, self.committer.last_failed
 
     def _row(self, event: ConsentEvent, now: str | None) -> tuple[Any, ...]:
         status = "quarantined" if event.quarantine_reason and event.event_type == "consent" else "new"
@@ -79,22 +85,29 @@ class EventStore:
         with self.engine.ingest() as tx:
             return self._insert(tx, events)
 
+    def prepare(self, event: ConsentEvent, now: str | None) -> Prepared:
+        entries = tuple((e.identity, e.channel, e.state, e.since, e.source)
+                        for e in entries_for(ledger_columns(event), None))
+        return (event.source, event.source_event_id), self._row(event, now), entries
+
     def _insert(self, tx: Tx, events: list[ConsentEvent]) -> list[Recorded]:
+        now = iso(utcnow())
+        return self.insert_prepared(tx, [self.prepare(e, now) for e in events])
+
+    def insert_prepared(self, tx: Tx, items: list[Prepared]) -> list[Recorded]:
         """Insert many events with one statement (one round of the driver per batch);
         duplicates keep the existing id. Rows go in key order, so two replicas inserting
         overlapping batches take the unique index's locks in one order (no deadlock)."""
-        now = iso(utcnow())
-        in_key_order = sorted(events, key=lambda e: (e.source or "", e.source_event_id or ""))
+        in_key_order = sorted(items, key=lambda item: (item[0][0] or "", item[0][1] or ""))
         created = {(r["source"], r["source_event_id"]): int(r["id"])
-                   for r in tx.all("insert_events", rows=[self._row(e, now) for e in in_key_order])}
+                   for r in tx.all("insert_events", rows=[row for _, row, _ in in_key_order])}
         existing: dict[tuple[str, str], int] = {}
-        for src, sid in {(e.source, e.source_event_id) for e in events} - set(created):
+        for src, sid in {key for key, _, _ in items} - set(created):
             existing[(src, sid)] = int(tx.value("event_id_by_key", source=src, source_event_id=sid))
-        self.ledger.apply(tx, [(created[(e.source, e.source_event_id)], ledger_columns(e))
-                               for e in in_key_order if (e.source, e.source_event_id) in created])
+        self.ledger.apply_entries(tx, [(created[key], [entry_from(entry, created[key]) for entry in entries])
+                                       for key, _, entries in in_key_order if key in created])
         results = []
-        for event in events:
-            key = (event.source, event.source_event_id)
+        for key, _, _ in items:
             if key in created:
                 results.append(Recorded(created.pop(key), True))
                 existing[key] = results[-1].event_id   # a second copy in this batch is a duplicate

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, cast
 
 from syncd.journal.engine import Engine, Tx
 
@@ -31,6 +31,11 @@ class Entry:
 
     def row(self) -> tuple[Any, ...]:
         return (self.identity, self.channel, self.state, self.since, self.source, self.event_id)
+
+
+def entry_from(fields: tuple[str, str, str, str, str], event_id: int) -> Entry:
+    """An entry sent as plain data (identity, channel, state, since, source)."""
+    return Entry(fields[0], fields[1], cast(State, fields[2]), fields[3], fields[4], event_id)
 
 
 def wins(new: Entry, current: Entry | None) -> bool:
@@ -125,8 +130,11 @@ class LedgerStore:
 
     def apply(self, tx: Tx, events: list[tuple[int, Mapping[str, Any]]]) -> None:
         """Enter newly inserted events (id, columns) in the caller's transaction."""
-        apply_in(tx, [e for event_id, event in sorted(events, key=lambda p: p[0])
-                      for e in entries_for(event, event_id)])
+        self.apply_entries(tx, [(event_id, entries_for(event, event_id)) for event_id, event in events])
+
+    def apply_entries(self, tx: Tx, entries: list[tuple[int, list[Entry]]]) -> None:
+        """Enter each new event's entries (event id, entries) in event order."""
+        apply_in(tx, [e for _, mine in sorted(entries, key=lambda p: p[0]) for e in mine])
 
     def state(self, identity: str, channel: str) -> Entry | None:
         """One key: a single primary-key read on its own."""
