@@ -7,7 +7,8 @@ Two targets, both real subprocesses served by waitress with ``threads=8``:
   Salesforce sandbox configured and ``push_interval_seconds=3600``: the scheduler's
   first tick runs at start-up on an empty journal, then nothing routes or pushes
   during the measurement, so the figures are the receiver alone (verify HMAC,
-  parse with pydantic, commit one row, log one JSON line, answer).
+  parse with pydantic, commit one row in the ingest writer process, log one JSON
+  line, answer). Server CPU counts ``serve`` and its writer process together.
 * ``baseline`` - a Flask app that only ``json.loads`` the body and answers 200.
 
 The load generator is identical for both: ``--clients`` threads (default 16), each
@@ -18,12 +19,14 @@ syncd's dedupe never short-circuits. After a warm-up the targets alternate for
 not absolute times, are the result: this machine is shared and has 2 cores.
 
     python bench/ingest.py [--quick] [--requests N] [--rounds R] [--clients C] [--profile]
-                           [--ceiling] [--journal URL]
+                           [--ceiling] [--journal URL] [--against DIR]
 
 ``--ceiling`` adds a third target, ``syncd-mem``: ``syncd serve`` with
 ``journal.record`` replaced by an in-memory stand-in, so everything but the
 durable write is real; its ratio is the most any durable journal could reach.
 ``--journal URL`` runs syncd on another journal (e.g. PostgreSQL).
+``--against DIR`` adds ``syncd-ref``: ``syncd serve`` imported from another
+checkout (e.g. ``git worktree add /tmp/ref HEAD~1``), for a before/after in one run.
 
 ``--profile`` additionally calls the receiver's WSGI app in-process from 8 threads
 (no HTTP, no waitress) with the log line and the durable journal switched off in
@@ -178,13 +181,31 @@ def drive(port: int, requests: list[Request], clients: int,
 
 
 def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc; NaN elsewhere)."""
+    """User + system CPU seconds so far of a process and its live children (``syncd
+    serve``'s ingest writer process is part of the server), Linux /proc; NaN elsewhere."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(_own_cpu(p) for p in [pid, *_children(pid)])
     except (OSError, ValueError, IndexError):
         return float("nan")
+
+
+def _own_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
 
 
 def pct(sorted_values: list[float], p: float) -> float:
@@ -228,7 +249,8 @@ def run(args: argparse.Namespace) -> None:
     st = Stack(push_interval=3600.0, journal_url=args.journal)
     st.extra_config = {"logging": {"level": "INFO", "format": "json"}}
     ceiling = Stack(push_interval=3600.0) if args.ceiling else None
-    stacks = [x for x in (st, ceiling) if x is not None]
+    ref = Stack(push_interval=3600.0) if args.against else None
+    stacks = [x for x in (st, ceiling, ref) if x is not None]
     procs: list[subprocess.Popen] = []
     base_dir = Path(tempfile.mkdtemp(prefix="syncd-bench-ingest-"))
     try:
@@ -243,6 +265,16 @@ def run(args: argparse.Namespace) -> None:
             ceiling.start()
             targets["syncd-mem"] = ceiling.port
             launch["syncd-mem"] = ["--memory-journal-serve", str(ceiling.config_path)]
+        if ref is not None:     # the other checkout's serve, its imports first on the path
+            ref.extra_config = dict(st.extra_config)
+            ref.start()
+            with open(base_dir / "syncd-ref.log", "wb") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "syncd.cli", "-c", str(ref.config_path), "serve"],
+                                        stdout=out, stderr=subprocess.STDOUT, cwd=ref.workdir,
+                                        env={**os.environ, "PYTHONPATH": str(Path(args.against).resolve())})
+            procs.append(proc)
+            targets["syncd-ref"], pids["syncd-ref"] = ref.port, proc.pid
+            wait_healthy(ref.port, proc)
         for name, extra in launch.items():
             with open(base_dir / f"{name}.log", "wb") as out:
                 proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *extra],
@@ -309,6 +341,9 @@ def report(rows: list[tuple[str, int, dict]], names: list[str]) -> None:
           f"{'PASS' if p99 < TARGET_P99_MS else 'FAIL'}")
     print(f"p99 ratio syncd/baseline = {p99 / med['baseline']['p99']:.2f}   "
           f"server CPU per request ratio syncd/baseline = {med['syncd']['cpu_us'] / med['baseline']['cpu_us']:.2f}")
+    if "syncd-ref" in med:
+        print(f"syncd-ref (--against) / baseline = {med['syncd-ref']['rps'] / med['baseline']['rps']:.2f}; "
+              f"syncd / syncd-ref = {med['syncd']['rps'] / med['syncd-ref']['rps']:.2f}")
     if "syncd-mem" in med:
         print(f"ceiling: syncd with an in-memory journal / baseline = "
               f"{med['syncd-mem']['rps'] / med['baseline']['rps']:.2f}; the durable write costs "
@@ -471,6 +506,7 @@ def main() -> None:
     ap.add_argument("--ceiling", action="store_true",
                     help="also run syncd with an in-memory journal: the most any durable journal can reach")
     ap.add_argument("--journal", metavar="URL", help="journal.url for syncd (default: a SQLite file)")
+    ap.add_argument("--against", metavar="DIR", help="also serve syncd from this checkout (target syncd-ref)")
     ap.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--memory-journal-serve", metavar="CONFIG", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -77,6 +77,23 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def start_ingest_writer(rt: Runtime) -> Any:
+    """On SQLite, webhooks are committed by a writer process of their own
+    (journal/ingest_process.py: the commit off this process's GIL); PostgreSQL's
+    driver waits on the network, and group commit stays in the request threads."""
+    engine = rt.journal.engine
+    if engine.dialect != "sqlite":
+        return None
+    from syncd.journal.ingest_process import IngestProcess
+    from syncd.logs import current_settings
+
+    events = rt.journal.events
+    level, fmt = current_settings()
+    writer = IngestProcess(getattr(engine, "path"), events.prepare, events.max_stored_body_bytes, level, fmt)
+    events.commit_through(writer)
+    return writer
+
+
 class CannotListen(Exception):
     """The receiver's address cannot be bound (in use, not local, no permission)."""
 
@@ -86,6 +103,7 @@ class Daemon:
         self.cfg = cfg
         self.rt = runtime or open_runtime(cfg)
         self.rt.journal.ops.acquire_serve_lock()  # raises JournalBusy
+        self.ingest: Any = None
         self.scheduler = Scheduler(self.rt.metrics)
         self.scheduler.every("push", cfg.schedule.push_interval_seconds, self.rt.tick)
         for name, interval, fn in self.extra_jobs():
@@ -113,6 +131,7 @@ class Daemon:
         self._watch_compliance()
         self.server: Any = self._listen(self.app, cfg.receiver.host, cfg.receiver.port, public_server_options(cfg))
         self.admin_server: Any = self._listen(self.admin_app, cfg.admin.host, cfg.admin.port, ADMIN_SERVER_OPTIONS)
+        self.ingest = start_ingest_writer(self.rt)   # both ports are ours: nothing to undo past here
         self._stopped = threading.Event()
 
     def _listen(self, app: Any, host: str, port: int, options: dict[str, Any]) -> Any:
@@ -223,6 +242,8 @@ class Daemon:
                 pass
         finished = self.scheduler.stop(timeout=6.0)
         released = self.rt.journal.deliveries.release_leases()
+        if self.ingest is not None:
+            self.ingest.close()   # the receiver is closed: the writer finishes what it holds and exits
         if self.rt.alerts is not None:
             self.rt.alerts.close(timeout=2.0)  # post what is queued, briefly
         log.info("syncd stopped", extra={"tick_finished": finished, "leases_released": released})

@@ -76,7 +76,7 @@ def test_serve_keeps_its_journal_private_under_umask_022():
         try:
             assert st.post_lox24(fixture_bytes("lox24_phone_unsubscribe.json")).status_code == 200
             db = st.workdir / "data" / "syncd.db"
-            files = [db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.serve.lock")]
+            files = [db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.serve.lock"), Path(f"{db}.write.lock")]
             assert {p.name: oct(mode(p)) for p in files} == {p.name: "0o600" for p in files}
             assert oct(mode(db.parent)) == "0o700"
         finally:
