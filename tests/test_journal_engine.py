@@ -138,3 +138,36 @@ def test_group_commits_create_no_temporary_files(tmp_path):
 
     assert temp_files_created("sqlite-default") > 0    # the probe sees them when SQLite makes them
     assert temp_files_created("journal") == 0
+
+
+def test_writers_in_two_processes_take_turns_on_the_write_lock_not_the_busy_handler(tmp_path):
+    """A second process's write waits in flock on ``<file>.write.lock`` (the kernel
+    wakes it when the lock is freed; /proc/locks lists it as blocked), not in SQLite's
+    busy handler, which sleeps and polls."""
+    import subprocess
+    import sys
+    import time
+
+    from syncd.journal.sqlite import SqliteEngine
+    from tests.support.stack import wait_for
+
+    db = tmp_path / "j.db"
+    holder = SqliteEngine(db)
+    script = ("import sys; from syncd.journal.sqlite import SqliteEngine\n"
+              "e = SqliteEngine(sys.argv[1])\n"
+              "with e.begin() as tx: tx.execute('free_delivery_leases')\n"
+              "print('wrote')")
+    with holder.begin() as tx:
+        tx.execute("free_delivery_leases")
+        other = subprocess.Popen([sys.executable, "-c", script, str(db)], stdout=subprocess.PIPE, text=True)
+
+        def blocked_in_flock() -> bool:
+            with open("/proc/locks") as f:
+                return any("->" in line and "FLOCK" in line and f" {other.pid} " in f" {line} " for line in f)
+
+        assert wait_for(blocked_in_flock, timeout=20), "the other writer is not waiting on the write lock"
+        time.sleep(0.2)
+        assert other.poll() is None
+    out, _ = other.communicate(timeout=20)
+    assert other.returncode == 0 and out.strip() == "wrote"
+    holder.close()
