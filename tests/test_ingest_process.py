@@ -1,4 +1,4 @@
-"""The SQLite journal's ingest writer process (syncd/journal/ingest_process.py): webhooks
+"""The SQLite journal's ingest writer process (syncd/journal/ingest_process.py, ingest_writer.py): webhooks
 are committed by a process of its own, answered only after their row is on disk, and
 the writer never outlives or strands ``serve``. Real processes, real signals."""
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 
 from syncd.events import ConsentEvent
 from syncd.journal import open_journal
-from syncd.journal.ingest_process import IngestProcess, WriteFailed, _read_frame, frame
+from syncd.journal.ingest_process import IngestProcess
+from syncd.journal.ingest_wire import WriteFailed, frame, read_frame
 from tests.support.stack import Stack, wait_for
 
 
@@ -95,7 +96,7 @@ def test_a_frame_naming_a_class_is_refused_and_the_writer_keeps_serving(writer):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.connect(w.socket_path)
         conn.sendall(frame(event(1)))          # a ConsentEvent object, not plain data
-        assert _read_frame(conn) == ("error", "ProtocolError", "not a journal event")
+        assert read_frame(conn) == ("error", "ProtocolError", "not a journal event")
         assert conn.recv(1) == b""             # and the connection is closed
     assert journal.events.record(event(2)).created
     assert journal.reports.counts()["events"]["received"] == 1
@@ -222,3 +223,31 @@ def test_kill_9_of_the_writer_under_load_loses_no_acknowledged_webhook(stack):
         stored = {json.loads(raw)["data"]["leadId"] for (raw,) in db.execute("SELECT raw FROM events")}
     assert acked <= stored
     assert len(writer_pids(daemon)) == 2
+
+
+def test_a_frame_of_the_wrong_shape_fails_alone_in_its_batch(tmp_path):
+    """Plain data, but not a prepared event, in the same batch as a good one: the batch
+    is rolled back and retried one by one, so only the bad request gets an error."""
+    from syncd.journal.ingest_writer import Writer, _Connection
+
+    journal = open_journal(f"sqlite:///{tmp_path}/j.db")
+
+    def insert(items):
+        with journal.engine.ingest() as tx:
+            return journal.events.insert_prepared(tx, items)
+
+    read_end, write_end = os.pipe()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(tmp_path / "w.sock"))
+        writer = Writer(insert, listener, read_end)
+        (bad, bad_peer), (good, good_peer) = socket.socketpair(), socket.socketpair()
+        prepared = journal.events.prepare(event(5), "2024-02-18T09:45:05.000000Z")
+        writer._commit([(_Connection(bad_peer), ("not", "an", "event")), (_Connection(good_peer), prepared)])
+        assert read_frame(bad)[0] == "error"
+        assert read_frame(good)[0::2] == ("ok", True)
+        for sock in (bad, bad_peer, good, good_peer):
+            sock.close()
+    os.close(read_end)
+    os.close(write_end)
+    assert journal.reports.counts()["events"]["received"] == 1
+    journal.close()
