@@ -1,4 +1,5 @@
-"""The events store: webhooks as received (group-committed in the request), leased
+"""The events store: webhooks as received (group-committed in the request; under
+``serve`` on SQLite, by the ingest writer process: ingest_process.py), leased
 for routing, and settled as quarantined, ignored or deferred."""
 from __future__ import annotations
 
