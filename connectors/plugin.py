@@ -90,6 +90,9 @@ class CrmPlugin:
     # first server the connector calls, and of the credentials and the URL that judges them.
     endpoints: Callable[[Any], list[tuple[str, str]]] = _base_url
     credentials: Callable[[Any], tuple[str, str]] | None = None
+    # Objects whose records can become another record (a converted Salesforce Lead):
+    # the router reads ``SUCCESSOR_FIELD`` of a named record of these and routes to it.
+    successor_objects: frozenset[str] = field(default_factory=frozenset)
 
     def initial_watermark(self, at: datetime) -> str:
         """Where a first poll starts when it starts at ``at``."""

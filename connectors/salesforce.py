@@ -35,7 +35,7 @@ from connectors.http import error_for_status, make_session, parse_retry_after, s
     wrap_transport_error
 from connectors.plugin import BuildContext, CrmPlugin, IdRule, QuotaLimits
 from connectors.settings import CrmSettings, OptionalSecret, OutboundUrl, Strict
-from connectors.types import EMAILS_FIELD, ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate, \
+from connectors.types import EMAILS_FIELD, SUCCESSOR_FIELD, ChangedRecord, FieldInfo, FoundRecord, Page, RecordRef, RecordUpdate, \
     UpdateResult, Watermark
 
 if TYPE_CHECKING:
@@ -68,6 +68,10 @@ SOSL_MAX_ROWS = 2000
 # which the same lookup finds. Lookups therefore skip converted Leads (Lead.IsConverted;
 # SOQL and SOSL Reference, "RETURNING FieldSpec" and SOSL "WHERE").
 _OPEN_ONLY = {"Lead": "IsConverted = false"}
+# A named Lead that was converted is followed to its Contact (``read`` with
+# SUCCESSOR_FIELD): Lead.IsConverted and Lead.ConvertedContactId, "the ID of the contact
+# created in the lead conversion" (Change Data Capture, "Change Events for Lead Conversion").
+_CONVERSION = ["IsConverted", "ConvertedContactId"]
 # Emails per SOQL IN list, by characters: REST requests are limited to 16,384 bytes of
 # URI and headers (Help article 000386264), and the query travels in the URL.
 SOQL_MAX_IN = 4000
@@ -815,9 +819,9 @@ class SalesforceConnector:
         of another org) is simply absent from the answer. Ids are validated (and
         refs of other objects or CRMs left out) before any text reaches the query."""
         want_emails = EMAILS_FIELD in fields
-        names = [_validate_name(f, "field") for f in fields if f != EMAILS_FIELD]
-        select = ["Id", *[n for n in dict.fromkeys([*names, *(["Email"] if want_emails else [])])
-                          if n.lower() != "id"]]
+        want_successor = SUCCESSOR_FIELD in fields
+        names = [_validate_name(f, "field") for f in fields if f not in (EMAILS_FIELD, SUCCESSOR_FIELD)]
+        extra = [*(["Email"] if want_emails else [])]
         by_obj: dict[str, dict[str, RecordRef]] = {}
         for ref in refs:
             if ref.crm != self.name or ref.obj not in OBJECTS:
@@ -829,6 +833,8 @@ class SalesforceConnector:
             by_obj.setdefault(ref.obj, {})[long_id] = ref
         found: dict[RecordRef, dict[str, Any]] = {}
         for obj, wanted in by_obj.items():
+            conversion = _CONVERSION if want_successor and obj == "Lead" else []
+            select = ["Id", *[n for n in dict.fromkeys([*names, *extra, *conversion]) if n.lower() != "id"]]
             for soql in self._read_queries(obj, select, list(wanted)):
                 for row in self._query_rows(soql):
                     record_id = row.get("Id")
@@ -841,7 +847,16 @@ class SalesforceConnector:
                         if want_emails:
                             email = self._requested(values, ["Email"]).get("Email")
                             found[hit][EMAILS_FIELD] = [email] if isinstance(email, str) and email.strip() else []
+                        if want_successor:
+                            found[hit][SUCCESSOR_FIELD] = self._converted_to(self._requested(values, conversion))
         return found
+
+    def _converted_to(self, values: dict[str, Any]) -> RecordRef | None:
+        """The Contact a converted Lead became (None: not converted, or no valid id)."""
+        contact = values.get("ConvertedContactId")
+        if values.get("IsConverted") is not True or not isinstance(contact, str) or not SF_ID.match(contact):
+            return None
+        return RecordRef(self.name, "Contact", to_18(contact))
 
     @staticmethod
     def _read_queries(obj: str, select: list[str], ids: list[str]) -> Iterable[str]:
@@ -971,4 +986,5 @@ PLUGIN = CrmPlugin(
     quota=lambda s: QuotaLimits(budget_percent=s.api_budget_percent, probe_seconds=s.limits_probe_seconds),
     endpoints=_endpoints,
     credentials=_credentials,
+    successor_objects=frozenset({"Lead"}),      # a converted Lead is followed to its Contact
 )

@@ -12,6 +12,10 @@ from connectors.errors import ConnectorError
 # contacts' addresses). The router reads it to fan out an email opt-out that named a
 # record but carried no address (Apten's ``optOut``).
 EMAILS_FIELD = "@emails"
+# A pseudo-field for ``read``: the record this one has become, a ``RecordRef``, or None
+# (a Salesforce Lead converted into a Contact is read-only from then on). Asked only of
+# the objects a plugin lists in ``CrmPlugin.successor_objects``.
+SUCCESSOR_FIELD = "@successor"
 
 @dataclass(frozen=True)
 class RecordRef:

@@ -12,6 +12,10 @@ with no routable id is looked up, by phone. Lookups are batched: the phones and 
 of a whole routing batch go to each CRM's ``find`` ``LOOKUP_CHUNK`` at a time, so a
 phone shared by many events is looked up once.
 
+A named record that has become another (a converted Salesforce Lead, read-only from
+then on) is routed to the record it became (``read`` with ``SUCCESSOR_FIELD``, one
+call per CRM and batch, for the objects its plugin lists in ``successor_objects``).
+
 An email opt-out that names a record but carries no address (Apten's ``optOut``) first
 reads the named record's address (``read`` with ``EMAILS_FIELD``, one call per CRM and
 batch), keeps it on the event and in the ledger (``Events.learn_email``), then fans out
@@ -32,7 +36,7 @@ from typing import Callable, TypeVar
 
 from connectors.base import CrmConnector
 from connectors.errors import ConnectorError
-from connectors.types import EMAILS_FIELD, RecordRef
+from connectors.types import EMAILS_FIELD, SUCCESSOR_FIELD, RecordRef
 from syncd.backoff import RetryPolicy
 from syncd.crm_health import CrmHealthBook
 from syncd.journal.base import Deliveries, Events, Operations, StoredEvent
@@ -69,9 +73,15 @@ class Plan:
     named: RecordRef | None
     phones: tuple[str, ...] = ()
     emails: tuple[str, ...] = ()
-    # Reading the named record's address: (crm, error) when it failed, (crm, until) when paused.
-    email_failure: tuple[str, ConnectorError] | None = None
-    email_paused: tuple[str, float] | None = None
+    # Reading the named record (its successor, its address): (crm, error) when it
+    # failed, (crm, until) when its CRM is paused, and what was being read.
+    read_failure: tuple[str, ConnectorError] | None = None
+    read_paused: tuple[str, float] | None = None
+    read_what: str = "email"
+    # The named record may have become another and could not be checked: it gets no
+    # delivery while the event waits (a converted Lead would only dead-letter), only
+    # when the retries give up.
+    named_unchecked: bool = False
 
     @property
     def identities(self) -> tuple[str, ...]:
@@ -101,7 +111,8 @@ class EventRouter:
     def __init__(self, events: Events, deliveries: Deliveries, ops: Operations, rules: Router,
                  connectors: dict[str, CrmConnector], pauses: CrmPauses, policy: RetryPolicy,
                  reconcile: Reconcile, *, batch_size: int = 1000, lease_seconds: float = 120.0,
-                 metrics: Metrics | None = None, health: CrmHealthBook | None = None, fan_out: bool = True):
+                 metrics: Metrics | None = None, health: CrmHealthBook | None = None, fan_out: bool = True,
+                 successor_objects: dict[str, frozenset[str]] | None = None):
         self.events = events
         self.deliveries = deliveries
         self.ops = ops
@@ -114,6 +125,7 @@ class EventRouter:
         self.lease_seconds = lease_seconds
         self.metrics = metrics
         self.fan_out = fan_out
+        self.successor_objects = successor_objects or {}
         self.health = health or CrmHealthBook(ops, connectors)  # lookups count toward a CRM's health
         self.stopping = threading.Event()  # set on SIGTERM: finish the batch in hand, take no more
 
@@ -130,6 +142,7 @@ class EventRouter:
         events = self.events.to_route(self.batch_size, self.lease_seconds)
         out = Routed()
         plans = [plan for plan in (self._plan(event, stats) for event in events) if plan is not None]
+        self._follow_successors(plans)
         self._learn_emails([plan for plan in plans if self._needs_address(plan)])
         needs_lookup = [plan for plan in plans if plan.identities]
         lookups = self._look_up(needs_lookup) if needs_lookup else Lookups()
@@ -181,32 +194,60 @@ class EventRouter:
         return (self.fan_out and wants_email and plan.named is not None and not plan.emails
                 and not (event.email or "").strip())
 
+    def _named_by_crm(self, plans: list[Plan]) -> dict[str, list[Plan]]:
+        by_crm: dict[str, list[Plan]] = {}
+        for plan in plans:
+            if plan.named is not None:
+                by_crm.setdefault(plan.named.crm, []).append(plan)
+        return by_crm
+
+    def _read_named(self, crm: str, plans: list[Plan], field_name: str, what: str) -> dict[RecordRef, dict]:
+        """``field_name`` of each plan's named record in ``crm`` (one ``read``); a paused
+        CRM or a failed read is noted on the plans (they wait, with backoff)."""
+        connector = self.connectors.get(crm)
+        if connector is None:
+            return {}
+        paused = self.pauses.in_force(crm)
+        if paused is not None:
+            for plan in plans:
+                plan.read_paused, plan.read_what = (crm, paused), what
+            return {}
+        refs = list(dict.fromkeys(plan.named for plan in plans if plan.named is not None))
+        try:
+            return self._ask(crm, lambda: connector.read(refs, [field_name]))
+        except ConnectorError as exc:
+            for plan in plans:
+                if plan.read_failure is None:
+                    plan.read_failure, plan.read_what = (crm, exc), what
+            return {}
+
+    def _follow_successors(self, plans: list[Plan]) -> None:
+        """Route a named record that has become another (a converted Salesforce Lead,
+        which can no longer be updated) to the record it became."""
+        wanted = [plan for plan in plans if plan.named is not None
+                  and plan.named.obj in self.successor_objects.get(plan.named.crm, ())]
+        for crm, group in self._named_by_crm(wanted).items():
+            values = self._read_named(crm, group, SUCCESSOR_FIELD, "conversion")
+            for plan in group:
+                plan.named_unchecked = plan.read_failure is not None or plan.read_paused is not None
+                named = plan.named
+                successor = values.get(named, {}).get(SUCCESSOR_FIELD) if named is not None else None
+                if isinstance(successor, RecordRef) and named is not None:
+                    log.info("named record was converted; routed to the record it became", extra={
+                        "event_id": plan.event.id, "named": f"{named.crm}:{named.obj}:{named.record_id}",
+                        "became": f"{successor.crm}:{successor.obj}:{successor.record_id}"})
+                    plan.named = successor
+
     def _learn_emails(self, plans: list[Plan]) -> None:
         """Read the address of each named record (one ``read`` per CRM) and keep it on
         the event, so the ledger and the consent API know it and fan-out reaches every
         record carrying it."""
-        by_crm: dict[str, list[tuple[Plan, RecordRef]]] = {}
-        for plan in plans:
-            if plan.named is not None:
-                by_crm.setdefault(plan.named.crm, []).append((plan, plan.named))
-        for crm, group in by_crm.items():
-            connector = self.connectors.get(crm)
-            if connector is None:
-                continue
-            paused = self.pauses.in_force(crm)
-            if paused is not None:
-                for plan, _ in group:
-                    plan.email_paused = (crm, paused)
-                continue
-            refs = list(dict.fromkeys(ref for _, ref in group))
-            try:
-                values = self._ask(crm, lambda: connector.read(refs, [EMAILS_FIELD]))
-            except ConnectorError as exc:
-                for plan, _ in group:
-                    plan.email_failure = (crm, exc)
-                continue
-            for plan, ref in group:
-                addresses = values.get(ref, {}).get(EMAILS_FIELD) or []
+        for crm, group in self._named_by_crm(plans).items():
+            values = self._read_named(crm, group, EMAILS_FIELD, "email")
+            for plan in group:
+                if plan.named is None or plan.named not in values:
+                    continue
+                addresses = values[plan.named].get(EMAILS_FIELD) or []
                 email = next((normalize_email(a) for a in addresses if "@" in str(a)), None)
                 if email is not None:
                     self.events.learn_email(plan.event.id, email)
@@ -256,8 +297,8 @@ class EventRouter:
     # --- decisions ------------------------------------------------------------------
     def _settle(self, plan: Plan, lookups: Lookups, stats: RouteStats, out: Routed) -> None:
         event = plan.event
-        targets = [plan.named] if plan.named is not None else []
-        failure: tuple[str, ConnectorError] | None = plan.email_failure
+        targets = [plan.named] if plan.named is not None and not plan.named_unchecked else []
+        failure: tuple[str, ConnectorError] | None = plan.read_failure
         for crm in self.connectors:
             for identity in plan.identities:
                 exc = lookups.failed.get(crm, {}).get(identity)
@@ -266,8 +307,8 @@ class EventRouter:
                 targets.extend(lookups.found.get(crm, {}).get(identity, []))
         targets = list(dict.fromkeys(targets))
         paused = {crm: lookups.paused[crm] for crm in self.connectors if crm in lookups.paused} if plan.identities else {}
-        if plan.email_paused is not None:
-            paused[plan.email_paused[0]] = plan.email_paused[1]
+        if plan.read_paused is not None:
+            paused[plan.read_paused[0]] = plan.read_paused[1]
         if paused:
             until = max(paused.values())
             self._wait(plan, targets, f"lookup in {', '.join(paused)} waits: CRM paused", until, out)
@@ -288,7 +329,9 @@ class EventRouter:
             self._wait(plan, targets, text, self.policy.next_try(exc, attempts), out)
             log.warning("routing deferred", extra={"event_id": plan.event.id, "crm": crm, "error": text,
                                                    "targets_now": len(targets)})
-        elif targets:  # the named record (and what other CRMs found) must not wait on a lookup forever
+        elif targets or plan.named_unchecked:  # the named record (and what other CRMs found) must not wait forever
+            if plan.named_unchecked and plan.named is not None:
+                targets = list(dict.fromkeys([plan.named, *targets]))
             out.notes[plan.event.id] = f"{gave_up.prefix}{text}"
             self._route(plan, targets, stats, out)
             log.warning("fan-out lookup gave up; routed to the records known", extra={
@@ -315,7 +358,7 @@ class EventRouter:
     @staticmethod
     def _what(plan: Plan) -> str:
         return " or ".join(kind for kind, values in (("phone", plan.phones), ("email", plan.emails)) if values) \
-            or "email"   # the named record's address, which could not be read
+            or plan.read_what   # what could not be read of the named record
 
     def _quarantine(self, event: StoredEvent, reason: str, stats: RouteStats) -> None:
         self.events.quarantine(event.id, reason)

@@ -120,7 +120,9 @@ def open_runtime(cfg: Config) -> Runtime:
     notifications = SinchNotifications(journal.reflections, journal.events, policy)
     routing = EventRouter(journal.events, journal.deliveries, journal.ops, router, connectors, pauses, policy,
                           notifications.reconcile, batch_size=batch, lease_seconds=lease, metrics=metrics,
-                          health=health, fan_out=cfg.routing.fan_out)
+                          health=health, fan_out=cfg.routing.fan_out,
+                          successor_objects={crm: CRM_PLUGINS[crm].successor_objects
+                                             for crm in connectors if crm in CRM_PLUGINS})
     reflector = None
     sinch = build_sinch(cfg)
     if connectors:   # the poll runs for every enabled CRM; Sinch registrations only when configured

@@ -296,3 +296,68 @@ def test_hubspot_reads_a_stored_number_as_the_same_person_whatever_its_format(pa
         return
     assert e164 in _e164s(form.format(a=a, b=b, c=c), {"US"})
     assert e164 not in _e164s(f"+{other_cc} {a}{b}{c}", {"US"})   # ends the same, another country
+
+
+def converted_lead(st_) -> tuple[str, str]:
+    """A Salesforce Lead converted into a Contact (Lead.IsConverted, Lead.ConvertedContactId)."""
+    sf = st_.sandboxes["salesforce"]
+    contact = sf.add_record("Contact", None, LastName="Moss", SMS_Opt_Out__c=False)
+    lead = sf.add_record("Lead", None, LastName="Moss", Company="M", SMS_Opt_Out__c=False, IsConverted=True,
+                         ConvertedContactId=contact)
+    return lead, contact
+
+
+def test_an_opt_out_naming_a_converted_lead_reaches_the_contact_it_became(make_runtime):
+    """A converted Lead is read-only (CANNOT_UPDATE_CONVERTED_LEAD): written as routed,
+    the opt-out dead-lettered and was never honoured in the CRM."""
+    st_, rt = make_runtime()
+    sf = st_.sandboxes["salesforce"]
+    lead, contact = converted_lead(st_)
+    rt.journal.events.record(event(1, external_lead_id=lead[:15]))
+    stats = rt.tick()
+    assert (stats.routed, stats.dead) == (1, 0)
+    assert sf.get_record("Contact", contact)["SMS_Opt_Out__c"] is True
+    assert sf.get_record("Lead", lead)["SMS_Opt_Out__c"] is False
+    deliveries = rt.journal.reports.counts()["deliveries"]
+    assert (deliveries["done"], deliveries["dead"]) == (1, 0)          # one delivery: the Contact's
+    # An open Lead named the same way is still written itself.
+    open_lead = sf.add_record("Lead", None, LastName="Open", Company="O", SMS_Opt_Out__c=False)
+    rt.journal.events.record(event(2, external_lead_id=open_lead))
+    assert rt.tick().routed == 1
+    assert sf.get_record("Lead", open_lead)["SMS_Opt_Out__c"] is True
+
+
+def test_a_failed_conversion_check_defers_the_event_instead_of_writing_the_lead(make_runtime):
+    st_, rt = make_runtime(retry={"max_attempts": 5, "initial_backoff_seconds": 0.05, "max_backoff_seconds": 0.1})
+    sf = st_.sandboxes["salesforce"]
+    lead, contact = converted_lead(st_)
+    fault = sf.add_fault("GET", r"/query/?$", 503, [{"errorCode": "SERVER_UNAVAILABLE", "message": "down"}],
+                         times=1000)
+    event_id = rt.journal.events.record(event(1, external_lead_id=lead)).event_id
+    rt.tick()
+    fault.times = 0
+    stored = rt.journal.events.get(event_id)
+    assert stored.status == "new" and "conversion lookup in salesforce failed" in (stored.status_reason or "")
+    assert rt.journal.reports.counts()["deliveries"]["dead"] == 0
+    deadline = time.time() + 20
+    while rt.journal.events.get(event_id).status == "new" and time.time() < deadline:
+        time.sleep(0.1)
+        rt.tick()
+    assert rt.journal.events.get(event_id).status == "routed"
+    assert sf.get_record("Contact", contact)["SMS_Opt_Out__c"] is True
+    assert sf.get_record("Lead", lead)["SMS_Opt_Out__c"] is False
+
+
+def test_when_the_conversion_check_gives_up_the_named_lead_is_written_as_a_last_resort(make_runtime):
+    st_, rt = make_runtime(retry={"max_attempts": 2, "initial_backoff_seconds": 0.05, "max_backoff_seconds": 0.1})
+    sf = st_.sandboxes["salesforce"]
+    lead = sf.add_record("Lead", None, LastName="Kim", Company="K", SMS_Opt_Out__c=False)   # not converted
+    sf.add_fault("GET", r"/query/?$", 503, [{"errorCode": "SERVER_UNAVAILABLE", "message": "down"}], times=1000)
+    event_id = rt.journal.events.record(event(1, external_lead_id=lead)).event_id
+    deadline = time.time() + 20
+    while rt.journal.events.get(event_id).status == "new" and time.time() < deadline:
+        rt.tick()
+        time.sleep(0.1)
+    stored = rt.journal.events.get(event_id)
+    assert stored.status == "routed" and "conversion lookup in salesforce failed" in (stored.status_reason or "")
+    assert sf.get_record("Lead", lead)["SMS_Opt_Out__c"] is True

@@ -504,6 +504,30 @@ def test_lookups_skip_converted_leads_and_find_the_contact_they_became(sandbox, 
     assert emails and all(q.endswith(" AND IsConverted = false") for q in emails)
 
 
+def test_a_converted_lead_refuses_updates_and_read_names_the_contact_it_became(sandbox, sf):
+    """The sandbox refuses to update a converted Lead as the API does
+    (CANNOT_UPDATE_CONVERTED_LEAD, through composite and a single PATCH); ``read`` with
+    SUCCESSOR_FIELD names the Contact it became (Lead.ConvertedContactId), and None for an
+    open Lead or a Contact."""
+    from connectors.types import SUCCESSOR_FIELD
+
+    contact = sandbox.add_record("Contact", LastName="Lo", MobilePhone="+4911113333444")
+    converted = sandbox.add_record("Lead", LastName="Lo", Company="X", IsConverted=True,
+                                   ConvertedContactId=contact)
+    open_lead = sandbox.add_record("Lead", LastName="Lo", Company="Y")
+    lead_update = RecordUpdate(ref=RecordRef("salesforce", "Lead", converted), fields={"DoNotCall": True})
+    [result] = sf.update([lead_update])
+    assert isinstance(result.error, Permanent) and "CANNOT_UPDATE_CONVERTED_LEAD" in str(result.error)
+    assert sandbox.get_record("Lead", converted)["DoNotCall"] is False
+    refs = [RecordRef("salesforce", "Lead", converted), RecordRef("salesforce", "Lead", open_lead),
+            RecordRef("salesforce", "Contact", contact)]
+    got = sf.read(refs, [SUCCESSOR_FIELD])
+    assert got[refs[0]][SUCCESSOR_FIELD] == RecordRef("salesforce", "Contact", contact)
+    assert got[refs[1]][SUCCESSOR_FIELD] is None and got[refs[2]][SUCCESSOR_FIELD] is None
+    leads = [q for r in sandbox.requests_to(r"/query/?$") for q in r.query.get("q", []) if "FROM Lead" in q]
+    assert leads == [f"SELECT Id, IsConverted, ConvertedContactId FROM Lead WHERE Id IN ('{converted}', '{open_lead}')"]
+
+
 def test_find_batches_numbers_and_emails_and_says_which_each_record_carries(sandbox, sf):
     from connectors.types import FoundRecord
 

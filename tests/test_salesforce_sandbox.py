@@ -141,6 +141,19 @@ def test_record_read_and_patch(sandbox, http):
     assert resp.status_code == 404 and resp.json()[0]["errorCode"] == "NOT_FOUND"
 
 
+def test_a_converted_lead_cannot_be_patched_and_describes_its_contact(sandbox, http):
+    contact = sandbox.add_record("Contact", LastName="Ng")
+    lead = sandbox.add_record("Lead", LastName="Ng", Company="X", IsConverted=True, ConvertedContactId=contact)
+    resp = http.patch(sandbox.url + V + "/sobjects/Lead/" + lead, json={"DoNotCall": True})
+    assert resp.status_code == 400
+    assert resp.json() == [{"message": "cannot reference converted lead", "errorCode": "CANNOT_UPDATE_CONVERTED_LEAD",
+                            "fields": []}]
+    assert sandbox.get_record("Lead", lead)["DoNotCall"] is False
+    fields = {f["name"]: f for f in http.get(sandbox.url + V + "/sobjects/Lead/describe").json()["fields"]}
+    assert fields["ConvertedContactId"]["type"] == "reference" and not fields["ConvertedContactId"]["updateable"]
+    assert not fields["IsConverted"]["updateable"]
+
+
 def test_describe_follows_field_changes(sandbox, http):
     sandbox.add_field("Lead", "Consent_Source__c", "string", updateable=False)
     sandbox.remove_field("Lead", "WhatsApp_Opt_Out__c")

@@ -130,12 +130,18 @@ _STANDARD_FIELDS: list[tuple[str, str, bool, str]] = [
     ("SMS_Opt_Out__c", "boolean", True, "SMS Opt Out"),
     ("WhatsApp_Opt_Out__c", "boolean", True, "WhatsApp Opt Out"),
 ]
-# Lead.IsConverted: true once the lead is converted into a Contact (and Account); such a
-# lead can no longer be updated (the API answers CANNOT_UPDATE_CONVERTED_LEAD, "cannot
-# reference converted lead"). Object Reference, "Lead"; Change Data Capture, "Change
-# Events for Lead Conversion". Not updateable through the API (set by conversion).
+# Lead.IsConverted: true once the lead is converted into a Contact (and Account);
+# Lead.ConvertedContactId: "the ID of the contact created in the lead conversion".
+# Change Data Capture, "Change Events for Lead Conversion"; both set by conversion, not
+# updateable through the API. An update of a converted lead is refused with
+# CANNOT_UPDATE_CONVERTED_LEAD, "cannot reference converted lead": the code and text as
+# API clients report them (restforce's error-code list; a client's trace in GitLab issue
+# customers-gitlab-com#272), not on a Salesforce page we found.
 _EXTRA_FIELDS = {"Lead": [("Company", "string", True, "Company"),
-                          ("IsConverted", "boolean", False, "Converted")]}
+                          ("IsConverted", "boolean", False, "Converted"),
+                          ("ConvertedContactId", "reference", False, "Converted Contact ID")]}
+CONVERTED_LEAD_ERROR = {"statusCode": "CANNOT_UPDATE_CONVERTED_LEAD", "message": "cannot reference converted lead",
+                        "fields": []}
 
 
 def _field_meta(name: str, ftype: str, updateable: bool, label: str) -> dict[str, Any]:
@@ -814,6 +820,8 @@ class SalesforceSandbox(Sandbox):
                 return self._json([{"message": rejection.message, "errorCode": rejection.status_code,
                                     "fields": rejection.fields}], 400)
             changes, error = self._changes(sobject, body)
+            if error is None and record.get("IsConverted"):
+                error = CONVERTED_LEAD_ERROR
             if error is not None:
                 return self._json([{"message": error["message"], "errorCode": error["statusCode"],
                                     "fields": error["fields"]}], 400)
@@ -917,6 +925,8 @@ class SalesforceSandbox(Sandbox):
             return None, {}, {"statusCode": rejection.status_code, "message": rejection.message,
                               "fields": rejection.fields}
         changes, error = self._changes(sobject, rec)
+        if error is None and record.get("IsConverted"):
+            error = dict(CONVERTED_LEAD_ERROR)
         return (None if error else record), changes, error
 
     # --- SOQL -----------------------------------------------------------------------
