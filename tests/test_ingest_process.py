@@ -164,8 +164,11 @@ def test_the_writer_never_outlives_serve(stack):
     daemon = stack.serve()
     assert stack.post_apten(optout(1)).status_code == 200
     (pid,) = writer_pids(daemon)
+    (socket_path,) = [x["socket"] for x in daemon.log_lines() if x.get("msg") == "ingest writer started"]
+    assert os.path.exists(socket_path)
     daemon.kill9()                              # no shutdown code runs: the writer sees its stdin close
     assert wait_for(lambda: gone(pid), timeout=10)
+    assert wait_for(lambda: not os.path.exists(os.path.dirname(socket_path)), timeout=10)   # nothing left in /tmp
     daemon = stack.serve("serve2.log")          # and the journal is free for the next serve
     try:
         assert stack.post_apten(optout(2)).status_code == 200

@@ -89,7 +89,7 @@ class IngestProcess:
                                f"(exit status {proc.returncode}); see the log lines above")
         self._proc = proc
         self._generation += 1
-        log.info("ingest writer started", extra={"pid": proc.pid})
+        log.info("ingest writer started", extra={"pid": proc.pid, "socket": self.socket_path})
 
     def _watch(self) -> None:
         """Wait on the writer; when it dies (not at shutdown), start another."""

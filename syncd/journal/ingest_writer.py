@@ -172,9 +172,19 @@ def writer_main(argv: list[str]) -> int:
         Writer(insert, listener, sys.stdin.fileno()).run()
     finally:
         listener.close()
+        _remove_socket(sock_path)   # also when serve was killed and cannot clean up itself
         engine.close()
         logging.shutdown()
     return 0
+
+
+def _remove_socket(sock_path: str) -> None:
+    """The socket and its private folder (serve made it for this writer alone)."""
+    try:
+        os.unlink(sock_path)
+        os.rmdir(os.path.dirname(sock_path))
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
