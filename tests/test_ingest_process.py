@@ -254,3 +254,26 @@ def test_a_frame_of_the_wrong_shape_fails_alone_in_its_batch(tmp_path):
     os.close(write_end)
     assert journal.reports.counts()["events"]["received"] == 1
     journal.close()
+
+
+def test_the_largest_body_the_config_allows_to_be_stored_crosses_to_the_writer(tmp_path):
+    """receiver.max_stored_body_bytes may be up to 64 MiB (config.py): a body that size
+    must commit, not be refused by the frame bound (its sender would retry in vain)."""
+    from syncd.config import ReceiverConfig
+
+    cap = ReceiverConfig.model_fields["max_stored_body_bytes"].metadata
+    largest = min(m.le for m in cap if hasattr(m, "le"))
+    journal = open_journal(f"sqlite:///{tmp_path}/j.db", max_stored_body_bytes=largest)
+    w = IngestProcess(journal.engine.path, journal.events.prepare, largest)  # type: ignore[attr-defined]
+    try:
+        raw = b'{"pad": "' + b"x" * (largest - 11) + b'"}'
+        assert len(raw) == largest
+        assert w.submit(event(1, raw=raw)).created
+    finally:
+        w.close()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "j.db") as db:
+        (size,) = db.execute("SELECT length(raw) FROM events").fetchone()
+    assert size == largest
+    journal.close()

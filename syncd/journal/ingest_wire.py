@@ -13,7 +13,10 @@ import struct
 from typing import Any
 
 LENGTH = struct.Struct("!I")
-MAX_FRAME = 16 * 1024 * 1024          # far above a capped body (journal.max_stored_body_bytes) and its row
+# A sanity bound, not a policy: config.py caps receiver.max_body_bytes and
+# receiver.max_stored_body_bytes at 64 MiB each, and a prepared row holds at most the
+# stored body plus details taken from the body, so no webhook syncd accepts comes near it.
+MAX_FRAME = 4 * 64 * 1024 * 1024
 
 
 class WriterUnavailable(OSError):
