@@ -821,7 +821,7 @@ class SalesforceConnector:
         want_emails = EMAILS_FIELD in fields
         want_successor = SUCCESSOR_FIELD in fields
         names = [_validate_name(f, "field") for f in fields if f not in (EMAILS_FIELD, SUCCESSOR_FIELD)]
-        extra = [*(["Email"] if want_emails else [])]
+        extra = ["Email"] if want_emails else []
         by_obj: dict[str, dict[str, RecordRef]] = {}
         for ref in refs:
             if ref.crm != self.name or ref.obj not in OBJECTS:

@@ -89,7 +89,7 @@ def start_ingest_writer(rt: Runtime) -> Any:
 
     events = rt.journal.events
     level, fmt = current_settings()
-    writer = IngestProcess(getattr(engine, "path"), events.prepare, events.max_stored_body_bytes, level, fmt)
+    writer = IngestProcess(getattr(engine, "path"), events.prepare, level, fmt)
     events.commit_through(writer)
     return writer
 
@@ -103,7 +103,6 @@ class Daemon:
         self.cfg = cfg
         self.rt = runtime or open_runtime(cfg)
         self.rt.journal.ops.acquire_serve_lock()  # raises JournalBusy
-        self.ingest: Any = None
         self.scheduler = Scheduler(self.rt.metrics)
         self.scheduler.every("push", cfg.schedule.push_interval_seconds, self.rt.tick)
         for name, interval, fn in self.extra_jobs():
@@ -131,7 +130,7 @@ class Daemon:
         self._watch_compliance()
         self.server: Any = self._listen(self.app, cfg.receiver.host, cfg.receiver.port, public_server_options(cfg))
         self.admin_server: Any = self._listen(self.admin_app, cfg.admin.host, cfg.admin.port, ADMIN_SERVER_OPTIONS)
-        self.ingest = start_ingest_writer(self.rt)   # both ports are ours: nothing to undo past here
+        self.ingest: Any = start_ingest_writer(self.rt)   # both ports are ours: nothing to undo past here
         self._stopped = threading.Event()
 
     def _listen(self, app: Any, host: str, port: int, options: dict[str, Any]) -> Any:

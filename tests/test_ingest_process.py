@@ -33,7 +33,7 @@ def event(n: int, **kw) -> ConsentEvent:
 @pytest.fixture
 def writer(tmp_path):
     journal = open_journal(f"sqlite:///{tmp_path}/j.db")
-    w = IngestProcess(journal.engine.path, journal.events.prepare, journal.events.max_stored_body_bytes)  # type: ignore[attr-defined]
+    w = IngestProcess(journal.engine.path, journal.events.prepare)  # type: ignore[attr-defined]
     journal.events.commit_through(w)
     yield journal, w
     w.close()
@@ -264,7 +264,7 @@ def test_the_largest_body_the_config_allows_to_be_stored_crosses_to_the_writer(t
     cap = ReceiverConfig.model_fields["max_stored_body_bytes"].metadata
     largest = min(m.le for m in cap if hasattr(m, "le"))
     journal = open_journal(f"sqlite:///{tmp_path}/j.db", max_stored_body_bytes=largest)
-    w = IngestProcess(journal.engine.path, journal.events.prepare, largest)  # type: ignore[attr-defined]
+    w = IngestProcess(journal.engine.path, journal.events.prepare)  # type: ignore[attr-defined]
     try:
         raw = b'{"pad": "' + b"x" * (largest - 11) + b'"}'
         assert len(raw) == largest

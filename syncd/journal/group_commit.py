@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
 from syncd.batching import LeaderBatches, Waiter, settle
 from syncd.events import ConsentEvent
@@ -17,6 +17,26 @@ from syncd.journal.base import Recorded
 # Inserts events in one transaction of its own (committed when it returns), one
 # result per event in order; raises the driver's error when it rolled back.
 InsertBatch = Callable[[list[ConsentEvent]], list[Recorded]]
+T = TypeVar("T")
+
+
+def insert_each_on_failure(insert: Callable[[list[T]], Sequence[Recorded]], items: list[T],
+                           retry_on: type[BaseException] | tuple[type[BaseException], ...]
+                           ) -> list[Recorded | BaseException]:
+    """``insert(items)`` in one transaction; when it raises ``retry_on`` (rolled back as a
+    whole: nothing in it is durable), each item in a transaction of its own, so a bad row
+    fails only its own request (PostgreSQL aborts a transaction at its first error).
+    Group commit and the SQLite ingest writer process (ingest_writer.py) both use it."""
+    try:
+        return list(insert(items))
+    except retry_on:
+        results: list[Recorded | BaseException] = []
+        for item in items:
+            try:
+                results.append(insert([item])[0])
+            except retry_on as exc:
+                results.append(exc)
+        return results
 
 
 class GroupCommit(LeaderBatches[ConsentEvent, Recorded]):
@@ -66,23 +86,12 @@ class GroupCommit(LeaderBatches[ConsentEvent, Recorded]):
         finally:
             self.gather_target = 0
 
-    def _insert_alone(self, event: ConsentEvent) -> Recorded | BaseException:
-        """After a batch failed: one event in its own transaction, so a bad row fails
-        only its own request (PostgreSQL aborts a transaction at its first error)."""
-        try:
-            return self.insert_batch([event])[0]
-        except self.db_error as exc:
-            return exc
-
     def _handle(self, batch: list[Waiter[ConsentEvent, Recorded]],
                 leader: Waiter[ConsentEvent, Recorded]) -> None:
         """Commit ``batch``; every waiter gets its outcome whatever happens."""
         results: list[Recorded | BaseException] = []
         try:
-            try:
-                results = list(self.insert_batch([w.item for w in batch]))
-            except self.db_error:  # rolled back as a whole: nothing in the batch is durable
-                results = [self._insert_alone(w.item) for w in batch]
+            results = insert_each_on_failure(self.insert_batch, [w.item for w in batch], self.db_error)
         except BaseException as exc:  # not a database error: nothing in the batch is durable
             results = [exc] * len(batch)
         finally:

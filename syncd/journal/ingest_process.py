@@ -49,10 +49,10 @@ class IngestProcess:
     RESTART_PAUSE_SECONDS = 1.0     # between attempts when a writer cannot be started
 
     def __init__(self, db_path: str | Path, prepare: Callable[[ConsentEvent, str | None], Prepared],
-                 max_stored_body_bytes: int, log_level: str = "INFO", log_format: str = "json"):
+                 log_level: str = "INFO", log_format: str = "json"):
         self.db_path = str(db_path)
-        self.prepare = prepare
-        self.args = [str(max_stored_body_bytes), log_level, log_format]
+        self.prepare = prepare      # EventStore.prepare: the row, its body already capped
+        self.args = [log_level, log_format]
         self.folder = tempfile.mkdtemp(prefix="syncd-ingest-")    # 0700: only this user can connect
         self.socket_path = os.path.join(self.folder, "writer.sock")
         self.last_ok = 0.0

@@ -7,7 +7,7 @@ so a bad row fails only its own request. It exits when its stdin reaches end of
 file (``serve`` closed it, or died, even by ``kill -9``) and ignores SIGINT and
 SIGTERM, so a signal to the whole process group lets ``serve`` drain first.
 
-    python -m syncd.journal.ingest_writer DB SOCKET MAX_STORED_BODY_BYTES LEVEL FORMAT
+    python -m syncd.journal.ingest_writer DB SOCKET LEVEL FORMAT
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from syncd.journal.base import Prepared, Recorded
+from syncd.journal.group_commit import insert_each_on_failure
 from syncd.journal.ingest_wire import LENGTH, MAX_FRAME, frame, loads_plain
 
 log = logging.getLogger("syncd.journal")
@@ -109,23 +110,13 @@ class Writer:
             return []
 
     def _commit(self, batch: list[tuple[_Connection, Any]]) -> None:
-        items = [item for _, item in batch]
-        results: list[Recorded | BaseException]
-        try:
-            results = list(self.insert(items))
-        except Exception:   # rolled back as a whole (a bad row, a frame of the wrong shape): one by one
-            results = [self._insert_alone(item) for item in items]
+        # Any failure (a bad row, a frame of the wrong shape) is retried one by one.
+        results = insert_each_on_failure(self.insert, [item for _, item in batch], Exception)
         for (conn, _), result in zip(batch, results):
             if isinstance(result, BaseException):
                 self._answer(conn, ("error", type(result).__name__, str(result)[:500]))
             else:
                 self._answer(conn, ("ok", result.event_id, result.created))
-
-    def _insert_alone(self, item: Any) -> Recorded | BaseException:
-        try:
-            return self.insert([item])[0]
-        except Exception as exc:
-            return exc
 
     def _answer(self, conn: _Connection, message: tuple[Any, ...]) -> None:
         data = frame(message)
@@ -148,7 +139,7 @@ class Writer:
 
 def writer_main(argv: list[str]) -> int:
     """The writer process's main (see the module's docstring for its arguments)."""
-    db, sock_path, cap, level, fmt = argv
+    db, sock_path, level, fmt = argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # serve drains its requests, then closes our stdin
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from syncd.journal.events import EventStore
@@ -157,7 +148,7 @@ def writer_main(argv: list[str]) -> int:
 
     setup_logging(level, fmt)
     engine = SqliteEngine(Path(db))
-    store = EventStore(engine, int(cap))
+    store = EventStore(engine)   # rows arrive prepared: the stored-body cap was applied in serve
 
     def insert(items: list[Prepared]) -> list[Recorded]:
         with engine.ingest() as tx:
